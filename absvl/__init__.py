@@ -1,0 +1,6 @@
+"""absvl: vision-language models whose image encoder attends top-down."""
+__version__ = "0.1.0"
+
+from .models.vision import BackboneOutput, create_backbone, list_backbones  # noqa: E402
+
+__all__ = ["BackboneOutput", "__version__", "create_backbone", "list_backbones"]

@@ -1,0 +1,1 @@
+"""Models: vision backbones (``absvl.models.vision``)."""
