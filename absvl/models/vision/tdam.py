@@ -1,0 +1,283 @@
+"""ResNets with the Top-Down Attention Module (TDAM, Jaiswal et al. ECCV 2022) — SPEC §4.
+
+A TDAM block runs the last ``m`` layers of a residual block ``T`` times ("computation
+steps"). Between steps a *searchlight* ``s`` computed from the block's top feature map
+x_t (the output of those m layers, before the residual) and its bottom feature map x_b
+(their input) modulates x_b, channels first and then space (TDAM Eq. 2-5):
+
+    joint:  s = W3·[ReLU(W1·GAP(x_t)), ReLU(W2·GAP(x_b))]       top:  s = W3·ReLU(W1·GAP(x_t))
+    x' = σ(s) ⊙ x_b,    a = σ(Σ_c s_c·x'_c),    x'' = a ⊙ x'
+
+and the next step recomputes the m layers from x'' with the same convolutions but its own
+BatchNorms. Only the last step's output continues through the residual (added to the
+block's unmodulated input) and the final ReLU. As in the authors' code, step t modulates the
+previous step's (already modulated) bottom map and the joint searchlight pools that map.
+
+Placement (the paper's defaults): every block of ``layer3`` and ``layer4``, T = 2, joint;
+Bottleneck m = 1 (bottom = conv2's output after BN, ReLU (and anti-aliasing), top = bn3's
+output), BasicBlock m = 2 (bottom = block input, top = bn2's output). ``steps=1`` is the
+plain feedforward ResNet (no TDAM parameters at all).
+
+Parameter names are timm's ``resnet.py`` (timm ResNet weights load unchanged; into a TDAM
+model only the TDAM extras are missing, see ``sync_step_norms``). Step t ≥ 1 BatchNorms are
+``bn{i}_{t}`` as in the authors' checkpoints. The TDAM module of a block is ``tdam``; keys of
+the authors' ``RA_block`` map as:
+
+    joint: RA_block.Ug_top_mlp.0 → tdam.top_proj (W1), RA_block.Ug_bottom_mlp.0 → tdam.bottom_proj (W2),
+           RA_block.Ug_mlp.0 → tdam.searchlight (W3)
+    top:   RA_block.Ug_mlp.0 → tdam.top_proj (W1), RA_block.Ug_mlp.2 → tdam.searchlight (W3)
+
+As a vision backbone the last feature map ``[B, C, H, W]`` becomes ``H·W`` tokens with the
+global-average-pooled token prepended (``num_prefix_tokens = 1``). With ``return_maps=True``
+the maps are: ``bottom_up`` the per-position L2 norm of the last feature map, ``top_down``
+the spatial attention map ``a`` of the last TDAM block's last step, average-pooled to the
+last feature map's grid when its bottom map is larger (a strided first block of a stage).
+"""
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from .output import BackboneOutput, token_norm_map
+from .registry import register_backbone
+
+TDAM_MODES = ("joint", "top")
+
+
+class TopDownAttention(nn.Module):
+    """The searchlight and its channel-then-spatial modulation of the bottom map (TDAM Eq. 2-5).
+
+    ``top_proj`` is W1, ``bottom_proj`` W2 (joint mode only), ``searchlight`` W3; all bias-free
+    1×1 convolutions on pooled vectors, hidden width ``C_top // reduction`` for both branches.
+    """
+
+    def __init__(self, bottom_channels: int, top_channels: int, mode: str = "joint", reduction: int = 16) -> None:
+        super().__init__()
+        if mode not in TDAM_MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(TDAM_MODES)}")
+        hidden = max(1, top_channels // reduction)
+        self.top_proj = nn.Conv2d(top_channels, hidden, 1, bias=False)
+        self.bottom_proj = nn.Conv2d(bottom_channels, hidden, 1, bias=False) if mode == "joint" else None
+        self.searchlight = nn.Conv2d(hidden * (2 if mode == "joint" else 1), bottom_channels, 1, bias=False)
+
+    def forward(self, bottom: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the modulated bottom map x'' ``[B, C_b, h, w]`` and the spatial map a ``[B, h, w]``."""
+        h = F.relu(self.top_proj(top.mean((2, 3), keepdim=True)))
+        if self.bottom_proj is not None:
+            h = torch.cat([h, F.relu(self.bottom_proj(bottom.mean((2, 3), keepdim=True)))], dim=1)
+        s = self.searchlight(h)
+        x = torch.sigmoid(s) * bottom
+        a = torch.sigmoid((s * x).sum(1, keepdim=True))
+        return a * x, a.squeeze(1)
+
+
+class _TopDownBlock(nn.Module):
+    """Residual block whose last ``m`` layers run ``steps`` times with TDAM feedback in between.
+
+    Mixed in before timm's block class, whose layers it runs through ``layer(i, x, t)``:
+    layer i (0-based) is conv{i+1} → BatchNorm of step t → the block's activation etc.
+    ``steps`` may be lowered after construction to output an earlier step (1 = feedforward).
+    """
+
+    num_layers: int
+    last_act: str
+
+    def _init_tdam(self, steps: int, mode: str, reduction: int, m: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        if not 1 <= m <= self.num_layers:
+            raise ValueError(f"m={m} must be in 1..{self.num_layers} for {type(self).__name__}")
+        self.steps, self.m = steps, m
+        self.first_recomputed = self.num_layers - m
+        if steps > 1:
+            bottom = getattr(self, f"conv{self.first_recomputed + 1}").in_channels
+            top = getattr(self, f"conv{self.num_layers}").out_channels
+            self.tdam = TopDownAttention(bottom, top, mode, reduction)
+        for t in range(1, steps):
+            for i in range(self.first_recomputed, self.num_layers):
+                self.add_module(f"bn{i + 1}_{t}", copy.deepcopy(getattr(self, f"bn{i + 1}")))
+
+    def norm(self, i: int, t: int) -> nn.Module:
+        """BatchNorm of layer i at step t: timm's ``bn{i+1}`` for t = 0, ``bn{i+1}_{t}`` after."""
+        return getattr(self, f"bn{i + 1}" if t == 0 else f"bn{i + 1}_{t}")
+
+    @torch.no_grad()
+    def sync_step_norms(self) -> None:
+        """Copy every step-0 BatchNorm (parameters and statistics) into its step ≥ 1 copies."""
+        for t in range(1, self.steps):
+            for i in range(self.first_recomputed, self.num_layers):
+                self.norm(i, t).load_state_dict(self.norm(i, 0).state_dict())
+
+    def zero_init_last(self) -> None:
+        super().zero_init_last()
+        self.sync_step_norms()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        for i in range(self.first_recomputed):
+            x = self.layer(i, x, 0)
+        bottom = x
+        for t in range(self.steps):
+            if t:
+                bottom, _ = self.tdam(bottom, top)
+            top = bottom
+            for i in range(self.first_recomputed, self.num_layers):
+                top = self.layer(i, top, t)
+        if self.se is not None:
+            top = self.se(top)
+        if self.drop_path is not None:
+            top = self.drop_path(top)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return getattr(self, self.last_act)(top + shortcut)
+
+
+class TDAMBottleneck(_TopDownBlock, Bottleneck):
+    """timm Bottleneck with TDAM (default m = 1: conv3/bn3 recomputed from the modulated act2 output)."""
+
+    num_layers, last_act = 3, "act3"
+
+    def __init__(self, *args: Any, steps: int = 2, mode: str = "joint", reduction: int = 16, m: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_tdam(steps, mode, reduction, m)
+
+    def layer(self, i: int, x: torch.Tensor, t: int) -> torch.Tensor:
+        x = self.norm(i, t)(getattr(self, f"conv{i + 1}")(x))
+        if i == 0:
+            return self.act1(x)
+        if i == 1:
+            return self.aa(self.act2(self.drop_block(x)))
+        return x
+
+
+class TDAMBasicBlock(_TopDownBlock, BasicBlock):
+    """timm BasicBlock with TDAM (default m = 2: both convs recomputed from the modulated block input)."""
+
+    num_layers, last_act = 2, "act2"
+
+    def __init__(self, *args: Any, steps: int = 2, mode: str = "joint", reduction: int = 16, m: int = 2, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_tdam(steps, mode, reduction, m)
+
+    def layer(self, i: int, x: torch.Tensor, t: int) -> torch.Tensor:
+        x = self.norm(i, t)(getattr(self, f"conv{i + 1}")(x))
+        if i == 0:
+            return self.aa(self.act1(self.drop_block(x)))
+        return x
+
+
+_TDAM_BLOCKS = {Bottleneck: TDAMBottleneck, BasicBlock: TDAMBasicBlock}
+
+
+class ResNetBackbone(ResNet):
+    """timm ResNet (its parameter names and init) with TDAM blocks in ``stages``, as a vision backbone."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, ...],
+        num_classes: int = 0,
+        stages: tuple[int, ...] = (),
+        steps: int = 2,
+        mode: str = "joint",
+        reduction: int = 16,
+        m: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            block, layers, num_classes, **kwargs: as for timm's ``ResNet``.
+            stages: which of ``layer1``..``layer4`` get TDAM blocks (``()``: a plain ResNet).
+            steps: computation steps T (1 = feedforward only, no TDAM parameters).
+            mode: ``joint`` (top and bottom maps make the searchlight) or ``top``.
+            reduction: hidden width of the searchlight MLPs is ``C_top // reduction``.
+            m: feedback distance (layers recomputed per step); default 1 for Bottleneck, 2 for BasicBlock.
+        """
+        if not set(stages) <= {1, 2, 3, 4}:
+            raise ValueError(f"stages={stages} must be a subset of (1, 2, 3, 4)")
+        if stages:
+            options = dict(steps=steps, mode=mode, reduction=reduction, **({} if m is None else {"m": m}))
+            tdam_block = partial(_TDAM_BLOCKS[block], **options)
+            tdam_block.expansion = block.expansion
+            block = tuple(tdam_block if s in stages else block for s in (1, 2, 3, 4))
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)
+        self.num_prefix_tokens = 1
+
+    def tdam_blocks(self) -> list[_TopDownBlock]:
+        return [b for b in self.modules() if isinstance(b, _TopDownBlock)]
+
+    def sync_step_norms(self) -> None:
+        """Copy step-0 BatchNorms into the per-step copies of every TDAM block (after loading plain weights)."""
+        for b in self.tdam_blocks():
+            b.sync_step_norms()
+
+    def forward(self, images: torch.Tensor, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
+        """Run the backbone on ``[B, 3, H, W]`` images of any size; ``xi`` is ignored (TDAM's
+        top-down signal comes from each block's own top layers)."""
+        maps: dict[str, torch.Tensor] = {}
+        last = next((b for b in reversed(self.tdam_blocks()) if b.steps > 1), None)
+        hook = None
+        if return_maps and last is not None:
+            hook = last.tdam.register_forward_hook(lambda _m, _i, out: maps.__setitem__("top_down", out[1]))
+        try:
+            features = self.forward_features(images)
+        finally:
+            if hook is not None:
+                hook.remove()
+        grid = (features.shape[-2], features.shape[-1])
+        pooled = self.global_pool(features)
+        tokens = torch.cat([pooled.unsqueeze(1), features.flatten(2).transpose(1, 2)], dim=1)
+        if return_maps:
+            maps["bottom_up"] = token_norm_map(tokens, 1, grid)
+            if "top_down" in maps and maps["top_down"].shape[-2:] != grid:
+                maps["top_down"] = F.adaptive_avg_pool2d(maps["top_down"].unsqueeze(1), grid).squeeze(1)
+        logits = None
+        if self.num_classes > 0:
+            logits = self.fc(F.dropout(pooled, p=self.drop_rate, training=self.training))
+        return BackboneOutput(
+            tokens=tokens,
+            pooled=pooled,
+            bottom_up_tokens=tokens,
+            bottom_up_pooled=pooled,
+            grid_size=grid,
+            num_prefix_tokens=1,
+            logits=logits,
+            bottom_up_logits=logits,
+            maps=maps,
+        )
+
+
+# --- registered architectures --------------------------------------------------------
+_ARCHS = {
+    "18": (BasicBlock, (2, 2, 2, 2), {}),
+    "34": (BasicBlock, (3, 4, 6, 3), {}),
+    "50": (Bottleneck, (3, 4, 6, 3), {}),
+    "101": (Bottleneck, (3, 4, 23, 3), {}),
+    # test-sized: one or two blocks per stage, widths 8-64 (Bottleneck outputs 32-256)
+    "_test": (BasicBlock, (1, 1, 2, 2), {"channels": (8, 16, 32, 64)}),
+    "_test_bottleneck": (Bottleneck, (1, 1, 2, 2), {"channels": (8, 16, 32, 64)}),
+}
+
+
+def _register(name: str, family: str, arch: str, **fixed: Any) -> None:
+    block, layers, arch_kwargs = _ARCHS[arch]
+
+    def constructor(**kwargs: Any) -> ResNetBackbone:
+        return ResNetBackbone(**{"block": block, "layers": layers, **arch_kwargs, **fixed, **kwargs})
+
+    constructor.__name__ = name
+    kind = "TDAM (joint, T=2, layer3+4)" if family == "tdam" else "plain"
+    constructor.__doc__ = f"{kind} ResNet{arch.replace('_', ' ')} ({block.__name__}, {list(layers)})."
+    register_backbone(family)(constructor)
+
+
+for _arch in _ARCHS:
+    _register(f"resnet{_arch}", "resnet", _arch)
+    _register(f"tdam_resnet{_arch}", "tdam", _arch, stages=(3, 4))
+del _arch
