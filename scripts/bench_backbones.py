@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
@@ -28,7 +29,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_model(name: str, args: argparse.Namespace, **overrides) -> dict[str, float]:
+def make_steps(name: str, args: argparse.Namespace, **overrides) -> dict[str, Callable[[], None]]:
+    """A train step (forward, loss incl. aux losses, backward, AdamW) and an inference step."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_backbone(name, **overrides).to(device)
@@ -37,6 +39,7 @@ def time_model(name: str, args: argparse.Namespace, **overrides) -> dict[str, fl
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
     def train_step() -> None:
+        model.train()
         with autocast:
             out = model(images)
             loss = out.pooled.float().square().mean() + sum(out.aux_losses.values(), torch.zeros((), device=device))
@@ -46,25 +49,35 @@ def time_model(name: str, args: argparse.Namespace, **overrides) -> dict[str, fl
 
     @torch.no_grad()
     def infer_step() -> None:
+        model.eval()
         with autocast:
             model(images)
 
-    result = {}
-    for key, step, train in (("train", train_step, True), ("infer", infer_step, False)):
-        model.train(train)
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.iters):
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        result[f"{key}_s"] = statistics.median(times)
-        result[f"{key}_img_s"] = args.batch / result[f"{key}_s"]
-    result["gmacs"] = estimate_macs(name, img_size=args.img_size, **overrides)[1] / 1e9
-    return result
+    return {"train": train_step, "infer": infer_step}
+
+
+def measure(rows: list[tuple[str, str, dict, str | None]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median step time of every row; iterations are interleaved across rows so that a
+    slow-down of the machine hits baseline and candidate alike."""
+    device = torch.device(args.device)
+    steps = {label: make_steps(name, args, **overrides) for label, name, overrides, _ in rows}
+    times: dict[str, dict[str, list[float]]] = {label: {"train": [], "infer": []} for label in steps}
+    for kind in ("train", "infer"):
+        for i in range(args.warmup + args.iters):
+            for label, fns in steps.items():
+                _sync(device)
+                start = time.perf_counter()
+                fns[kind]()
+                _sync(device)
+                if i >= args.warmup:
+                    times[label][kind].append(time.perf_counter() - start)
+    results = {}
+    for label, name, overrides, _ in rows:
+        r = {f"{k}_s": statistics.median(v) for k, v in times[label].items()}
+        r.update(train_img_s=args.batch / r["train_s"], infer_img_s=args.batch / r["infer_s"])
+        r["gmacs"] = estimate_macs(name, img_size=args.img_size, **overrides)[1] / 1e9
+        results[label] = r
+    return results
 
 
 def main() -> None:
@@ -96,16 +109,13 @@ def main() -> None:
         f"{args.device} ({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}"
     )
     print(f"{'model':34s} {'GMACs':>6s} {'train ms':>9s} {'train img/s':>11s} {'x base':>7s} {'infer img/s':>11s} {'thr x base':>10s}")
-    results: dict[str, dict[str, float]] = {}
-    for label, name, overrides, base in rows:
-        r = time_model(name, args, **overrides)
-        results[label] = r
-        step_ratio = r["train_s"] / results[base]["train_s"] if base else 1.0
-        thr_ratio = r["infer_img_s"] / results[base]["infer_img_s"] if base else 1.0
-        r.update(train_time_ratio=step_ratio, infer_throughput_ratio=thr_ratio, baseline=base or label)
+    results = measure(rows, args)
+    for label, _, _, base in rows:
+        r, b = results[label], results[base or label]
+        r.update(train_time_ratio=r["train_s"] / b["train_s"], infer_throughput_ratio=r["infer_img_s"] / b["infer_img_s"])
         print(
-            f"{label:34s} {r['gmacs']:6.2f} {r['train_s'] * 1e3:9.1f} {r['train_img_s']:11.1f} {step_ratio:7.2f} "
-            f"{r['infer_img_s']:11.1f} {thr_ratio:10.2f}"
+            f"{label:34s} {r['gmacs']:6.2f} {r['train_s'] * 1e3:9.1f} {r['train_img_s']:11.1f} "
+            f"{r['train_time_ratio']:7.2f} {r['infer_img_s']:11.1f} {r['infer_throughput_ratio']:10.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -242,9 +242,11 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         attn_kwargs = dict(attention_kwargs or {})
-        attn_kwargs.update(td_target="qkv" if topdown == "qkv" else "v", num_prefix_tokens=self.num_prefix_tokens)
-        if td_bias:  # FIXME(lead): pass always once VARS layers take td_bias
-            attn_kwargs["td_bias"] = True
+        attn_kwargs.update(
+            td_target="qkv" if topdown == "qkv" else "v", td_bias=td_bias, num_prefix_tokens=self.num_prefix_tokens
+        )
+        if attention == "vars_sd":  # its learned token x atom matrix lives on the native grid
+            attn_kwargs.setdefault("grid_size", self.patch_embed.grid_size)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay
         self.blocks = nn.ModuleList(
             Block(

@@ -221,3 +221,12 @@ def test_bad_options_are_clear_errors():
         create_backbone("absvit_tiny")
     with pytest.raises(TypeError, match="bad option for backbone 'vit_test_patch8'"):
         create_backbone("vit_test_patch8", not_an_option=1)
+
+
+@pytest.mark.parametrize("name", ["vars_d_absvit_test_patch8", "vars_s_absvit_test_patch8", "vars_sd_absvit_test_patch8"])
+def test_vit_options_reach_vars_attention_layers(name):
+    model = create_backbone(name, td_bias=True, topdown="qkv")
+    attn = model.blocks[0].attn
+    assert attn.td_bias is True and attn.td_target == "qkv" and attn.num_prefix_tokens == 1
+    if name.startswith("vars_sd"):
+        assert tuple(attn.static_atoms.shape[-2:]) == model.patch_embed.grid_size
