@@ -7,7 +7,6 @@ every backbone family runs at 224 px. It writes a PNG of the image and both prio
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +79,14 @@ def run(out_dir: str | Path = "outputs/demo") -> dict[str, float]:
     _save_png(png, image, masks)
     print(f"  wrote {png} (image | mask for ξ=red | mask for ξ=blue)")
 
-    print("\nEvery family at 224 px (random weights, batch 1, CPU):")
+    print("\nEvery family at 224 px (random weights):")
     for name in ("vit_tiny_patch16_224", "absvit_tiny_patch16_224", "vars_d_vit_tiny_patch16_224", "resnet50", "tdam_resnet50"):
         backbone = create_backbone(name).eval()
-        start = time.perf_counter()
         feats = backbone(x)
-        ms = (time.perf_counter() - start) * 1e3
         _, macs = estimate_macs(name)
         print(
             f"  {name:30s} params {count_params(backbone) / 1e6:6.2f}M  GMACs {macs / 1e9:5.2f}  "
-            f"tokens {tuple(feats.tokens.shape)}  pooled {tuple(feats.pooled.shape)}  {ms:6.0f} ms"
+            f"tokens {tuple(feats.tokens.shape)}  pooled {tuple(feats.pooled.shape)}"
         )
+    print("Speed: scripts/bench_backbones.py (figures in BENCHMARKS.md).")
     return results
