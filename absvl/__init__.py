@@ -2,5 +2,7 @@
 __version__ = "0.1.0"
 
 from .models.vision import BackboneOutput, create_backbone, list_backbones  # noqa: E402
+from .models.vl import AbsVLConfig, AbsVLModel  # noqa: E402
+from .pipelines import pipeline  # noqa: E402
 
-__all__ = ["BackboneOutput", "__version__", "create_backbone", "list_backbones"]
+__all__ = ["AbsVLConfig", "AbsVLModel", "BackboneOutput", "__version__", "create_backbone", "list_backbones", "pipeline"]

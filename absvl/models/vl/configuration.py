@@ -1,0 +1,102 @@
+"""``AbsVLConfig``: everything needed to rebuild an AbSViT-VL model (SPEC §1, §2, §5)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+PRIOR_POOLINGS = ("cls", "mean")
+PRIOR_VISUALS = ("bottom_up", "top_down")
+# keys written to config.json for humans and tools, not constructor fields
+_META_KEYS = ("model_type", "absvl_version")
+
+
+@dataclass
+class AbsVLConfig:
+    """Architecture and loss settings of :class:`~absvl.models.vl.AbsVLModel`.
+
+    Attributes:
+        backbone: registered vision backbone name (``absvl backbones`` lists them).
+        backbone_kwargs: constructor overrides for the backbone (``alpha`` excepted: use ``alpha``).
+        alpha: prior modulation scale ``α·clamp(cos(ξ, z), 0, 1)·z`` (AbSViT Eq. 8; 10 for VL in
+            the paper), given to ViT-family backbones; CNN backbones have none.
+        image_size: input resolution; ``None`` takes the backbone's own (``patch_embed.img_size``
+            for ViTs, 224 for CNNs).
+        text_encoder: Hugging Face hub name or local folder of the text encoder and tokenizer.
+        text_config: the text encoder's ``transformers`` config as a dict. Filled when the model
+            is first built; a saved model is rebuilt from it (its weights are in our safetensors),
+            so loading never reaches for ``text_encoder``.
+        max_text_len: tokenizer truncation length (METER: 40).
+        prior_pooling: text summary projected to ξ: ``cls`` (token 0, the paper) or ``mean``
+            (masked mean of all tokens, the authors' released VL code).
+        prior_channel_projection: the authors' released VL code's extra rank-1 channel projection
+            of the modulated tokens before the feedback path, ``h ← 5·h·(ξξᵀ)``; ViT backbones
+            with decoders only. Their code also has no α: set ``alpha=1`` to reproduce it.
+        prior_visual: which pooled image output the prior loss contrasts with ξ: ``bottom_up``
+            (first pass: query-independent, indexable once per image for retrieval; our choice)
+            or ``top_down`` (the paper's z_L: second pass under the sample's own ξ).
+        fusion_hidden_size, fusion_layers, fusion_heads, fusion_mlp_ratio, fusion_dropout,
+            fusion_norm_eps: METER co-attention encoder (H=768, 6 layers, 12 heads, FFN 4H,
+            dropout 0.1, BERT LayerNorm eps 1e-12).
+        num_answers: VQA answer vocabulary size (0: no VQA head); the strings are in ``answers.json``.
+        temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
+        max_logit_scale: clamp of ``1/temperature`` (CLIP: 100).
+        var_loss_weight: weight of L_var (AbSViT Eq. 13/14; 0.3 in the authors' VL code).
+        prior_loss_weight: weight of the prior loss L_prior (Eq. 15). 1.0, as ALBEF/BLIP weigh their
+            image-text contrastive loss against ITM: the authors' VL code has no working value.
+        itm_loss_weight: weight of the image-text matching cross-entropy.
+    """
+
+    backbone: str = "absvit_base_patch16_224"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 10.0
+    image_size: int | None = None
+    text_encoder: str = "roberta-base"
+    text_config: dict[str, Any] | None = None
+    max_text_len: int = 40
+    prior_pooling: str = "cls"
+    prior_channel_projection: bool = False
+    prior_visual: str = "bottom_up"
+    fusion_hidden_size: int = 768
+    fusion_layers: int = 6
+    fusion_heads: int = 12
+    fusion_mlp_ratio: float = 4.0
+    fusion_dropout: float = 0.1
+    fusion_norm_eps: float = 1e-12
+    num_answers: int = 0
+    temperature_init: float = 0.07
+    max_logit_scale: float = 100.0
+    var_loss_weight: float = 0.3
+    prior_loss_weight: float = 1.0
+    itm_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prior_pooling not in PRIOR_POOLINGS:
+            raise ValueError(f"prior_pooling={self.prior_pooling!r} must be one of {', '.join(PRIOR_POOLINGS)}")
+        if self.prior_visual not in PRIOR_VISUALS:
+            raise ValueError(f"prior_visual={self.prior_visual!r} must be one of {', '.join(PRIOR_VISUALS)}")
+        if "alpha" in self.backbone_kwargs:
+            raise ValueError("backbone_kwargs must not set 'alpha': use AbsVLConfig.alpha")
+        if self.fusion_hidden_size % self.fusion_heads:
+            raise ValueError(
+                f"fusion_hidden_size={self.fusion_hidden_size} is not divisible by fusion_heads={self.fusion_heads}"
+            )
+        if self.num_answers < 0:
+            raise ValueError(f"num_answers={self.num_answers} must be >= 0")
+        if not 0.0 < self.temperature_init:
+            raise ValueError(f"temperature_init={self.temperature_init} must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        from ... import __version__
+
+        return {"model_type": "absvl", "absvl_version": __version__, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AbsVLConfig:
+        """Build from a ``config.json`` dict; an unknown key is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - set(_META_KEYS))
+        if unknown:
+            raise ValueError(f"unknown AbsVLConfig key(s): {', '.join(map(repr, unknown))}")
+        if data.get("model_type", "absvl") != "absvl":
+            raise ValueError(f"config model_type={data['model_type']!r} is not 'absvl'")
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,56 @@
+"""Losses: VQA soft-target BCE and the CLIP-style prior loss with cross-process negatives."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits on soft VQA scores, mean over batch and answers × #answers (METER/ViLT)."""
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype)) * targets.shape[1]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0; the local shard keeps its gradient.
+
+    Without an initialised process group this is ``x``. Processes may hold different batch
+    sizes (e.g. a last partial batch): sizes are exchanged first and shards padded for the
+    collective. Gradients reach only the local shard (as open_clip's ``gather_with_grad=False``);
+    DDP's gradient averaging then combines the processes' identical losses.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(x.detach(), (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded.contiguous())
+    shards = [s[:n] for s, n in zip(shards, sizes)]
+    shards[rank] = x
+    return torch.cat(shards)
+
+
+def contrastive_loss(
+    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``text`` (ξ) and ``image`` (AbSViT Eq. 15, CLIP).
+
+    ``logits = s · t̂ îᵀ`` over the batch gathered from all processes; the loss is the mean of the
+    text→image and image→text cross-entropies with the diagonal as targets. Rows are normalised
+    here. ``valid`` (``[B]`` bool) drops rows that are not matching pairs (e.g. ITM negatives).
+    """
+    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    if valid is None:
+        valid = torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
+    text, image = gather_with_grad(text), gather_with_grad(image)
+    valid = gather_with_grad(valid.long()).bool()
+    text, image = text[valid], image[valid]
+    if text.shape[0] == 0:  # no matching pair anywhere: nothing to contrast
+        return logit_scale * 0.0
+    logits = logit_scale * text @ image.t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

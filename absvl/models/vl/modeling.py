@@ -1,0 +1,379 @@
+"""``AbsVLModel``: text prior → top-down vision backbone → METER fusion → heads (SPEC §1, §2, §5).
+
+Data flow for an (image, text) batch:
+1. text encoder → hidden states; prior ξ = Linear(pool(hidden)) in the vision width;
+2. vision backbone(images, ξ): AbSViT-family backbones modulate their output tokens by ξ (Eq. 8),
+   feed them back and run the second pass; ViT/CNN backbones ignore ξ;
+3. co-attention fusion of text states and the backbone's output tokens → pooled ``[B, 2H]``;
+4. heads: VQA logits, ITM logits; the bottom-up pooled image output projected into ξ space.
+Loss = task + w_var·L_var + w_prior·L_prior (L_prior: symmetric InfoNCE between ξ and the image
+embedding, negatives gathered across processes).
+
+Saving goes through ``huggingface_hub.ModelHubMixin``: ``save_pretrained``/``push_to_hub`` write
+``model.safetensors``, ``config.json`` (with the text encoder's config), the tokenizer files,
+``answers.json`` and a generated ``README.md``; ``from_pretrained`` needs nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..vision import BackboneOutput, backbone_family, create_backbone
+from .configuration import AbsVLConfig
+from .fusion import FusionEncoder
+from .heads import ContrastiveHead, ITMHead, VQAHead
+from .losses import contrastive_loss, vqa_loss
+from .model_card import render_model_card
+from .processing import AbsVLProcessor, backbone_image_size
+from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+ANSWERS_NAME = "answers.json"
+
+# families built on VisionTransformer, which takes the modulation scale ``alpha``
+_VIT_FAMILIES = ("vit", "absvit", "vars")
+
+# SPEC §5: encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3
+LR_MULTIPLIERS = {"encoders": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
+# first matching prefix wins; the prior projection and the temperature are new layers: heads
+_GROUP_PREFIXES = (
+    ("backbone.decoders.", "decoders"),
+    ("backbone.", "encoders"),
+    ("text_encoder.", "encoders"),
+    ("fusion.", "fusion"),
+    ("prior.", "heads"),
+    ("vqa_head.", "heads"),
+    ("itm_head.", "heads"),
+    ("contrastive.", "heads"),
+)
+
+
+@dataclass
+class AbsVLOutput:
+    """What :meth:`AbsVLModel.forward` computed.
+
+    Attributes:
+        loss: weighted total, when a loss was asked for (labels given or ``return_loss=True``).
+        losses: the unweighted terms: ``vqa``, ``itm``, ``var`` (training mode, backbones with a
+            feedback path), ``prior``.
+        vqa_logits: ``[B, num_answers]`` (None without a VQA head).
+        itm_logits: ``[B, 2]``.
+        pooled: ``[B, 2H]`` fused [text; image] pooled pair.
+        text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.
+        xi: ``[B, C]`` prior given to the backbone.
+        text_embeds, image_embeds: L2-normalised ξ and projected image embedding (the prior loss pair).
+        vision: the backbone's full output (tokens, bottom-up tokens, maps, ...).
+    """
+
+    loss: torch.Tensor | None
+    losses: dict[str, torch.Tensor]
+    vqa_logits: torch.Tensor | None
+    itm_logits: torch.Tensor
+    pooled: torch.Tensor
+    text_tokens: torch.Tensor
+    image_tokens: torch.Tensor
+    xi: torch.Tensor
+    text_embeds: torch.Tensor
+    image_embeds: torch.Tensor
+    vision: BackboneOutput = field(repr=False)
+
+
+class AbsVLModel(
+    nn.Module,
+    ModelHubMixin,
+    library_name="absvl",
+    license="apache-2.0",
+    pipeline_tag="visual-question-answering",
+    tags=["absvl", "vision-language", "top-down-attention"],
+):
+    """AbSViT-VL: a METER-style VQA / retrieval model whose image encoder attends top-down."""
+
+    def __init__(self, config: AbsVLConfig, answers: list[str] | None = None, tokenizer: Any = None) -> None:
+        """
+        Args:
+            config: architecture; ``config.text_config`` None loads the pretrained text encoder from
+                ``config.text_encoder`` (hub name or folder), otherwise it is built from that config.
+            answers: VQA answer strings, index = logit; sets ``config.num_answers``.
+            tokenizer: defaults to the one of ``config.text_encoder``.
+        """
+        super().__init__()
+        if answers is not None:
+            if config.num_answers not in (0, len(answers)):
+                raise ValueError(f"num_answers={config.num_answers} but {len(answers)} answers were given")
+            config = replace(config, num_answers=len(answers))
+        elif config.num_answers:
+            raise ValueError(f"num_answers={config.num_answers} needs the answer strings: pass answers=[...]")
+        if config.text_config is None:
+            self.text_encoder, loaded_tokenizer = load_text_encoder(config.text_encoder)
+            tokenizer = tokenizer or loaded_tokenizer
+            config = replace(config, text_config=text_config_dict(self.text_encoder))
+        else:
+            self.text_encoder = text_encoder_from_config(config.text_config)
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(config.text_encoder)
+        self.config = config
+        self.answers = list(answers or [])
+
+        overrides = dict(config.backbone_kwargs)
+        if backbone_family(config.backbone) in _VIT_FAMILIES:
+            overrides["alpha"] = config.alpha
+        self.backbone = create_backbone(config.backbone, **overrides)
+        if config.prior_channel_projection and not hasattr(self.backbone, "decoders"):
+            raise ValueError(f"prior_channel_projection=True needs a backbone with decoders, not {config.backbone!r}")
+        if isinstance(getattr(self.backbone, "prompt", None), nn.Parameter):
+            # the free classification ξ: here ξ always comes from the text, so it would get no gradient
+            self.backbone.prompt.requires_grad_(False)
+        self.image_size = config.image_size or backbone_image_size(self.backbone)
+
+        text_width, vision_width = self.text_encoder.config.hidden_size, self.backbone.num_features
+        hidden = config.fusion_hidden_size
+        self.prior = PriorProjection(text_width, vision_width, config.prior_pooling)
+        self.fusion = FusionEncoder(
+            text_width,
+            vision_width,
+            hidden_size=hidden,
+            num_layers=config.fusion_layers,
+            num_heads=config.fusion_heads,
+            mlp_ratio=config.fusion_mlp_ratio,
+            dropout=config.fusion_dropout,
+            norm_eps=config.fusion_norm_eps,
+            image_mean_pool=self.backbone.num_prefix_tokens == 0,
+        )
+        self.vqa_head = VQAHead(2 * hidden, config.num_answers) if config.num_answers else None
+        self.itm_head = ITMHead(2 * hidden)
+        self.contrastive = ContrastiveHead(vision_width, vision_width, config.temperature_init, config.max_logit_scale)
+        for module in (self.prior, self.fusion, self.vqa_head, self.itm_head, self.contrastive.proj):
+            if module is not None:
+                module.apply(_init_new_weights)
+        self.train()  # AutoModel.from_pretrained returns the text encoder in eval mode
+
+    # --- encoders ---------------------------------------------------------------------
+    @property
+    def processor(self) -> AbsVLProcessor:
+        """Image/text preprocessing matching this model (size, tokenizer, max text length)."""
+        return AbsVLProcessor(self.tokenizer, self.image_size, self.config.max_text_len)
+
+    def encode_prior(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text hidden states ``[B, T, D]``, prior ξ ``[B, C]``)."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, self.prior(hidden, attention_mask)
+
+    def encode_vision(self, images: torch.Tensor, xi: torch.Tensor, return_maps: bool = False) -> BackboneOutput:
+        """The backbone steered by ξ (with the authors' channel projection when configured)."""
+        projected = self.config.prior_channel_projection
+        with channel_projection(self.backbone, xi) if projected else contextlib.nullcontext():
+            return self.backbone(images, xi=xi, return_maps=return_maps)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ξ ``[B, C]``: the text side of the retrieval space."""
+        return F.normalize(self.encode_prior(input_ids, attention_mask)[1], dim=-1)
+
+    def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected bottom-up pooled image output ``[B, C]``: query-independent, indexable once."""
+        return self.contrastive(self.backbone(images).bottom_up_pooled)
+
+    # --- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        vqa_targets: torch.Tensor | None = None,
+        itm_labels: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_maps: bool = False,
+    ) -> AbsVLOutput:
+        """
+        Args:
+            images: ``[B, 3, S, S]`` normalised images (see :attr:`processor`).
+            input_ids, attention_mask: ``[B, T]`` tokenised texts (mask defaults to all ones).
+            vqa_targets: ``[B, num_answers]`` soft VQA scores → ``losses["vqa"]``.
+            itm_labels: ``[B]`` 1 for matching pairs, 0 otherwise → ``losses["itm"]``; only matching
+                pairs enter the prior loss.
+            return_loss: compute the loss without task labels (L_var + L_prior only); default: when
+                labels are given.
+            return_maps: ask the backbone for bottom-up / top-down maps (``out.vision.maps``).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden, xi = self.encode_prior(input_ids, attention_mask)
+        vision = self.encode_vision(images, xi, return_maps)
+        text_tokens, image_tokens, pooled = self.fusion(hidden, attention_mask, vision.tokens)
+        vqa_logits = self.vqa_head(pooled) if self.vqa_head is not None else None
+        itm_logits = self.itm_head(pooled)
+        visual = vision.bottom_up_pooled if self.config.prior_visual == "bottom_up" else vision.pooled
+        text_embeds, image_embeds = F.normalize(xi, dim=-1), self.contrastive(visual)
+
+        losses: dict[str, torch.Tensor] = {}
+        if vqa_targets is not None:
+            if vqa_logits is None:
+                raise ValueError("vqa_targets given but the model has no VQA head (num_answers=0)")
+            losses["vqa"] = vqa_loss(vqa_logits, vqa_targets)
+        if itm_labels is not None:
+            losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
+        loss = None
+        if return_loss or (return_loss is None and losses):
+            if "var" in vision.aux_losses:
+                losses["var"] = vision.aux_losses["var"]
+            if self.config.prior_loss_weight > 0:
+                valid = None if itm_labels is None else itm_labels == 1
+                losses["prior"] = contrastive_loss(text_embeds, image_embeds, self.contrastive.scale(), valid)
+            weights = {
+                "vqa": 1.0,
+                "itm": self.config.itm_loss_weight,
+                "var": self.config.var_loss_weight,
+                "prior": self.config.prior_loss_weight,
+            }
+            loss = sum(weights[k] * v for k, v in losses.items())
+        return AbsVLOutput(
+            loss=loss,
+            losses=losses,
+            vqa_logits=vqa_logits,
+            itm_logits=itm_logits,
+            pooled=pooled,
+            text_tokens=text_tokens,
+            image_tokens=image_tokens,
+            xi=xi,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            vision=vision,
+        )
+
+    def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
+        return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
+
+    def attention_maps(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``{"bottom_up", "top_down"}`` ``[B, h, w]`` token-norm maps of the backbone under the text's ξ.
+
+        Backbones without a top-down path return their only (bottom-up) map for both.
+        """
+        _, xi = self.encode_prior(input_ids, attention_mask)
+        maps = self.encode_vision(images, xi, return_maps=True).maps
+        return {"bottom_up": maps["bottom_up"], "top_down": maps.get("top_down", maps["bottom_up"])}
+
+    # --- optimisation -----------------------------------------------------------------
+    def parameter_groups(
+        self, lr: float, weight_decay: float = 0.01, lr_multipliers: dict[str, float] | None = None
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups (SPEC §5): encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3.
+
+        No weight decay on biases, norm weights, the logit scale (all ≤ 1-D) and the backbone's
+        ``no_weight_decay()`` embeddings (pos_embed, cls_token, prompt) and the token-type
+        embeddings. Every trainable parameter lands in exactly one group; otherwise a
+        ``ValueError`` names it. Each group carries ``name`` and ``lr_scale`` for schedulers.
+        """
+        multipliers = {**LR_MULTIPLIERS, **(lr_multipliers or {})}
+        unknown = set(multipliers) - set(LR_MULTIPLIERS)
+        if unknown:
+            raise ValueError(f"unknown lr_multipliers key(s) {sorted(unknown)}; known: {sorted(LR_MULTIPLIERS)}")
+        backbone_no_decay = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        no_decay_names = {f"backbone.{n}" for n in backbone_no_decay} | {"fusion.token_type_embeddings.weight"}
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = next((g for prefix, g in _GROUP_PREFIXES if name.startswith(prefix)), None)
+            if group is None:
+                prefixes = [p for p, _ in _GROUP_PREFIXES]
+                raise ValueError(f"parameter {name!r} matches no parameter group (prefixes: {prefixes})")
+            decay = param.ndim > 1 and name not in no_decay_names
+            buckets.setdefault((group, decay), []).append(param)
+        groups = [
+            {
+                "name": f"{group}/{'decay' if decay else 'no_decay'}",
+                "params": params,
+                "lr": lr * multipliers[group],
+                "lr_scale": multipliers[group],
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+            for (group, decay), params in buckets.items()
+        ]
+        counts = Counter(id(p) for g in groups for p in g["params"])
+        for name, param in self.named_parameters():
+            if param.requires_grad and counts[id(param)] != 1:
+                raise ValueError(f"parameter {name!r} is in {counts[id(param)]} parameter groups, expected exactly 1")
+        return groups
+
+    # --- Hub ----------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Weights (safetensors), config, tokenizer, answers; the mixin then writes the model card."""
+        save_model(self, str(save_directory / WEIGHTS_NAME))
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        (save_directory / ANSWERS_NAME).write_text(json.dumps(self.answers, ensure_ascii=False, indent=0) + "\n")
+        self.tokenizer.save_pretrained(save_directory)
+        (save_directory / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card: regenerate
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """``README.md``; keyword arguments (``model_card_kwargs``): repo_id, training_data, metrics."""
+        return render_model_card(self, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        """Upload to the Hub (the mixin's), with the usage snippet of the card pointing at ``repo_id``."""
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> AbsVLModel:
+        """Load a folder written by :meth:`save_pretrained`, or download a Hub repository of one.
+
+        The text encoder is rebuilt from the saved config (its weights are in ``model.safetensors``),
+        the tokenizer and answers come from the folder: nothing else is fetched. Weights are loaded
+        from safetensors only, strictly. The model is returned in eval mode.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    repo_id=str(pretrained_model_name_or_path),
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        for name in (CONFIG_NAME, WEIGHTS_NAME, ANSWERS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: not a folder written by AbsVLModel.save_pretrained")
+        config = AbsVLConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        if config.text_config is None:
+            raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
+        answers = json.loads((folder / ANSWERS_NAME).read_text())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        model = cls(config, answers=answers, tokenizer=tokenizer)
+        load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        return model.eval()
+
+
+def _init_new_weights(module: nn.Module) -> None:
+    """METER/BERT init of the layers this model adds: normal(0, 0.02) linears and embeddings."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

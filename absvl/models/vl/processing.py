@@ -1,0 +1,81 @@
+"""Inputs: image loading/normalisation and text tokenisation, shared by pipelines and data loaders."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+ImageInput = Union[Image.Image, str, Path, np.ndarray]
+CNN_DEFAULT_SIZE = 224
+
+
+def backbone_image_size(backbone: nn.Module) -> int:
+    """The input side a backbone was built for: ``patch_embed.img_size`` for ViTs, 224 for CNNs."""
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is None:
+        return CNN_DEFAULT_SIZE
+    h, w = patch_embed.img_size
+    if h != w:
+        raise ValueError(f"backbone input size {h}x{w} is not square: set AbsVLConfig.image_size")
+    return int(h)
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a PIL image, a file path, or an ``HxW[x3]`` array (uint8, or float in [0, 1])."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"image must be a PIL image, a path or a numpy array, not {type(image).__name__}")
+
+
+def preprocess_image(image: ImageInput, size: int) -> torch.Tensor:
+    """``[3, size, size]`` float tensor: bicubic resize, scale to [0, 1], ImageNet mean/std."""
+    pil = load_image(image).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class AbsVLProcessor:
+    """Turns images and texts into model inputs (HF processor convention).
+
+    ``processor(images=..., text=...)`` returns a dict with ``images`` ``[B, 3, S, S]`` and/or
+    ``input_ids``/``attention_mask`` ``[B, T]`` (padded to the longest, truncated to ``max_text_len``).
+    """
+
+    def __init__(self, tokenizer: Any, image_size: int, max_text_len: int = 40) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_len = max_text_len
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput] | None = None, text: str | Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        if images is None and text is None:
+            raise ValueError("give images, text or both")
+        batch: dict[str, torch.Tensor] = {}
+        if images is not None:
+            images = [images] if isinstance(images, (Image.Image, str, Path, np.ndarray)) else list(images)
+            batch["images"] = torch.stack([preprocess_image(im, self.image_size) for im in images])
+        if text is not None:
+            encoded = self.tokenizer(
+                [text] if isinstance(text, str) else list(text),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_len,
+                return_tensors="pt",
+            )
+            batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        return batch

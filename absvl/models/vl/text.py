@@ -1,0 +1,87 @@
+"""Text side: the ``transformers`` encoder and the AbSViT prior ξ projected from it (SPEC §2).
+
+ξ = W·pool(h) + b, with ``pool`` the [cls] (token 0) hidden state (paper) or the masked mean
+of all tokens (authors' released VL code). ξ lives in the vision width C: it is compared by
+cosine with the vision tokens (Eq. 8) and is the text side of the prior loss (Eq. 15).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import transformers
+from torch import nn
+
+# authors' released VL code: ``x = x @ (p pᵀ) * 5`` between the modulation and the feedback path
+CHANNEL_PROJECTION_SCALE = 5.0
+
+
+def _without_pooler(model: nn.Module) -> nn.Module:
+    """Drop the encoder's own pooler: the fusion has its own, and unused parameters break DDP."""
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+def load_text_encoder(name_or_path: str) -> tuple[nn.Module, Any]:
+    """Pretrained encoder and tokenizer from a hub name or a local folder (``AutoModel``/``AutoTokenizer``)."""
+    model = transformers.AutoModel.from_pretrained(name_or_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    return _without_pooler(model), tokenizer
+
+
+def text_encoder_from_config(text_config: dict[str, Any]) -> nn.Module:
+    """Randomly initialised encoder of a saved ``config.to_dict()`` (weights are loaded afterwards)."""
+    if "model_type" not in text_config:
+        raise ValueError("text_config has no 'model_type': it must be a transformers config dict")
+    config = transformers.AutoConfig.for_model(**text_config)
+    return _without_pooler(transformers.AutoModel.from_config(config))
+
+
+def text_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The encoder's config as saved in ``config.json`` (its load path dropped: it is not needed)."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    return config
+
+
+class PriorProjection(nn.Module):
+    """ξ = Linear(pool(text hidden states)) in the vision width (AbSViT Sec. 4, VL prior)."""
+
+    def __init__(self, text_width: int, vision_width: int, pooling: str = "cls") -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.proj = nn.Linear(text_width, vision_width)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.proj(pooled)
+
+
+@contextmanager
+def channel_projection(backbone: nn.Module, xi: torch.Tensor) -> Iterator[None]:
+    """Apply the authors' rank-1 channel projection ``h ← 5·h·(ξξᵀ)`` to the feedback input.
+
+    The modulated tokens h_L enter the feedback path at the top decoder (AbSViT Eq. 10), so a
+    forward pre-hook there rewrites its input; the decoders are otherwise used only by L_var,
+    which calls their ``linear`` directly and is unaffected. ξ is not normalised, as in their code.
+    """
+    decoders = getattr(backbone, "decoders", None)
+    if decoders is None:
+        raise ValueError("prior_channel_projection needs a backbone with a feedback path (decoders)")
+
+    def project(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        h = args[0]
+        p = xi.to(h.dtype).unsqueeze(-1)  # [B, C, 1]
+        return (CHANNEL_PROJECTION_SCALE * (h @ p) @ p.transpose(1, 2),)
+
+    handle = decoders[-1].register_forward_pre_hook(project)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,61 @@
+"""Tiny text encoders (built locally, loaded from temp dirs) and tiny AbSViT-VL models."""
+import pytest
+import torch
+
+from absvl.models.vl import AbsVLConfig, AbsVLModel, build_tiny_text_encoder
+
+ANSWERS = ["yes", "no", "red", "blue", "circle", "square", "2", "3"]
+QUESTIONS = ["what color is the circle?", "is there a blue square?", "how many triangles?", "what shape is red?"]
+CNN_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def roberta_dir(tmp_path_factory):
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("tiny_roberta"), kind="roberta")
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("tiny_bert"), kind="bert")
+
+
+@pytest.fixture
+def make_model(roberta_dir):
+    """``make_model(backbone, text_dir=None, seed=0, **config_overrides)`` → a tiny model in train mode."""
+
+    def make(backbone="absvit_test_patch8", text_dir=None, seed=0, **overrides):
+        torch.manual_seed(seed)
+        if backbone.startswith(("resnet", "tdam")):
+            overrides.setdefault("image_size", CNN_IMAGE_SIZE)
+        config = AbsVLConfig(
+            backbone=backbone,
+            text_encoder=str(text_dir or roberta_dir),
+            fusion_hidden_size=32,
+            fusion_layers=2,
+            fusion_heads=2,
+            fusion_dropout=0.0,
+            **overrides,
+        )
+        return AbsVLModel(config, answers=ANSWERS)
+
+    return make
+
+
+def _make_batch(model, questions=QUESTIONS, seed=0):
+    """Random images, tokenised questions, soft VQA targets and ITM labels for ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(questions)
+    text = model.processor(text=questions)
+    images = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
+    targets = torch.zeros(n, len(model.answers))
+    targets[torch.arange(n), torch.arange(n) % len(model.answers)] = 1.0
+    targets[0, 1] = 0.3
+    itm_labels = torch.tensor([1, 1, 0, 1])[:n]
+    return dict(images=images, input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                vqa_targets=targets, itm_labels=itm_labels)
+
+
+@pytest.fixture
+def make_batch():
+    """``make_batch(model, questions=QUESTIONS, seed=0)`` → forward keyword arguments."""
+    return _make_batch
