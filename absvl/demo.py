@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .models.vision import count_params, create_backbone, estimate_macs
-from .models.vision.vision_transformer import prior_mask
+from .models.vision.topdown import prior_mask
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

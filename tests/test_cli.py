@@ -16,7 +16,7 @@ def test_backbones_lists_params_and_macs(capsys):
     assert lines[0].split()[:4] == ["name", "family", "params", "(M)"]
     row = next(line for line in lines if line.startswith("absvit_base_patch16_224"))
     name, family, params, macs = row.split()
-    assert family == "absvit" and abs(float(params) - 99.96) < 0.01 and 38.0 < float(macs) < 40.0
+    assert family == "absvit" and abs(float(params) - 99.96) < 0.01 and 37.0 < float(macs) < 39.0
 
 
 def test_backbones_unknown_family_is_an_error(capsys):

@@ -25,13 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .topdown import qkv_rows
+
 _TD_TARGETS = ("v", "qkv")
 
 
 def soft_threshold(x: torch.Tensor, theta: torch.Tensor | float, smooth: bool = False) -> torch.Tensor:
-    """``S_θ(x) = sign(x)·max(|x| − θ, 0)``; ``smooth`` uses GELU for the max (authors' LISTA)."""
-    excess = x.abs() - theta
-    return x.sign() * (F.gelu(excess) if smooth else F.relu(excess))
+    """``S_θ(x) = sign(x)·max(|x| − θ, 0)``; ``smooth`` uses GELU for the max (authors' LISTA).
+
+    The plain form is computed as ``x − clamp(x, −θ, θ)`` (the same function, two kernels).
+    """
+    if smooth:
+        return x.sign() * F.gelu(x.abs() - theta)
+    return x - x.clamp(-theta, theta)
 
 
 def ista(
@@ -50,10 +56,14 @@ def ista(
     starts at ``S_λ(Pᵀx)`` (the exact solution when the atoms are orthonormal); each step is
     ``u ← S_{λ/L}(u − (PᵀPu − Pᵀx)/L)`` (Eq. 12).
     """
-    apply_gram = gram if callable(gram) else gram.matmul
+    if callable(gram):
+        descend = lambda u: u - gram(u) / lipschitz  # noqa: E731
+    else:  # fold the step into one matrix: u - (G u)/L = (I - G/L) u
+        descend = (torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device) - gram / lipschitz).matmul
+    scaled_rhs, threshold = rhs / lipschitz, lam / lipschitz
     u = soft_threshold(rhs, lam, smooth)
     for _ in range(steps):
-        u = soft_threshold(u - (apply_gram(u) - rhs) / lipschitz, lam / lipschitz, smooth)
+        u = soft_threshold(descend(u) + scaled_rhs, threshold, smooth)
     return u
 
 
@@ -97,18 +107,6 @@ def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _project(qkv: nn.Linear, x: torch.Tensor, td: torch.Tensor | None, index: int, td_bias: bool) -> torch.Tensor:
-    """Slice ``index`` (0 q, 1 k, 2 v) of ``qkv(x)``, plus the same slice of ``qkv(td)`` when given.
-
-    The bias is added for ``td`` only if ``td_bias``, like ``vision_transformer.topdown_projection``.
-    """
-    dim = x.shape[-1]
-    rows = slice(index * dim, (index + 1) * dim)
-    bias = qkv.bias[rows] if qkv.bias is not None else None
-    out = F.linear(x, qkv.weight[rows], bias)
-    return out if td is None else out + F.linear(td, qkv.weight[rows], bias if td_bias else None)
 
 
 def _grid(num_tokens: int, num_prefix_tokens: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -195,8 +193,8 @@ class _DictionaryAttention(nn.Module):
         grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         B, N, C = x.shape
-        q = _project(self.qkv, x, td if self.td_target == "qkv" else None, 0, self.td_bias)
-        v = _project(self.qkv, x, td, 2, self.td_bias)
+        q = qkv_rows(self.qkv, x, 0, 1, td if self.td_target == "qkv" else None, self.td_bias)
+        v = qkv_rows(self.qkv, x, 2, 3, td, self.td_bias)
         if value_mask is not None:
             v = v * value_mask
         q, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, v))
@@ -342,9 +340,7 @@ class VARSSAttention(nn.Module):
     ) -> torch.Tensor:
         B, N, C = x.shape
         h, w = _grid(N, self.num_prefix_tokens, grid_size)
-        v = self.v(x)
-        if td is not None:
-            v = v + F.linear(td, self.v.weight, self.v.bias if self.td_bias else None)
+        v = qkv_rows(self.v, x, 0, 1, td, self.td_bias)
         if value_mask is not None:
             v = v * value_mask
         with _full_precision(x.device):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .output import BackboneOutput, token_norm_map
 from .registry import register_backbone
+from .topdown import prior_mask, qkv_rows
 from .vars_attention import VARSDAttention, VARSSAttention, VARSSDAttention
 
 TOPDOWN_MODES = ("none", "absvit", "qkv", "feedback", "perceiver", "maskatt")
@@ -41,7 +42,8 @@ class Attention(nn.Module):
 
     ``td`` is added to the values only (``td_target="v"``, AbSViT Eq. 9: Q and K hold the
     object templates, which top-down must not change) or to Q, K and V (``"qkv"``):
-    ``V = W_v·x + b_v + W_v·td``. The authors' code sends ``td`` through the full qkv linear,
+    ``V = W_v·x + b_v + W_v·td``, computed as ``W_v·(x + td) + b_v`` (see ``qkv_rows``), so
+    the top-down pass costs no more projection work than the bottom-up one. The authors' code sends ``td`` through the full qkv linear,
     adding the value bias a second time; ``td_bias=True`` reproduces that (for their
     checkpoints). ``value_mask`` (``[B, N, 1]``) reweights the values (MaskAtt).
     """
@@ -77,29 +79,18 @@ class Attention(nn.Module):
         grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x)
-        if td is not None:
-            qkv = qkv + topdown_projection(self.qkv, td, self.td_target, self.td_bias)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads = lambda t, n: t.view(B, N, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # noqa: E731
+        if td is None:
+            q, k, v = heads(self.qkv(x), 3)
+        elif self.td_target == "qkv":
+            q, k, v = heads(qkv_rows(self.qkv, x, 0, 3, td, self.td_bias), 3)
+        else:  # Q and K from x alone, V from x + td
+            q, k = heads(qkv_rows(self.qkv, x, 0, 2), 2)
+            v = heads(qkv_rows(self.qkv, x, 2, 3, td, self.td_bias), 1)[0]
         if value_mask is not None:
             v = v * value_mask.unsqueeze(1)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-
-
-def topdown_projection(qkv: nn.Linear, td: torch.Tensor, td_target: str, td_bias: bool = False) -> torch.Tensor:
-    """The top-down tokens through the qkv projection, laid out like ``qkv(x)``.
-
-    For ``td_target="v"`` only the value slice is computed (1/3 of the work) and the Q, K
-    slices are zero; ``"qkv"`` projects all three. The bias is added only if ``td_bias``.
-    """
-    dim = td.shape[-1]
-    weight = qkv.weight if td_target == "qkv" else qkv.weight[2 * dim:]
-    bias = None
-    if td_bias and qkv.bias is not None:
-        bias = qkv.bias if td_target == "qkv" else qkv.bias[2 * dim:]
-    projected = F.linear(td, weight, bias)
-    return projected if td_target == "qkv" else F.pad(projected, (2 * dim, 0))
 
 
 ATTENTION_LAYERS = {
@@ -161,16 +152,6 @@ class TopDownDecoder(nn.Module):
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.linear(h)
         return h, self.linear2(h)
-
-
-def prior_mask(tokens: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-    """``clamp(cos(ξ, z_i), 0, 1)`` for every token: ``[B, N, 1]`` (AbSViT Eq. 8).
-
-    ``xi`` is ``[C]`` (one prior for the batch) or ``[B, C]`` (one per sample).
-    """
-    xi = xi.expand(tokens.shape[0], -1) if xi.dim() == 1 else xi
-    cos = F.normalize(tokens, dim=-1) @ F.normalize(xi, dim=-1).unsqueeze(-1)
-    return cos.clamp(0.0, 1.0)
 
 
 class VisionTransformer(nn.Module):

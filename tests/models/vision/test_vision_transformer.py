@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from absvl import create_backbone
 from absvl.models.vision import vision_transformer as vt
-from absvl.models.vision.vision_transformer import TOPDOWN_MODES, Attention, prior_mask
+from absvl.models.vision.topdown import prior_mask, qkv_rows
+from absvl.models.vision.vision_transformer import TOPDOWN_MODES, Attention
 
 
 def _images(b=2, h=32, w=32, seed=0):
@@ -87,16 +88,29 @@ def test_topdown_changes_values_only(monkeypatch):
     assert not torch.allclose(q0, q1) and not torch.allclose(k0, k1)
 
 
-def test_td_bias_option_adds_value_bias_like_the_authors_code():
+def test_qkv_rows_adds_topdown_by_linearity_with_optional_second_bias():
     torch.manual_seed(0)
-    attn = Attention(16, num_heads=2, td_bias=True)
+    qkv = torch.nn.Linear(16, 48)
+    x, td = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    torch.testing.assert_close(qkv_rows(qkv, x, 0, 3), qkv(x))
+    v_rows = slice(32, 48)
+    torch.testing.assert_close(qkv_rows(qkv, x, 2, 3, td), qkv(x)[..., v_rows] + td @ qkv.weight[v_rows].T)
+    # the authors' code: td through the whole linear, value bias included a second time
+    torch.testing.assert_close(qkv_rows(qkv, x, 2, 3, td, td_bias=True), qkv(x)[..., v_rows] + qkv(td)[..., v_rows])
+    torch.testing.assert_close(qkv_rows(qkv, x, 0, 3, td, td_bias=True), qkv(x) + qkv(td))
+
+
+def test_td_bias_option_reaches_the_attention_values():
+    torch.manual_seed(0)
+    x, td = torch.randn(1, 3, 16), torch.zeros(1, 3, 16)
+    attn = Attention(16, num_heads=2, td_bias=True).eval()
     with torch.no_grad():
         attn.qkv.bias.normal_()
-    td = torch.randn(1, 3, 16)
-    full = vt.topdown_projection(attn.qkv, td, "v", td_bias=True)
-    torch.testing.assert_close(full[..., 32:], attn.qkv(td)[..., 32:])
-    assert torch.equal(full[..., :32], torch.zeros_like(full[..., :32]))
-    torch.testing.assert_close(vt.topdown_projection(attn.qkv, td, "qkv", td_bias=True), attn.qkv(td))
+        plain = Attention(16, num_heads=2).eval()
+        plain.load_state_dict(attn.state_dict())
+        # a zero top-down input still adds b_v once more with td_bias, and nothing without it
+        assert not torch.allclose(attn(x, td=td), attn(x))
+        torch.testing.assert_close(plain(x, td=td), plain(x))
 
 
 def test_prior_aligned_with_a_token_raises_its_modulation_weight():
