@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -30,8 +31,92 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    run(args.out)
+    run(args.config, args.overrides, args.out)
     return 0
+
+
+def _run_config(args: argparse.Namespace):
+    from .training.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"train.resume={args.resume}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train_vqa(args: argparse.Namespace) -> int:
+    from .training.vqa import train_vqa
+
+    summary = train_vqa(_run_config(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per multi-process run
+        return 0
+    if summary["val"]:
+        print(f"validation accuracy {summary['val']['overall']:.2f} at step {summary['step']}")
+    print(f"model exported to {summary['export']}")
+    return 0
+
+
+def _write_json(path: str | None, payload) -> None:
+    import json
+    from pathlib import Path
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from .metrics.vqa import DEFAULT_REVISION, evaluate_vqa_files, format_accuracy_table
+
+    if args.predictions:
+        if not (args.questions and args.annotations):
+            print("--predictions needs --questions and --annotations", file=sys.stderr)
+            return 2
+        result = evaluate_vqa_files(args.predictions, args.questions, args.annotations,
+                                    revision=args.metric_revision or DEFAULT_REVISION)
+    else:
+        if args.metric_revision not in (None, DEFAULT_REVISION):
+            print("--metric-revision applies to --predictions only", file=sys.stderr)
+            return 2
+        if not (args.model and (args.data or args.config)):
+            print("give --model and --data (or --config), or --predictions/--questions/--annotations", file=sys.stderr)
+            return 2
+        from .training.vqa import evaluate_model
+
+        config = _run_config(args)
+        result, _ = evaluate_model(args.model, config, args.split, batch_size=args.batch_size)
+    print(format_accuracy_table(result))
+    _write_json(args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType")})
+    return 0
+
+
+def _cmd_predict_vqa(args: argparse.Namespace) -> int:
+    from .training.vqa import predict_split
+
+    submission = predict_split(args.model, _run_config(args), args.split, batch_size=args.batch_size)
+    _write_json(args.out, submission)
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import main_check
+
+    return main_check(args.path, args.splits, args.answers)
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .data.shapes import generate_shapes
+
+    world = generate_shapes(args.out, num_images=args.images, seed=args.seed)
+    print(world)
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (its data section is used)")
+    p.add_argument("--data", help="dataset root (sets data.root)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.format=hf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +130,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-macs", action="store_true", help="skip the MACs estimate")
     p.set_defaults(func=_cmd_backbones)
 
-    p = sub.add_parser("demo", help="run the offline CPU demo on generated data")
-    p.add_argument("--out", default="outputs/demo", help="folder for the demo's files (default outputs/demo)")
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", metavar="TASK", required=True)
+    p = train.add_parser("vqa", help="finetune on VQAv2 (or the Shapes world)")
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-5")
+    p.set_defaults(func=_cmd_train_vqa)
+
+    evaluate = sub.add_parser("eval", help="evaluate").add_subparsers(dest="task", metavar="TASK", required=True)
+    p = evaluate.add_parser("vqa", help="official VQA accuracy of a model or of a results file")
+    p.add_argument("--model", help="a save_pretrained folder")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--predictions", help="results file [{question_id, answer}] to score instead of a model")
+    p.add_argument("--questions", help="official questions JSON (with --predictions)")
+    p.add_argument("--annotations", help="official annotations JSON (with --predictions)")
+    p.add_argument("--metric-revision", choices=("07aecec", "master"),
+                   help="revision of the official vqaEval.py to reproduce (with --predictions; "
+                        "default: the specification's, 07aecec)")
+    p.add_argument("--out", help="write the accuracies as JSON here")
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_eval_vqa)
+
+    predict = sub.add_parser("predict", help="write predictions").add_subparsers(dest="task", metavar="TASK", required=True)
+    p = predict.add_parser("vqa", help="answers for a split in submission format")
+    p.add_argument("--model", required=True, help="a save_pretrained folder")
+    p.add_argument("--split", default="test-dev", help="split (default test-dev)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="submission file to write")
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_predict_vqa)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="task", metavar="TASK", required=True)
+    p = data.add_parser("check", help="validate a VQAv2-format dataset (non-zero exit on errors)")
+    p.add_argument("path", help="dataset root")
+    p.add_argument("--splits", nargs="*", help="splits to check (default: all present)")
+    p.add_argument("--answers", help="answers.json of a model: report answers outside it")
+    p.set_defaults(func=_cmd_data_check)
+    p = data.add_parser("shapes", help="generate the Shapes world (VQAv2 + Karpathy formats, tiny text encoder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_shapes)
+
+    p = sub.add_parser("demo", help="offline CPU demo: Shapes world, train, evaluate, attention maps")
+    p.add_argument("--config", default="configs/shapes_absvit_tiny.yaml", help="run config (default: the demo's)")
+    p.add_argument("--out", default="outputs/demo", help="folder for the demo's report and PNG (default outputs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=2")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -57,8 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
-
+    if getattr(args, "data", None):
+        args.overrides = [f"data.root={args.data}", *args.overrides]
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, not a traceback
+        if os.environ.get("ABSVL_DEBUG"):
+            raise
+        print(f"absvl: error: {err}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

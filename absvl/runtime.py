@@ -28,3 +28,16 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((_M_MMAP_THRESHOLD, 32 * 1024 * 1024), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 30))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def cpu_only() -> bool:
+    """True when no GPU-like device is present: Accelerate then needs ``cpu=True`` to run
+    several processes (``torchrun``) as a gloo group instead of independent copies."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or torch.backends.mps.is_available()
+    )

@@ -1,18 +1,16 @@
+import json
+
 from PIL import Image
 
 from absvl import demo
 
 
-def test_two_object_scene_masks_match_colours():
-    image, left, right = demo.two_object_scene(64)
-    assert (image[left] == (220, 30, 30)).all() and (image[right] == (30, 30, 220)).all()
-    assert not (left & right).any()
-
-
-def test_demo_prior_concentrates_on_the_chosen_object(tmp_path):
-    results = demo.run(tmp_path)
-    for colour in ("red", "blue"):
-        assert results[f"mask_{colour}_on_target"] > 0.9
-        assert results[f"mask_{colour}_on_other"] < 0.1
-    png = Image.open(tmp_path / "prior_masks.png")
-    assert png.size == (3 * 224, 224)
+def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, tmp_path, capsys):
+    report = demo.run(demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=4"], tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert "majority-answer baseline" in printed and "target attention" in printed
+    assert 0 <= report["accuracy"] <= 100 and 0 <= report["majority_baseline"] <= 100
+    assert set(report["attention"]) == {"bottom_up", "top_down"}
+    png = Image.open(report["png"])
+    assert png.size[0] == 4 * 224  # image | bottom-up | two top-down maps
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["export"] == report["export"]

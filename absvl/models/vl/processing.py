@@ -26,10 +26,15 @@ def backbone_image_size(backbone: nn.Module) -> int:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path, or an ``HxW[x3]`` array (uint8, or float in [0, 1])."""
+    """An RGB PIL image from a PIL image, a file path, or an ``HxW[x3]`` array (uint8, or float in [0, 1]).
+
+    Files go through ``absvl.data.images.open_image``: decompression-bomb guard, full decode (a bad
+    file raises ``BadImageError`` naming it), grayscale/CMYK/16-bit/alpha converted to RGB.
+    """
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
+        from ...data.images import open_image
+
+        return open_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)

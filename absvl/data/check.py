@@ -1,0 +1,270 @@
+"""``absvl data check``: validate a VQAv2-format dataset before training on it.
+
+``check_vqa`` reads every split present (or the ones asked for) with the same parser as the
+training loader, but collects the problems instead of stopping at the first one, then opens every
+referenced image with ``open_image`` (full decode, decompression-bomb guard). Errors (the dataset
+cannot be used as is): missing/invalid files, malformed entries, non-integer or duplicate ids,
+empty questions, questions without annotations and the reverse, image_id disagreements, missing or
+unreadable images. Warnings (usable, but worth knowing): answers outside the answer vocabulary
+(with their share: those questions are dropped from training), annotations without 10 answers or
+with an unknown ``answer_type``, question ids shared by train and val.
+
+A Hugging Face dataset (``save_to_disk`` folder, parquet/arrow files) is checked too: its
+per-row problems come as one error, its images are checked the same way.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .images import DEFAULT_MAX_PIXELS, BadImageError
+from .vqa import ANSWER_TYPES, VQAExample, VQAFormatError, VQAv2Layout, canonical_split, load_vqa_hf, read_split
+
+__all__ = ["CheckReport", "check_vqa", "main_check"]
+
+MAX_LISTED = 10  # paths listed per kind of image problem
+COLUMNS = ("questions", "annotations", "examples", "images", "checked", "missing", "unreadable", "unanswerable")
+
+
+@dataclass
+class CheckReport:
+    """Outcome of ``check_vqa``.
+
+    ``counts[split]`` has ``questions`` and ``annotations`` (entries in the files), ``examples``
+    (valid, matched questions), ``images`` (distinct images referenced), ``checked`` (images opened),
+    ``missing``/``unreadable`` images and ``unanswerable`` (annotated questions with no answer in
+    the vocabulary; only with a vocabulary). ``ok`` is False when there is any error.
+    """
+
+    root: str
+    counts: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        lines = [f"VQA dataset check: {self.root}"]
+        if self.counts:
+            header = f"{'split':10s}" + "".join(f"{c:>13s}" for c in COLUMNS)
+            lines += ["", header]
+            for split, counts in self.counts.items():
+                cells = "".join(f"{'-' if counts.get(c) is None else format(counts[c], ','):>13s}" for c in COLUMNS)
+                lines.append(f"{split:10s}{cells}")
+        for title, items in (("errors", self.errors), ("warnings", self.warnings), ("notes", self.notes)):
+            if items:
+                lines += ["", f"{title} ({len(items)}):"]
+                lines += [f"  - {item}".replace("\n", "\n    ") for item in items]
+        lines += ["", "result: OK" if self.ok else f"result: FAILED ({len(self.errors)} error(s))"]
+        return "\n".join(lines)
+
+
+def _is_hf_path(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in (".parquet", ".arrow")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return True
+    return path.is_dir() and any(p.suffix in (".parquet", ".arrow") for g in ("*", "*/*") for p in path.glob(g))
+
+
+def _open(ex: VQAExample, max_pixels: int | None) -> str | None:
+    try:
+        ex.open_image(max_pixels)
+    except BadImageError as exc:
+        return exc.reason
+    return None
+
+
+def _check_images(
+    split: str,
+    examples: Sequence[VQAExample],
+    report: CheckReport,
+    max_images: int | None,
+    max_pixels: int | None,
+    progress: bool,
+    num_workers: int,
+) -> None:
+    counts = report.counts[split]
+    by_image: dict[str, list[VQAExample]] = {}
+    for ex in examples:
+        by_image.setdefault(ex.image_path, []).append(ex)
+    keys = sorted(by_image, key=lambda k: (by_image[k][0].image_id, k))
+    counts["images"] = len(keys)
+    if max_images is not None and len(keys) > max_images:
+        report.notes.append(f"{split}: checked the first {max_images:,} of {len(keys):,} images (by image_id)")
+        keys = keys[:max_images]
+    missing: list[str] = []
+    unreadable: list[tuple[str, str]] = []
+    if keys:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(keys), desc=f"{split} images", unit="img", disable=not progress, file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:  # PIL decodes without the GIL
+            for key, reason in zip(keys, pool.map(lambda k: _open(by_image[k][0], max_pixels), keys)):
+                if reason == "file not found":
+                    missing.append(key)
+                elif reason is not None:
+                    unreadable.append((key, reason))
+                bar.update(1)
+        bar.close()
+    counts["checked"], counts["missing"], counts["unreadable"] = len(keys), len(missing), len(unreadable)
+    if missing:
+        n_q = sum(len(by_image[k]) for k in missing)
+        shown = "\n".join(missing[:MAX_LISTED])
+        shown += f"\n... ({len(missing):,} in all)" if len(missing) > MAX_LISTED else ""
+        report.errors.append(f"{split}: {len(missing):,} of {len(keys):,} images are missing "
+                             f"({n_q:,} question(s) use them):\n{shown}")
+    if unreadable:
+        n_q = sum(len(by_image[k]) for k, _ in unreadable)
+        shown = "\n".join(f"{k}: {r}" for k, r in unreadable[:MAX_LISTED])
+        shown += f"\n... ({len(unreadable):,} in all)" if len(unreadable) > MAX_LISTED else ""
+        report.errors.append(f"{split}: {len(unreadable):,} of {len(keys):,} images cannot be read "
+                             f"({n_q:,} question(s) use them):\n{shown}")
+
+
+def _check_answers(split: str, examples: Sequence[VQAExample], report: CheckReport,
+                   answer_to_index: dict[str, int] | None) -> None:
+    annotated = [ex for ex in examples if ex.answers is not None]
+    if not annotated:
+        return
+    not_ten = sum(len(ex.answers) != 10 for ex in annotated)
+    if not_ten:
+        sizes = Counter(len(ex.answers) for ex in annotated if len(ex.answers) != 10)
+        report.warnings.append(f"{split}: {not_ten:,} annotation(s) do not have 10 answers "
+                               f"(counts seen: {dict(sorted(sizes.items()))}); the official metric expects 10")
+    odd_types = Counter(ex.answer_type for ex in annotated if ex.answer_type not in ANSWER_TYPES)
+    if odd_types:
+        report.warnings.append(f"{split}: {sum(odd_types.values()):,} annotation(s) have an answer_type outside "
+                               f"{', '.join(ANSWER_TYPES)} (seen: {', '.join(repr(t) for t in odd_types)})")
+    if answer_to_index is None:
+        return
+    from .answers import normalize_answer, soft_targets
+
+    unanswerable = [ex.question_id for ex in annotated if not soft_targets(ex.answers, answer_to_index)]
+    report.counts[split]["unanswerable"] = len(unanswerable)
+    total_answers = sum(len(ex.answers) for ex in annotated)
+    outside = sum(normalize_answer(a) not in answer_to_index for ex in annotated for a in ex.answers)
+    if outside:
+        report.warnings.append(
+            f"{split}: {outside:,} of {total_answers:,} human answers ({outside / total_answers:.2%}) are outside the "
+            f"{len(answer_to_index):,}-answer vocabulary; {len(unanswerable):,} of {len(annotated):,} questions "
+            f"({len(unanswerable) / len(annotated):.2%}) have no answer in it (dropped from training"
+            + (f"; question_id {', '.join(map(str, unanswerable[:5]))}{', ...' if len(unanswerable) > 5 else ''})"
+               if unanswerable else ")")
+        )
+
+
+def check_vqa(
+    root: str | Path | VQAv2Layout,
+    splits: Sequence[str] | str | None = None,
+    answers: Sequence[str] | str | Path | None = None,
+    max_images: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> CheckReport:
+    """Validate a VQAv2-format dataset (official layout, or a Hugging Face dataset path).
+
+    Args:
+        root: dataset root (see ``VQAv2Layout``) or a layout; or a Hugging Face dataset path.
+        splits: splits to check (list or comma-separated); default: every split whose questions
+            file exists (HF: train and val, those present).
+        answers: the answer vocabulary (list, or an ``answers.json`` path) to measure answers
+            outside it; not checked when None.
+        max_images: open at most this many images per split (the first by image_id).
+        max_pixels: decompression-bomb limit for ``open_image``.
+        progress: tqdm progress bars on stderr.
+        num_workers: threads decoding images (default: CPU count, at most 8).
+    """
+    layout = root if isinstance(root, VQAv2Layout) else VQAv2Layout(root)
+    report = CheckReport(root=str(layout.root))
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
+    if isinstance(splits, str):
+        splits = [s for s in splits.split(",") if s.strip()]
+    splits = [canonical_split(s) for s in splits] if splits else None
+
+    answer_to_index = None
+    if answers is not None:
+        if isinstance(answers, (str, Path)):
+            from .answers import load_answers
+
+            try:
+                answers = load_answers(answers)
+            except (FileNotFoundError, ValueError) as exc:
+                report.errors.append(str(exc))
+                return report
+        answer_to_index = {a: i for i, a in enumerate(answers)}
+    else:
+        report.notes.append("answers outside the vocabulary not checked: give the answer vocabulary (answers.json)")
+
+    if not layout.root.exists():
+        report.errors.append(f"{layout.root} does not exist")
+        return report
+    hf = not layout.available_splits() and _is_hf_path(layout.root)
+    if splits is None:
+        splits = ["train", "val"] if hf else layout.available_splits()
+        if not splits:
+            searched = ", ".join(str(p.parent) for p in layout.questions_candidates("train"))
+            report.errors.append(f"no VQAv2 questions file (v2_OpenEnded_mscoco_<split>_questions.json) in {searched}, "
+                                 "and not a Hugging Face dataset")
+            return report
+
+    loaded: dict[str, list[VQAExample]] = {}
+    for split in splits:
+        counts = report.counts.setdefault(split, {c: None for c in COLUMNS})
+        if hf:
+            try:
+                examples = load_vqa_hf(layout.root, split)
+            except (FileNotFoundError, VQAFormatError, ValueError) as exc:
+                if "has no split" in str(exc) or "has no files for split" in str(exc):
+                    del report.counts[split]
+                    report.notes.append(f"{split}: not in the dataset")
+                else:
+                    report.errors.append(f"{split}: {exc}")
+                continue
+            counts["questions"] = counts["examples"] = len(examples)
+            counts["annotations"] = sum(ex.answers is not None for ex in examples)
+        else:
+            try:
+                result = read_split(layout, split)
+            except (FileNotFoundError, VQAFormatError, ValueError) as exc:
+                report.errors.append(f"{split}: {exc}")
+                continue
+            examples = result.examples
+            counts["questions"], counts["annotations"] = result.num_questions, result.num_annotations
+            counts["examples"] = len(examples)
+            report.errors.extend(f"{split}: {m}" for m in result.issues.messages())
+        loaded[split] = examples
+        _check_answers(split, examples, report, answer_to_index)
+        _check_images(split, examples, report, max_images, max_pixels, progress, num_workers)
+
+    if "train" in loaded and "val" in loaded:
+        shared = {ex.question_id for ex in loaded["train"]} & {ex.question_id for ex in loaded["val"]}
+        if shared:
+            report.warnings.append(f"{len(shared):,} question_id(s) appear in both train and val "
+                                   f"(e.g. {', '.join(map(str, sorted(shared)[:5]))}): ids should be unique")
+    return report
+
+
+def main_check(
+    path: str | Path,
+    splits: Sequence[str] | str | None = None,
+    answers_path: str | Path | None = None,
+    max_images: int | None = None,
+) -> int:
+    """``absvl data check PATH``: print the report; exit code 0 when OK, 1 on errors, 2 on bad arguments."""
+    try:
+        report = check_vqa(path, splits=splits, answers=answers_path, max_images=max_images, progress=True)
+    except ValueError as exc:  # unknown split name
+        print(f"absvl data check: {exc}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1

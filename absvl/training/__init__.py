@@ -1,0 +1,1 @@
+"""Training: run configs, checkpoints and the Accelerate trainer."""

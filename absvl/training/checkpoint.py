@@ -1,0 +1,149 @@
+"""Training checkpoints: complete (everything a bit-exact resume needs), atomic, rotated.
+
+A checkpoint is a folder ``checkpoint-{step:08d}`` holding
+
+    model.safetensors      the model's weights (safetensors: nothing is unpickled)
+    optimizer.pt, scheduler.pt, scaler.pt (fp16 only)   state dicts, read with weights_only=True
+    rng-{rank}.pt          every process's torch / numpy / python RNG states
+    trainer_state.json     step, epoch, position in the epoch, best metric, skipped items, ...
+
+It is written into ``.tmp-checkpoint-*`` and renamed into place only when complete, so a
+run killed at any moment leaves either the previous checkpoints or the new one, never a
+half-written folder that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy and python RNG states as tensors and plain values (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write ``checkpoint-{step}`` atomically (all processes call this; rank 0 writes the shared files)."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step:08d}"
+    tmp = output_dir / f".tmp-checkpoint-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for f in tmp.iterdir():  # data reaches the disk before the rename makes it visible
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    accelerator: Any,
+    checkpoint: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
+    checkpoint = Path(checkpoint)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", STATE_NAME):
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} has no {name}: not a complete absvl checkpoint")
+    load_model(accelerator.unwrap_model(model), str(checkpoint / "model.safetensors"), strict=True)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and (checkpoint / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} has no {rng_file.name}: it was written by fewer processes; "
+            "resume with the same number of processes"
+        )
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((checkpoint / STATE_NAME).read_text())
+
+
+def rotate_checkpoints(output_dir: str | Path, keep_last: int, best: str | None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one; clear stale temp folders."""
+    output_dir = Path(output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    keep = set(checkpoints[-keep_last:] if keep_last > 0 else [])
+    if best:
+        keep.add(Path(best))
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in output_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``None``, ``latest`` (the newest complete checkpoint, or None on a fresh run) or a folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint folder (no {STATE_NAME})")
+    return path

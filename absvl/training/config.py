@@ -1,0 +1,233 @@
+"""Run configuration: a YAML file of three sections plus ``key=value`` overrides.
+
+```yaml
+model: {backbone: absvit_base_patch16_224, alpha: 10, ...}   # AbsVLConfig fields
+data:  {root: data/vqav2, train_splits: [train], ...}         # DataConfig
+train: {lr: 1.0e-5, epochs: 10, batch_size: 32, ...}          # TrainConfig
+```
+
+``absvl train vqa --config FILE train.lr=2e-5 model.alpha=1`` overrides any leaf; values are
+parsed as YAML (numbers, booleans, lists). Every unknown key is an error naming the key,
+the file and the closest known key.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..models.vl.configuration import AbsVLConfig
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    """Where the VQA data is and how it is read.
+
+    Attributes:
+        root: dataset folder (official VQAv2 layout, see ``data/README.md``) or, with
+            ``format: hf``, a local Hugging Face dataset (``save_to_disk`` folder or parquet files).
+        format: ``vqav2`` (official JSON + COCO images) or ``hf``.
+        shapes: when set (e.g. ``{images: 2000, seed: 0}``), generate the Shapes world into
+            ``root`` first (cached): the offline default.
+        train_splits: splits trained on (``train``, ``val``: the paper trains on train+val).
+        val_split: split validated on (needs annotations); ``null`` for none.
+        holdout_images: images of ``val`` kept aside for model selection when ``val`` is also
+            trained on (ViLT keeps 1,000); the held-out part then serves as validation.
+        answers_min_count: answer vocabulary = normalised answers seen at least this often (9 → 3,129).
+        max_val_questions: validate on at most this many questions (``null``: all).
+        image_size: input size; ``null`` takes the backbone's.
+        randaugment: RandAugment on training images (no flips: questions say left/right).
+        num_workers: data-loading processes per training process.
+    """
+
+    root: str = "data/vqav2"
+    format: str = "vqav2"
+    shapes: dict[str, Any] | None = None
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    val_split: str | None = "val"
+    holdout_images: int = 0
+    answers_min_count: int = 9
+    max_val_questions: int | None = None
+    image_size: int | None = None
+    randaugment: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging.
+
+    Attributes:
+        output_dir: run folder (checkpoints, logs, the final ``save_pretrained`` export).
+        seed: seeds model init, data order, dropout and augmentation.
+        epochs, max_steps: length; ``max_steps`` (optimizer steps) wins when set.
+        batch_size: per process and micro-step; global batch = batch_size × processes × grad_accum.
+        grad_accum: gradient accumulation micro-steps per optimizer step.
+        lr: encoders' learning rate; fusion ×5, heads ×50, AbSViT decoders ×3 (``lr_multipliers``).
+        weight_decay, betas, eps: AdamW (SPEC §5: 0.01, (0.9, 0.98), 1e-8).
+        warmup_ratio: linear warmup share of all steps, then linear decay to 0.
+        max_grad_norm: gradient clipping (``0`` disables).
+        mixed_precision: ``no``, ``bf16`` or ``fp16``.
+        log_every, eval_every, save_every: in optimizer steps (``0``: eval/save only at each epoch end).
+        keep_last: checkpoints kept besides the best one.
+        resume: ``null``, ``latest`` or a checkpoint folder.
+        trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...); ``[]`` for none.
+        init_from: a ``save_pretrained`` folder to start from instead of fresh heads.
+    """
+
+    output_dir: str = "runs/vqa"
+    seed: int = 0
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-5
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str | None = None
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    init_from: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: AbsVLConfig = field(default_factory=AbsVLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+    def validate(self) -> None:
+        t, d = self.train, self.data
+        checks = [
+            (t.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision", f"one of {', '.join(MIXED_PRECISIONS)}"),
+            (t.batch_size > 0, "train.batch_size", "> 0"),
+            (t.grad_accum > 0, "train.grad_accum", "> 0"),
+            (t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs", "> 0 (or set train.max_steps)"),
+            (t.lr > 0, "train.lr", "> 0"),
+            (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)"),
+            (len(t.betas) == 2, "train.betas", "two numbers"),
+            (d.format in ("vqav2", "hf"), "data.format", "vqav2 or hf"),
+            (bool(d.train_splits), "data.train_splits", "a non-empty list"),
+            (d.answers_min_count >= 1, "data.answers_min_count", ">= 1"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                value = _get(self.to_dict(), key.split("."))
+                raise ConfigError(f"config value {key}={value!r} is invalid: expected {expected}")
+
+
+_SECTIONS = {"model": AbsVLConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _get(tree: dict[str, Any], path: list[str]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+    return ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _build_section(name: str, values: Any, source: str) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} in {source} must be a mapping, got {type(values).__name__}")
+    known = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in known:
+            raise _unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in known], source)
+    types = {f.name: str(f.type) for f in fields(cls)}
+    values = {k: _coerce(f"{name}.{k}", v, types[k], source) for k, v in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad {name} config in {source}: {err}") from err
+
+
+def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
+    """Numbers written as strings (YAML reads ``2e-5`` as a string) become the field's type."""
+    if not isinstance(value, str) or "str" in type_name:
+        return value
+    for kind in (int, float):
+        if kind.__name__ in type_name:
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    if type_name.startswith(("int", "float")):
+        raise ConfigError(f"config value {key}={value!r} in {source} is not a number")
+    return value
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to a config dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or parts[0] not in _SECTIONS:
+        raise ConfigError(f"override key {key!r} must start with one of {', '.join(_SECTIONS)} (e.g. train.lr=1e-4)")
+    known = [f.name for f in fields(_SECTIONS[parts[0]])]
+    if parts[1] not in known:
+        raise _unknown_key(key, [f"{parts[0]}.{k}" for k in known], "the command line")
+    node = tree.setdefault(parts[0], {})
+    for part in parts[1:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate every key and value."""
+    tree: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        path, source = Path(path), str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
+        for key in tree:
+            if key not in _SECTIONS:
+                raise _unknown_key(key, list(_SECTIONS), source)
+    for override in overrides:
+        apply_override(tree, override)
+    config = RunConfig(**{name: _build_section(name, tree.get(name, {}), source) for name in _SECTIONS})
+    config.validate()
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+

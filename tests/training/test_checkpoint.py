@@ -1,0 +1,81 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from absvl.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def _parts(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_rng_state_round_trip_covers_torch_numpy_python():
+    state = rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_save_and_load_restore_everything(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = _parts()
+    path = save_checkpoint(accelerator, tmp_path, 7, model, optimizer, scheduler, {"step": 7, "epoch": 1})
+    assert path.name == "checkpoint-00000007"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.pt", "trainer_state.json",
+    ]
+    after_save = torch.rand(2)
+    other_model, other_opt, other_sched = _parts(seed=1)
+    state = load_checkpoint(accelerator, path, other_model, other_opt, other_sched)
+    assert state == {"step": 7, "epoch": 1}
+    assert torch.equal(other_model.weight, model.weight)
+    assert other_opt.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    assert other_sched.state_dict() == scheduler.state_dict()
+    assert torch.equal(torch.rand(2), after_save)  # the RNG continues where the checkpoint left it
+
+
+def test_incomplete_checkpoints_are_invisible_and_rotation_keeps_best(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = _parts()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(accelerator, tmp_path, step, model, optimizer, scheduler, {"step": step})
+    (tmp_path / ".tmp-checkpoint-00000005").mkdir()  # a save killed half-way
+    (tmp_path / "checkpoint-00000006").mkdir()  # no trainer_state.json: not complete
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-0000000{i}" for i in (1, 2, 3, 4)]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-00000004"
+    rotate_checkpoints(tmp_path, keep_last=2, best=str(tmp_path / "checkpoint-00000001"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000001", "checkpoint-00000003", "checkpoint-00000004"]
+    assert not (tmp_path / ".tmp-checkpoint-00000005").exists()
+
+
+def test_resume_errors_are_clear(tmp_path):
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("latest", tmp_path) is None  # fresh run
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        resolve_resume(str(tmp_path), tmp_path)
+    broken = tmp_path / "checkpoint-00000001"
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    model, optimizer, scheduler = _parts()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        load_checkpoint(Accelerator(cpu=True), broken, model, optimizer, scheduler)

@@ -1,0 +1,57 @@
+import pytest
+
+from absvl.training.config import ConfigError, dump_config, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_configs_load():
+    for name in ("vqav2_absvit_base", "vqav2_vit_base", "shapes_absvit_tiny"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config.train.lr > 0
+    paper = load_config("configs/vqav2_absvit_base.yaml")
+    assert paper.model.backbone == "absvit_base_patch16_224" and paper.model.alpha == 10
+    assert paper.train.batch_size * 8 * paper.train.grad_accum == 512 and paper.train.epochs == 10
+    assert load_config("configs/vqav2_vit_base.yaml").model.backbone == "vit_base_patch16_224"
+
+
+def test_overrides_parse_values_and_reach_every_section(tmp_path):
+    config = load_config(
+        _write(tmp_path, "train: {lr: 1.0e-4}\n"),
+        ["train.lr=2e-5", "train.betas=[0.9, 0.99]", "model.alpha=1", "data.train_splits=[train, val]", "train.resume=latest"],
+    )
+    assert config.train.lr == 2e-5 and config.train.betas == [0.9, 0.99]
+    assert config.model.alpha == 1 and config.data.train_splits == ["train", "val"] and config.train.resume == "latest"
+    assert load_config(None).train.lr == 1e-5  # defaults
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("train: {lrr: 1}\n", [], r"unknown config key 'train.lrr' in .*run.yaml \(did you mean 'train.lr'\?\)"),
+        ("trian: {lr: 1}\n", [], r"unknown config key 'trian' .*did you mean 'train'"),
+        ("", ["model.alpah=3"], r"unknown config key 'model.alpah' in the command line .*'model.alpha'"),
+        ("", ["train.lr"], r"not of the form section.key=value"),
+        ("", ["lr=3"], r"must start with one of model, data, train"),
+        ("", ["train.lr=abc"], r"train.lr='abc' .* is not a number"),
+        ("", ["train.mixed_precision=fp8"], r"train.mixed_precision='fp8' is invalid"),
+        ("", ["model.prior_pooling=max"], r"bad model config .*prior_pooling='max'"),
+        ("train: [1, 2]\n", [], r"section 'train' .* must be a mapping"),
+        ("train: {lr: [\n", [], r"is not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), overrides)
+
+
+def test_missing_file_and_round_trip(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    config = load_config("configs/vqav2_absvit_base.yaml", ["train.lr=3e-5"])
+    again = load_config(_write(tmp_path, dump_config(config)))
+    assert again == config

@@ -1,0 +1,128 @@
+"""The VQA trainer end to end on a tiny Shapes world: learning, exact resume, multi-process, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from absvl.cli import main
+from absvl.models.vl import AbsVLModel
+from absvl.training.config import load_config
+from absvl.training.vqa import train_vqa
+
+CONFIG = "configs/shapes_absvit_tiny.yaml"
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
+    config = load_config(CONFIG, [*tiny_overrides, "train.max_steps=12", "train.save_every=4", "train.eval_every=6"])
+    summary = train_vqa(config)
+    run = Path(config.train.output_dir)
+    assert summary["step"] == 12 and summary["val"]["overall"] >= 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
+    assert [r["step"] for r in log if "val/accuracy" in r] == [6, 12]
+    # keep_last=1 plus the best
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert "checkpoint-00000012" in names and len(names) <= 2
+    model = AbsVLModel.from_pretrained(run / "final")
+    assert model.answers == json.loads((run / "answers.json").read_text())
+    assert (run / "final" / "README.md").read_text().count("VQA accuracy") >= 1
+
+
+def _train_cmd(overrides, resume=False):
+    cmd = [sys.executable, "-m", "absvl.cli", "train", "vqa", "--config", CONFIG, *overrides]
+    return cmd + (["--resume"] if resume else [])
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_ends_with_identical_weights(tiny_overrides, tmp_path):
+    straight = [*tiny_overrides, "train.max_steps=24", "train.save_every=3", f"train.output_dir={tmp_path / 'a'}"]
+    subprocess.run(_train_cmd(straight), check=True, capture_output=True)
+
+    killed_run = tmp_path / "b"
+    interrupted = [*straight[:-1], f"train.output_dir={killed_run}"]
+    proc = subprocess.Popen(_train_cmd(interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed_run / "checkpoint-00000006").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed_run / "final").exists(), "the run finished before it could be killed"
+    subprocess.run(_train_cmd(interrupted, resume=True), check=True, capture_output=True)
+    _assert_same_weights(_weights(tmp_path / "a" / "final"), _weights(killed_run / "final"))
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tiny_overrides, tmp_path):
+    common = [*tiny_overrides, "train.max_steps=3", "train.lr=1e-3"]
+    one = [*common, "train.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]
+    two = [*common, "train.batch_size=4", f"train.output_dir={tmp_path / 'two'}"]
+    subprocess.run(_train_cmd(one), check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    result = subprocess.run(
+        [*torchrun, "-m", "absvl.cli", "train", "vqa", "--config", CONFIG, *two], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 steps of 8 samples" in result.stdout
+    _assert_same_weights(_weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final"), atol=2e-5)
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(shapes_root, tiny_overrides, tmp_path):
+    broken_root = tmp_path / "world"
+    subprocess.run(["cp", "-r", str(shapes_root), str(broken_root)], check=True)
+    victim = sorted((broken_root / "images" / "train2014").iterdir())[0]
+    victim.write_bytes(b"not a jpeg")
+    overrides = [*tiny_overrides, f"data.root={broken_root}", "train.max_steps=8"]
+    summary = train_vqa(load_config(CONFIG, overrides))
+    assert summary["step"] == 8 and summary["skipped"] >= 1
+    listed = json.loads((Path(load_config(CONFIG, overrides).train.output_dir) / "skipped.json").read_text())
+    assert any(victim.name in str(item) for item in listed)
+
+
+def test_eval_and_predict_commands(tiny_overrides, shapes_root, tmp_path, capsys):
+    config = load_config(CONFIG, tiny_overrides)
+    export = train_vqa(config)["export"]
+    out = tmp_path / "val.json"
+    assert main(["eval", "vqa", "--model", export, "--data", str(shapes_root), "--split", "val", "--out", str(out), "--batch-size", "16"]) == 0
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"overall", "perAnswerType", "perQuestionType"}
+    assert "overall" in capsys.readouterr().out.lower()
+
+    submission = tmp_path / "test-dev.json"
+    assert main(["predict", "vqa", "--model", export, "--data", str(shapes_root), "--split", "test-dev", "--out", str(submission)]) == 0
+    answers = json.loads(submission.read_text())
+    questions = json.loads((shapes_root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text())["questions"]
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    assert all(set(a) == {"question_id", "answer"} and isinstance(a["answer"], str) for a in answers)
+
+    # the submission file scores through the official-format path too
+    private = shapes_root / "shapes_test-dev2015_annotations.json"
+    questions_file = shapes_root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    assert main(["eval", "vqa", "--predictions", str(submission), "--questions", str(questions_file), "--annotations", str(private)]) == 0
+
+
+def test_bad_config_is_one_clear_line(capsys):
+    assert main(["train", "vqa", "--config", CONFIG, "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("absvl: error: unknown config key 'train.lrr'") and "Traceback" not in err
