@@ -296,7 +296,7 @@ def train_vqa(config: RunConfig) -> dict[str, Any]:
                 log.write(record)
                 window_start, window_samples = time.perf_counter(), 0
             at_end = state["step"] >= total_steps
-            if t.eval_every and (state["step"] % t.eval_every == 0 or at_end):
+            if (t.eval_every and state["step"] % t.eval_every == 0) or at_end:
                 last_result = validate()
             if (t.save_every and state["step"] % t.save_every == 0) or at_end:
                 checkpoint_now(last_result["overall"] if last_result else None)
@@ -310,9 +310,6 @@ def train_vqa(config: RunConfig) -> dict[str, Any]:
             if not t.save_every and state["step"] < total_steps:
                 checkpoint_now(last_result["overall"] if last_result else None)
     bar.close()
-
-    if last_result is None and t.eval_every == 0 and state["step"] >= total_steps and val_loader is not None:
-        last_result = validate()
     export = out / "final"
     if main:
         if state["skipped"]:
@@ -336,35 +333,37 @@ def _describe_data(config: RunConfig) -> str:
     return f"{source}, splits {', '.join(d.train_splits)}"
 
 
+def _predict_split(
+    model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int, require_annotations: bool
+) -> tuple[AbsVLModel, list[VQAExample], dict[int, str], list[tuple]]:
+    accelerator = Accelerator(cpu=cpu_only())
+    model = AbsVLModel.from_pretrained(model) if not isinstance(model, AbsVLModel) else model
+    examples = _load_split(config, split, require_annotations=require_annotations)
+    loader = accelerator.prepare_data_loader(_eval_loader(model, examples, config, batch_size))
+    model.to(accelerator.device)
+    predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc=split)
+    return model, examples, predictions, skipped
+
+
 def evaluate_model(
     model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64
 ) -> tuple[dict[str, Any], dict[int, str]]:
-    """Official VQA accuracy of a saved model on an annotated split, and its predictions."""
-    accelerator = Accelerator(cpu=cpu_only())
-    model = AbsVLModel.from_pretrained(model) if not isinstance(model, AbsVLModel) else model
-    examples = _load_split(config, split, require_annotations=True)
-    loader = accelerator.prepare_data_loader(_eval_loader(model, examples, config, batch_size))
-    model.to(accelerator.device)
-    predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc=f"eval {split}")
+    """Official VQA accuracy of a saved model on an annotated split, and its predictions.
+    Questions whose image is unreadable are counted, reported and score 0."""
+    _, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=True)
     if skipped:
-        accelerator.print(f"{len(skipped)} questions skipped (unreadable images): they score 0")
-    missing = {ex.question_id for ex in examples} - set(predictions)
-    predictions.update((q, "") for q in missing)
+        print(f"{len(skipped)} questions skipped (unreadable images): they score 0")
+    predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)
     return score_predictions(predictions, examples), predictions
 
 
 def predict_split(model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64) -> list[dict[str, Any]]:
-    """Submission-format answers ``[{"question_id", "answer"}]`` for every question of ``split``."""
-    accelerator = Accelerator(cpu=cpu_only())
-    model = AbsVLModel.from_pretrained(model) if not isinstance(model, AbsVLModel) else model
-    examples = _load_split(config, split, require_annotations=False)
-    loader = accelerator.prepare_data_loader(_eval_loader(model, examples, config, batch_size))
-    model.to(accelerator.device)
-    predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc=f"predict {split}")
+    """Submission-format answers ``[{"question_id", "answer"}]`` for every question of ``split``;
+    a question whose image is unreadable gets the first (most frequent) answer."""
+    model, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=False)
     if skipped:
-        accelerator.print(f"{len(skipped)} questions had unreadable images: answered with the most common answer")
-    fallback = model.answers[0]
-    return [{"question_id": ex.question_id, "answer": predictions.get(ex.question_id, fallback)} for ex in examples]
+        print(f"{len(skipped)} questions had unreadable images: answered {model.answers[0]!r}")
+    return [{"question_id": ex.question_id, "answer": predictions.get(ex.question_id, model.answers[0])} for ex in examples]
 
 
 __all__ = ["evaluate_model", "format_accuracy_table", "predict_split", "prepare_data", "train_vqa"]

@@ -362,7 +362,9 @@ class AbsVLModel(
         if config.text_config is None:
             raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
         answers = json.loads((folder / ANSWERS_NAME).read_text())
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        # the text encoder's config tells AutoTokenizer the class (our config.json is not a transformers one)
+        text_config = transformers.AutoConfig.for_model(**config.text_config)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=text_config)
         model = cls(config, answers=answers, tokenizer=tokenizer)
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         return model.eval()
