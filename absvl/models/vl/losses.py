@@ -16,8 +16,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     Without an initialised process group this is ``x``. Processes may hold different batch
     sizes (e.g. a last partial batch): sizes are exchanged first and shards padded for the
-    collective. Gradients reach only the local shard (as open_clip's ``gather_with_grad=False``);
-    DDP's gradient averaging then combines the processes' identical losses.
+    collective. Every process then computes the same global loss, and its gradient reaches only
+    the local shard; that gradient is multiplied by the world size because DDP *averages*
+    parameter gradients over processes, while the global loss needs their *sum*. (Without the
+    factor a W-process run trains the prior loss W times more slowly than one process with the
+    same global batch.)
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -30,7 +33,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     shards = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(shards, padded.contiguous())
     shards = [s[:n] for s, n in zip(shards, sizes)]
-    shards[rank] = x
+    shards[rank] = x + (world - 1) * (x - x.detach())  # value x, gradient × world
     return torch.cat(shards)
 
 
