@@ -48,10 +48,15 @@ def _cmd_train_vqa(args: argparse.Namespace) -> int:
     from .training.vqa import train_vqa
 
     summary = train_vqa(_run_config(args))
-    if int(os.environ.get("RANK", "0")) != 0:  # one report per multi-process run
+    return _report_training(summary, lambda val: f"validation accuracy {val['overall']:.2f}")
+
+
+def _report_training(summary: dict, describe_val) -> int:
+    """The closing lines of a training command, printed once per multi-process run."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if summary["val"]:
-        print(f"validation accuracy {summary['val']['overall']:.2f} at step {summary['step']}")
+        print(f"{describe_val(summary['val'])} at step {summary['step']}")
     print(f"model exported to {summary['export']}")
     return 0
 
@@ -91,6 +96,29 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_classify(args: argparse.Namespace) -> int:
+    from .training.classify import train_classifier
+    from .training.config import ClassifyConfig, load_config
+
+    overrides = list(args.overrides)
+    if args.backbone:
+        overrides.insert(0, f"model.backbone={args.backbone}")
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    summary = train_classifier(load_config(args.config, overrides, ClassifyConfig))
+    return _report_training(summary, lambda val: f"validation top-1 {val['top1']:.2f} %, top-5 {val['top5']:.2f} %")
+
+
+def _cmd_eval_classify(args: argparse.Namespace) -> int:
+    from .training.classify import evaluate_classifier
+
+    result = evaluate_classifier(args.model, args.data, args.split, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  "
+          f"({result['images']} images of {args.data}/{args.split}, {result['skipped']} unreadable)")
+    _write_json(args.out, result)
+    return 0
+
+
 def _cmd_predict_vqa(args: argparse.Namespace) -> int:
     from .training.vqa import predict_split
 
@@ -110,6 +138,21 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
 
     world = generate_shapes(args.out, num_images=args.images, seed=args.seed)
     print(world)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint, load_backbone
+
+    try:
+        out = convert_checkpoint(args.checkpoint, args.arch, args.out, overwrite=args.overwrite)
+    except FileExistsError as err:
+        print(f"absvl: error: {err}", file=sys.stderr)
+        return 2
+    model = load_backbone(out)  # proves the folder loads back
+    extra = {k: v for k, v in model.backbone_config.items() if k != "name"}
+    print(f"converted {args.checkpoint} -> {out} ({args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, options {extra}); load it with create_backbone({args.arch!r}, pretrained_path={str(out)!r})")
     return 0
 
 
@@ -136,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-5")
     p.set_defaults(func=_cmd_train_vqa)
+    p = train.add_parser("classify", help="train or finetune a backbone as an image classifier on an ImageFolder")
+    p.add_argument("--data", required=True, help="ImageFolder root: DATA/train/<class>/*.jpg, DATA/val/<class>/*.jpg")
+    p.add_argument("--backbone", help="registered backbone (sets model.backbone; see `absvl backbones`)")
+    p.add_argument("--config", help="run config YAML (model/data/train sections; optional)")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.mixup=0 train.epochs=30")
+    p.set_defaults(func=_cmd_train_classify)
 
     evaluate = sub.add_parser("eval", help="evaluate").add_subparsers(dest="task", metavar="TASK", required=True)
     p = evaluate.add_parser("vqa", help="official VQA accuracy of a model or of a results file")
@@ -151,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the accuracies as JSON here")
     _add_data_args(p)
     p.set_defaults(func=_cmd_eval_vqa)
+    p = evaluate.add_parser("classify", help="top-1 / top-5 accuracy of a classifier on an ImageFolder split")
+    p.add_argument("--model", required=True, help="folder exported by `absvl train classify` (its final/)")
+    p.add_argument("--data", required=True, help="ImageFolder root")
+    p.add_argument("--split", default="val", help="sub-folder to evaluate (default val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
+    p.add_argument("--out", help="write the accuracies as JSON here")
+    p.set_defaults(func=_cmd_eval_classify, overrides=[])
 
     predict = sub.add_parser("predict", help="write predictions").add_subparsers(dest="task", metavar="TASK", required=True)
     p = predict.add_parser("vqa", help="answers for a split in submission format")
@@ -173,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_shapes)
 
+    p = sub.add_parser("convert", help="convert the authors' AbSViT / TDAM checkpoints to absvl backbone folders")
+    p.add_argument("checkpoint", help="the authors' checkpoint (.pth/.pt/.bin/.safetensors; read with weights_only=True)")
+    p.add_argument("--arch", required=True, help="backbone it holds, e.g. absvit_base_patch16_224 or tdam_resnet50")
+    p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_convert)
+
     p = sub.add_parser("demo", help="offline CPU demo: Shapes world, train, evaluate, attention maps")
     p.add_argument("--config", default="configs/shapes_absvit_tiny.yaml", help="run config (default: the demo's)")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's report and PNG (default outputs/demo)")
@@ -191,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [f"data.root={args.data}", *args.overrides]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, not a traceback
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
         if os.environ.get("ABSVL_DEBUG"):
             raise
         print(f"absvl: error: {err}", file=sys.stderr)

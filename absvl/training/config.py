@@ -9,6 +9,10 @@ train: {lr: 1.0e-5, epochs: 10, batch_size: 32, ...}          # TrainConfig
 ``absvl train vqa --config FILE train.lr=2e-5 model.alpha=1`` overrides any leaf; values are
 parsed as YAML (numbers, booleans, lists). Every unknown key is an error naming the key,
 the file and the closest known key.
+
+The same machinery reads every task's run config: a run config is a dataclass whose fields are
+its sections (``RunConfig`` for VQA, ``ClassifyConfig`` for image classification), and
+``load_config(path, overrides, ClassifyConfig)`` reads one of those.
 """
 from __future__ import annotations
 
@@ -107,18 +111,16 @@ class TrainConfig:
     init_from: str | None = None
 
 
-@dataclass
-class RunConfig:
-    model: AbsVLConfig = field(default_factory=AbsVLConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class _RunConfigBase:
+    """What every run config (a dataclass whose fields are its sections) shares."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+        return {f.name: asdict(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
-    def validate(self) -> None:
-        t, d = self.train, self.data
-        checks = [
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key, what was expected) for every value check of this config."""
+        t = self.train  # type: ignore[attr-defined]
+        return [
             (t.mixed_precision in MIXED_PRECISIONS, "train.mixed_precision", f"one of {', '.join(MIXED_PRECISIONS)}"),
             (t.batch_size > 0, "train.batch_size", "> 0"),
             (t.grad_accum > 0, "train.grad_accum", "> 0"),
@@ -126,17 +128,123 @@ class RunConfig:
             (t.lr > 0, "train.lr", "> 0"),
             (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)"),
             (len(t.betas) == 2, "train.betas", "two numbers"),
-            (d.format in ("vqav2", "hf"), "data.format", "vqav2 or hf"),
-            (bool(d.train_splits), "data.train_splits", "a non-empty list"),
-            (d.answers_min_count >= 1, "data.answers_min_count", ">= 1"),
         ]
-        for ok, key, expected in checks:
+
+    def validate(self) -> None:
+        for ok, key, expected in self.checks():
             if not ok:
                 value = _get(self.to_dict(), key.split("."))
                 raise ConfigError(f"config value {key}={value!r} is invalid: expected {expected}")
 
 
-_SECTIONS = {"model": AbsVLConfig, "data": DataConfig, "train": TrainConfig}
+@dataclass
+class RunConfig(_RunConfigBase):
+    """The VQA run config (``absvl train vqa``)."""
+
+    model: AbsVLConfig = field(default_factory=AbsVLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        d = self.data
+        return super().checks() + [
+            (d.format in ("vqav2", "hf"), "data.format", "vqav2 or hf"),
+            (bool(d.train_splits), "data.train_splits", "a non-empty list"),
+            (d.answers_min_count >= 1, "data.answers_min_count", ">= 1"),
+        ]
+
+
+@dataclass
+class ClassifyModelConfig:
+    """The classifier: a registered backbone with a ``num_classes`` head.
+
+    Attributes:
+        backbone: registered backbone name (``absvl backbones``).
+        backbone_kwargs: constructor overrides passed to ``create_backbone`` (``img_size``,
+            ``drop_path_rate``, ``pretrained``/``pretrained_path`` where supported, ...);
+            ``num_classes`` comes from the data.
+        var_weight: weight of the AbSViT variational loss L_var (0.1 in the paper); ignored by
+            backbones without one.
+    """
+
+    backbone: str = "absvit_small_patch16_224"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    var_weight: float = 0.1
+
+
+@dataclass
+class ImageFolderConfig:
+    """An ImageFolder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) and its augmentation.
+
+    Attributes:
+        root: dataset folder.
+        train_split, val_split: sub-folders trained / validated on (``val_split: null``: none).
+        image_size: input size; ``null`` takes the backbone's.
+        num_workers: data-loading processes per training process.
+        mixup, cutmix: timm ``Mixup`` alphas (``0`` disables; DeiT: 0.8 and 1.0).
+        label_smoothing: applied to the (mixed) targets.
+        randaugment: timm ``auto_augment`` policy string (DeiT: ``rand-m9-mstd0.5-inc1``); ``null``: none.
+        crop_scale: scale range of the training random-resized crop.
+        hflip: horizontal flip probability in training.
+        color_jitter: timm's colour jitter in training (off when ``randaugment`` is set, as in timm).
+        crop_pct: evaluation centre-crop ratio (``null``: timm's default 0.875).
+    """
+
+    root: str = "data/imagefolder"
+    train_split: str = "train"
+    val_split: str | None = "val"
+    image_size: int | None = None
+    num_workers: int = 2
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    randaugment: str | None = "rand-m9-mstd0.5-inc1"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    crop_pct: float | None = None
+
+
+@dataclass
+class ClassifyTrainConfig(TrainConfig):
+    """``TrainConfig`` with DeiT-style defaults; ``lr_multipliers`` knows ``head``."""
+
+    output_dir: str = "runs/classify"
+    batch_size: int = 64
+    epochs: int = 100
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 0.0
+
+
+@dataclass
+class ClassifyConfig(_RunConfigBase):
+    """The image-classification run config (``absvl train classify``)."""
+
+    model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
+    data: ImageFolderConfig = field(default_factory=ImageFolderConfig)
+    train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        m, d = self.model, self.data
+        return super().checks() + [
+            (bool(m.backbone), "model.backbone", "a backbone name"),
+            (m.var_weight >= 0, "model.var_weight", ">= 0"),
+            (d.mixup >= 0, "data.mixup", ">= 0"),
+            (d.cutmix >= 0, "data.cutmix", ">= 0"),
+            (0 <= d.label_smoothing < 1, "data.label_smoothing", "in [0, 1)"),
+            (len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+             "[min, max] with 0 < min <= max <= 1"),
+            (set(self.train.lr_multipliers) <= {"head"}, "train.lr_multipliers", "only the key 'head'"),
+        ]
+
+
+def _sections(run_class: type) -> dict[str, type]:
+    """section name → section class of a run config class."""
+    return {f.name: f.default_factory for f in fields(run_class)}  # type: ignore[misc]
+
 
 
 def _get(tree: dict[str, Any], path: list[str]) -> Any:
@@ -151,8 +259,7 @@ def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def _build_section(name: str, values: Any, source: str) -> Any:
-    cls = _SECTIONS[name]
+def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"config section {name!r} in {source} must be a mapping, got {type(values).__name__}")
     known = [f.name for f in fields(cls)]
@@ -182,15 +289,16 @@ def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
     return value
 
 
-def apply_override(tree: dict[str, Any], override: str) -> None:
+def apply_override(tree: dict[str, Any], override: str, run_class: type = RunConfig) -> None:
     """Apply one ``section.key=value`` (value parsed as YAML) to a config dict in place."""
+    sections = _sections(run_class)
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) < 2 or parts[0] not in _SECTIONS:
-        raise ConfigError(f"override key {key!r} must start with one of {', '.join(_SECTIONS)} (e.g. train.lr=1e-4)")
-    known = [f.name for f in fields(_SECTIONS[parts[0]])]
+    if len(parts) < 2 or parts[0] not in sections:
+        raise ConfigError(f"override key {key!r} must start with one of {', '.join(sections)} (e.g. train.lr=1e-4)")
+    known = [f.name for f in fields(sections[parts[0]])]
     if parts[1] not in known:
         raise _unknown_key(key, [f"{parts[0]}.{k}" for k in known], "the command line")
     node = tree.setdefault(parts[0], {})
@@ -204,8 +312,13 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML run config, apply ``key=value`` overrides, validate every key and value."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), run_class: type = RunConfig) -> Any:
+    """Read a YAML run config, apply ``key=value`` overrides, validate every key and value.
+
+    ``run_class`` is the run config dataclass (its fields are the sections): ``RunConfig`` (VQA,
+    the default) or ``ClassifyConfig``.
+    """
+    sections = _sections(run_class)
     tree: dict[str, Any] = {}
     source = "the defaults"
     if path is not None:
@@ -217,17 +330,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
+            raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(sections)}")
         for key in tree:
-            if key not in _SECTIONS:
-                raise _unknown_key(key, list(_SECTIONS), source)
+            if key not in sections:
+                raise _unknown_key(key, list(sections), source)
     for override in overrides:
-        apply_override(tree, override)
-    config = RunConfig(**{name: _build_section(name, tree.get(name, {}), source) for name in _SECTIONS})
+        apply_override(tree, override, run_class)
+    config = run_class(**{name: _build_section(name, cls, tree.get(name, {}), source) for name, cls in sections.items()})
     config.validate()
     return config
 
 
-def dump_config(config: RunConfig) -> str:
+def dump_config(config: Any) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 

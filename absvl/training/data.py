@@ -3,8 +3,10 @@ uninterrupted one would have seen."""
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -22,7 +24,9 @@ def _mix(*values: int) -> int:
 
 class EpochOrder(Dataset):
     """``dataset`` in the shuffled order of ``epoch``; each item's random draws (augmentation)
-    come from a generator seeded by (seed, epoch, item), not from the process's RNG.
+    come from generators seeded by (seed, epoch, item), not from the process's RNG: torch's,
+    and python's ``random`` and numpy's global ones (timm's transforms draw from those), all
+    restored afterwards.
 
     That makes an item independent of which worker loads it and of what was loaded before,
     which is what an exact resume in the middle of an epoch needs.
@@ -40,6 +44,14 @@ class EpochOrder(Dataset):
 
     def __getitem__(self, position: int) -> Any:
         index = self.order[position]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, index))
-            return self.dataset[index]
+        item_seed = _mix(self.seed, self.epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)
+                np.random.seed(item_seed & (2**32 - 1))
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

@@ -3,33 +3,29 @@
 One process (``absvl train vqa``) or many (``accelerate launch -m absvl.cli train vqa`` /
 ``torchrun --nproc_per_node N -m absvl.cli train vqa``), bf16/fp16, gradient accumulation,
 clipping, AdamW with warmup + linear decay over the model's parameter groups, periodic
-validation with the official VQA accuracy, atomic checkpoints and exact resume.
+validation with the official VQA accuracy, atomic checkpoints and exact resume: the shared loop
+of ``absvl.training.loop`` running ``VQATask``.
 """
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from ..data.answers import build_answer_vocab, load_answers
 from ..data.images import image_transform
 from ..data.vqa import VQACollator, VQADataset, VQAExample, holdout_split, load_vqa_hf, load_vqa_split
 from ..metrics.vqa import evaluate_vqa, format_accuracy_table
 from ..models.vl import AbsVLModel
-from ..runtime import cpu_only, keep_freed_memory
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rotate_checkpoints, save_checkpoint
-from .config import ConfigError, RunConfig, dump_config
-from .data import EpochOrder
+from ..runtime import cpu_only
+from .config import ConfigError, RunConfig
+from .loop import Validation, make_loader, run_training, to_device
 
 
 @dataclass
@@ -101,23 +97,6 @@ def build_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
     return AbsVLModel(model_config, answers=answers)
 
 
-def _loader(dataset: Any, collator: VQACollator, batch_size: int, num_workers: int) -> DataLoader:
-    """A loader that never draws from the process's RNG (its own generator seeds the workers),
-    so creating one, e.g. for validation or on resume, leaves dropout's random stream alone."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,  # the order is EpochOrder's
-        num_workers=num_workers,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def predict_answers(
     model: AbsVLModel, loader: DataLoader, accelerator: Accelerator, answers: list[str], desc: str = "predict"
@@ -129,7 +108,7 @@ def predict_answers(
     skipped: list[tuple] = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         skipped.extend(batch.get("skipped", []))
-        batch = _to_device(batch, accelerator.device)
+        batch = to_device(batch, accelerator.device)
         if len(batch["question_ids"]) == 0:
             continue
         with accelerator.autocast():
@@ -151,180 +130,69 @@ def _eval_loader(model: AbsVLModel, examples: list[VQAExample], config: RunConfi
     index = {a: i for i, a in enumerate(model.answers)}
     dataset = VQADataset(examples, index, image_transform(model.image_size, train=False), drop_unanswerable=False)
     collator = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)
-    return _loader(dataset, collator, batch_size, config.data.num_workers)
+    return make_loader(dataset, collator, batch_size, config.data.num_workers)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+class VQATask:
+    """VQAv2 finetuning as a ``run_training`` task: soft-target BCE on the VQA head, the official
+    VQA accuracy on the validation split selects the best checkpoint, ``save_pretrained`` export."""
 
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
 
-class _JsonLog:
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
+        config = self.config
+        answers_file = output_dir / "answers.json"
+        answers = load_answers(answers_file) if checkpoint and answers_file.is_file() else None
+        self.data = data = prepare_data(config, answers)
+        if accelerator.is_main_process:
+            answers_file.write_text(json.dumps(data.answers) + "\n")
+        model = build_model(config, data.answers)
+        model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
+        self.model = model
+        answer_index = {a: i for i, a in enumerate(data.answers)}
+        self.train_set = VQADataset(
+            data.train, answer_index, image_transform(model.image_size, train=True, randaugment=config.data.randaugment)
+        )
+        self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
+        self.val_loader = None
+        if data.val:
+            loader = _eval_loader(model, data.val, config, config.train.batch_size)
+            self.val_loader = accelerator.prepare_data_loader(loader)
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def param_groups(self) -> list[dict[str, Any]]:
+        t = self.config.train
+        return self.model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers)
+
+    def describe(self) -> str:
+        return (
+            f"training on {len(self.train_set)} questions ({self.train_set.num_dropped} without an in-vocabulary "
+            f"answer dropped), {len(self.data.answers)} answers, {len(self.data.val)} validation questions"
+        )
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        return len(batch["question_ids"])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return model(batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"]).loss
+
+    def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
+        if self.val_loader is None:
+            return None
+        predictions, skipped = predict_answers(model, self.val_loader, accelerator, self.data.answers, desc="validate")
+        result = score_predictions(predictions, [ex for ex in self.data.val if ex.question_id in predictions])
+        metrics = {"val/accuracy": result["overall"], "val/skipped": len(skipped)}
+        metrics.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
+        return Validation(score=result["overall"], metrics=metrics, result=result)
+
+    def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
+        metrics = {"VQA accuracy (val)": last.result["overall"]} if last else {}
+        model.save_pretrained(out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics})
 
 
 def train_vqa(config: RunConfig) -> dict[str, Any]:
     """Run a finetuning job; returns a summary (final step, best/last validation, export folder)."""
-    t = config.train
-    keep_freed_memory()
-    out = Path(t.output_dir)
-    accelerator = Accelerator(
-        cpu=cpu_only(),
-        gradient_accumulation_steps=t.grad_accum,
-        mixed_precision=t.mixed_precision,
-        log_with=list(t.trackers) or None,
-        project_dir=str(out),
-    )
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(config))
-    set_seed(t.seed)
-    checkpoint = resolve_resume(t.resume, out)
-    answers = load_answers(out / "answers.json") if checkpoint and (out / "answers.json").is_file() else None
-    data = prepare_data(config, answers)
-    if main:
-        (out / "answers.json").write_text(json.dumps(data.answers) + "\n")
-    model = build_model(config, data.answers)
-    model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
-    answer_index = {a: i for i, a in enumerate(data.answers)}
-    train_set = VQADataset(
-        data.train, answer_index, image_transform(model.image_size, train=True, randaugment=config.data.randaugment)
-    )
-    collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
-    optimizer = torch.optim.AdamW(
-        model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers), lr=t.lr, betas=tuple(t.betas), eps=t.eps
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped: AbsVLModel = accelerator.unwrap_model(model)
-
-    micro_batches = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(micro_batches / t.grad_accum)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    state: dict[str, Any] = {
-        "step": 0, "epoch": 0, "batches_in_epoch": 0, "best_checkpoint": None, "best_accuracy": None,
-        "skipped": [], "samples": 0,
-    }
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    val_loader = _eval_loader(unwrapped, data.val, config, t.batch_size) if data.val else None
-    if val_loader is not None:
-        val_loader = accelerator.prepare_data_loader(val_loader)
-    if t.trackers:
-        accelerator.init_trackers("absvl", config=_flatten(config.to_dict()))
-    log = _JsonLog(out / "log.jsonl", main)
-    accelerator.print(
-        f"training on {len(train_set)} questions ({train_set.num_dropped} without an in-vocabulary answer dropped), "
-        f"{len(data.answers)} answers, {len(data.val)} validation questions; "
-        f"{total_steps} steps of {t.batch_size * accelerator.num_processes * t.grad_accum} samples"
-    )
-
-    def validate() -> dict[str, Any] | None:
-        if val_loader is None:
-            return None
-        predictions, skipped = predict_answers(unwrapped, val_loader, accelerator, data.answers, desc="validate")
-        result = score_predictions(predictions, [ex for ex in data.val if ex.question_id in predictions])
-        record = {"step": state["step"], "val/accuracy": result["overall"], "val/skipped": len(skipped)}
-        record.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
-        accelerator.log(record, step=state["step"])
-        log.write(record)
-        return result
-
-    def checkpoint_now(accuracy: float | None) -> None:
-        if accuracy is not None and (state["best_accuracy"] is None or accuracy > state["best_accuracy"]):
-            state["best_accuracy"] = accuracy
-            state["best_checkpoint"] = str(out / f"checkpoint-{state['step']:08d}")
-        save_checkpoint(accelerator, out, state["step"], model, optimizer, scheduler, state)
-        if main:
-            rotate_checkpoints(out, t.keep_last, state["best_checkpoint"])
-
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
-    window_start, window_samples, last_result = time.perf_counter(), 0, None
-    model.train()
-    while state["step"] < total_steps:
-        epoch_set = EpochOrder(train_set, t.seed, state["epoch"])
-        loader = accelerator.prepare_data_loader(_loader(epoch_set, collator, t.batch_size, config.data.num_workers))
-        if state["batches_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
-        for batch in loader:
-            state["skipped"].extend(list(s) for s in batch.get("skipped", []))
-            batch = _to_device(batch, accelerator.device)
-            with accelerator.accumulate(model):
-                if len(batch["question_ids"]):
-                    loss = model(
-                        batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"]
-                    ).loss
-                else:  # every image of this batch was unreadable: a zero step keeps processes in step
-                    loss = sum(p.sum() for p in model.parameters()) * 0.0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batches_in_epoch"] += 1
-            window_samples += len(batch["question_ids"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            state["samples"] += window_samples
-            bar.update(1)
-            if state["step"] % t.log_every == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
-                }
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                accelerator.log(record, step=state["step"])
-                log.write(record)
-                window_start, window_samples = time.perf_counter(), 0
-            at_end = state["step"] >= total_steps
-            if (t.eval_every and state["step"] % t.eval_every == 0) or at_end:
-                last_result = validate()
-            if (t.save_every and state["step"] % t.save_every == 0) or at_end:
-                checkpoint_now(last_result["overall"] if last_result else None)
-            if at_end:
-                break
-        else:  # the epoch ran out
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-            if not t.eval_every:
-                last_result = validate()
-            if not t.save_every and state["step"] < total_steps:
-                checkpoint_now(last_result["overall"] if last_result else None)
-    bar.close()
-    export = out / "final"
-    if main:
-        if state["skipped"]:
-            accelerator.print(f"{len(state['skipped'])} items were skipped (unreadable images), listed in {out / 'skipped.json'}")
-            (out / "skipped.json").write_text(json.dumps(state["skipped"], indent=1) + "\n")
-        metrics = {"VQA accuracy (val)": last_result["overall"]} if last_result else {}
-        unwrapped.save_pretrained(
-            export, model_card_kwargs={"training_data": _describe_data(config), "metrics": metrics}
-        )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {
-        "step": state["step"], "export": str(export), "val": last_result, "best_checkpoint": state["best_checkpoint"],
-        "skipped": len(state["skipped"]), "checkpoints": [str(p) for p in list_checkpoints(out)],
-    }
+    return run_training(config, VQATask(config))
 
 
 def _describe_data(config: RunConfig) -> str:

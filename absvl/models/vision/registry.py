@@ -1,6 +1,7 @@
 """Backbone registry and ``create_backbone`` (timm's ``create_model`` pattern)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -42,18 +43,41 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backbone {name!r}.{hint}")
 
 
-def create_backbone(name: str, **overrides: Any) -> nn.Module:
+def create_backbone(
+    name: str, pretrained: bool | str = False, pretrained_path: str | Path | None = None, **overrides: Any
+) -> nn.Module:
     """Build a registered backbone, overriding any of its constructor arguments.
 
     The model remembers how it was built in ``model.backbone_config`` (name + overrides),
     which is what checkpoints store to rebuild it.
+
+    Args:
+        pretrained: load timm's ImageNet weights of the matching plain architecture (DeiT for
+            ViT/AbSViT/VARS-D, torchvision's ResNets for (TDAM-)ResNets; a string picks another
+            timm tag, e.g. ``"a1_in1k"``). Needs network (or timm's cache).
+        pretrained_path: load a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file or a folder
+            written by ``absvl convert`` (whose architecture options, e.g. ``td_bias``, apply;
+            explicit ``overrides`` win).
+        What the weights lack is initialised as the authors do; ``model.pretrained_report`` (a
+        ``LoadReport``) lists missing / unexpected / resampled / dropped keys. See
+        ``absvl.models.vision.pretrained``.
     """
     _check_name(name)
+    if pretrained and pretrained_path is not None:
+        raise ValueError("give pretrained=True or pretrained_path=..., not both")
+    if pretrained_path is not None:
+        from .pretrained import folder_overrides
+
+        overrides = {**folder_overrides(pretrained_path, name), **overrides}
     try:
         model = _BACKBONES[name](**overrides)
     except TypeError as err:
         raise TypeError(f"bad option for backbone {name!r}: {err}") from err
     model.backbone_config = {"name": name, **overrides}
+    if pretrained or pretrained_path is not None:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, name, pretrained=pretrained, pretrained_path=pretrained_path)
     return model
 
 

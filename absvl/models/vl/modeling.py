@@ -129,6 +129,11 @@ class AbsVLModel(
         if backbone_family(config.backbone) in _VIT_FAMILIES:
             overrides["alpha"] = config.alpha
         self.backbone = create_backbone(config.backbone, **overrides)
+        if {"pretrained", "pretrained_path"} & set(config.backbone_kwargs):
+            # the weights are the model's own from now on: keep only the architecture options (with
+            # those a converted folder set, e.g. td_bias) so saved configs rebuild without the file
+            arch = {k: v for k, v in self.backbone.backbone_config.items() if k not in ("name", "alpha")}
+            self.config = config = replace(config, backbone_kwargs=arch)
         if config.prior_channel_projection and not hasattr(self.backbone, "decoders"):
             raise ValueError(f"prior_channel_projection=True needs a backbone with decoders, not {config.backbone!r}")
         if isinstance(getattr(self.backbone, "prompt", None), nn.Parameter):

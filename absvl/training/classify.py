@@ -1,0 +1,315 @@
+"""Supervised image classification (training, finetuning, evaluation) of any registered backbone.
+
+``absvl train classify --data IMAGEFOLDER --backbone NAME`` runs ``ClassifyTask`` on the shared
+loop of ``absvl.training.loop`` (Accelerate, gradient accumulation, warmup + linear decay, atomic
+checkpoints, exact resume, trackers). The defaults follow the DeiT recipe (timm's ImageNet ViT training):
+
+* timm's training transform (random-resized crop, flip, RandAugment ``rand-m9-mstd0.5-inc1``)
+  and evaluation transform (resize + centre crop) at the backbone's input size;
+* timm's ``Mixup`` (mixup 0.8 / cutmix 1.0) with ``SoftTargetCrossEntropy``, else cross-entropy,
+  both with label smoothing 0.1;
+* AdamW (weight decay 0.05; none on biases, norms and the backbone's ``no_weight_decay()``);
+* backbones with a feedback path (AbSViT): the loss is the mean cross-entropy of the bottom-up
+  (first-pass) and top-down (second-pass) logits plus ``var_weight``·L_var (0.1); inference uses
+  the second pass.
+
+The export (``final/``) is a backbone folder in the ``absvl convert`` format — ``model.safetensors``
++ ``config.json`` ``{"format": "absvl-backbone", "name", "overrides": {..., "num_classes"},
+"classes", "data_config"}`` — so ``create_backbone(name, pretrained_path=DIR)`` loads it (e.g. to
+finetune it further or to start a VL model from it) and ``absvl eval classify --model DIR`` scores it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
+from ..models.vision import create_backbone
+from ..models.vision.output import BackboneOutput
+from ..models.vision.pretrained import BACKBONE_FORMAT, CONFIG_NAME, WEIGHTS_NAME, read_folder_config
+from ..runtime import cpu_only
+from .config import ClassifyConfig, ConfigError
+from .loop import Validation, make_loader, run_training, to_device
+
+# keys of backbone_kwargs that say where weights come from, not how the model is built
+_WEIGHT_SOURCES = ("pretrained", "pretrained_path")
+
+
+# --- model, transforms, loss ---------------------------------------------------------------
+def build_classifier(config: ClassifyConfig, classes: list[str]) -> nn.Module:
+    """``create_backbone(backbone, num_classes=len(classes), **backbone_kwargs)``, or the classifier
+    of ``train.init_from`` (a folder exported by this trainer, with the same classes)."""
+    init = config.train.init_from
+    if init:
+        model, info = load_classifier(init)
+        if info["classes"] != list(classes):
+            raise ConfigError(f"train.init_from={init!r} was trained on other classes: {info['classes']}")
+        return model.train()
+    kwargs = dict(config.model.backbone_kwargs)
+    if "num_classes" in kwargs:
+        raise ConfigError("model.backbone_kwargs.num_classes is set by the data (the number of class folders)")
+    return create_backbone(config.model.backbone, num_classes=len(classes), **kwargs)
+
+
+def resolve_image_config(model: nn.Module, image_size: int | None = None, crop_pct: float | None = None) -> dict[str, Any]:
+    """timm's data config (input size, interpolation, mean, std, crop_pct) for ``model``."""
+    from timm.data import resolve_data_config
+
+    from ..models.vl.processing import backbone_image_size
+
+    size = image_size or backbone_image_size(model)
+    args: dict[str, Any] = {"input_size": (3, size, size)}
+    if crop_pct:
+        args["crop_pct"] = crop_pct
+    cfg = resolve_data_config(args, model=model)
+    return {"input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
+            "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"]}
+
+
+def eval_transform(image_config: dict[str, Any]):
+    """Resize to ``size / crop_pct`` + centre crop + normalise (timm's evaluation transform)."""
+    from timm.data import create_transform
+
+    c = image_config
+    return create_transform(tuple(c["input_size"]), is_training=False, interpolation=c["interpolation"],
+                            mean=tuple(c["mean"]), std=tuple(c["std"]), crop_pct=c["crop_pct"])
+
+
+def train_transform(image_config: dict[str, Any], config: ClassifyConfig):
+    """timm's training transform: random-resized crop, flip, RandAugment or colour jitter, normalise."""
+    from timm.data import create_transform
+
+    c, d = image_config, config.data
+    return create_transform(
+        tuple(c["input_size"]), is_training=True, scale=tuple(d.crop_scale), hflip=d.hflip,
+        color_jitter=d.color_jitter or None, auto_augment=d.randaugment or None,
+        interpolation=c["interpolation"], mean=tuple(c["mean"]), std=tuple(c["std"]),
+    )
+
+
+def classification_loss(
+    output: BackboneOutput, targets: torch.Tensor, criterion: nn.Module, var_weight: float = 0.1
+) -> torch.Tensor:
+    """Mean of ``criterion`` over the passes' logits (the second pass and, when the backbone has a
+    distinct first pass, the first) plus ``var_weight``·L_var when the backbone returns one."""
+    passes = [output.logits]
+    if output.bottom_up_logits is not None and output.bottom_up_logits is not output.logits:
+        passes.append(output.bottom_up_logits)
+    loss = sum(criterion(logits.float(), targets) for logits in passes) / len(passes)
+    var = output.aux_losses.get("var")
+    if var is not None and var_weight:
+        loss = loss + var_weight * var
+    return loss
+
+
+def classifier_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, lr_multipliers: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: backbone / head (``lr_multipliers["head"]``), each with and without weight
+    decay (none on biases, norms and other ≤1-D parameters and ``model.no_weight_decay()`` names).
+    Every trainable parameter lands in exactly one group."""
+    multipliers = {"backbone": 1.0, "head": 1.0, **(lr_multipliers or {})}
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    head_names = {
+        f"{attr}.{n}" for attr in ("head", "fc") if isinstance(getattr(model, attr, None), nn.Module)
+        for n, _ in getattr(model, attr).named_parameters()
+    }
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim > 1 and name not in no_decay and not name.endswith(".bias")
+        buckets.setdefault(("head" if name in head_names else "backbone", decay), []).append(param)
+    groups = [
+        {"name": f"{part}/{'decay' if decay else 'no_decay'}", "params": params, "lr": lr * multipliers[part],
+         "lr_scale": multipliers[part], "weight_decay": weight_decay if decay else 0.0}
+        for (part, decay), params in buckets.items()
+    ]
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    return groups
+
+
+# --- evaluation -----------------------------------------------------------------------------
+@torch.no_grad()
+def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate") -> dict[str, Any]:
+    """Top-1 / top-5 hits of the second-pass logits on every item of ``loader`` (gathered over
+    processes): ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = images = 0
+    skipped: list[tuple] = []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        skipped.extend(batch.get("skipped", []))
+        batch = to_device(batch, accelerator.device)
+        labels = batch["labels"]
+        if len(labels) == 0:
+            continue
+        with accelerator.autocast():
+            logits = model(batch["images"]).logits
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit1, hit5 = accelerator.gather_for_metrics((top[:, 0] == labels, (top == labels[:, None]).any(-1)))
+        correct1 += int(hit1.sum())
+        correct5 += int(hit5.sum())
+        images += len(hit1)
+    model.train(was_training)
+    return {"correct1": correct1, "correct5": correct5, "images": images, "skipped": skipped}
+
+
+def _accuracy(counts: dict[str, Any], total: int) -> dict[str, Any]:
+    return {
+        "top1": 100.0 * counts["correct1"] / max(total, 1),
+        "top5": 100.0 * counts["correct5"] / max(total, 1),
+        "images": total,
+        "skipped": len(counts["skipped"]),
+    }
+
+
+def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier exported by ``absvl train classify`` (eval mode) and its ``config.json``."""
+    folder = Path(folder)
+    info = read_folder_config(folder)
+    if "classes" not in info:
+        raise ValueError(f"{folder / CONFIG_NAME} has no class list: not a classifier exported by absvl train classify")
+    model = create_backbone(info["name"], **info.get("overrides", {}))
+    load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+    return model.eval(), info
+
+
+def evaluate_classifier(
+    model_dir: str | Path, data_root: str | Path, split: str = "val", batch_size: int = 64, num_workers: int = 2
+) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (%) of an exported classifier on ``data_root/split``.
+
+    Unreadable images are counted, reported and scored wrong."""
+    model, info = load_classifier(model_dir)
+    samples = list_samples(data_root, split, info["classes"])
+    image_config = info.get("data_config") or resolve_image_config(model)
+    collator = ClassifyCollator(image_config["input_size"][-1])
+    accelerator = Accelerator(cpu=cpu_only())
+    dataset = ImageFolderDataset(samples, eval_transform(image_config))
+    loader = accelerator.prepare_data_loader(make_loader(dataset, collator, batch_size, num_workers))
+    model.to(accelerator.device)
+    counts = predict_topk(model, loader, accelerator, desc=split)
+    if counts["skipped"]:
+        print(f"{len(counts['skipped'])} images skipped (unreadable): they count as wrong")
+        for path, reason in counts["skipped"][:10]:
+            print(f"  {path}: {reason}")
+    return {**_accuracy(counts, counts["images"] + len(counts["skipped"])), "split": split, "classes": len(info["classes"])}
+
+
+# --- the task --------------------------------------------------------------------------------
+class ClassifyTask:
+    """Image classification as a ``run_training`` task (see the module docstring)."""
+
+    def __init__(self, config: ClassifyConfig) -> None:
+        self.config = config
+        self.mixup = None
+
+    def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
+        config, d = self.config, self.config.data
+        self.classes = find_classes(d.root, d.train_split)
+        classes_file = output_dir / "classes.json"
+        if checkpoint is not None and classes_file.is_file():
+            before = json.loads(classes_file.read_text())
+            if before != self.classes:
+                raise ConfigError(f"the classes of {d.root}/{d.train_split} changed since {checkpoint} was written")
+        if accelerator.is_main_process:
+            classes_file.write_text(json.dumps(self.classes) + "\n")
+        train_samples = list_samples(d.root, d.train_split, self.classes)
+        val_samples = list_samples(d.root, d.val_split, self.classes) if d.val_split else []
+        self.model = build_classifier(config, self.classes)
+        self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
+        size = self.image_config["input_size"][-1]
+        self.train_set = ImageFolderDataset(train_samples, train_transform(self.image_config, config))
+        self.collator = ClassifyCollator(size)
+        self.val_loader = None
+        if val_samples:
+            val_set = ImageFolderDataset(val_samples, eval_transform(self.image_config))
+            loader = make_loader(val_set, self.collator, config.train.batch_size, d.num_workers)
+            self.val_loader = accelerator.prepare_data_loader(loader)
+        self.num_val = len(val_samples)
+        num_classes = len(self.classes)
+        if d.mixup > 0 or d.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing,
+                               num_classes=num_classes)
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        t = self.config.train
+        return classifier_param_groups(self.model, t.lr, t.weight_decay, t.lr_multipliers)
+
+    def describe(self) -> str:
+        return (f"training on {len(self.train_set)} images of {len(self.classes)} classes, "
+                f"{self.num_val} validation images")
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        return len(batch["labels"])
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's Mixup/CutMix on the largest even prefix of the batch (it needs pairs); an odd
+        last sample keeps its image and gets the smoothed one-hot target."""
+        from timm.data.mixup import mixup_target
+
+        even = len(labels) - len(labels) % 2
+        num_classes, smoothing = len(self.classes), self.config.data.label_smoothing
+        parts_x, parts_y = [], []
+        if even:
+            x, y = self.mixup(images[:even].clone(), labels[:even])
+            parts_x.append(x)
+            parts_y.append(y)
+        if even < len(labels):
+            parts_x.append(images[even:])
+            parts_y.append(mixup_target(labels[even:], num_classes, lam=1.0, smoothing=smoothing))
+        return torch.cat(parts_x), torch.cat(parts_y)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        images, targets = batch["images"], batch["labels"]
+        if self.mixup is not None:
+            images, targets = self.mix(images, targets)
+        return classification_loss(model(images), targets, self.criterion, self.config.model.var_weight)
+
+    def validate(self, model: nn.Module, accelerator: Accelerator) -> Validation | None:
+        if self.val_loader is None:
+            return None
+        counts = predict_topk(model, self.val_loader, accelerator, desc="validate")
+        result = _accuracy(counts, counts["images"])
+        metrics = {"val/top1": result["top1"], "val/top5": result["top5"], "val/skipped": result["skipped"]}
+        return Validation(score=result["top1"], metrics=metrics, result=result)
+
+    def export(self, model: nn.Module, out_dir: Path, last: Validation | None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out_dir / WEIGHTS_NAME))
+        built = getattr(model, "backbone_config", {"name": self.config.model.backbone})
+        info = {
+            "format": BACKBONE_FORMAT,
+            "name": built["name"],
+            "overrides": {k: v for k, v in built.items() if k != "name" and k not in _WEIGHT_SOURCES},
+            "classes": self.classes,
+            "data_config": self.image_config,
+            "metrics": {k: last.result[k] for k in ("top1", "top5")} if last else {},
+        }
+        (out_dir / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train_classifier(config: ClassifyConfig) -> dict[str, Any]:
+    """Run a classification job; returns the loop's summary (``val`` holds top1/top5 in %)."""
+    return run_training(config, ClassifyTask(config))
+
+
+__all__ = [
+    "ClassifyTask", "build_classifier", "classification_loss", "classifier_param_groups", "evaluate_classifier",
+    "load_classifier", "train_classifier",
+]
