@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,30 +124,41 @@ def _check_td_target(td_target: str) -> None:
         raise ValueError(f"td_target={td_target!r} must be one of {_TD_TARGETS}")
 
 
-class _DictionaryAttention(nn.Module):
-    """Shared body of VARS-D and VARS-SD: per head, a token×atom dictionary D, one LASSO per
-    channel of v, solved with the m×m Gram DᵀD so the cost is linear in the number of tokens.
+class VARSDAttention(nn.Module):
+    """VARS-D (Eq. 16–17): per head and channel μ of v, ``argmin_u ½‖Du − v^μ‖² + λ‖u‖₁``, output Du.
+
+    D = φ(q) are positive random features of the L2-normalised queries (W ~ N(0, 1) of shape
+    ``[heads, head_dim, feature_ratio·head_dim]``, a persistent buffer), columns L2-normalised
+    over tokens. λ is the authors' code's (Eq. 16 writes 2λ); λ = 0.3 and 3 steps are the
+    paper's defaults. Self-attention is this with one Euler step and no sparsity (Eq. 14–15).
+    ``lista=True``: the authors' later variant (learned Gram transform, step and threshold
+    scales, GELU inside the shrinkage, 5 steps).
+
+    Per head, one LASSO per channel of v is solved with the m×m Gram DᵀD, so the cost is
+    linear in the number of tokens.
 
     Parameter names follow timm (``qkv``, ``proj``) so timm/DeiT weights load; the authors use
     a ``[q, v]`` projection of width 2·dim, here the key slice of ``qkv`` is simply unused
     (k = q, the symmetric kernel of Eq. 14). ``attn_drop`` is accepted for the drop-in
     interface; there is no attention matrix to drop.
+    ``num_static_atoms`` is set by VARS-SD (extra atoms of the LISTA Gram transform).
     """
 
     def __init__(
         self,
         dim: int,
-        num_heads: int,
-        qkv_bias: bool,
-        proj_drop: float,
-        td_target: str,
-        td_bias: bool,
-        num_prefix_tokens: int,
-        lam: float,
-        steps: int | None,
-        feature_ratio: int,
-        lista: bool,
-        num_static_atoms: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        td_target: str = "v",
+        td_bias: bool = False,
+        num_prefix_tokens: int = 1,
+        lam: float = 0.3,
+        steps: int | None = None,
+        feature_ratio: int = 2,
+        lista: bool = False,
+        num_static_atoms: int = 0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -206,39 +217,7 @@ class _DictionaryAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
-class VARSDAttention(_DictionaryAttention):
-    """VARS-D (Eq. 16–17): per head and channel μ of v, ``argmin_u ½‖Du − v^μ‖² + λ‖u‖₁``, output Du.
-
-    D = φ(q) are positive random features of the L2-normalised queries (W ~ N(0, 1) of shape
-    ``[heads, head_dim, feature_ratio·head_dim]``, a persistent buffer), columns L2-normalised
-    over tokens. λ is the authors' code's (Eq. 16 writes 2λ); λ = 0.3 and 3 steps are the
-    paper's defaults. Self-attention is this with one Euler step and no sparsity (Eq. 14–15).
-    ``lista=True``: the authors' later variant (learned Gram transform, step and threshold
-    scales, GELU inside the shrinkage, 5 steps).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        td_target: str = "v",
-        td_bias: bool = False,
-        num_prefix_tokens: int = 1,
-        lam: float = 0.3,
-        steps: int | None = None,
-        feature_ratio: int = 2,
-        lista: bool = False,
-    ) -> None:
-        super().__init__(
-            dim, num_heads, qkv_bias, proj_drop, td_target, td_bias, num_prefix_tokens, lam, steps, feature_ratio, lista,
-            num_static_atoms=0,
-        )
-
-
-class VARSSDAttention(_DictionaryAttention):
+class VARSSDAttention(VARSDAttention):
     """VARS-SD (Sec. 3.5): the dictionary ``[φ(q), S]``, dynamic atoms plus static ones, solved jointly.
 
     As in the authors' code the static atoms S are a learned token×atom matrix per head
@@ -252,24 +231,13 @@ class VARSSDAttention(_DictionaryAttention):
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        td_target: str = "v",
-        td_bias: bool = False,
-        num_prefix_tokens: int = 1,
-        lam: float = 0.3,
-        steps: int | None = None,
-        feature_ratio: int = 2,
-        lista: bool = False,
         static_atoms: int | None = None,
         grid_size: int | tuple[int, int] = 14,
+        feature_ratio: int = 2,
+        **kwargs: Any,
     ) -> None:
         num_static = static_atoms if static_atoms is not None else feature_ratio * (dim // num_heads)
-        super().__init__(
-            dim, num_heads, qkv_bias, proj_drop, td_target, td_bias, num_prefix_tokens, lam, steps, feature_ratio, lista,
-            num_static_atoms=num_static,
-        )
+        super().__init__(dim, num_heads, feature_ratio=feature_ratio, num_static_atoms=num_static, **kwargs)
         h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
         self.static_atoms = nn.Parameter(torch.randn(num_heads, num_static, h, w))
 
