@@ -137,7 +137,8 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     from .data.shapes import generate_shapes
 
     world = generate_shapes(args.out, num_images=args.images, seed=args.seed)
-    print(world)
+    splits = ", ".join(f"{split}: {n} images / {world.num_questions[split]} questions" for split, n in world.splits.items())
+    print(f"wrote the Shapes world to {world.root} ({splits}); text encoder in {world.text_encoder_dir}")
     return 0
 
 

@@ -22,3 +22,13 @@ def test_backbones_lists_params_and_macs(capsys):
 def test_backbones_unknown_family_is_an_error(capsys):
     assert main(["backbones", "--family", "nope"]) == 2
     assert "no backbone in family 'nope'" in capsys.readouterr().err
+
+
+def test_data_commands(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path / "w"), "--images", "10", "--seed", "1"]) == 0
+    assert "train2014: 8 images" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "w")]) == 0
+    assert "result: OK" in capsys.readouterr().out
+    (tmp_path / "w" / "v2_mscoco_val2014_annotations.json").write_text("{not json")
+    assert main(["data", "check", str(tmp_path / "w")]) == 1
+    assert "v2_mscoco_val2014_annotations.json" in capsys.readouterr().out
