@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..metrics.vqa import normalize_answer
+from ..metrics.vqa import load_json, normalize_answer
 
 __all__ = [
     "build_answer_vocab",
@@ -112,13 +112,7 @@ def load_answers(path: str | os.PathLike) -> list[str]:
         ValueError: not JSON, not an array, a non-string entry or a duplicate (naming the file).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"answer vocabulary file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"answer vocabulary file {path} is not valid JSON: {e}") from None
+    data = load_json(path, "answer vocabulary", expected=object)
     if not isinstance(data, list):
         raise ValueError(f"answer vocabulary file {path} must hold a JSON array of strings, "
                          f"got {type(data).__name__}")

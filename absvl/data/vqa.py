@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -259,6 +259,18 @@ def _check_entry(
     return ids[0], ids[1]
 
 
+def _entries_with_ids(
+    source: str, entries: Sequence[Any], issues: Issues, template: str, rows: Sequence[int] | None,
+    keys: tuple[str, ...], kind: str,
+) -> Iterator[tuple[str, int, dict]]:
+    """(location, question_id, entry) of every entry whose keys and ids are well formed; the others are recorded."""
+    for i, entry in enumerate(entries):
+        where = template.format(rows[i] if rows is not None else i)
+        ids = _check_entry(source, where, entry, keys, issues, kind)
+        if ids is not None:
+            yield where, ids[0], entry
+
+
 def _parse_questions(
     source: str,
     entries: Sequence[Any],
@@ -268,13 +280,8 @@ def _parse_questions(
 ) -> dict[int, dict]:
     """question_id → question entry; malformed entries, empty questions and duplicates recorded."""
     out: dict[int, dict] = {}
-    template = where
-    for i, entry in enumerate(entries):
-        where = template.format(rows[i] if rows is not None else i)
-        ids = _check_entry(source, where, entry, ("question_id", "image_id", "question"), issues, "question")
-        if ids is None:
-            continue
-        qid = ids[0]
+    keys = ("question_id", "image_id", "question")
+    for where, qid, entry in _entries_with_ids(source, entries, issues, where, rows, keys, "question"):
         text = entry["question"]
         if not isinstance(text, str):
             issues.add((source, "question", "str"), f"{source}: {where} (question_id {qid}), field 'question': "
@@ -317,13 +324,8 @@ def _parse_annotations(
 ) -> dict[int, dict]:
     """question_id → annotation entry with ``answers`` turned into a list of strings."""
     out: dict[int, dict] = {}
-    template = where
-    for i, entry in enumerate(entries):
-        where = template.format(rows[i] if rows is not None else i)
-        ids = _check_entry(source, where, entry, ("question_id", "image_id", "answers"), issues, "annotation")
-        if ids is None:
-            continue
-        qid = ids[0]
+    keys = ("question_id", "image_id", "answers")
+    for where, qid, entry in _entries_with_ids(source, entries, issues, where, rows, keys, "annotation"):
         answers = _answer_list(entry["answers"])
         if answers is None:
             issues.add(
