@@ -6,6 +6,8 @@ import os
 import sys
 
 from . import __version__
+from .retrieval.commands import add_commands as add_retrieval_commands
+from .serve.commands import add_commands as add_serve_commands
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
+
+    add_retrieval_commands(sub)  # index build|add, search
+    add_serve_commands(sub)  # serve
 
     p = sub.add_parser("demo", help="offline CPU demo: Shapes world, train, evaluate, attention maps")
     p.add_argument("--config", default="configs/shapes_absvit_tiny.yaml", help="run config (default: the demo's)")

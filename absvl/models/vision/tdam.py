@@ -217,9 +217,16 @@ class ResNetBackbone(ResNet):
         for b in self.tdam_blocks():
             b.sync_step_norms()
 
-    def forward(self, images: torch.Tensor, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        xi: torch.Tensor | None = None,
+        return_maps: bool = False,
+        bottom_up_only: bool = False,
+    ) -> BackboneOutput:
         """Run the backbone on ``[B, 3, H, W]`` images of any size; ``xi`` is ignored (TDAM's
-        top-down signal comes from each block's own top layers)."""
+        top-down signal comes from each block's own top layers, inside the one pass, so
+        ``bottom_up_only`` changes nothing)."""
         maps: dict[str, torch.Tensor] = {}
         last = next((b for b in reversed(self.tdam_blocks()) if b.steps > 1), None)
         hook = None

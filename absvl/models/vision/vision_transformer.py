@@ -326,7 +326,11 @@ class VisionTransformer(nn.Module):
         return self.fc_norm(pooled)
 
     def forward(
-        self, images: torch.Tensor, xi: torch.Tensor | None = None, return_maps: bool = False
+        self,
+        images: torch.Tensor,
+        xi: torch.Tensor | None = None,
+        return_maps: bool = False,
+        bottom_up_only: bool = False,
     ) -> BackboneOutput:
         """Run the backbone.
 
@@ -335,6 +339,9 @@ class VisionTransformer(nn.Module):
             xi: optional per-sample prior ``[B, C]`` (or one ``[C]``); the learned ``prompt``
                 is used when it is None. Ignored by ``none`` and ``feedback``.
             return_maps: also return bottom-up / top-down token-norm maps.
+            bottom_up_only: skip the top-down pass (half the cost when only the query-independent
+                bottom-up output is needed, e.g. to index images); ``tokens``/``pooled`` are then
+                the bottom-up ones.
         """
         x0, grid = self.embed(images)
         z, _, bu_map_tokens = self.run_blocks(x0, grid)
@@ -343,7 +350,7 @@ class VisionTransformer(nn.Module):
         if return_maps:
             maps["bottom_up"] = token_norm_map(bu_map_tokens, self.num_prefix_tokens, grid)
 
-        if self.topdown != "none":
+        if self.topdown != "none" and not bottom_up_only:
             if self.topdown in _MODES_WITH_PRIOR:
                 prior = self.prompt if xi is None else xi
                 mask = self.alpha * prior_mask(z, prior.to(z.dtype))

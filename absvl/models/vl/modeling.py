@@ -186,7 +186,7 @@ class AbsVLModel(
 
     def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected bottom-up pooled image output ``[B, C]``: query-independent, indexable once."""
-        return self.contrastive(self.backbone(images).bottom_up_pooled)
+        return self.contrastive(self.backbone(images, bottom_up_only=True).bottom_up_pooled)
 
     # --- forward ----------------------------------------------------------------------
     def forward(
