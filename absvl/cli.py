@@ -53,6 +53,18 @@ def _cmd_train_vqa(args: argparse.Namespace) -> int:
     return _report_training(summary, lambda val: f"validation accuracy {val['overall']:.2f}")
 
 
+def _cmd_train_retrieval(args: argparse.Namespace) -> int:
+    from .training.config import RetrievalConfig, load_config
+    from .training.retrieval import train_retrieval
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    summary = train_retrieval(load_config(args.config, overrides, RetrievalConfig))
+    return _report_training(summary, lambda val: f"validation recall (re-ranked): R mean {val['reranked']['r_mean']:.2f}, "
+                                                 f"IR@1 {val['reranked']['ir@1']:.2f}, TR@1 {val['reranked']['tr@1']:.2f}")
+
+
 def _report_training(summary: dict, describe_val) -> int:
     """The closing lines of a training command, printed once per multi-process run."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -95,6 +107,37 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         result, _ = evaluate_model(args.model, config, args.split, batch_size=args.batch_size)
     print(format_accuracy_table(result))
     _write_json(args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType")})
+    return 0
+
+
+def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from .metrics.retrieval import format_recall_table
+    from .training.retrieval import evaluate_model
+
+    result = evaluate_model(args.model, args.data, args.split, args.images, rerank_k=args.k, batch_size=args.batch_size,
+                            num_workers=args.num_workers, rerank=not args.no_rerank, max_images=args.max_images)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    rows = {"contrastive": result["contrastive"]}
+    if "reranked" in result:
+        rows[f"re-ranked top-{args.k} (ITM, top-down)"] = result["reranked"]
+    print(format_recall_table(rows))
+    print(f"{result['images']} images, {result['captions']} captions of {args.data} [{args.split}] "
+          f"in {result['seconds']:.1f} s; {len(result['skipped'])} unreadable images left out")
+    for path, reason in result["skipped"][:10]:
+        print(f"  skipped {path}: {reason}")
+    _write_json(args.out, result)
+    return 0
+
+
+def _cmd_attend(args: argparse.Namespace) -> int:
+    from .models.vl import AbsVLModel
+    from .visualize import attention_figure
+
+    model = AbsVLModel.from_pretrained(args.model)
+    _, maps = attention_figure(model, args.image, args.text, args.out, size=args.size)
+    answers = f"; answers: {', '.join(maps['answers'])}" if maps["answers"] else ""
+    print(f"wrote {args.out}: {args.image}, its bottom-up map and the top-down map for {len(args.text)} text(s){answers}")
     return 0
 
 
@@ -182,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-5")
     p.set_defaults(func=_cmd_train_vqa)
+    p = train.add_parser("retrieval", help="train image-text retrieval (contrastive + ITM with hard negatives)")
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.rerank_k=256")
+    p.set_defaults(func=_cmd_train_retrieval)
     p = train.add_parser("classify", help="train or finetune a backbone as an image classifier on an ImageFolder")
     p.add_argument("--data", required=True, help="ImageFolder root: DATA/train/<class>/*.jpg, DATA/val/<class>/*.jpg")
     p.add_argument("--backbone", help="registered backbone (sets model.backbone; see `absvl backbones`)")
@@ -212,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--out", help="write the accuracies as JSON here")
     p.set_defaults(func=_cmd_eval_classify, overrides=[])
+    p = evaluate.add_parser("retrieval", help="IR@1/5/10, TR@1/5/10 on a Karpathy caption file (top-k re-ranked by ITM)")
+    p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
+    p.add_argument("--data", required=True, help="Karpathy caption file (dataset_flickr30k.json, dataset_coco.json, ...)")
+    p.add_argument("--images", help="image root (default: the caption file's folder)")
+    p.add_argument("--split", default="test", help="split (default test)")
+    p.add_argument("--k", type=int, default=128, help="contrastive candidates re-ranked per query (default 128; COCO: 256)")
+    p.add_argument("--no-rerank", action="store_true", help="contrastive ranking only")
+    p.add_argument("--max-images", type=int, help="evaluate on the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
+    p.add_argument("--out", help="write the recalls as JSON here")
+    p.set_defaults(func=_cmd_eval_retrieval, overrides=[])
 
     predict = sub.add_parser("predict", help="write predictions").add_subparsers(dest="task", metavar="TASK", required=True)
     p = predict.add_parser("vqa", help="answers for a split in submission format")
@@ -240,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("attend", help="PNG of an image, its bottom-up and its text-steered top-down attention map")
+    p.add_argument("image", help="image file")
+    p.add_argument("--text", required=True, action="append", help="question or query steering the top-down pass (repeatable)")
+    p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--size", type=int, default=224, help="panel side in pixels (default 224)")
+    p.set_defaults(func=_cmd_attend, overrides=[])
 
     add_retrieval_commands(sub)  # index build|add, search
     add_serve_commands(sub)  # serve

@@ -1,6 +1,141 @@
-"""CLI: ``absvl index build|add`` and ``absvl search`` (being written)."""
+"""CLI: ``absvl index build|add`` and ``absvl search``."""
+from __future__ import annotations
+
 import argparse
+import json
+import sys
+
+
+def _load_model(source: str):
+    from ..models.vl import AbsVLModel
+
+    return AbsVLModel.from_pretrained(source)
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """--device, else cuda when available, else None (the model stays on CPU)."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else None)
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        print(f"  skipped {path}: {reason}")
+
+
+def _print_report(verb: str, report) -> None:
+    print(f"{verb} {report.num_indexed} images into {report.out} ({len(report.skipped)} skipped, "
+          f"factory {report.factory}, {report.index_size} in the index, {report.seconds:.1f} s, "
+          f"{report.images_per_second:.1f} images/s)")
+    for note in report.notes:
+        print(f"  note: {note}")
+    _print_skipped(report.skipped)
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from .index import build_index
+
+    try:
+        report = build_index(
+            _load_model(args.model), args.images, args.out, batch_size=args.batch_size, factory=args.factory,
+            resume=not args.no_resume, num_workers=args.num_workers, device=_device(args), overwrite=args.overwrite,
+            model_source=args.model,
+        )
+    except FileExistsError as err:
+        print(f"absvl: error: {err}", file=sys.stderr)
+        return 2
+    _print_report("indexed", report)
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from .index import ImageIndex, add_to_index
+
+    model_source = args.model or ImageIndex.load(args.index).meta.get("model_source")
+    if not model_source:
+        raise ValueError(f"index {args.index} records no model folder: pass --model")
+    report = add_to_index(_load_model(model_source), args.images, args.index, batch_size=args.batch_size,
+                          resume=not args.no_resume, num_workers=args.num_workers, device=_device(args))
+    _print_report("added", report)
+    return 0
+
+
+def format_hits(hits) -> str:
+    """A ranked table: rank, score, rerank score, path."""
+    lines = [f"{'rank':>4s}  {'score':>7s}  {'rerank':>7s}  path"]
+    for hit in hits:
+        rerank = f"{hit.rerank_score:7.4f}" if hit.rerank_score is not None else f"{'-':>7s}"
+        lines.append(f"{hit.rank:4d}  {hit.score:7.4f}  {rerank}  {hit.path}")
+    return "\n".join(lines)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .index import ImageIndex, gpu_available
+    from .search import Retriever
+
+    index = ImageIndex.load(args.index, gpu=gpu_available())
+    model_source = args.model or index.meta.get("model_source")
+    if not model_source:
+        raise ValueError(f"index {args.index} records no model folder: pass --model")
+    retriever = Retriever(_load_model(model_source), index, device=_device(args))
+    hits = retriever.search(args.query, k=args.k, rerank=args.rerank)
+    if args.json:
+        print(json.dumps({"query": args.query, "k": args.k, "rerank": args.rerank,
+                          "dropped": retriever.num_dropped, "hits": [h.to_dict() for h in hits]}, indent=2))
+        return 0
+    print(format_hits(hits))
+    if retriever.num_dropped:
+        print(f"({retriever.num_dropped} unreadable candidate(s) dropped from re-ranking)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
+def _add_embedding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of images (recursive) or a text file with one path per line")
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--num-workers", type=_non_negative, default=0, help="image-decoding processes (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--no-resume", action="store_true", help="discard an interrupted build's shards instead of continuing")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the retrieval commands on the top-level sub-parsers."""
+    index = sub.add_parser("index", help="FAISS image index for text → image search").add_subparsers(
+        dest="task", metavar="TASK", required=True)
+    p = index.add_parser("build", help="embed an image collection and write an index folder")
+    p.add_argument("--model", required=True, help="a save_pretrained folder (or hub name)")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--factory", help="FAISS factory string, e.g. Flat, HNSW32, IVF4096,Flat (default: by size)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
+    _add_embedding_args(p)
+    p.set_defaults(func=_cmd_index_build)
+    p = index.add_parser("add", help="append new images to an index")
+    p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
+    p.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
+    _add_embedding_args(p)
+    p.set_defaults(func=_cmd_index_add)
+
+    p = sub.add_parser("search", help="search an image index with a text query")
+    p.add_argument("query", help="the text query")
+    p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
+    p.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
+    p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument("--rerank", type=_non_negative, default=0, metavar="K",
+                   help="re-rank the top K candidates with the query steering the vision encoder (default 0: off)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.set_defaults(func=_cmd_search)

@@ -241,6 +241,69 @@ class ClassifyConfig(_RunConfigBase):
         ]
 
 
+@dataclass
+class CaptionDataConfig:
+    """Karpathy-format captions (Flickr30K, COCO, Shapes) for image-text retrieval.
+
+    Attributes:
+        captions: the caption file (``dataset_flickr30k.json``, ``dataset_coco.json``, ...).
+        images: image root (``filepath/filename`` below it); ``null``: the caption file's folder.
+        shapes: when set (e.g. ``{num_images: 2000, seed: 0}``), generate the Shapes world into
+            the caption file's folder first (cached): the offline default.
+        train_splits: splits trained on (COCO: ``[train, restval]``).
+        val_split: split validated on; ``null`` for none.
+        max_val_images: validate on at most this many images (and their captions).
+        image_size: input size; ``null`` takes the backbone's.
+        randaugment: RandAugment on training images.
+        num_workers: data-loading processes per training process.
+    """
+
+    captions: str = "data/flickr30k/dataset_flickr30k.json"
+    images: str | None = None
+    shapes: dict[str, Any] | None = None
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    val_split: str | None = "val"
+    max_val_images: int | None = None
+    image_size: int | None = None
+    randaugment: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class RetrievalTrainConfig(TrainConfig):
+    """``TrainConfig`` for retrieval.
+
+    Attributes:
+        hard_negatives: ITM negatives drawn from the in-batch contrastive similarities (ALBEF/BLIP);
+            ``false`` draws them uniformly.
+        rerank_k: contrastive candidates re-ranked by ITM when validating (SPEC §5: 128 Flickr, 256 COCO).
+    """
+
+    output_dir: str = "runs/retrieval"
+    hard_negatives: bool = True
+    rerank_k: int = 128
+
+
+@dataclass
+class RetrievalConfig(_RunConfigBase):
+    """The retrieval run config (``absvl train retrieval``)."""
+
+    model: AbsVLConfig = field(default_factory=AbsVLConfig)
+    data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
+    train: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        d, m = self.data, self.model
+        return super().checks() + [
+            (bool(d.train_splits), "data.train_splits", "a non-empty list"),
+            (self.train.rerank_k >= 1, "train.rerank_k", ">= 1"),
+            (m.prior_visual == "bottom_up", "model.prior_visual",
+             "bottom_up (images are embedded once, before any query, for the index)"),
+            (m.prior_loss_weight > 0 or m.itm_loss_weight > 0, "model.prior_loss_weight",
+             "> 0 (or model.itm_loss_weight > 0): retrieval trains the prior and/or ITM loss"),
+        ]
+
+
 def _sections(run_class: type) -> dict[str, type]:
     """section name → section class of a run config class."""
     return {f.name: f.default_factory for f in fields(run_class)}  # type: ignore[misc]
@@ -316,7 +379,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML run config, apply ``key=value`` overrides, validate every key and value.
 
     ``run_class`` is the run config dataclass (its fields are the sections): ``RunConfig`` (VQA,
-    the default) or ``ClassifyConfig``.
+    the default), ``RetrievalConfig`` or ``ClassifyConfig``.
     """
     sections = _sections(run_class)
     tree: dict[str, Any] = {}

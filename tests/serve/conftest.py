@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny saved model, an index of the Shapes images, and a live uvicorn server."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from absvl import AbsVLConfig, AbsVLModel
+from absvl.retrieval import ImageIndex, build_index
+from absvl.serve import Limits, create_app
+
+ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square", "triangle", "1", "2"]
+
+
+def tiny_config(shapes_root) -> AbsVLConfig:
+    """The tests' tiny architecture (32-pixel AbSViT, one fusion layer, the Shapes text encoder)."""
+    return AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
+                       text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
+                       fusion_heads=2, max_text_len=16)
+
+
+@pytest.fixture(scope="session")
+def model_dir(shapes_root, tmp_path_factory):
+    """A tiny AbsVLModel written with save_pretrained (as `absvl serve --model` gets it)."""
+    torch.manual_seed(0)
+    model = AbsVLModel(tiny_config(shapes_root), answers=ANSWERS)
+    with torch.no_grad():  # a feedback path strong enough for visible top-down effects
+        for p in model.backbone.decoders.parameters():
+            p.mul_(10.0)
+    folder = tmp_path_factory.mktemp("model") / "tiny-absvit"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model(model_dir):
+    return AbsVLModel.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def index_dir(model, shapes_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("index") / "shapes-index"
+    build_index(model, shapes_root / "images", out, batch_size=16, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def index(index_dir):
+    return ImageIndex.load(index_dir)
+
+
+@pytest.fixture(scope="session")
+def limits():
+    """Small limits so that the 4xx cases are cheap to provoke."""
+    return Limits(max_upload_bytes=200_000, max_pixels=512 * 512, max_question_chars=80, max_query_chars=80,
+                  max_top_k=5, max_k=20, max_rerank=20)
+
+
+@pytest.fixture(scope="session")
+def app(model, index, limits):
+    return create_app(model, index, limits, model_name="tiny-absvit")
+
+
+def png_of(width: int = 48, height: int = 40, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def png_bytes():
+    return png_of()
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free localhost port, in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(model, index_dir):
+    """A real server with default limits (its own app: the TestClient app's metrics stay separate)."""
+    with LiveServer(create_app(model, ImageIndex.load(index_dir), model_name="tiny-absvit")) as server:
+        yield server

@@ -1,0 +1,96 @@
+"""The web page end to end: headless Chromium against a real uvicorn server."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(live_server, tmp_path_factory):
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("ABSVL_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + " — ABSVL_REQUIRE_BROWSER=1 requires the browser test")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1100, "height": 1300},
+        )
+        try:
+            tab = browser.new_page()
+            tab.set_default_timeout(20_000)
+            tab.goto(live_server.url + "/")
+            tab.get_by_text("40 indexed images").wait_for()  # /health answered
+            yield tab
+        finally:
+            browser.close()
+
+
+def loaded_images(page, selector: str) -> int:
+    """How many images under ``selector`` have finished loading with real pixels."""
+    return page.eval_on_selector_all(selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
+
+
+def test_search_shows_thumbnails_with_scores(page):
+    page.get_by_label("Query", exact=True).fill("a red circle")
+    page.get_by_label("Results", exact=True).fill("6")
+    page.get_by_role("button", name="Search").click()
+    results = page.locator("#search-results li")
+    results.nth(5).wait_for()
+    assert results.count() == 6
+    page.wait_for_function("() => document.querySelectorAll('#search-results img').length === 6 && "
+                           "[...document.querySelectorAll('#search-results img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert loaded_images(page, "#search-results img") == 6
+    first = results.first
+    assert first.locator("img").get_attribute("src").startswith("/images/")
+    assert "score" in first.locator("img").get_attribute("alt")
+    assert re.search(r"#1 · image \d+ · score -?\d\.\d{3}", first.locator("figcaption").inner_text())
+
+
+def test_search_error_is_shown(page):
+    page.get_by_label("Query", exact=True).fill("   ")
+    page.get_by_role("button", name="Search").click()
+    alert = page.locator("#search-error")
+    alert.wait_for(state="visible")
+    assert "q: must not be empty" in alert.inner_text() and "HTTP 422" in alert.inner_text()
+
+
+def test_ask_shows_answers_and_both_overlays(page, png_bytes, tmp_path):
+    upload = tmp_path / "shapes.png"
+    upload.write_bytes(png_bytes)
+    page.get_by_label("Image", exact=True).set_input_files(str(upload))
+    page.get_by_label("Question", exact=True).fill("what color is the circle?")
+    page.get_by_role("button", name="Ask").click()
+    page.locator("#vqa-result").wait_for(state="visible")
+    assert page.locator("#vqa-answers li").count() == 5
+    page.wait_for_function("() => ['vqa-input', 'vqa-bottom-up', 'vqa-top-down'].every(id => "
+                           "{ const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; })")
+    for selector in ("#vqa-bottom-up", "#vqa-top-down"):
+        assert page.locator(selector).get_attribute("src").startswith("data:image/png;base64,")
+        assert "attention" in page.locator(selector).get_attribute("alt")
+    assert page.locator("#vqa-error").is_hidden()
+    screenshot = tmp_path / "page.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and screenshot.stat().st_size > 10_000
+
+
+def test_ask_error_is_shown(page, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not an image")
+    page.get_by_label("Image", exact=True).set_input_files(str(not_an_image))
+    page.get_by_label("Question", exact=True).fill("what is this?")
+    page.get_by_role("button", name="Ask").click()
+    alert = page.locator("#vqa-error")
+    alert.wait_for(state="visible")
+    assert "not a recognised image format" in alert.inner_text() and "HTTP 415" in alert.inner_text()
+    assert page.locator("#vqa-result").is_hidden()

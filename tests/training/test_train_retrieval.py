@@ -1,0 +1,174 @@
+"""Retrieval training (contrastive + ITM on hard negatives), its evaluation, and search with the result."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from absvl.cli import main
+from absvl.data.captions import load_karpathy
+from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.retrieval import ImageIndex, Retriever
+from absvl.training.config import ConfigError, RetrievalConfig, load_config
+from absvl.training.retrieval import _rerank, evaluate_retrieval, sample_negatives, train_retrieval
+
+TINY = [
+    "model.backbone=absvit_test_patch8",
+    "model.backbone_kwargs={img_size: 32}",
+    "model.fusion_hidden_size=32",
+    "model.fusion_layers=1",
+    "model.fusion_heads=2",
+    "model.fusion_dropout=0.0",
+    "model.max_text_len=40",
+    "model.var_loss_weight=0.1",
+]
+
+
+def retrieval_overrides(shapes_root, out, steps):
+    return [
+        *TINY,
+        f"model.text_encoder={shapes_root / 'text_encoder'}",
+        f"data.captions={shapes_root / 'dataset_shapes.json'}",
+        f"data.images={shapes_root / 'images'}",
+        "data.shapes=null",
+        "data.num_workers=0",
+        "data.val_split=val",
+        f"train.output_dir={out}",
+        "train.batch_size=16",
+        f"train.max_steps={steps}",
+        "train.lr=2e-3",
+        "train.warmup_ratio=0.0",
+        "train.log_every=5",
+        "train.trackers=[]",
+        "train.rerank_k=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_root, tmp_path_factory):
+    """A tiny model trained for retrieval on the 32 training images of the tiny world (seconds)."""
+    out = tmp_path_factory.mktemp("retrieval_run")
+    config = load_config("configs/shapes_retrieval.yaml", retrieval_overrides(shapes_root, out, 80), RetrievalConfig)
+    summary = train_retrieval(config)
+    return summary
+
+
+def test_training_exports_a_model_and_validates_with_recall(trained):
+    assert trained["step"] == 80
+    val = trained["val"]
+    assert set(val["contrastive"]) == {"ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "r_mean"}
+    assert val["images"] > 0 and val["captions"] == 5 * val["images"]
+    model = AbsVLModel.from_pretrained(trained["export"])
+    assert model.answers == [] and model.vqa_head is None
+
+
+def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root, tmp_path, capsys):
+    images = load_karpathy(shapes_root / "dataset_shapes.json", ["train"], shapes_root / "images")
+    index = tmp_path / "index"
+    assert main(["index", "build", "--model", trained["export"], "--images", str(shapes_root / "images" / "train2014"),
+                 "--out", str(index)]) == 0
+    capsys.readouterr()
+    query, target = images[0].captions[0], images[0].path.name
+    assert main(["search", query, "--model", trained["export"], "--index", str(index), "-k", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["query"] == query and [h["rank"] for h in printed["hits"]] == [1, 2, 3, 4, 5]
+
+    retriever = Retriever(AbsVLModel.from_pretrained(trained["export"]), ImageIndex.load(index))
+    queries = [(caption, image.path.name) for image in images for caption in image.captions]
+    results = retriever.search_batch([q for q, _ in queries], k=5, rerank=0)
+    recall_at_5 = np.mean([any(h.path.name == name for h in hits) for (_, name), hits in zip(queries, results)])
+    chance = 5 / len(images)
+    assert recall_at_5 > 2.5 * chance, (recall_at_5, chance)
+
+
+def test_reranking_does_not_lower_recall_at_1_on_the_test_split(trained, shapes_root):
+    model = AbsVLModel.from_pretrained(trained["export"])
+    images = load_karpathy(shapes_root / "dataset_shapes.json", ["val", "test"], shapes_root / "images")
+    result = evaluate_retrieval(model, images, rerank_k=4, batch_size=8)
+    for key in ("ir@1", "tr@1"):
+        assert result["reranked"][key] >= result["contrastive"][key], result
+
+
+def test_eval_command_prints_the_recall_table_and_writes_json(trained, shapes_root, tmp_path, capsys):
+    out = tmp_path / "recall.json"
+    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
+                 "--images", str(shapes_root / "images"), "--split", "test", "--k", "3", "--num-workers", "0",
+                 "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| contrastive |" in printed and "re-ranked top-3" in printed
+    saved = json.loads(out.read_text())
+    assert saved["rerank_k"] == 3 and saved["images"] == 4 and saved["captions"] == 20
+    # without re-ranking only the contrastive ranking is reported, and it is the same
+    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
+                 "--images", str(shapes_root / "images"), "--split", "test", "--no-rerank", "--num-workers", "0",
+                 "--out", str(tmp_path / "plain.json")])
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert code == 0 and "reranked" not in plain and plain["contrastive"] == saved["contrastive"]
+
+
+def test_evaluation_leaves_out_unreadable_images_and_lists_them(trained, shapes_root, tmp_path):
+    model = AbsVLModel.from_pretrained(trained["export"])
+    images = load_karpathy(shapes_root / "dataset_shapes.json", ["test"], shapes_root / "images")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    images = [*images[:3], type(images[0])(999, broken, ("a red circle.",), "test")]
+    result = evaluate_retrieval(model, images, rerank_k=2, batch_size=4)
+    assert result["images"] == 3 and result["captions"] == 15
+    assert result["skipped"] == [(str(broken), result["skipped"][0][1])]
+
+
+def test_eval_command_names_a_wrong_image_root(trained, shapes_root, capsys):
+    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
+                 "--split", "test", "--num-workers", "0"])
+    assert code == 2
+    assert "--images" in capsys.readouterr().err
+
+
+def test_rerank_resorts_only_the_first_k_and_keeps_ties_in_contrastive_order():
+    order = np.array([[3, 1, 2, 0], [0, 1, 2, 3]])
+    scores = np.array([[0.1, 0.9, 0.5], [0.5, 0.5, 0.7]])
+    assert _rerank(order, 3, scores).tolist() == [[1, 2, 3, 0], [2, 0, 1, 3]]
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_negatives_are_never_the_pair_itself(shapes_root, hard):
+    torch.manual_seed(0)
+    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
+                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
+                         fusion_heads=2)
+    model = AbsVLModel(config).eval()
+    texts = [f"a {c} circle." for c in ("red", "blue", "green", "cyan", "orange", "purple")]
+    batch = model.processor(images=[np.full((32, 32, 3), 40 * i, np.uint8) for i in range(6)], text=texts)
+    for _ in range(20):
+        neg_image, neg_text = sample_negatives(model, batch["images"], batch["input_ids"], batch["attention_mask"], hard)
+        assert (neg_image != torch.arange(6)).all() and (neg_text != torch.arange(6)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_negatives(model, batch["images"][:1], batch["input_ids"][:1], batch["attention_mask"][:1])
+
+
+def test_hard_negatives_follow_the_similarities(shapes_root):
+    """With a large logit scale, the negative drawn for a caption is its most similar other image."""
+    torch.manual_seed(0)
+    config = AbsVLConfig(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32},
+                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
+                         fusion_heads=2, max_logit_scale=1e4)
+    model = AbsVLModel(config).eval()
+    with torch.no_grad():
+        model.contrastive.logit_scale.fill_(np.log(1e4))
+    texts = [f"a {c} square." for c in ("red", "blue", "green", "cyan")]
+    batch = model.processor(images=[np.full((32, 32, 3), 60 * i, np.uint8) for i in range(4)], text=texts)
+    with torch.no_grad():
+        sims = model.encode_text(batch["input_ids"], batch["attention_mask"]) @ model.encode_image_bottom_up(batch["images"]).t()
+    expected = sims.masked_fill(torch.eye(4, dtype=torch.bool), -2).argmax(1)
+    neg_image, _ = sample_negatives(model, batch["images"], batch["input_ids"], batch["attention_mask"], hard=True)
+    assert neg_image.tolist() == expected.tolist()
+
+
+def test_retrieval_config_checks(shapes_root):
+    with pytest.raises(ConfigError, match="model.prior_visual"):
+        load_config("configs/shapes_retrieval.yaml", ["model.prior_visual=top_down"], RetrievalConfig)
+    with pytest.raises(ConfigError, match="train.rerank_k"):
+        load_config("configs/shapes_retrieval.yaml", ["train.rerank_k=0"], RetrievalConfig)
+    with pytest.raises(ConfigError, match="did you mean 'data.captions'"):
+        load_config("configs/shapes_retrieval.yaml", ["data.caption=x"], RetrievalConfig)
