@@ -33,7 +33,8 @@ class SearchHit:
         id: the image's id in the index.
         path: the image file.
         score: cosine similarity of the query's ξ and the image's bottom-up embedding.
-        rerank_score: ITM match probability with the query as top-down prior (None without re-ranking).
+        rerank_score: ``AbsVLModel.rerank_score`` (ITM log-odds with the query as top-down prior +
+            the contrastive logit; None without re-ranking).
     """
 
     rank: int
@@ -115,7 +116,7 @@ class Retriever:
 
     @torch.no_grad()
     def _rerank(self, query: str, hits: list[SearchHit], batch_size: int) -> list[SearchHit]:
-        """Score each candidate with the ITM head under the query's top-down prior; best first."""
+        """Score each candidate with ``rerank_score`` (the ITM head under the query's top-down prior); best first."""
         readable = []
         for hit in hits:
             try:
@@ -130,6 +131,6 @@ class Retriever:
             n = len(chunk)
             ids = text["input_ids"].expand(n, -1).to(self.device)
             mask = text["attention_mask"].expand(n, -1).to(self.device)
-            for (hit, _), prob in zip(chunk, self.model.itm_score(images, ids, mask).float().cpu().tolist()):
-                hit.rerank_score = prob
+            for (hit, _), value in zip(chunk, self.model.rerank_score(images, ids, mask).float().cpu().tolist()):
+                hit.rerank_score = value
         return sorted((hit for hit, _ in readable), key=lambda h: (-h.rerank_score, -h.score))

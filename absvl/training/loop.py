@@ -91,11 +91,35 @@ def make_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int) 
         num_workers=num_workers,
         collate_fn=collator,
         generator=torch.Generator().manual_seed(0),
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
+        persistent_workers=num_workers > 0,
     )
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors of ``batch`` on ``device`` (non-blocking: the loader pins memory on CUDA machines)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
+    batch: dict[str, Any], max_grad_norm: float,
+) -> torch.Tensor:
+    """One micro-step: loss, backward, clipping and the optimizer step when gradients sync.
+
+    A batch whose every image was unreadable takes a zero step, which keeps processes in step.
+    """
+    with accelerator.accumulate(model):
+        if task.batch_size(batch):
+            loss = task.loss(model, batch)
+        else:
+            loss = sum(p.sum() for p in model.parameters()) * 0.0
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -145,7 +169,8 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     checkpoint = resolve_resume(t.resume, out)
     task.setup(accelerator, out, checkpoint)
     train_set, collator = task.train_set, task.collator
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                  fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -195,22 +220,15 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     while state["step"] < total_steps:
         epoch_set = EpochOrder(train_set, t.seed, state["epoch"])
         loader = accelerator.prepare_data_loader(make_loader(epoch_set, collator, t.batch_size, _num_workers(config)))
+        whole_epoch, epoch_samples = state["batches_in_epoch"] == 0, 0
         if state["batches_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
         for batch in loader:
             state["skipped"].extend(list(s) for s in batch.get("skipped", []))
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
-            with accelerator.accumulate(model):
-                if size:
-                    loss = task.loss(model, batch)
-                else:  # every image of this batch was unreadable: a zero step keeps processes in step
-                    loss = sum(p.sum() for p in model.parameters()) * 0.0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            epoch_samples += size
+            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
             state["batches_in_epoch"] += 1
             window_samples += size * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -237,6 +255,9 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
             if at_end:
                 break
         else:  # the epoch ran out
+            if whole_epoch and _sum_over_processes(accelerator, epoch_samples) == 0:
+                raise ValueError(f"every item of epoch {state['epoch']} was unreadable, e.g. "
+                                 f"{state['skipped'][:2]}: check the dataset's image paths")
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
             if not t.eval_every:
@@ -257,6 +278,10 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
         "val_score": score(last_result), "best_checkpoint": state["best_checkpoint"],
         "skipped": len(state["skipped"]), "checkpoints": [str(p) for p in list_checkpoints(out)],
     }
+
+
+def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
 
 def _num_workers(config: Any) -> int:

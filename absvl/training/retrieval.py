@@ -18,7 +18,8 @@ would mark parameters ready twice).
 Evaluation never scores the full image × caption product (METER's ~1.5 GPU-days on COCO): the
 query-independent bottom-up image embeddings and the caption embeddings give a contrastive
 ranking, and its top ``k`` per query (SPEC §5: 128 on Flickr30K, 256 on COCO) are re-ranked by
-the ITM probability of a forward pass in which the caption steers the image encoder.
+``AbsVLModel.rerank_score``: the ITM log-odds of a forward pass in which the caption steers the
+image encoder, plus the contrastive logit.
 """
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ def evaluate_retrieval(
             image_rows, text_rows = (candidates, queries) if query_is_text else (queries, candidates)
 
             def itm(s: slice, image_rows=image_rows, text_rows=text_rows) -> list[float]:
-                return model.itm_score(pixels[image_rows[s]].to(device), *text_inputs(text_rows[s])).float().cpu().tolist()
+                return model.rerank_score(pixels[image_rows[s]].to(device), *text_inputs(text_rows[s])).float().cpu().tolist()
 
             scores = np.asarray(_batched(itm, len(candidates), batch_size, accelerator, f"re-rank {name.upper()}"))
             reranked[name] = _rerank(order, k, scores.reshape(order.shape[0], k))

@@ -24,10 +24,10 @@ def retriever(model, index_dir):
 
 
 def _itm(model, paths, query):
-    """ITM probabilities computed directly, one pair at a time."""
+    """Re-ranking scores (ITM log-odds + contrastive logit) computed directly, one pair at a time."""
     text = model.processor(text=[query])
     with torch.no_grad():
-        return [model.itm_score(model.processor(images=[str(p)])["images"], text["input_ids"], text["attention_mask"]).item()
+        return [model.rerank_score(model.processor(images=[str(p)])["images"], text["input_ids"], text["attention_mask"]).item()
                 for p in paths]
 
 

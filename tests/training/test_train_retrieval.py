@@ -166,9 +166,26 @@ def test_hard_negatives_follow_the_similarities(shapes_root):
 
 
 def test_retrieval_config_checks(shapes_root):
+    paper = load_config("configs/flickr30k_absvit_base.yaml", [], RetrievalConfig)
+    assert paper.train.rerank_k == 128 and paper.model.backbone == "absvit_base_patch16_224"
     with pytest.raises(ConfigError, match="model.prior_visual"):
         load_config("configs/shapes_retrieval.yaml", ["model.prior_visual=top_down"], RetrievalConfig)
     with pytest.raises(ConfigError, match="train.rerank_k"):
         load_config("configs/shapes_retrieval.yaml", ["train.rerank_k=0"], RetrievalConfig)
     with pytest.raises(ConfigError, match="did you mean 'data.captions'"):
         load_config("configs/shapes_retrieval.yaml", ["data.caption=x"], RetrievalConfig)
+
+
+def test_an_epoch_of_only_unreadable_images_stops_the_run(shapes_root, tmp_path):
+    """Corrupt every training image: the run stops after one epoch with a message, not hours later."""
+    images = tmp_path / "images"
+    for src in (shapes_root / "images").rglob("*.jpg"):
+        dest = images / src.relative_to(shapes_root / "images")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"truncated")
+    overrides = [*retrieval_overrides(shapes_root, tmp_path / "run", 50), f"data.images={images}", "data.val_split=null"]
+    with pytest.raises(ValueError, match="every item of epoch 0 was unreadable"):
+        train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
+    with pytest.raises(FileNotFoundError, match="data.images"):
+        train_retrieval(load_config("configs/shapes_retrieval.yaml", [*overrides, f"data.images={tmp_path}"],
+                                    RetrievalConfig))

@@ -47,13 +47,12 @@ def contrastive_loss(
     here. ``valid`` (``[B]`` bool) drops rows that are not matching pairs (e.g. ITM negatives).
     """
     text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-    if valid is None:
-        valid = torch.ones(text.shape[0], dtype=torch.bool, device=text.device)
     text, image = gather_with_grad(text), gather_with_grad(image)
-    valid = gather_with_grad(valid.long()).bool()
-    text, image = text[valid], image[valid]
-    if text.shape[0] == 0:  # no matching pair anywhere: nothing to contrast
-        return logit_scale * 0.0
+    if valid is not None:  # boolean indexing syncs with the GPU and breaks torch.compile graphs: only when needed
+        valid = gather_with_grad(valid.long()).bool()
+        text, image = text[valid], image[valid]
+        if text.shape[0] == 0:  # no matching pair anywhere: nothing to contrast
+            return logit_scale * 0.0
     logits = logit_scale * text @ image.t()
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

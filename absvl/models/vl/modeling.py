@@ -259,6 +259,18 @@ class AbsVLModel(
         """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
         return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
 
+    def rerank_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(ξ, image embedding).
+
+        The ITM term comes from a forward pass whose top-down pass the text steers; the second is
+        the contrastive logit of the prior loss. Their sum is the log-product of the two matching
+        models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
+        the contrastive order.
+        """
+        out = self(images, input_ids, attention_mask)
+        log_odds = out.itm_logits[:, 1] - out.itm_logits[:, 0]
+        return log_odds + self.contrastive.scale() * (out.text_embeds * out.image_embeds).sum(-1)
+
     def attention_maps(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:

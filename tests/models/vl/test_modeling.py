@@ -100,10 +100,17 @@ def test_encoders_for_retrieval(make_model, make_batch):
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
         image = model.encode_image_bottom_up(batch["images"])
         scores = model.itm_score(batch["images"], batch["input_ids"], batch["attention_mask"])
+        rerank = model.rerank_score(batch["images"], batch["input_ids"], batch["attention_mask"])
+        bottom_up_only = model.backbone(batch["images"], bottom_up_only=True)
     torch.testing.assert_close(text, out.text_embeds)
     torch.testing.assert_close(image, out.image_embeds)  # query-independent: same with or without the text
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(text)))
     torch.testing.assert_close(scores, out.itm_logits.softmax(-1)[:, 1])
+    log_odds = (out.itm_logits.log_softmax(-1)[:, 1] - out.itm_logits.log_softmax(-1)[:, 0])
+    torch.testing.assert_close(rerank, log_odds + model.contrastive.scale() * (text * image).sum(-1))
+    # the one-pass bottom-up output equals the first pass of the full backbone
+    torch.testing.assert_close(bottom_up_only.pooled, out.vision.bottom_up_pooled)
+    assert "top_down" not in model.backbone(batch["images"], bottom_up_only=True, return_maps=True).maps
 
 
 def test_return_loss_without_labels_and_itm_negatives_leave_the_prior_loss(make_model, make_batch):

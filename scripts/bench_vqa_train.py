@@ -1,0 +1,645 @@
+#!/usr/bin/env python
+"""End-to-end VQA training throughput of the VL model, AbSViT against ViT in the same run.
+
+The model is the paper's VQA setup (SPEC §5): AbSViT-B (or the ViT-B baseline) + RoBERTa-base
+(built from ``transformers.RobertaConfig()``, random init, nothing downloaded) + 6 METER
+co-attention fusion layers (H=768, 12 heads), 224 px, 3,129 answers. Every model is timed in two
+modes:
+
+* **full step**: the real data path. A DataLoader over a VQAv2-format folder of JPEGs, the real
+  ``VQADataset`` + ``VQACollator`` (in the trainer's ``EpochOrder`` wrapper), prepared by
+  Accelerate (pinned memory and non-blocking copies on CUDA), then forward / backward / AdamW.
+* **model-only step**: the same step on one batch already on the device, repeated.
+
+Data-loading overhead = 1 − model_only_time / full_time (median step times: robust to the odd
+step stalled by another process), the share of the step spent waiting for data; throughput is
+batch / mean step time, with the spread (std, min, max) printed. Warmup steps are not timed. The
+step is the one ``absvl.training.loop.run_training`` runs for ``VQATask``: the task's
+loss (VQA BCE + 0.3·L_var + prior InfoNCE), ``accelerator.backward``, gradient clipping, AdamW
+over ``AbsVLModel.parameter_groups`` (fused on CUDA), ``zero_grad``, the linear LR schedule,
+with Accelerate's mixed precision (bf16 autocast) on GPU.
+
+Training FLOPs per sample are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one
+forward + backward (attention counted through the math SDPA path, so every matmul is seen; the
+optimizer and element-wise ops are not counted); on GPU the model FLOPs utilisation (MFU) is the
+achieved FLOP/s over the device's dense bf16 peak. As a sanity check the backbone's counted
+training FLOPs are printed next to 3 × 2 × MACs of ``estimate_macs`` (forward = 2·MACs,
+backward ≈ 2 × forward).
+
+    # CPU (2 cores: a paper-size step takes seconds; keep batch and steps small)
+    python scripts/bench_vqa_train.py --batch 4 --steps 3 --warmup 1
+    # GPU (bf16, fused SDPA, TF32, fused AdamW, pinned memory; goal: MFU >= 40 %, data <= 10 %)
+    python scripts/bench_vqa_train.py --device cuda --batch 64 --precision bf16 --compile \\
+        --num-workers 8 --steps 30 --warmup 5
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collator tokenises inside forked workers
+
+import torch  # noqa: E402
+
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, most specific name first
+PEAK_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIE", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", None),  # not listed by NVIDIA: pass --peak-tflops
+    ("A10", 125.0),
+)
+GOAL_MFU, GOAL_DATA_OVERHEAD = 0.40, 0.10
+DEFAULT_MODELS = "absvit_base_patch16_224,vit_base_patch16_224"
+COCO_SIZE = (640, 480)  # the typical COCO image (VQAv2's images are COCO's)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    name = device_name.upper()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _shapes_world(root: Path, num_images: int, image_size: int) -> Path:
+    from absvl.data.shapes import ensure_shapes
+
+    ensure_shapes(root, num_images=num_images, image_size=image_size, seed=0, splits=(("train2014", 1.0),))
+    return root
+
+
+def write_coco_standins(
+    world: Path, out: Path, size: tuple[int, int] = COCO_SIZE, quality: int = 90, noise: float = 18.0
+) -> Path:
+    """A VQAv2-format copy of the Shapes world's train split whose images are COCO-sized JPEGs.
+
+    Each scene is resized to ``size`` and given a per-pixel texture (Gaussian, std ``noise``), so
+    that the files are about as large (and as slow to decode) as COCO's (~160 kB on average)
+    rather than small flat-colour ones.
+    Cached: reused when the marker matches.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from absvl.data.shapes import annotations_filename, image_folder, questions_filename
+
+    marker = out / "standins.json"
+    key = {"world": str(world.resolve()), "size": list(size), "quality": quality, "noise": noise,
+           "mtime": (world / "shapes_meta.json").stat().st_mtime_ns}
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    folder = image_folder("train2014")
+    (out / "images" / folder).mkdir(parents=True)
+    for name in (questions_filename("train2014"), annotations_filename("train2014")):
+        shutil.copy(world / name, out / name)
+    for i, src in enumerate(sorted((world / "images" / folder).glob("*.jpg"))):
+        rng = np.random.default_rng(i)
+        image = np.asarray(Image.open(src).convert("RGB").resize(size, Image.BICUBIC), dtype=np.float32)
+        image = np.clip(image + rng.normal(0.0, noise, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(out / "images" / folder / src.name, quality=quality)
+    marker.write_text(json.dumps(key))
+    return out
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """(VQAv2-format data root, tokenizer folder, description)."""
+    work = Path(args.work_dir)
+    if args.data_root:
+        root = Path(args.data_root)
+        tokenizer = Path(args.tokenizer) if args.tokenizer else root / "text_encoder"
+        if not tokenizer.is_dir():  # e.g. real VQAv2: take the tiny Shapes tokenizer (only ids matter)
+            tokenizer = _shapes_world(work / "shapes_tokenizer", 16, 32) / "text_encoder"
+        return root, tokenizer, f"{root} ({args.split})"
+    source = args.source_size or max(224, args.image_size)
+    world = _shapes_world(work / f"shapes_{source}px_{args.num_images}", args.num_images, source)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else world / "text_encoder"
+    if args.images == "shapes":
+        return world, tokenizer, f"Shapes world, {args.num_images} images of {source}x{source} px"
+    root = write_coco_standins(world, work / f"coco_standins_{source}px_{args.num_images}")
+    kb = statistics.mean(p.stat().st_size for p in (root / "images").rglob("*.jpg")) / 1024
+    w, h = COCO_SIZE
+    return root, tokenizer, f"COCO-sized stand-ins, {args.num_images} JPEGs of {w}x{h} px (mean {kb:.0f} kB)"
+
+
+class _Cycle(torch.utils.data.Sampler):
+    """Indices 0, 1, ..., len-1, 0, 1, ... for ``total`` items: one loader iterator covers the run."""
+
+    def __init__(self, length: int, total: int) -> None:
+        self.length, self.total = length, total
+
+    def __iter__(self):
+        return (i % self.length for i in range(self.total))
+
+    def __len__(self) -> int:
+        return self.total
+
+
+# ----------------------------------------------------------------------------------------------
+# model and step
+
+
+def build_model(name: str, args: argparse.Namespace, answers: list[str], tokenizer: Any, tokenizer_dir: Path):
+    import transformers
+
+    from absvl.models.vl import AbsVLConfig, AbsVLModel
+
+    text = transformers.RobertaConfig(num_hidden_layers=args.text_layers).to_dict()
+    if args.text_hidden:  # a reduced encoder (tests): heads of 64 channels, FFN 4x
+        hidden = args.text_hidden
+        text.update(hidden_size=hidden, num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden)
+    if args.text_vocab:
+        text["vocab_size"] = args.text_vocab
+    text.pop("_name_or_path", None)
+    config = AbsVLConfig(
+        backbone=name,
+        backbone_kwargs={"img_size": args.image_size},
+        image_size=args.image_size,
+        text_encoder=str(tokenizer_dir),  # never read: text_config is given and so is the tokenizer
+        text_config=text,
+        max_text_len=args.max_text_len,
+        fusion_hidden_size=args.fusion_hidden,
+        fusion_layers=args.fusion_layers,
+        fusion_heads=args.fusion_heads,
+    )
+    torch.manual_seed(0)
+    model = AbsVLModel(config, answers=answers, tokenizer=tokenizer)
+    model.itm_head.requires_grad_(False)  # as VQATask.setup: VQA finetuning has no ITM term
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(times: list[float], batch: int) -> dict[str, float]:
+    mean = statistics.mean(times)
+    return {
+        "step_s_mean": mean,
+        "step_s_median": statistics.median(times),
+        "step_s_std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "samples_per_s": batch / mean,
+        "steps": len(times),
+    }
+
+
+class SDPAKernels:
+    """Counts, while active, the calls of ``F.scaled_dot_product_attention`` and the fused kernels
+    (flash / efficient / cudnn, forward) they dispatch to; the rest ran the unfused math path."""
+
+    def __enter__(self) -> SDPAKernels:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.calls, self.kernels = 0, Counter()
+        functional, original = torch.nn.functional, torch.nn.functional.scaled_dot_product_attention
+        owner = self
+
+        def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+            owner.calls += 1
+            return original(*args, **kwargs)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__
+                if "attention" in name and "backward" not in name:
+                    kind = next((k for k in ("flash", "efficient", "cudnn") if k in name), None)
+                    if kind:
+                        owner.kernels[kind] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._restore = lambda: setattr(functional, "scaled_dot_product_attention", original)
+        functional.scaled_dot_product_attention = counted
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        self._restore()
+
+    def summary(self) -> dict[str, int]:
+        out = dict(self.kernels)
+        fused = sum(out.values())
+        if self.calls > fused:
+            out["math"] = self.calls - fused
+        return out
+
+
+def backbone_train_flops(name: str, image_size: int) -> int | None:
+    """FLOPs of one backbone forward + backward (with L_var) for one image, as in the VL model
+    (ξ needs a gradient), counted on the meta device: nothing is computed. None if that fails."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from absvl.models.vision import create_backbone
+
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(name, img_size=image_size).train()
+            images = torch.empty(1, 3, image_size, image_size)
+            xi = torch.empty(1, backbone.num_features, requires_grad=True)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel([SDPBackend.MATH]):
+            out = backbone(images, xi=xi)
+            loss = out.tokens.float().mean() + sum(out.aux_losses.values(), torch.zeros((), device="meta"))
+            loss.backward()
+        return counter.get_total_flops()
+    except Exception:  # noqa: BLE001 - a sanity check only
+        return None
+
+
+def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[str, Any]) -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import get_scheduler
+
+    from absvl.data.vqa import VQADataset
+    from absvl.models.vision import count_params, estimate_macs
+    from absvl.training.data import EpochOrder
+    from absvl.training.loop import make_loader, to_device, train_step
+    from absvl.training.vqa import VQATask
+
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    task = VQATask(data["run_config"])  # only its loss() and batch_size() are used
+    t = data["run_config"].train
+    model = build_model(name, args, data["answers"], data["tokenizer"], data["tokenizer_dir"]).to(device)
+    task.model = model
+    params = count_params(model)
+    fused = {"auto": cuda, "on": True, "off": False}[args.fused_adamw]
+    optimizer = torch.optim.AdamW(
+        model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+        fused=fused or None,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    total = 10 * (args.steps + args.warmup + 2)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total)
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        # the trainer's own step (absvl.training.loop.train_step), then the scheduler as run_training does
+        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
+        scheduler.step()
+        return loss
+
+    def mark(batch: dict[str, Any]) -> dict[str, Any]:
+        if args.compile:  # question length varies between batches: one graph for every length
+            for key in ("input_ids", "attention_mask"):
+                torch._dynamo.maybe_mark_dynamic(batch[key], 1)
+        return batch
+
+    dataset = VQADataset(data["examples"], data["answer_index"], data["transform"])
+    needed = args.batch * (args.warmup + args.steps)
+
+    # one fixed batch on the device for the model-only step (same items as the loader's first batch)
+    first = make_loader(EpochOrder(dataset, t.seed, 0), data["collator"], args.batch, 0)
+    fixed = mark(to_device(next(iter(first)), device))
+    size = task.batch_size(fixed)
+
+    # 1. FLOPs of one training step (forward + backward), eager, attention through the math path so
+    #    that its matmuls are counted on every device (the fused CPU kernel has no flop formula)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel([SDPBackend.MATH]), counter:
+        loss = task.loss(model, fixed)
+        accelerator.backward(loss)
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    macs = estimate_macs(name, img_size=args.image_size)[1]
+    backbone_flops = backbone_train_flops(name, args.image_size)
+
+    # 2. which SDPA kernels a step dispatches to (eager, default backends): the first model-only
+    #    warmup step, or an extra untimed step before compiling
+    sdpa = SDPAKernels()
+    if args.compile or not args.warmup:
+        with sdpa:
+            step(fixed)
+    if args.compile:
+        accelerator.unwrap_model(model).compile()  # in place: the optimizer keeps the same parameters
+
+    # 3. model-only steps
+    times: list[float] = []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        with sdpa if i == 0 and not args.compile and args.warmup else nullcontext():
+            step(fixed)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    model_only = _stats(times, size)
+
+    # 4. full steps: the trainer's loader (EpochOrder → DataLoader → Accelerate), cycling over the set
+    loader = torch.utils.data.DataLoader(
+        EpochOrder(dataset, t.seed, 0),
+        batch_size=args.batch,
+        sampler=_Cycle(len(dataset), needed),
+        num_workers=args.num_workers,
+        collate_fn=data["collator"],
+        pin_memory=cuda,
+        persistent_workers=False,
+        prefetch_factor=args.prefetch if args.num_workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    times, waits, sizes = [], [], []
+    iterator = iter(loader)
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        batch = mark(to_device(next(iterator), device))
+        got = time.perf_counter()
+        step(batch)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            waits.append(got - start)
+            sizes.append(task.batch_size(batch))
+    del iterator, loader
+    full = _stats(times, args.batch)
+    full["samples_per_s"] = sum(sizes) / sum(times)
+    full["data_wait_s_mean"] = statistics.mean(waits)
+
+    per_sample = flops / size
+    result: dict[str, Any] = {
+        "model": name,
+        "params_m": params / 1e6,
+        "model_only": model_only,
+        "full": full,
+        # medians: robust to the odd step stalled by another process (shared CPUs)
+        "data_loading_overhead": 1.0 - model_only["step_s_median"] / full["step_s_median"],
+        "data_loading_overhead_mean": 1.0 - model_only["step_s_mean"] / full["step_s_mean"],
+        "data_wait_fraction": full["data_wait_s_mean"] / full["step_s_mean"],
+        "train_flops_per_sample": per_sample,
+        "backbone_train_flops_per_sample": backbone_flops,
+        "backbone_macs_per_sample": macs,
+        "backbone_analytic_train_flops_per_sample": 3 * 2 * macs,
+        "achieved_tflops_full": per_sample * full["samples_per_s"] / 1e12,
+        "achieved_tflops_model_only": per_sample * model_only["samples_per_s"] / 1e12,
+        "sdpa_kernels": sdpa.summary(),
+        "loss": float(loss.detach().float()),
+    }
+    if data["peak_tflops"]:
+        result["mfu_full"] = result["achieved_tflops_full"] / data["peak_tflops"]
+        result["mfu_model_only"] = result["achieved_tflops_model_only"] / data["peak_tflops"]
+    accelerator.free_memory(model, optimizer)
+    del model, optimizer, scheduler, task, fixed
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# reporting
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:5.1f}%" if x is not None else "    -"
+
+
+def print_report(results: dict[str, Any]) -> None:
+    args, machine = results["args"], results["machine"]
+    gpu = f", GPU {machine['gpu']} (CUDA {machine['cuda']})" if "gpu" in machine else ""
+    peak = results["peak_tflops"]
+    print(
+        f"# machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads{gpu}, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}, {machine['date']}"
+    )
+    print(
+        f"# VQA train step: batch {args['batch']}, {args['image_size']} px, text {args['text_layers']}x{args['text_hidden'] or 768}"
+        f"{'' if not args['text_vocab'] else ' vocab ' + str(args['text_vocab'])}, "
+        f"fusion {args['fusion_layers']}x{args['fusion_hidden']} ({args['fusion_heads']} heads), "
+        f"{results['num_answers']} answers, {args['precision']}, compile={args['compile']}, "
+        f"fused AdamW={results['fused_adamw']}, {args['num_workers']} workers, "
+        f"{args['steps']} timed steps after {args['warmup']} warmup"
+    )
+    print(f"# data: {results['data']}")
+    print(f"# peak bf16: {peak} TFLOP/s" if peak else "# peak: none (CPU, or unknown GPU: --peak-tflops)")
+    header = (
+        f"{'model':26s} {'params':>7s} {'GFLOP/smp':>9s} {'model-only smp/s':>17s} {'full smp/s':>15s} "
+        f"{'data ovh':>8s} {'wait':>6s} {'TFLOP/s':>8s} {'MFU':>6s}"
+    )
+    print(header)
+    for r in results["models"]:
+        mo, fu = r["model_only"], r["full"]
+        print(
+            f"{r['model']:26s} {r['params_m']:6.1f}M {r['train_flops_per_sample'] / 1e9:9.3g} "
+            f"{mo['samples_per_s']:8.2f} ±{100 * mo['step_s_std'] / mo['step_s_mean']:4.1f}%   "
+            f"{fu['samples_per_s']:7.2f} ±{100 * fu['step_s_std'] / fu['step_s_mean']:4.1f}% "
+            f"{_pct(r['data_loading_overhead']):>8s} {_pct(r['data_wait_fraction']):>6s} "
+            f"{r['achieved_tflops_full']:8.3f} {_pct(r.get('mfu_full')):>6s}"
+        )
+    print("# step times (s), mean ± std [min, median, max]; data ovh = 1 - median model-only / median full step, "
+          "wait = mean time in next(loader) / mean full step")
+    for r in results["models"]:
+        for mode in ("model_only", "full"):
+            s = r[mode]
+            print(f"#   {r['model']:26s} {mode:10s} {s['step_s_mean']:8.3f} ± {s['step_s_std']:.3f} "
+                  f"[{s['step_s_min']:.3f}, {s['step_s_median']:.3f}, {s['step_s_max']:.3f}]")
+    print("# backbone training FLOPs per sample: counted (fwd+bwd) vs 3 x 2 x estimate_macs:")
+    for r in results["models"]:
+        counted, analytic = r["backbone_train_flops_per_sample"], r["backbone_analytic_train_flops_per_sample"]
+        ratio = f"{counted / analytic:.2f}" if counted else "-"
+        counted_s = f"{counted / 1e9:.3g}" if counted else "-"
+        print(f"#   {r['model']:26s} counted {counted_s} G, analytic {analytic / 1e9:.3g} G "
+              f"(MACs {r['backbone_macs_per_sample'] / 1e9:.2f} G), counted/analytic {ratio}")
+    print("# SDPA kernels (forward calls per step): " + "; ".join(
+        f"{r['model']}: " + (", ".join(f"{k} {v}" for k, v in sorted(r["sdpa_kernels"].items())) or "none seen")
+        for r in results["models"]))
+    for pair, ratio in results["ratios"].items():
+        print(
+            f"# {pair}: model-only throughput x{ratio['model_only_samples_per_s']:.3f} "
+            f"(step time x{1 / ratio['model_only_samples_per_s']:.2f}), full throughput "
+            f"x{ratio['full_samples_per_s']:.3f} (step time x{1 / ratio['full_samples_per_s']:.2f}), "
+            f"FLOPs/sample x{ratio['train_flops_per_sample']:.2f}"
+        )
+    if "gpu" in machine:
+        for r in results["models"]:
+            mfu, ovh = r.get("mfu_full"), r["data_loading_overhead"]
+            ok_mfu = "?" if mfu is None else ("met" if mfu >= GOAL_MFU else "NOT met")
+            ok_data = "met" if ovh <= GOAL_DATA_OVERHEAD else "NOT met"
+            print(f"# goal {r['model']}: MFU >= {GOAL_MFU:.0%} {ok_mfu} ({_pct(mfu).strip()}), "
+                  f"data loading <= {GOAL_DATA_OVERHEAD:.0%} {ok_data} ({_pct(ovh).strip()})")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbones (default: %(default)s)")
+    p.add_argument("--baseline", help="backbone the others are compared with (default: the first vit_*, else the last)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode (more with --compile)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (the trainer's default: 2)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--text-layers", type=int, default=12, help="RoBERTa layers (12: RoBERTa-base)")
+    p.add_argument("--text-hidden", type=int, help="text encoder width (default: RoBERTa-base's 768)")
+    p.add_argument("--text-vocab", type=int, help="text vocabulary (default: RoBERTa-base's 50,265)")
+    p.add_argument("--fusion-layers", type=int, default=6)
+    p.add_argument("--fusion-hidden", type=int, default=768)
+    p.add_argument("--fusion-heads", type=int, default=12)
+    p.add_argument("--num-answers", type=int, default=3129, help="VQA answers (VQAv2: 3,129)")
+    p.add_argument("--max-text-len", type=int, default=40)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (in place)")
+    p.add_argument("--fused-adamw", choices=["auto", "on", "off"], default="auto", help="auto: fused on CUDA")
+    p.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full precision on CUDA")
+    p.add_argument("--images", choices=["coco", "shapes"], default="coco",
+                   help="generated data: COCO-sized 640x480 JPEG stand-ins, or the Shapes world's own images")
+    p.add_argument("--source-size", type=int, help="Shapes image size (default: max(224, --image-size))")
+    p.add_argument("--num-images", type=int, default=64, help="distinct images generated (the loader cycles over them)")
+    p.add_argument("--data-root", help="an existing VQAv2-format folder (e.g. real VQAv2) instead of generated data")
+    p.add_argument("--split", default="train")
+    p.add_argument("--tokenizer", help="local tokenizer folder (default: the Shapes world's)")
+    p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "absvl" / "bench_vqa_train"))
+    p.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) in TFLOP/s, for the MFU")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("need --batch >= 1, --steps >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from absvl.data.answers import build_answer_vocab
+    from absvl.data.images import image_transform
+    from absvl.data.vqa import VQACollator, load_vqa_split
+    from absvl.runtime import keep_freed_memory
+    from absvl.training.config import RunConfig
+    from absvl.training.vqa import annotation_entry
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    baseline = args.baseline or next((m for m in names if m.startswith("vit_")), names[-1])
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    keep_freed_memory()  # as run_training
+    if cuda and not args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if args.precision == "bf16" else "no",
+        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
+    )
+    set_seed(0)
+    device = accelerator.device
+    machine = machine_info(device)
+    peak = args.peak_tflops or (peak_tflops(machine["gpu"]) if cuda else None)
+
+    root, tokenizer_dir, data_desc = prepare_data(args)
+    examples = load_vqa_split(root, args.split, require_annotations=True)
+    answers = build_answer_vocab([annotation_entry(ex) for ex in examples], 1)[: args.num_answers]
+    answers += [f"<unused answer {i}>" for i in range(args.num_answers - len(answers))]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    if args.text_vocab and args.text_vocab < len(tokenizer):
+        raise SystemExit(f"--text-vocab {args.text_vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    run_config = RunConfig()
+    run_config = replace(run_config, train=replace(run_config.train, mixed_precision=accelerator.mixed_precision))
+    data = {
+        "run_config": run_config,
+        "examples": examples,
+        "answers": answers,
+        "answer_index": {a: i for i, a in enumerate(answers)},
+        "tokenizer": tokenizer,
+        "tokenizer_dir": tokenizer_dir,
+        "transform": image_transform(args.image_size, train=True, randaugment=run_config.data.randaugment),
+        "collator": VQACollator(tokenizer, len(answers), args.max_text_len),
+        "peak_tflops": peak,
+    }
+    models = []
+    for name in names:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        models.append(measure_model(name, args, accelerator, data))
+    by_name = {r["model"]: r for r in models}
+    base = by_name.get(baseline)
+    ratios = {}
+    if base is not None:
+        for r in models:
+            if r["model"] == baseline:
+                continue
+            ratios[f"{r['model']}/{baseline}"] = {
+                "model_only_samples_per_s": r["model_only"]["samples_per_s"] / base["model_only"]["samples_per_s"],
+                "full_samples_per_s": r["full"]["samples_per_s"] / base["full"]["samples_per_s"],
+                "train_flops_per_sample": r["train_flops_per_sample"] / base["train_flops_per_sample"],
+            }
+    results = {
+        "args": vars(args),
+        "machine": machine,
+        "data": data_desc,
+        "num_answers": len(answers),
+        "peak_tflops": peak,
+        "fused_adamw": {"auto": cuda, "on": True, "off": False}[args.fused_adamw],
+        "models": models,
+        "ratios": ratios,
+    }
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
