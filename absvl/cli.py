@@ -33,7 +33,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    run(args.config, args.overrides, args.out)
+    run(args.config, args.overrides, args.out, retrieval_overrides=None if args.skip_retrieval else ())
     return 0
 
 
@@ -312,9 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieval_commands(sub)  # index build|add, search
     add_serve_commands(sub)  # serve
 
-    p = sub.add_parser("demo", help="offline CPU demo: Shapes world, train, evaluate, attention maps")
+    p = sub.add_parser("demo", help="offline CPU demo: Shapes world, VQA and retrieval training, evaluation, "
+                                    "attention maps, index and search")
     p.add_argument("--config", default="configs/shapes_absvit_tiny.yaml", help="run config (default: the demo's)")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's report and PNG (default outputs/demo)")
+    p.add_argument("--skip-retrieval", action="store_true", help="VQA only (no retrieval finetuning, index, search)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=2")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -1,4 +1,4 @@
-"""``absvl demo`` / ``make demo``: the whole VQA story offline on a CPU in minutes.
+"""``absvl demo`` / ``make demo``: the VQA and retrieval stories offline on a CPU in minutes.
 
 1. generate the Shapes world (cached in ``data/shapes``): images, VQAv2-format questions,
    captions and a tiny RoBERTa + tokenizer built locally;
@@ -7,7 +7,10 @@
 4. measure where the backbone looks: the share of the token-norm map on the question's
    target objects over their area share (1.0 = no preference), bottom-up vs top-down;
 5. write a PNG: one image, its bottom-up map, and the top-down maps for two questions
-   about different objects.
+   about different objects;
+6. retrieval: finetune the VQA model on the world's captions (``configs/shapes_retrieval.yaml``:
+   prior loss + ITM on hard negatives), report test IR/TR@k (contrastive, then re-ranked by ITM
+   with the caption steering the encoder), index the test images with FAISS and run a query.
 """
 from __future__ import annotations
 
@@ -15,69 +18,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
-
-from .data.shapes import ShapesWorld, target_mask
-from .metrics.attention import target_attention_ratio
+from .data.shapes import ShapesWorld
+from .metrics.attention import attention_scores
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLModel
-from .training.config import load_config
+from .metrics.retrieval import format_recall_table
+from .retrieval import Retriever, build_index
+from .training.config import RetrievalConfig, load_config
+from .training.retrieval import evaluate_model as evaluate_retrieval_model
+from .training.retrieval import train_retrieval
 from .training.vqa import predict_split, train_vqa
+from .visualize import attention_figure
 
 DEFAULT_CONFIG = "configs/shapes_absvit_tiny.yaml"
+RETRIEVAL_CONFIG = "configs/shapes_retrieval.yaml"
+RETRIEVAL_EPOCHS = 2
 
 
-def _heat(values: np.ndarray, size: int) -> Image.Image:
-    v = (values - values.min()) / (values.max() - values.min() + 1e-8)
-    gray = Image.fromarray((v * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
-    g = np.asarray(gray, dtype=np.float32) / 255
-    return Image.fromarray((np.stack([g, g * 0.6, 1 - g], -1) * 255).astype(np.uint8))
-
-
-def _overlay(image: Image.Image, values: np.ndarray) -> Image.Image:
-    return Image.blend(image, _heat(values, image.size[0]), 0.55)
-
-
-def attention_figure(
-    model: AbsVLModel, image_path: Path, questions: list[str], out_png: Path, size: int = 224
-) -> dict[str, np.ndarray]:
-    """PNG of the image, its bottom-up map, and one top-down map per question (paper Fig. 4/6 style)."""
-    image = Image.open(image_path).convert("RGB")
-    processor = model.processor
-    inputs = processor(images=[image] * len(questions), text=questions)
-    with torch.no_grad():
-        maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
-        logits = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"]).vqa_logits
-    answers = [model.answers[i] for i in logits.argmax(-1).tolist()]
-    big = image.resize((size, size), Image.Resampling.NEAREST)
-    panels = [(big, "image"), (_overlay(big, maps["bottom_up"][0].numpy()), "bottom-up")]
-    for i, (question, answer) in enumerate(zip(questions, answers)):
-        panels.append((_overlay(big, maps["top_down"][i].numpy()), f"{question} -> {answer}"))
-    label_h = 34
-    canvas = Image.new("RGB", (size * len(panels), size + label_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (panel, label) in enumerate(panels):
-        canvas.paste(panel, (k * size, label_h))
-        words, line = label.split(), ""
-        lines = []
-        for word in words:  # wrap to the panel width
-            if len(line) + len(word) > 34:
-                lines.append(line)
-                line = ""
-            line = f"{line} {word}".strip()
-        lines.append(line)
-        draw.multiline_text((k * size + 4, 2), "\n".join(lines[:2]), fill="black")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
-    return {"bottom_up": maps["bottom_up"][0].numpy(), **{q: maps["top_down"][i].numpy() for i, q in enumerate(questions)}}
-
-
-def _two_questions(world: ShapesWorld, split: str) -> tuple[Path, list[str]]:
-    """A test image with two objects of unique shapes, and a colour question about each."""
-    scenes = world.load_scenes()
-    for image_id, scene in sorted(scenes.items()):
+def two_questions(world: ShapesWorld, split: str) -> tuple[Path, list[str]]:
+    """A ``split`` image with 3+ objects, two of unique shapes, and a colour question about each
+    (in tiny worlds without one: the first image and its first two objects)."""
+    scenes = sorted(world.load_scenes().items())
+    for image_id, scene in scenes:
         if scene["split"] != split:
             continue
         shapes = [o["shape"] for o in scene["objects"]]
@@ -85,29 +47,44 @@ def _two_questions(world: ShapesWorld, split: str) -> tuple[Path, list[str]]:
         if len(unique) >= 2 and len(scene["objects"]) >= 3:
             a, b = unique[:2]
             return world.image_path(split, image_id), [f"what color is the {a['shape']}?", f"what color is the {b['shape']}?"]
-    raise RuntimeError(f"no {split} image of the Shapes world has two objects of unique shapes")
+    for image_id, scene in scenes:
+        if scene["split"] == split:
+            return world.image_path(split, image_id), [f"what color is the {o['shape']}?" for o in scene["objects"][:2]]
+    raise RuntimeError(f"the Shapes world has no {split} image")
 
 
-def attention_scores(model: AbsVLModel, world: ShapesWorld, split: str, limit: int = 200) -> dict[str, float]:
-    """Mean target-attention ratio (bottom-up, top-down) over questions that have target objects."""
-    questions = json.loads(world.questions_path(split).read_text())["questions"]
-    questions = [q for q in questions if q.get("target_objects")][:limit]
-    ratios: dict[str, list[float]] = {"bottom_up": [], "top_down": []}
-    processor = model.processor
-    for start in range(0, len(questions), 32):
-        chunk = questions[start : start + 32]
-        images = [Image.open(world.image_path(split, q["image_id"])).convert("RGB") for q in chunk]
-        inputs = processor(images=images, text=[q["question"] for q in chunk])
-        with torch.no_grad():
-            maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
-        for i, q in enumerate(chunk):
-            mask = target_mask(world, q)
-            for kind in ratios:
-                ratios[kind].append(target_attention_ratio(maps[kind][i].numpy(), mask))
-    return {kind: float(np.mean(v)) for kind, v in ratios.items()}
+def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out_dir: Path) -> dict[str, Any]:
+    """Finetune the VQA model for retrieval, evaluate on the test captions, index the test images, search."""
+    config = load_config(RETRIEVAL_CONFIG, [f"train.init_from={vqa_export}", f"train.epochs={RETRIEVAL_EPOCHS}",
+                                            *overrides], RetrievalConfig)
+    export = train_retrieval(config)["export"]
+    d = config.data
+    images_root = Path(d.images) if d.images else Path(d.captions).parent
+    result = evaluate_retrieval_model(export, d.captions, "test", images_root, rerank_k=config.train.rerank_k,
+                                      num_workers=d.num_workers)
+    print(f"\n== Shapes test retrieval ({result['images']} images, {result['captions']} captions) ==")
+    print(format_recall_table({"contrastive": result["contrastive"],
+                               f"re-ranked top-{config.train.rerank_k} (ITM, top-down)": result["reranked"]}))
+    report = build_index(AbsVLModel.from_pretrained(export), images_root / "test2015", out_dir / "index",
+                         overwrite=True, model_source=export, progress=False)
+    print(f"indexed {report.num_indexed} test images with FAISS ({report.factory}) in {out_dir / 'index'}")
+    retriever = Retriever(AbsVLModel.from_pretrained(export), report.out)
+    query = "a red circle left of a blue square."
+    hits = retriever.search(query, k=5, rerank=20)
+    print(f"search {query!r} (top-20 re-ranked with the query steering the encoder):")
+    for hit in hits:
+        print(f"  {hit.rank}. {hit.path.name}  ITM {hit.rerank_score:.3f}  cosine {hit.score:.3f}")
+    return {"export": export, "recall": {k: result[k] for k in ("contrastive", "reranked")},
+            "index": str(report.out), "query": query, "hits": [str(h.path) for h in hits]}
 
 
-def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[str, ...] = (), out_dir: str | Path = "outputs/demo") -> dict[str, Any]:
+def run(
+    config_path: str | Path = DEFAULT_CONFIG,
+    overrides: list[str] | tuple[str, ...] = (),
+    out_dir: str | Path = "outputs/demo",
+    retrieval_overrides: list[str] | tuple[str, ...] | None = (),
+) -> dict[str, Any]:
+    """The demo; ``retrieval_overrides=None`` skips the retrieval stage."""
     config = load_config(config_path, overrides)
     out_dir = Path(out_dir)
     summary = train_vqa(config)
@@ -132,7 +109,7 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[s
         "target attention (map mass on the question's objects / their area share; 1.0 = no preference): "
         f"bottom-up {scores['bottom_up']:.2f}, top-down {scores['top_down']:.2f}"
     )
-    image_path, two = _two_questions(world, split)
+    image_path, two = two_questions(world, split)
     png = out_dir / "attention.png"
     attention_figure(model, image_path, two, png)
     print(f"wrote {png}: {image_path.name}, bottom-up map, top-down maps for {two}")
@@ -141,5 +118,7 @@ def run(config_path: str | Path = DEFAULT_CONFIG, overrides: list[str] | tuple[s
         "accuracy": result["overall"], "per_answer_type": result["perAnswerType"],
         "majority_baseline": baseline["overall"], "attention": scores, "export": summary["export"], "png": str(png),
     }
+    if retrieval_overrides is not None:
+        report["retrieval"] = retrieval_stage(summary["export"], retrieval_overrides, out_dir)
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

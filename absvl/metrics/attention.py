@@ -1,7 +1,16 @@
-"""How much of an attention map falls on the objects a question is about."""
+"""How much of an attention map falls on the objects a question is about.
+
+``target_attention_ratio`` scores one map against one target mask; ``target_attention_ratios``
+and ``attention_scores`` run a VL model over the questions of a Shapes world split (whose
+questions record their target objects) and score its bottom-up and top-down maps.
+"""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
+
+MAP_KINDS = ("bottom_up", "top_down")
 
 
 def target_attention_ratio(attention: np.ndarray, target: np.ndarray) -> float:
@@ -27,3 +36,67 @@ def target_attention_ratio(attention: np.ndarray, target: np.ndarray) -> float:
     total = attention.sum()
     mass_share = (attention * cover).sum() / total if total > 0 else area_share
     return float(mass_share / area_share)
+
+
+def target_questions(world: Any, split: str, limit: int | None = 200) -> list[dict[str, Any]]:
+    """The first ``limit`` questions of ``split`` (file order) that name target objects."""
+    import json
+
+    questions = json.loads(world.questions_path(split).read_text())["questions"]
+    questions = [q for q in questions if q.get("target_objects")]
+    return questions if limit is None else questions[:limit]
+
+
+def target_attention_ratios(
+    model: Any, world: Any, questions: Sequence[dict[str, Any]], split: str, batch_size: int = 32
+) -> dict[str, list[float]]:
+    """``{"bottom_up": [...], "top_down": [...]}``: ``target_attention_ratio`` of each question's
+    map (``model.attention_maps`` under the question's ξ) against its target mask, in question
+    order; NaN where the target is empty. Runs in eval mode, without gradients; the batch size
+    does not change the result."""
+    import torch
+    from PIL import Image
+
+    from ..data.shapes import target_mask
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    ratios: dict[str, list[float]] = {kind: [] for kind in MAP_KINDS}
+    was_training = model.training
+    model.eval()
+    processor = model.processor
+    try:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            images = [Image.open(world.image_path(split, q["image_id"])).convert("RGB") for q in chunk]
+            inputs = processor(images=images, text=[q["question"] for q in chunk])
+            with torch.no_grad():
+                maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
+            for i, q in enumerate(chunk):
+                mask = target_mask(world, q)
+                for kind in MAP_KINDS:
+                    ratios[kind].append(target_attention_ratio(maps[kind][i].float().cpu().numpy(), mask))
+    finally:
+        model.train(was_training)
+    return ratios
+
+
+def mean_ratio(values: Sequence[float]) -> float:
+    """Mean over the defined (non-NaN) ratios; NaN when none is defined."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def attention_scores(
+    model: Any, world: Any, split: str, limit: int | None = 200, batch_size: int = 32
+) -> dict[str, float]:
+    """Mean target-attention ratio, ``{"bottom_up": ..., "top_down": ...}``, of ``model`` over the
+    first ``limit`` questions of ``split`` that have target objects (a Shapes world; empty targets
+    are left out of the mean). Backbones without a top-down path score their one map for both."""
+    questions = target_questions(world, split, limit)
+    ratios = target_attention_ratios(model, world, questions, split, batch_size)
+    return {kind: mean_ratio(values) for kind, values in ratios.items()}
+
+
+__all__ = ["MAP_KINDS", "attention_scores", "mean_ratio", "target_attention_ratio", "target_attention_ratios", "target_questions"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -13,9 +14,19 @@ def _load_model(source: str):
 
 
 def _device(args: argparse.Namespace) -> str | None:
-    """--device, else cuda when available, else None (the model stays on CPU)."""
+    """--device, else cuda when available, else None (the model stays on CPU).
+
+    Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) Accelerate forms the process group
+    (gloo on CPU, NCCL on GPUs) and gives this process its device.
+    """
     import torch
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        from ..runtime import cpu_only
+
+        return str(Accelerator(cpu=cpu_only()).device)
     return args.device or ("cuda" if torch.cuda.is_available() else None)
 
 
@@ -40,12 +51,13 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         report = build_index(
             _load_model(args.model), args.images, args.out, batch_size=args.batch_size, factory=args.factory,
             resume=not args.no_resume, num_workers=args.num_workers, device=_device(args), overwrite=args.overwrite,
-            model_source=args.model,
+            model_source=args.model, shard_size=args.shard_size,
         )
     except FileExistsError as err:
         print(f"absvl: error: {err}", file=sys.stderr)
         return 2
-    _print_report("indexed", report)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_report("indexed", report)
     return 0
 
 
@@ -56,8 +68,10 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     if not model_source:
         raise ValueError(f"index {args.index} records no model folder: pass --model")
     report = add_to_index(_load_model(model_source), args.images, args.index, batch_size=args.batch_size,
-                          resume=not args.no_resume, num_workers=args.num_workers, device=_device(args))
-    _print_report("added", report)
+                          resume=not args.no_resume, num_workers=args.num_workers, device=_device(args),
+                          shard_size=args.shard_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_report("added", report)
     return 0
 
 
@@ -75,6 +89,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .search import Retriever
 
     index = ImageIndex.load(args.index, gpu=gpu_available())
+    overrides = {k: v for k, v in (("nprobe", args.nprobe), ("efSearch", args.ef_search)) if v is not None}
+    if overrides:
+        index.set_search_params(**overrides)
     model_source = args.model or index.meta.get("model_source")
     if not model_source:
         raise ValueError(f"index {args.index} records no model folder: pass --model")
@@ -110,6 +127,8 @@ def _add_embedding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=_non_negative, default=0, help="image-decoding processes (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-resume", action="store_true", help="discard an interrupted build's shards instead of continuing")
+    p.add_argument("--shard-size", type=_positive, default=4096,
+                   help="images per embedding shard: the unit of resumption and of multi-process work (default 4096)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -136,6 +155,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=_positive, default=10, help="number of results (default 10)")
     p.add_argument("--rerank", type=_non_negative, default=0, metavar="K",
                    help="re-rank the top K candidates with the query steering the vision encoder (default 0: off)")
+    p.add_argument("--nprobe", type=_positive, help="IVF lists visited per query (default: the index's; more = slower, higher recall)")
+    p.add_argument("--ef-search", type=_positive, help="HNSW search breadth (default: the index's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.set_defaults(func=_cmd_search)

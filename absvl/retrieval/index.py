@@ -17,8 +17,11 @@ embeddings in shards (``INDEX.partial/shards/shard_00000.{npy,json}``, each file
 the ``.json`` last as the shard's commit marker). An interrupted build is continued from its
 written shards; only when every shard exists is the FAISS index built (trained on a sample, then
 filled shard by shard) inside ``INDEX.partial``, which is then renamed to ``INDEX``: a half-written
-``INDEX`` never exists. Multi-process extraction (Accelerate) is not implemented: one process
-extracts, with ``num_workers`` image-decoding workers.
+``INDEX`` never exists.
+
+Large collections can be embedded by several processes (``torchrun``/``accelerate launch``; the
+CLI initialises the group through Accelerate): shards are dealt out round-robin, each process
+writes its own, and process 0 builds and writes the index once all are written.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import BadImageError
@@ -157,8 +161,12 @@ def ivf_nlist(n: int) -> int:
 
 
 def ivf_nprobe(nlist: int) -> int:
-    """Lists visited per query: 1/128 of the lists, at least 8 (IVF1024 → 8, IVF4096 → 32)."""
-    return min(nlist, max(8, nlist // 128))
+    """Lists visited per query: 1/256 of the lists, at least 8 (IVF1024 → 8, IVF4096 → 16).
+
+    On 1M clustered vectors (BENCHMARKS.md) IVF4096 at nprobe 16 kept recall@10 ≥ 0.99 at ~5,500
+    queries/s on 2 cores; harder embeddings may want more (``absvl search --nprobe``).
+    """
+    return min(nlist, max(8, nlist // 256))
 
 
 def choose_factory(n: int, dim: int) -> tuple[str, dict[str, int]]:
@@ -446,21 +454,40 @@ def _list_hash(paths: Sequence[Path]) -> str:
     return hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if process_group()[1] > 1:
+        dist.barrier()
+
+
 def _prepare_partial(partial: Path, expected: dict[str, Any], resume: bool) -> None:
-    """Create ``partial`` or check that an existing one belongs to this very build."""
+    """Create ``partial`` or check that an existing one belongs to this very build.
+
+    Every process checks (so all raise the same error), then process 0 creates the folder.
+    """
     meta_file = partial / "partial.json"
     if partial.exists() and resume:
         found = _read_json(meta_file) if meta_file.is_file() else None
         if found == expected:
+            _barrier()
             return
         differing = sorted(k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k])
         raise ValueError(
             f"{partial} holds an interrupted build of a different model or image list (differs in: "
             f"{', '.join(differing) or 'everything'}): delete it or pass --no-resume (resume=False) to start over"
         )
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / SHARDS_DIR).mkdir(parents=True)
-    _write_json(meta_file, expected)
+    _barrier()  # everyone has looked before process 0 replaces it
+    if process_group()[0] == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / SHARDS_DIR).mkdir(parents=True)
+        _write_json(meta_file, expected)
+    _barrier()
 
 
 def _extract_shards(
@@ -474,12 +501,15 @@ def _extract_shards(
     device: torch.device,
     progress: bool,
 ) -> None:
-    """Embed the images of every shard not yet written under ``partial/shards``."""
+    """Embed the images of every shard not yet written under ``partial/shards`` (with several
+    processes, this process's round-robin share of them)."""
     from tqdm.auto import tqdm
 
     shards_dir = partial / SHARDS_DIR
     num_shards = math.ceil(len(paths) / shard_size)
-    pending = [s for s in range(num_shards) if not (shards_dir / f"{_shard_name(s)}.json").is_file()]
+    rank, world = process_group()
+    pending = [s for s in range(num_shards)
+               if s % world == rank and not (shards_dir / f"{_shard_name(s)}.json").is_file()]
     if not pending:
         return
     batches = []  # batches never straddle two shards
@@ -498,7 +528,7 @@ def _extract_shards(
     model.eval()
     current, embeddings, done, bad = None, [], [], []
     try:
-        with torch.no_grad(), tqdm(total=todo, unit="img", desc="embedding images", disable=not progress) as bar:
+        with torch.no_grad(), tqdm(total=todo, unit="img", desc="embedding images", disable=not progress or rank) as bar:
             for positions, images, failures in loader:
                 shard = (positions or [p for p, _ in failures])[0] // shard_size
                 if shard != current:
@@ -664,7 +694,14 @@ def _embed_into_partial(model, paths, partial, *, resume, batch_size, shard_size
     model.to(device)
     _extract_shards(model, paths, partial, batch_size=batch_size, shard_size=shard_size,
                     num_workers=num_workers, device=device, progress=progress)
+    _barrier()  # every process's shards are written
     return _read_shards(partial)
+
+
+def _helper_report(out: Path, done_paths: list[Path], total: int, skipped, start: float) -> BuildReport:
+    """What a process other than 0 returns: it embedded its shards; process 0 writes the index."""
+    return BuildReport(out, len(done_paths), total, skipped, "(written by process 0)", time.perf_counter() - start,
+                       index_size=len(done_paths), notes=[f"process {process_group()[0]}: shards embedded"])
 
 
 def build_index(
@@ -705,6 +742,8 @@ def build_index(
         num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
     if not done_paths:
         raise ValueError(f"none of the {len(paths)} images could be read (first: {skipped[0][0]}: {skipped[0][1]}); nothing to index")
+    if process_group()[0] != 0:
+        return _helper_report(out, done_paths, len(paths), skipped, start)
     notes: list[str] = []
     dim = np.load(files[0], mmap_mode="r", allow_pickle=False).shape[1]
     index, used_factory, params = fill_index(factory, dim, files, notes)
@@ -746,6 +785,8 @@ def add_to_index(
     files, new_paths, skipped = _embed_into_partial(
         model, paths, partial, resume=resume, batch_size=batch_size, shard_size=shard_size,
         num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
+    if process_group()[0] != 0:
+        return _helper_report(folder, new_paths, len(paths), skipped, start)
     index = to_gpu(existing.index) if gpu_available() else existing.index
     for f in files:
         vectors = np.load(f, allow_pickle=False)

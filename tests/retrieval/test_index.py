@@ -195,8 +195,8 @@ def test_factory_choice_by_size():
     assert choose_factory(1_000, 256) == ("Flat", {})
     assert choose_factory(50_000, 256) == ("Flat", {})
     assert choose_factory(100_000, 256) == ("IVF1024,Flat", {"nprobe": 8})
-    assert choose_factory(1_000_000, 256) == ("IVF4096,Flat", {"nprobe": 32})
-    assert choose_factory(10_000_000, 256) == ("IVF16384,SQ8", {"nprobe": 128})
+    assert choose_factory(1_000_000, 256) == ("IVF4096,Flat", {"nprobe": 16})
+    assert choose_factory(10_000_000, 256) == ("IVF16384,SQ8", {"nprobe": 64})
     assert index_module.ivf_nlist(1_000_000) == 4096
 
 

@@ -142,5 +142,7 @@ def test_cli_build_add_and_search(model_dir, collection, tmp_path, capsys):
 
     assert main(["search", "  ", "--index", str(out)]) == 2
     assert "query is empty" in capsys.readouterr().err
+    assert main(["search", "a circle", "--index", str(out), "--nprobe", "4"]) == 2  # a Flat index has no lists
+    assert "cannot set search parameters 'nprobe=4'" in capsys.readouterr().err
     assert main(["search", "a circle", "--index", str(tmp_path / "nope")]) == 2
     assert "nope does not exist" in capsys.readouterr().err

@@ -180,7 +180,7 @@ class VisionTransformer(nn.Module):
         td_bias: bool = False,
         attention: str = "softmax",
         attention_kwargs: dict[str, Any] | None = None,
-        map_block: int = -4,
+        map_block: int | None = None,
     ) -> None:
         """
         Args:
@@ -193,8 +193,9 @@ class VisionTransformer(nn.Module):
                 (their checkpoints expect it); off by default, following Eq. 9.
             attention: ``softmax`` or a VARS variant (``vars_d``, ``vars_s``, ``vars_sd``);
                 ``attention_kwargs`` go to its constructor (λ, steps, ...).
-            map_block: the block whose output token norms make the attention maps; the
-                default -4 is "after block L-3" (1-based), as in the authors' demo.
+            map_block: the block (0-based, negative from the end) whose output token norms make
+                the attention maps; the default is the block at 3/4 of the depth: for 12 blocks
+                "after block L-3" (1-based), as in the authors' demo, for 4 blocks after block 3.
         """
         super().__init__()
         if topdown not in TOPDOWN_MODES:
@@ -213,7 +214,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.num_prefix_tokens = 1 if class_token else 0
-        self.map_block = map_block
+        self.map_block = round(0.75 * depth) - 1 if map_block is None else map_block
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False
@@ -356,7 +357,7 @@ class VisionTransformer(nn.Module):
                 mask = self.alpha * prior_mask(z, prior.to(z.dtype))
             if self.topdown == "perceiver":
                 tokens = z * mask
-                td_map_tokens = tokens
+                td_map_tokens = bu_map_tokens * mask  # the same block as the bottom-up map, masked
             else:
                 td = value_mask = None
                 if self.topdown == "maskatt":

@@ -1,0 +1,569 @@
+"""Compare the AbSViT paper's top-down variants on the Shapes world VQA (issue 7).
+
+Every variant is the same VL recipe (``configs/compare_topdown.yaml``: the demo's tiny
+AbSViT-VL, width 128, depth 4, here at 32 px) with another backbone name and ``backbone_kwargs``; all get
+the same optimizer steps, batch size, data and seeds. Each run goes through the real trainer
+(``absvl.training.vqa.train_vqa``), then is scored on Shapes test-dev with the official VQA
+accuracy, and its token-norm maps (bottom-up and top-down) with the target-attention score of
+``absvl.metrics.attention`` (map mass on the question's target objects / their area share;
+1.0 = no preference). As diagnostics it also records the score of the prior mask
+``clamp(cos(ξ, z_i), 0, 1)`` itself (paper Fig. 7, variants with a prior) and how much the
+top-down pass changes the output tokens, ``‖z_td − z_bu‖ / ‖z_bu‖``.
+
+Each finished run is written to ``OUT/runs/<variant>_seed<k>.json`` at once; a re-run skips
+the runs whose file exists with the same budget. At the end: ``OUT/results.md`` (table),
+``OUT/results.json`` (every run), ``OUT/comparison.png`` (accuracy and bottom-up/top-down scores)
+and ``OUT/attention.png`` (the best AbSViT run's maps for two questions, via
+``absvl.visualize.attention_figure``).
+
+    .venv/bin/python scripts/compare_topdown.py --out docs/results/compare_topdown
+    .venv/bin/python scripts/compare_topdown.py --quick --variants vit,absvit --seeds 1 --out /tmp/ct
+
+``--seeds 3`` runs seeds 0, 1, 2; ``--seeds 0,5`` runs those. The default budget (300 steps of
+32 questions, ~1.2 epochs of the 8,000 training questions, 3 seeds, 9 variants, 32 px) took
+about 20 minutes on 2 quiet CPU cores as two parallel ``--variants`` groups with
+``OMP_NUM_THREADS=1`` (docs/results/compare_topdown/results.md gives the per-run times); run
+disjoint ``--variants`` lists in parallel into the same ``--out``, then once more without
+``--variants`` to collect the table.
+
+The recipe (``configs/compare_topdown.yaml``) differs from the demo's in three places, all from
+the papers/SPEC: decoders at 3x the learning rate (SPEC §5), and the prior loss (Eq. 15) on
+the second-pass output z_L at weight 1.0 (the paper's form and AbsVLConfig's default weight):
+with the demo's bottom-up prior loss at 0.1 the prior mask ``clamp(cos(ξ, z_i), 0, 1)`` stays
+near zero when training from scratch, the top-down pass changes the output tokens by <1 %
+and its maps equal the bottom-up ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "compare_topdown.yaml"
+TEST_SPLIT = "test-dev2015"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    backbone: str
+    kwargs: dict[str, Any]
+    overrides: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        extra = ", ".join(f"{k}: {v}" for k, v in self.kwargs.items())
+        text = self.backbone + (f" + {{{extra}}}" if extra else "")
+        return text + "".join(f", {o}" for o in self.overrides)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("vit", "ViT", "vit_test_patch8", {}),
+        Variant("perceiver", "PerceiverIO", "absvit_test_patch8", {"topdown": "perceiver"}),
+        Variant("feedback", "Feedback", "absvit_test_patch8", {"topdown": "feedback"}),
+        Variant("maskatt", "MaskAtt", "absvit_test_patch8", {"topdown": "maskatt"}),
+        Variant("absvit_qkv", "AbSViT-QKV", "absvit_test_patch8", {"topdown": "qkv"}),
+        Variant(
+            "absvit_no_var", "AbSViT w/o L_var", "absvit_test_patch8", {"variational_loss": False},
+            ("model.var_loss_weight=0",),
+        ),
+        Variant("absvit", "AbSViT", "absvit_test_patch8", {}),
+        Variant("vars_d", "VARS-D", "vars_d_vit_test_patch8", {}),
+        Variant("vars_d_absvit", "AbSViT + VARS-D", "vars_d_absvit_test_patch8", {}),
+    )
+}
+# variants whose backbone has a second (top-down) pass or a prior-reweighted output
+TOPDOWN_VARIANTS = {"perceiver", "feedback", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit"}
+# a run's top-down pass counts as active when it changes the output tokens by more than this
+ACTIVE_CHANGE = 0.05
+WITH_PRIOR = {"perceiver", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit"}
+
+# --quick: a smoke test of a few seconds per run (and 32 px images)
+QUICK = dict(steps=2, batch_size=8, attention_questions=8, seeds=[0], image_size=32)
+
+
+# --------------------------------------------------------------------------- one run
+def run_overrides(variant: Variant, seed: int, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The key=value overrides turning the base config into this variant's run."""
+    base = _base_backbone_kwargs(args)
+    kwargs = {**base, **variant.kwargs}
+    flow = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in kwargs.items()) + "}"
+    overrides = [
+        f"model.backbone={variant.backbone}",
+        f"model.backbone_kwargs={flow}",
+        *variant.overrides,
+        f"train.seed={seed}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.output_dir={run_dir}",
+    ]
+    if args.data_root is not None:
+        root = Path(args.data_root)
+        overrides += [f"data.root={root}", "data.shapes=null", f"model.text_encoder={root / 'text_encoder'}"]
+    return overrides + list(args.set)
+
+
+def _base_backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    tree = yaml.safe_load(Path(args.config).read_text())
+    kwargs = dict(tree.get("model", {}).get("backbone_kwargs") or {})
+    if args.image_size is not None:
+        kwargs["img_size"] = args.image_size
+    if args.map_block is not None:
+        kwargs["map_block"] = args.map_block
+    return kwargs
+
+
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs of a variant and seed comparable (a stored run is reused only if equal)."""
+    return {
+        "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT) else str(args.config),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "attention_questions": args.attention_questions,
+        "quick": bool(args.quick),
+        "image_size": args.image_size,
+        "map_block": args.map_block,
+        "extra_map_block": args.extra_map_block,
+        "data_root": None if args.data_root is None else str(args.data_root),
+        "set": list(args.set),
+    }
+
+
+def _diagnostics(model: Any, world: Any, questions: list[dict], batch_size: int = 32) -> dict[str, Any]:
+    """Prior-mask target score and the relative change of the output tokens by the top-down pass."""
+    import torch
+    from PIL import Image
+
+    from absvl.data.shapes import target_mask
+    from absvl.metrics.attention import mean_ratio, target_attention_ratio
+    from absvl.models.vision.topdown import prior_mask
+
+    backbone = model.backbone
+    has_prior = getattr(backbone, "topdown", "none") in ("absvit", "qkv", "perceiver", "maskatt")
+    mask_ratios, changes, mask_means = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            images = [Image.open(world.image_path(TEST_SPLIT, q["image_id"])).convert("RGB") for q in chunk]
+            inputs = model.processor(images=images, text=[q["question"] for q in chunk])
+            out = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
+            vision = out.vision
+            z_bu, z = vision.bottom_up_tokens, vision.tokens
+            changes.extend(((z - z_bu).norm(dim=-1).mean(-1) / z_bu.norm(dim=-1).mean(-1)).tolist())
+            if has_prior:
+                mask = prior_mask(z_bu, out.xi)[:, vision.num_prefix_tokens :, 0]
+                mask = mask.reshape(len(chunk), *vision.grid_size)
+                mask_means.extend(mask.mean(dim=(1, 2)).tolist())
+                for i, q in enumerate(chunk):
+                    mask_ratios.append(target_attention_ratio(mask[i].numpy(), target_mask(world, q)))
+    return {
+        "prior_mask_score": mean_ratio(mask_ratios) if has_prior else None,
+        "prior_mask_mean": float(np.mean(mask_means)) if has_prior else None,
+        "topdown_change": float(np.mean(changes)),
+    }
+
+
+def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Train (the real trainer), score test-dev and the attention maps; returns the run record."""
+    from absvl.data.shapes import ShapesWorld
+    from absvl.metrics.attention import mean_ratio, target_attention_ratios, target_questions
+    from absvl.metrics.vqa import evaluate_vqa
+    from absvl.models.vl import AbsVLModel
+    from absvl.training.config import load_config
+    from absvl.training.vqa import predict_split, train_vqa
+
+    run_dir = Path(args.work) / f"{variant.name}_seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished earlier attempt: start clean
+    overrides = run_overrides(variant, seed, args, run_dir)
+    config = load_config(args.config, overrides)
+    t0 = time.perf_counter()
+    summary = train_vqa(config)
+    train_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    model = AbsVLModel.from_pretrained(summary["export"]).eval()
+    world = ShapesWorld.load(config.data.root)
+    predictions = predict_split(model, config, "test-dev")
+    questions = json.loads(world.questions_path(TEST_SPLIT).read_text())
+    private = json.loads((world.root / f"shapes_{TEST_SPLIT}_annotations.json").read_text())
+    result = evaluate_vqa(predictions, questions, private)
+    attention_qs = target_questions(world, TEST_SPLIT, args.attention_questions)
+    ratios = target_attention_ratios(model, world, attention_qs, TEST_SPLIT)
+    scores = {kind: mean_ratio(values) for kind, values in ratios.items()}
+    other = None
+    if args.extra_map_block is not None and hasattr(model.backbone, "map_block"):
+        # the maps again at another block (by default the first: the literal "L-3" of a 4-block model)
+        default_block, model.backbone.map_block = model.backbone.map_block, args.extra_map_block
+        other_ratios = target_attention_ratios(model, world, attention_qs, TEST_SPLIT)
+        model.backbone.map_block = default_block
+        other = {kind: mean_ratio(values) for kind, values in other_ratios.items()}
+        if variant.name not in TOPDOWN_VARIANTS:
+            other["top_down"] = None
+    diagnostics = _diagnostics(model, world, attention_qs)
+    eval_s = time.perf_counter() - t1
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    return {
+        "variant": variant.name,
+        "label": variant.label,
+        "backbone": variant.describe(),
+        "seed": seed,
+        "budget": budget(args),
+        "steps": summary["step"],
+        "accuracy": result["overall"],
+        "per_answer_type": result["perAnswerType"],
+        "attention": {
+            "bottom_up": scores["bottom_up"],
+            "top_down": scores["top_down"] if variant.name in TOPDOWN_VARIANTS else None,
+            "questions": int(np.sum(~np.isnan(ratios["bottom_up"]))),
+        },
+        "attention_other_block": other,
+        **diagnostics,
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "export": summary["export"],
+        "overrides": overrides,
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict[str, Any]], variants: list[Variant]) -> list[dict[str, Any]]:
+    rows = []
+    for v in variants:
+        mine = sorted((r for r in runs if r["variant"] == v.name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        row = {"variant": v.name, "label": v.label, "backbone": v.describe(), "seeds": [r["seed"] for r in mine]}
+        row["accuracy"] = _mean_std([r["accuracy"] for r in mine])
+        row["accuracies"] = [r["accuracy"] for r in mine]
+        row["bottom_up"] = _mean_std([r["attention"]["bottom_up"] for r in mine])
+        td = [r["attention"]["top_down"] for r in mine]
+        row["top_down"] = _mean_std(td) if all(t is not None for t in td) else None
+        row["td_minus_bu"] = (
+            _mean_std([r["attention"]["top_down"] - r["attention"]["bottom_up"] for r in mine]) if row["top_down"] else None
+        )
+        pm = [r.get("prior_mask_score") for r in mine]
+        other = [r.get("attention_other_block") for r in mine]
+        row["other_td_minus_bu"] = (
+            _mean_std([x["top_down"] - x["bottom_up"] for x in other])
+            if all(x is not None and x.get("top_down") is not None for x in other) else None
+        )
+        row["other_bottom_up"] = _mean_std([x["bottom_up"] for x in other]) if all(x is not None for x in other) else None
+        row["other_top_down"] = (
+            _mean_std([x["top_down"] for x in other]) if all(x is not None and x.get("top_down") is not None for x in other) else None
+        )
+        row["prior_mask"] = _mean_std(pm) if all(p is not None for p in pm) else None
+        mm = [r.get("prior_mask_mean") for r in mine]
+        row["prior_mask_mean"] = _mean_std(mm) if all(m is not None for m in mm) else None
+        row["topdown_change"] = _mean_std([r["topdown_change"] for r in mine]) if v.name in TOPDOWN_VARIANTS else None
+        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in mine]))
+        rows.append(row)
+    return rows
+
+
+def _fmt(ms: tuple[float, float] | None, digits: int = 2, signed: bool = False) -> str:
+    if ms is None:
+        return "—"
+    mean, std = ms
+    if math.isnan(mean):
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+
+
+def _other_block(row: dict[str, Any]) -> str:
+    if row.get("other_bottom_up") is None:
+        return "—"
+    return f"{_fmt(row['other_bottom_up'])} / {_fmt(row['other_top_down'])}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Top-down variants on the Shapes world VQA",
+        "",
+        f"Budget per run: {meta['steps']} optimizer steps × batch {meta['batch_size']} "
+        f"({meta['steps'] * meta['batch_size']:,} training questions seen, same order for every variant of a seed), "
+        f"seeds {meta['seeds']}; base recipe `{meta['config']}`"
+        + (f" with {', '.join('`' + s + '`' for s in meta['set'])}" if meta["set"] else "")
+        + f". Test-dev: {meta['test_questions']:,} questions, official VQA accuracy (mean ± std over seeds); "
+        f"majority-answer baseline {meta['majority']:.2f}.",
+        "",
+        "Attention score = share of the token-norm map's mass on the question's target object(s) / their area share "
+        f"(1.0 = no preference), mean over the first {meta['attention_questions']} test-dev questions with targets; "
+        "maps are per-token norms after the block at 3/4 of the depth (where the authors' L−3 of 12 blocks lies) "
+        "of the first (bottom-up) and second (top-down) pass. "
+        f"“other block”: the same maps after block {meta.get('extra_map_block')} (Python index; 0 is the literal "
+        "L−3 of the 4-block model, its first block). "
+        "“—”: the variant has no top-down pass (its one map is the bottom-up one) or no prior.",
+        "",
+        "| Variant | Backbone (+ backbone_kwargs) | Test-dev acc. | Bottom-up score | Top-down score | TD − BU | "
+        "BU / TD score, other block | Prior-mask score | Mean prior mask | ‖z_td−z_bu‖/‖z_bu‖ | Acc. per seed | Train s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | `{r['backbone']}` | {_fmt(r['accuracy'])} | {_fmt(r['bottom_up'])} | {_fmt(r['top_down'])} | "
+            f"{_fmt(r['td_minus_bu'], signed=True)} | {_other_block(r)} | {_fmt(r['prior_mask'])} | {_fmt(r['prior_mask_mean'], 4)} | {_fmt(r['topdown_change'], 3)} | "
+            f"{', '.join(f'{a:.2f}' for a in r['accuracies'])} | {r['train_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Time: {meta['run_minutes']:.1f} min of training + evaluation summed over the {len(meta['seeds']) * len(rows)} runs; "
+        f"this invocation {meta['wall_minutes']:.1f} min ({meta['runs_done']} runs trained, {meta['runs_skipped']} reused "
+        f"from earlier invocations); {meta['machine']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Reading it: the prior mask is AbSViT's gate `clamp(cos(ξ, z_i), 0, 1)`; where its mean is ~0 the gate is "
+        "shut, the top-down pass adds nothing (‖z_td−z_bu‖ ≈ 0), the top-down maps equal the bottom-up ones and "
+        "the model is its bottom-up network (a gate shut from the start makes AbSViT and AbSViT-QKV train identically) (see the per-run records in `results.json`: "
+        "`prior_mask_mean`, `topdown_change`). An all-zero map (PerceiverIO with a shut gate) scores 1.0.",
+        "",
+        "Files: `results.json` (every run), `comparison.png` (accuracy ± std and bottom-up vs top-down scores), "
+        "`attention.png` (the most accurate AbSViT run with an active top-down pass: image, bottom-up map, "
+        "top-down maps for two questions).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pictures
+def _bar_panel(draw: Any, box: tuple[int, int, int, int], title: str, labels: list[str], series: list[dict[str, Any]],
+               ref: float | None, ref_label: str) -> None:
+    """Grouped bars with std whiskers inside ``box`` (PIL only: no plotting dependency)."""
+    x0, y0, x1, y1 = box
+    draw.text((x0 + 4, y0), title, fill="black")
+    top, bottom, left = y0 + 34, y1 - 60, x0 + 44
+    values = [m + (s if not math.isnan(s) else 0) for ser in series for (m, s) in ser["values"] if m is not None and not math.isnan(m)]
+    vmax = max(values + ([ref] if ref is not None else []) + [1e-6]) * 1.1
+    scale = lambda v: bottom - (bottom - top) * (v / vmax)  # noqa: E731
+    draw.line((left, top, left, bottom), fill="black")
+    draw.line((left, bottom, x1 - 6, bottom), fill="black")
+    for k in range(5):  # y ticks
+        v = vmax * k / 4
+        y = scale(v)
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((x0 + 2, y - 6), f"{v:.2f}" if vmax < 10 else f"{v:.0f}", fill="black")
+    group_w = (x1 - 6 - left) / max(len(labels), 1)
+    bar_w = group_w * 0.8 / len(series)
+    for i, label in enumerate(labels):
+        gx = left + i * group_w + group_w * 0.1
+        for j, ser in enumerate(series):
+            m, s = ser["values"][i]
+            if m is None or math.isnan(m):
+                continue
+            bx = gx + j * bar_w
+            draw.rectangle((bx, scale(m), bx + bar_w - 2, bottom), fill=ser["color"])
+            if s and not math.isnan(s):
+                cx = bx + bar_w / 2 - 1
+                draw.line((cx, scale(m + s), cx, scale(max(m - s, 0))), fill="black")
+                draw.line((cx - 3, scale(m + s), cx + 3, scale(m + s)), fill="black")
+        words = label.split()
+        draw.multiline_text((gx, bottom + 6), "\n".join([" ".join(words[:2]), " ".join(words[2:])]), fill="black")
+    if ref is not None:
+        y = scale(ref)
+        for xx in range(int(left), int(x1 - 6), 8):
+            draw.line((xx, y, xx + 4, y), fill=(200, 0, 0))
+        draw.text((x1 - 170, y - 14), ref_label, fill=(200, 0, 0))
+    lx = x1 - 170
+    for j, ser in enumerate(series):  # legend
+        draw.rectangle((lx, y0 + 2 + 14 * j, lx + 10, y0 + 12 + 14 * j), fill=ser["color"])
+        draw.text((lx + 14, y0 + 14 * j), ser["name"], fill="black")
+
+
+def plot(rows: list[dict[str, Any]], majority: float, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    width = max(900, 110 * len(rows) + 80)
+    canvas = Image.new("RGB", (width, 760), "white")
+    draw = ImageDraw.Draw(canvas)
+    labels = [r["label"] for r in rows]
+    _bar_panel(draw, (10, 10, width - 10, 370), "Shapes test-dev VQA accuracy (mean ± std over seeds)", labels,
+               [{"name": "accuracy", "color": (70, 110, 200), "values": [r["accuracy"] for r in rows]}],
+               majority, f"majority baseline {majority:.1f}")
+    nan = (float("nan"), float("nan"))
+    _bar_panel(draw, (10, 390, width - 10, 750), "Target-attention score (1.0 = no preference)", labels, [
+        {"name": "bottom-up map", "color": (150, 150, 150), "values": [r["bottom_up"] for r in rows]},
+        {"name": "top-down map", "color": (230, 130, 30), "values": [r["top_down"] or nan for r in rows]},
+        {"name": "prior mask", "color": (90, 170, 90), "values": [r["prior_mask"] or nan for r in rows]},
+    ], 1.0, "1.0 = no preference")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# --------------------------------------------------------------------------- main
+def parse_seeds(text: str) -> list[int]:
+    """``3`` → [0, 1, 2]; ``0,5`` → [0, 5]."""
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("--seeds needs a count >= 1 or a comma-separated list")
+    return list(range(n))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/results/compare_topdown", help="results folder (results.md/.json, PNGs, runs/)")
+    p.add_argument("--work", default=None, help="training run folders (default: runs/compare_topdown, quick: OUT/work)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base VL recipe shared by every variant")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="a count (3 → 0,1,2) or a list (0,5); default 3")
+    p.add_argument("--steps", "--budget", dest="steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="questions per step (default 32)")
+    p.add_argument("--attention-questions", type=int, default=None, help="test-dev questions scored for attention (default 200)")
+    p.add_argument("--image-size", type=int, default=None, help="input size in px (default 32: 4x4 maps)")
+    p.add_argument("--map-block", type=int, default=None,
+                   help="backbone map_block for the token-norm maps (default: the backbone's, 3/4 of the depth)")
+    p.add_argument("--extra-map-block", type=lambda v: None if v.lower() == "none" else int(v), default=0,
+                   help="also score the maps after this block (default 0: the first block); 'none' to skip")
+    p.add_argument("--data-root", default=None, help="use this existing Shapes world (with its text_encoder/) instead of the config's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run")
+    p.add_argument("--quick", action="store_true", help="smoke test: a few seconds per run (2 steps, batch 8, 32 px)")
+    p.add_argument("--force", action="store_true", help="re-run runs whose results exist")
+    args = p.parse_args(argv)
+    defaults = dict(steps=300, batch_size=32, attention_questions=200, seeds=[0, 1, 2], image_size=32)
+    if args.quick:
+        defaults.update(QUICK)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    args.variant_list = [VARIANTS[n] for n in names]
+    if args.work is None:
+        args.work = str(Path(args.out) / "work") if args.quick else str(ROOT / "runs" / "compare_topdown")
+    # absolute paths: main() runs from the repository root (the config's relative paths are its)
+    for key in ("out", "work", "config", "data_root"):
+        if getattr(args, key) is not None:
+            setattr(args, key, str(Path(getattr(args, key)).resolve()))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import os
+
+    args = parse_args(argv)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # relative paths of the config (data/shapes, ...) are the repository's
+    try:
+        return _main(args, argv)
+    finally:
+        os.chdir(cwd)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    import os
+
+    from absvl.data.shapes import ShapesWorld
+    from absvl.demo import two_questions
+    from absvl.metrics.vqa import majority_answer_baseline
+    from absvl.training.config import load_config
+    from absvl.visualize import attention_figure
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    my_budget = budget(args)
+    start = time.perf_counter()
+    done = skipped = 0
+    runs: list[dict[str, Any]] = []
+    todo = [(v, s) for s in args.seeds for v in args.variant_list]  # seed by seed: partial results stay balanced
+    for k, (variant, seed) in enumerate(todo, 1):
+        record_path = out / "runs" / f"{variant.name}_seed{seed}.json"
+        if record_path.is_file() and not args.force:
+            record = json.loads(record_path.read_text())
+            if record.get("budget") == my_budget:
+                runs.append(record)
+                skipped += 1
+                print(f"[{k}/{len(todo)}] {variant.name} seed {seed}: done before, skipped", flush=True)
+                continue
+        t = time.perf_counter()
+        print(f"[{k}/{len(todo)}] {variant.name} seed {seed} ...", flush=True)
+        record = run_one(variant, seed, args, out)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(record_path)  # atomic: a killed run leaves no half-written result
+        runs.append(record)
+        done += 1
+        att = record["attention"]
+        td = "—" if att["top_down"] is None else f"{att['top_down']:.3f}"
+        print(
+            f"[{k}/{len(todo)}] {variant.name} seed {seed}: acc {record['accuracy']:.2f}, attention bottom-up "
+            f"{att['bottom_up']:.3f} top-down {td} ({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
+
+    config = load_config(args.config, run_overrides(args.variant_list[0], args.seeds[0], args, Path(args.work) / "probe"))
+    world = ShapesWorld.load(config.data.root)
+    private = json.loads((world.root / f"shapes_{TEST_SPLIT}_annotations.json").read_text())
+    train_annotations = json.loads(world.annotations_path("train2014").read_text())
+    majority = majority_answer_baseline(train_annotations, private)["overall"]
+    rows = aggregate(runs, args.variant_list)
+    meta = {
+        "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "config": my_budget["config"],
+        "set": list(args.set), "attention_questions": args.attention_questions, "majority": majority,
+        "test_questions": len(private["annotations"]), "wall_minutes": (time.perf_counter() - start) / 60,
+        "runs_done": done, "runs_skipped": skipped,
+        "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / 60, "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
+        "command": "python scripts/compare_topdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "map_block": args.map_block,
+        "extra_map_block": args.extra_map_block,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(rows, meta))
+    plot(rows, majority, out / "comparison.png")
+
+    absvit = [r for r in runs if r["variant"] == "absvit"] or [r for r in runs if r["variant"] in WITH_PRIOR]
+    if absvit:
+        from absvl.models.vl import AbsVLModel
+
+        # the most accurate run whose top-down pass is active (its gate can stay shut: then the
+        # top-down maps are the bottom-up ones and the picture shows nothing top-down)
+        active = [r for r in absvit if r.get("topdown_change", 0) > ACTIVE_CHANGE]
+        best = max(active or absvit, key=lambda r: r["accuracy"])
+        if Path(best["export"]).is_dir():
+            image_path, texts = two_questions(world, TEST_SPLIT)
+            model = AbsVLModel.from_pretrained(best["export"]).eval()
+            attention_figure(model, image_path, texts, out / "attention.png")
+            meta["attention_png"] = {
+                "run": f"{best['variant']}_seed{best['seed']}", "accuracy": best["accuracy"],
+                "topdown_change": best.get("topdown_change"), "image": image_path.name, "texts": texts,
+            }
+            (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
+    print((out / "results.md").read_text())
+    return {"meta": meta, "summary": rows, "runs": runs}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()
