@@ -73,7 +73,7 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
     hits = retriever.search(query, k=5, rerank=20)
     print(f"search {query!r} (top-20 re-ranked with the query steering the encoder):")
     for hit in hits:
-        print(f"  {hit.rank}. {hit.path.name}  ITM {hit.rerank_score:.3f}  cosine {hit.score:.3f}")
+        print(f"  {hit.rank}. {hit.path.name}  re-rank score {hit.rerank_score:.3f}  cosine {hit.score:.3f}")
     return {"export": export, "recall": {k: result[k] for k in ("contrastive", "reranked")},
             "index": str(report.out), "query": query, "hits": [str(h.path) for h in hits]}
 
