@@ -21,6 +21,12 @@ def shapes_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_model_overrides():
+    """model.* overrides for a seconds-long run (any run config with an AbsVLConfig model section)."""
+    return list(TINY_MODEL)
+
+
 @pytest.fixture
 def tiny_overrides(shapes_root, tmp_path):
     """key=value overrides turning configs/shapes_absvit_tiny.yaml into a seconds-long run."""

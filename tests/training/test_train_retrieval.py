@@ -12,21 +12,13 @@ from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
 from absvl.training.retrieval import _rerank, evaluate_retrieval, sample_negatives, train_retrieval
 
-TINY = [
-    "model.backbone=absvit_test_patch8",
-    "model.backbone_kwargs={img_size: 32}",
-    "model.fusion_hidden_size=32",
-    "model.fusion_layers=1",
-    "model.fusion_heads=2",
-    "model.fusion_dropout=0.0",
-    "model.max_text_len=40",
-    "model.var_loss_weight=0.1",
-]
 
 
-def retrieval_overrides(shapes_root, out, steps):
+def retrieval_overrides(shapes_root, tiny_model, out, steps):
     return [
-        *TINY,
+        *tiny_model,
+        "model.max_text_len=40",
+        "model.var_loss_weight=0.1",
         f"model.text_encoder={shapes_root / 'text_encoder'}",
         f"data.captions={shapes_root / 'dataset_shapes.json'}",
         f"data.images={shapes_root / 'images'}",
@@ -45,10 +37,10 @@ def retrieval_overrides(shapes_root, out, steps):
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_root, tmp_path_factory):
+def trained(shapes_root, tiny_model_overrides, tmp_path_factory):
     """A tiny model trained for retrieval on the 32 training images of the tiny world (seconds)."""
     out = tmp_path_factory.mktemp("retrieval_run")
-    config = load_config("configs/shapes_retrieval.yaml", retrieval_overrides(shapes_root, out, 80), RetrievalConfig)
+    config = load_config("configs/shapes_retrieval.yaml", retrieval_overrides(shapes_root, tiny_model_overrides, out, 80), RetrievalConfig)
     summary = train_retrieval(config)
     return summary
 
@@ -176,14 +168,14 @@ def test_retrieval_config_checks(shapes_root):
         load_config("configs/shapes_retrieval.yaml", ["data.caption=x"], RetrievalConfig)
 
 
-def test_an_epoch_of_only_unreadable_images_stops_the_run(shapes_root, tmp_path):
+def test_an_epoch_of_only_unreadable_images_stops_the_run(shapes_root, tiny_model_overrides, tmp_path):
     """Corrupt every training image: the run stops after one epoch with a message, not hours later."""
     images = tmp_path / "images"
     for src in (shapes_root / "images").rglob("*.jpg"):
         dest = images / src.relative_to(shapes_root / "images")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(b"truncated")
-    overrides = [*retrieval_overrides(shapes_root, tmp_path / "run", 50), f"data.images={images}", "data.val_split=null"]
+    overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 50), f"data.images={images}", "data.val_split=null"]
     with pytest.raises(ValueError, match="every item of epoch 0 was unreadable"):
         train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
     with pytest.raises(FileNotFoundError, match="data.images"):
