@@ -547,7 +547,7 @@ def _extract_shards(
 
 
 def _write_shard(shards_dir: Path, shard: int, paths, done, embeddings, bad, model) -> None:
-    """``shard_XXXXX.npy`` (embeddings) then ``shard_XXXXX.json`` (paths, skipped): the json commits it."""
+    """``shard_NNNNN.npy`` (embeddings) then ``shard_NNNNN.json`` (paths, skipped): the json commits it."""
     vectors = np.concatenate(embeddings) if embeddings else np.zeros((0, _embedding_dim(model)), dtype=np.float32)
     name = _shard_name(shard)
     _write_npy(shards_dir / f"{name}.npy", np.ascontiguousarray(vectors, dtype=np.float32))
