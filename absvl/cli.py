@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import __version__
+from .runtime import is_main_process
 from .retrieval.commands import add_commands as add_retrieval_commands
 from .serve.commands import add_commands as add_serve_commands
 
@@ -67,7 +68,7 @@ def _cmd_train_retrieval(args: argparse.Namespace) -> int:
 
 def _report_training(summary: dict, describe_val) -> int:
     """The closing lines of a training command, printed once per multi-process run."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     if summary["val"]:
         print(f"{describe_val(summary['val'])} at step {summary['step']}")
@@ -116,7 +117,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
     result = evaluate_model(args.model, args.data, args.split, args.images, rerank_k=args.k, batch_size=args.batch_size,
                             num_workers=args.num_workers, rerank=not args.no_rerank, max_images=args.max_images)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     rows = {"contrastive": result["contrastive"]}
     if "reranked" in result:
@@ -190,11 +191,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint, load_backbone
 
-    try:
-        out = convert_checkpoint(args.checkpoint, args.arch, args.out, overwrite=args.overwrite)
-    except FileExistsError as err:
-        print(f"absvl: error: {err}", file=sys.stderr)
-        return 2
+    out = convert_checkpoint(args.checkpoint, args.arch, args.out, overwrite=args.overwrite)
     model = load_backbone(out)  # proves the folder loads back
     extra = {k: v for k, v in model.backbone_config.items() if k != "name"}
     print(f"converted {args.checkpoint} -> {out} ({args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -332,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [f"data.root={args.data}", *args.overrides]
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
         if os.environ.get("ABSVL_DEBUG"):
             raise
         print(f"absvl: error: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Process-level settings that make CPU training faster."""
+"""Process-level settings: CPU allocator tuning, device choice, the process's rank."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # glibc mallopt parameters (malloc.h)
@@ -41,3 +42,9 @@ def cpu_only() -> bool:
         or (xpu is not None and xpu.is_available())
         or torch.backends.mps.is_available()
     )
+
+
+def is_main_process() -> bool:
+    """True in a single process and in process 0 of a ``torchrun``/``accelerate launch`` group
+    (for printing a command's summary once)."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from ..runtime import is_main_process
 
 
 def _load_model(source: str):
@@ -47,16 +48,12 @@ def _print_report(verb: str, report) -> None:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from .index import build_index
 
-    try:
-        report = build_index(
-            _load_model(args.model), args.images, args.out, batch_size=args.batch_size, factory=args.factory,
-            resume=not args.no_resume, num_workers=args.num_workers, device=_device(args), overwrite=args.overwrite,
-            model_source=args.model, shard_size=args.shard_size,
-        )
-    except FileExistsError as err:
-        print(f"absvl: error: {err}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    report = build_index(
+        _load_model(args.model), args.images, args.out, batch_size=args.batch_size, factory=args.factory,
+        resume=not args.no_resume, num_workers=args.num_workers, device=_device(args), overwrite=args.overwrite,
+        model_source=args.model, shard_size=args.shard_size,
+    )
+    if is_main_process():
         _print_report("indexed", report)
     return 0
 
@@ -70,7 +67,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     report = add_to_index(_load_model(model_source), args.images, args.index, batch_size=args.batch_size,
                           resume=not args.no_resume, num_workers=args.num_workers, device=_device(args),
                           shard_size=args.shard_size)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         _print_report("added", report)
     return 0
 
