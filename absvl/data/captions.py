@@ -87,27 +87,21 @@ def load_karpathy(
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Images with one caption each.
-
-    ``caption="random"`` (training) draws one of the image's captions per item — under
-    ``EpochOrder`` the draw is a function of (seed, epoch, item), so every epoch sees other
-    captions and a resumed run sees the same ones; ``caption=None`` (evaluation, indexing) gives
-    images only. An item is ``{"image", "caption"?, "index"}`` or, for an unreadable image,
-    ``{"error", "index", "image_path"}``.
+    """Training pairs: each image with one of its captions, drawn per item — under ``EpochOrder``
+    the draw is a function of (seed, epoch, item), so every epoch sees other captions and a
+    resumed run sees the same ones. An item is ``{"image", "caption", "index"}`` or, for an
+    unreadable image, ``{"error", "index", "image_path"}``. (Images alone, for evaluation and
+    indexing: ``absvl.data.images.ImageFiles``.)
     """
 
     def __init__(
         self,
         images: Sequence[CaptionedImage],
         transform: Callable[[Any], torch.Tensor],
-        caption: str | None = "random",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        if caption not in ("random", None):
-            raise ValueError(f"caption must be 'random' or None, not {caption!r}")
         self.images = list(images)
         self.transform = transform
-        self.caption = caption
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -119,15 +113,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             image = open_image(item.path, self.max_pixels)
         except BadImageError as exc:
             return {"error": exc.reason, "index": index, "image_path": exc.path}
-        out: dict[str, Any] = {"image": self.transform(image), "index": index}
-        if self.caption == "random":
-            out["caption"] = random.choice(item.captions)
-        return out
+        return {"image": self.transform(image), "caption": random.choice(item.captions), "index": index}
 
 
 class CaptionCollator:
-    """Items of ``CaptionedImageDataset`` → ``images [B,3,S,S]``, ``indices [B]``, ``skipped``
-    ``[(index, image_path, reason)]`` and, with captions, ``input_ids``/``attention_mask [B,T]``."""
+    """Items of ``CaptionedImageDataset`` → ``images [B,3,S,S]``, ``input_ids``/``attention_mask
+    [B,T]`` (absent when every image was unreadable), ``indices [B]`` and ``skipped``
+    ``[(index, image_path, reason)]``."""
 
     def __init__(self, tokenizer: Any, max_text_len: int = 40, image_size: int = 0) -> None:
         self.tokenizer = tokenizer
@@ -140,12 +132,11 @@ class CaptionCollator:
             "indices": torch.tensor([it["index"] for it in good], dtype=torch.long),
             "skipped": [(it["index"], it["image_path"], it["error"]) for it in items if "error" in it],
         }
-        if good:
-            batch["images"] = torch.stack([it["image"] for it in good])
-        else:
+        if not good:
             batch["images"] = torch.zeros(0, 3, self.image_size, self.image_size)
-        if good and "caption" in good[0]:
-            encoded = self.tokenizer([it["caption"] for it in good], padding="longest", truncation=True,
-                                     max_length=self.max_text_len, return_tensors="pt")
-            batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+            return batch
+        batch["images"] = torch.stack([it["image"] for it in good])
+        encoded = self.tokenizer([it["caption"] for it in good], padding="longest", truncation=True,
+                                 max_length=self.max_text_len, return_tensors="pt")
+        batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
         return batch

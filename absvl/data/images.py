@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageSource", "image_transform", "open_image", "to_rgb"]
+__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageFiles", "ImageSource", "collate_image_files", "image_transform",
+           "open_image", "to_rgb"]
 
 #: Same limit as PIL's own ``Image.MAX_IMAGE_PIXELS`` default (about 89.5 megapixels; ~9,459² px).
 #: COCO images are at most 640×640.
@@ -186,3 +187,35 @@ def image_transform(
         steps.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(steps)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as eval-transformed model inputs, by position (indexing, retrieval evaluation).
+
+    An unreadable file never raises: its item carries the reason instead of a tensor, and
+    ``collate_image_files`` sets it aside.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        self.paths = list(paths)
+        self.transform = image_transform(image_size, train=False)
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return position, self.transform(open_image(self.paths[position], self.max_pixels)), None
+        except BadImageError as err:
+            return position, None, err.reason
+
+
+def collate_image_files(
+    items: Sequence[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(positions read, their images ``[B, 3, S, S]`` or None, ``[(position, reason)]`` of the unreadable)."""
+    good = [(pos, x) for pos, x, _ in items if x is not None]
+    bad = [(pos, reason) for pos, x, reason in items if x is None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [pos for pos, _ in good], images, bad

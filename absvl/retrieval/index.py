@@ -41,10 +41,9 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data.images import BadImageError
-from ..models.vl.processing import preprocess_image
+from ..data.images import ImageFiles, collate_image_files
 
 logger = logging.getLogger(__name__)
 
@@ -386,30 +385,6 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- extraction
-class _ImageFiles(Dataset):
-    """Preprocessed images by position; an unreadable file yields its reason instead of a tensor."""
-
-    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
-        self.paths = list(paths)
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return position, preprocess_image(self.paths[position], self.image_size), None
-        except BadImageError as err:
-            return position, None, err.reason
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
-    good = [(pos, x) for pos, x, _ in items if x is not None]
-    bad = [(pos, reason) for pos, x, reason in items if x is None]
-    images = torch.stack([x for _, x in good]) if good else None
-    return [pos for pos, _ in good], images, bad
-
-
 @dataclass
 class BuildReport:
     """What a build or an add did.
@@ -517,10 +492,10 @@ def _extract_shards(
         positions = range(s * shard_size, min((s + 1) * shard_size, len(paths)))
         batches += [list(positions[i : i + batch_size]) for i in range(0, len(positions), batch_size)]
     loader = DataLoader(
-        _ImageFiles(paths, model.image_size),
+        ImageFiles(paths, model.image_size),
         batch_sampler=batches,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_image_files,
         pin_memory=device.type == "cuda",
     )
     todo = sum(len(b) for b in batches)

@@ -35,7 +35,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..data.captions import CaptionCollator, CaptionedImage, CaptionedImageDataset, load_karpathy
-from ..data.images import image_transform
+from ..data.images import ImageFiles, collate_image_files, image_transform
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
@@ -113,7 +113,7 @@ class RetrievalTask:
         check_image_root(self.train_images)
         self.model = model = build_model(self.config)
         transform = image_transform(model.image_size, train=True, randaugment=d.randaugment)
-        self.train_set = CaptionedImageDataset(self.train_images, transform, caption="random")
+        self.train_set = CaptionedImageDataset(self.train_images, transform)
         self.collator = CaptionCollator(model.tokenizer, model.config.max_text_len, model.image_size)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -181,13 +181,14 @@ def _load_images(
     model: AbsVLModel, images: Sequence[CaptionedImage], batch_size: int, num_workers: int, show: bool
 ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """Every readable image as a model input ``[I, 3, S, S]``, the indices kept, and (path, reason) of the others."""
-    dataset = CaptionedImageDataset(images, image_transform(model.image_size, train=False), caption=None)
-    loader = make_loader(dataset, CaptionCollator(model.tokenizer, image_size=model.image_size), batch_size, num_workers)
+    dataset = ImageFiles([im.path for im in images], model.image_size)
+    loader = make_loader(dataset, collate_image_files, batch_size, num_workers)
     tensors, kept, skipped = [], [], []
-    for batch in tqdm(loader, desc="load images", disable=not show, leave=False):
-        tensors.append(batch["images"])
-        kept.extend(batch["indices"].tolist())
-        skipped.extend((str(path), reason) for _, path, reason in batch["skipped"])
+    for positions, pixels, bad in tqdm(loader, desc="load images", disable=not show, leave=False):
+        if pixels is not None:
+            tensors.append(pixels)
+        kept.extend(positions)
+        skipped.extend((str(images[pos].path), reason) for pos, reason in bad)
     if not kept:
         raise ValueError(f"none of the {len(images)} evaluation images could be read (first: {skipped[:1]})")
     return torch.cat(tensors), kept, skipped

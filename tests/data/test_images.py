@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from absvl.data.images import BadImageError, image_transform, open_image, to_rgb
+from absvl.data.images import BadImageError, ImageFiles, collate_image_files, image_transform, open_image, to_rgb
 from absvl.models.vl.processing import load_image, preprocess_image
 
 
@@ -153,3 +153,17 @@ def test_train_transform_keeps_geometry(image_file):
     # RandAugment only at training time
     evaluation = image_transform(32, train=False, randaugment=True)
     assert not any("RandAugment" in type(t).__name__ for t in evaluation.transforms)
+
+
+def test_image_files_match_preprocess_image_and_set_bad_files_aside(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    files = ImageFiles([bad, good, tmp_path / "missing.jpg"], image_size=16)
+    positions, images, skipped = collate_image_files([files[i] for i in range(len(files))])
+    assert positions == [1] and images.shape == (1, 3, 16, 16)
+    assert [pos for pos, _ in skipped] == [0, 2] and "file not found" in skipped[1][1]
+    # the same inputs the pipelines and search build (the index and queries must agree)
+    torch.testing.assert_close(images[0], preprocess_image(good, 16), atol=1e-5, rtol=0)
+    assert collate_image_files([files[0]])[1] is None
