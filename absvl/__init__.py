@@ -1,5 +1,5 @@
 """absvl: vision-language models whose image encoder attends top-down."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .models.vision import BackboneOutput, create_backbone, list_backbones  # noqa: E402
 from .models.vl import AbsVLConfig, AbsVLModel  # noqa: E402

@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.rerank_k=256")
     p.set_defaults(func=_cmd_train_retrieval)
-    p = train.add_parser("classify", help="train or finetune a backbone as an image classifier on an ImageFolder")
-    p.add_argument("--data", required=True, help="ImageFolder root: DATA/train/<class>/*.jpg, DATA/val/<class>/*.jpg")
+    p = train.add_parser("classify", help="train or finetune a backbone as an image (or patch) classifier")
+    p.add_argument("--data", help="dataset root (sets data.root): an ImageFolder DATA/train/<class>/*.jpg, "
+                                  "DATA/val/<class>/*.jpg, or patch labels with data.format=patches")
     p.add_argument("--backbone", help="registered backbone (sets model.backbone; see `absvl backbones`)")
     p.add_argument("--config", help="run config YAML (model/data/train sections; optional)")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")

@@ -1,14 +1,15 @@
-"""Compare the AbSViT paper's top-down variants on the Shapes world VQA (issue 7).
+"""Compare the AbSViT paper's top-down variants on the Shapes world VQA (issues 7 and 11).
 
-Every variant is the same VL recipe (``configs/compare_topdown.yaml``: the demo's tiny
-AbSViT-VL, width 128, depth 4, here at 32 px) with another backbone name and ``backbone_kwargs``; all get
-the same optimizer steps, batch size, data and seeds. Each run goes through the real trainer
-(``absvl.training.vqa.train_vqa``), then is scored on Shapes test-dev with the official VQA
-accuracy, and its token-norm maps (bottom-up and top-down) with the target-attention score of
-``absvl.metrics.attention`` (map mass on the question's target objects / their area share;
-1.0 = no preference). As diagnostics it also records the score of the prior mask
-``clamp(cos(ξ, z_i), 0, 1)`` itself (paper Fig. 7, variants with a prior) and how much the
-top-down pass changes the output tokens, ``‖z_td − z_bu‖ / ‖z_bu‖``.
+Every variant is the same VL recipe (``configs/compare_topdown.yaml``: the demo's stage 2, from the
+same stage-1 pretrained backbone ``runs/shapes_pretrain/final``, 64 px) with another backbone name
+and ``backbone_kwargs``; all get the same optimizer steps, batch size, data and seeds. Each run goes
+through the real trainer (``absvl.training.vqa.train_vqa``), then is scored on Shapes test-dev with
+the official VQA accuracy, and its token-norm maps (bottom-up and top-down) with the
+target-attention score of ``absvl.metrics.attention`` (map mass on the question's target objects /
+their area share; 1.0 = no preference), also on the image's other objects as a control. As
+diagnostics it records the score of the prior mask ``clamp(cos(ξ, z_i), 0, 1)`` itself (paper
+Fig. 7, variants with a prior), its mean, and how much the top-down pass changes the output tokens,
+``‖z_td − z_bu‖ / ‖z_bu‖``.
 
 Each finished run is written to ``OUT/runs/<variant>_seed<k>.json`` at once; a re-run skips
 the runs whose file exists with the same budget. At the end: ``OUT/results.md`` (table),
@@ -16,22 +17,14 @@ the runs whose file exists with the same budget. At the end: ``OUT/results.md`` 
 and ``OUT/attention.png`` (the best AbSViT run's maps for two questions, via
 ``absvl.visualize.attention_figure``).
 
+    .venv/bin/absvl train classify --config configs/shapes_pretrain.yaml   # stage 1, once (or make demo)
     .venv/bin/python scripts/compare_topdown.py --out docs/results/compare_topdown
     .venv/bin/python scripts/compare_topdown.py --quick --variants vit,absvit --seeds 1 --out /tmp/ct
 
-``--seeds 3`` runs seeds 0, 1, 2; ``--seeds 0,5`` runs those. The default budget (300 steps of
-32 questions, ~1.2 epochs of the 8,000 training questions, 3 seeds, 9 variants, 32 px) took
-about 20 minutes on 2 quiet CPU cores as two parallel ``--variants`` groups with
-``OMP_NUM_THREADS=1`` (docs/results/compare_topdown/results.md gives the per-run times); run
-disjoint ``--variants`` lists in parallel into the same ``--out``, then once more without
-``--variants`` to collect the table.
-
-The recipe (``configs/compare_topdown.yaml``) differs from the demo's in three places, all from
-the papers/SPEC: decoders at 3x the learning rate (SPEC §5), and the prior loss (Eq. 15) on
-the second-pass output z_L at weight 1.0 (the paper's form and AbsVLConfig's default weight):
-with the demo's bottom-up prior loss at 0.1 the prior mask ``clamp(cos(ξ, z_i), 0, 1)`` stays
-near zero when training from scratch, the top-down pass changes the output tokens by <1 %
-and its maps equal the bottom-up ones.
+``--seeds 3`` runs seeds 0, 1, 2; ``--seeds 0,5`` runs those. The default budget is the demo's
+(500 steps of 64 questions, 4 epochs of the 8,000 training questions); a run takes about 8 minutes
+on one CPU core. Run disjoint ``--variants`` lists in parallel into the same ``--out`` (with
+``OMP_NUM_THREADS=1``), then once more without new runs to collect the table.
 """
 from __future__ import annotations
 
@@ -87,7 +80,6 @@ VARIANTS = {
 TOPDOWN_VARIANTS = {"perceiver", "feedback", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit"}
 # a run's top-down pass counts as active when it changes the output tokens by more than this
 ACTIVE_CHANGE = 0.05
-WITH_PRIOR = {"perceiver", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit"}
 
 # --quick: a smoke test of a few seconds per run (and 32 px images)
 QUICK = dict(steps=2, batch_size=8, attention_questions=8, seeds=[0], image_size=32)
@@ -230,6 +222,10 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
         "attention": {
             "bottom_up": scores["bottom_up"],
             "top_down": scores["top_down"] if variant.name in TOPDOWN_VARIANTS else None,
+            # the control: the same maps on the image's other objects (a map that follows the question
+            # prefers its targets; one that prefers any object scores both alike)
+            "bottom_up_others": scores["bottom_up_others"],
+            "top_down_others": scores["top_down_others"] if variant.name in TOPDOWN_VARIANTS else None,
             "questions": int(np.sum(~np.isnan(ratios["bottom_up"]))),
         },
         "attention_other_block": other,
@@ -432,10 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base VL recipe shared by every variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=parse_seeds, default=None, help="a count (3 → 0,1,2) or a list (0,5); default 3")
-    p.add_argument("--steps", "--budget", dest="steps", type=int, default=None, help="optimizer steps per run (default 300)")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per step (default 32)")
+    p.add_argument("--steps", "--budget", dest="steps", type=int, default=None, help="optimizer steps per run (default 500, the demo's)")
+    p.add_argument("--batch-size", type=int, default=None, help="questions per step (default 64)")
     p.add_argument("--attention-questions", type=int, default=None, help="test-dev questions scored for attention (default 200)")
-    p.add_argument("--image-size", type=int, default=None, help="input size in px (default 32: 4x4 maps)")
+    p.add_argument("--image-size", type=int, default=None, help="input size in px (default: the config's, 64: 8x8 maps)")
     p.add_argument("--map-block", type=int, default=None,
                    help="backbone map_block for the token-norm maps (default: the backbone's, 3/4 of the depth)")
     p.add_argument("--extra-map-block", type=lambda v: None if v.lower() == "none" else int(v), default=0,
@@ -445,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: a few seconds per run (2 steps, batch 8, 32 px)")
     p.add_argument("--force", action="store_true", help="re-run runs whose results exist")
     args = p.parse_args(argv)
-    defaults = dict(steps=300, batch_size=32, attention_questions=200, seeds=[0, 1, 2], image_size=32)
+    defaults = dict(steps=500, batch_size=64, attention_questions=200, seeds=[0, 1, 2])
     if args.quick:
         defaults.update(QUICK)
     for key, value in defaults.items():
@@ -481,7 +477,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     import os
 
     from absvl.data.shapes import ShapesWorld
-    from absvl.demo import two_questions
+    from absvl.demo import question_pairs
     from absvl.metrics.vqa import majority_answer_baseline
     from absvl.training.config import load_config
     from absvl.visualize import attention_figure
@@ -538,23 +534,27 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     (out / "results.md").write_text(markdown(rows, meta))
     plot(rows, majority, out / "comparison.png")
 
-    absvit = [r for r in runs if r["variant"] == "absvit"] or [r for r in runs if r["variant"] in WITH_PRIOR]
+    # the picture: the most accurate AbSViT run whose top-down pass is active (its gate can stay shut:
+    # then the top-down maps are the bottom-up ones and the picture shows nothing top-down) and whose
+    # model is still on disk
+    absvit = [r for r in runs if r["variant"] == "absvit" and Path(r["export"]).is_dir()]
+    active = [r for r in absvit if r.get("topdown_change", 0) > ACTIVE_CHANGE]
     if absvit:
         from absvl.models.vl import AbsVLModel
 
-        # the most accurate run whose top-down pass is active (its gate can stay shut: then the
-        # top-down maps are the bottom-up ones and the picture shows nothing top-down)
-        active = [r for r in absvit if r.get("topdown_change", 0) > ACTIVE_CHANGE]
         best = max(active or absvit, key=lambda r: r["accuracy"])
-        if Path(best["export"]).is_dir():
-            image_path, texts = two_questions(world, TEST_SPLIT)
-            model = AbsVLModel.from_pretrained(best["export"]).eval()
-            attention_figure(model, image_path, texts, out / "attention.png")
-            meta["attention_png"] = {
-                "run": f"{best['variant']}_seed{best['seed']}", "accuracy": best["accuracy"],
-                "topdown_change": best.get("topdown_change"), "image": image_path.name, "texts": texts,
-            }
-            (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
+        image_path, asked = question_pairs(world, TEST_SPLIT)[0]
+        texts = [question for question, _ in asked]
+        model = AbsVLModel.from_pretrained(best["export"]).eval()
+        attention_figure(model, image_path, texts, out / "attention.png")
+        meta["attention_png"] = {
+            "run": f"{best['variant']}_seed{best['seed']}", "accuracy": best["accuracy"],
+            "topdown_change": best.get("topdown_change"), "image": image_path.name, "texts": texts,
+        }
+        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
+    else:
+        print(f"{out / 'attention.png'} not drawn: no AbSViT run of this invocation has its model on disk "
+              "(run AbSViT in this invocation, or keep its run folders under the runs root)")
     print((out / "results.md").read_text())
     return {"meta": meta, "summary": rows, "runs": runs}
 

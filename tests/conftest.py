@@ -17,7 +17,7 @@ TINY_MODEL = [
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes") / "world"
-    ensure_shapes(root, num_images=40, seed=3, image_size=32, questions_per_image=4)
+    ensure_shapes(root, num_images=40, seed=3, image_size=32, questions_per_image=4, text_pretrain_steps=20)
     return root
 
 

@@ -45,7 +45,9 @@ def test_vqa_pipeline_ranks_answers(model, image, tmp_path):
     assert vqa(np.asarray(image), "what color is the circle?", top_k=3) == result
 
     batched = vqa(image, ["what color is the circle?", "is there a square?"], top_k=2)
-    assert len(batched) == 2 and batched[0] == result[:2]
+    assert len(batched) == 2 and [r["answer"] for r in batched[0]] == [r["answer"] for r in result[:2]]
+    # a batch of two runs other matrix kernels than one item: equal up to float rounding
+    assert [r["score"] for r in batched[0]] == pytest.approx([r["score"] for r in result[:2]], rel=1e-6)
     with pytest.raises(ValueError, match="2 images for 3 texts"):
         vqa([image, image], ["a", "b", "c"])
 

@@ -104,7 +104,8 @@ class ImageFolderDataset(Dataset):
 
 
 class ClassifyCollator:
-    """Items of ``ImageFolderDataset`` → ``{"images" [B,3,S,S], "labels" [B], "skipped"}``.
+    """Items of ``ImageFolderDataset`` → ``{"images" [B,3,S,S], "labels" [B], "skipped"}`` (of
+    ``PatchLabelDataset``: ``labels`` ``[B, h·w]``).
 
     ``skipped`` is ``[(path, reason), ...]`` for the unreadable items. If all were unreadable
     ``B = 0`` (``images`` is ``[0,3,S,S]``, ``S = image_size`` or 0 when not given).
@@ -121,5 +122,8 @@ class ClassifyCollator:
         else:
             size = self.image_size or 0
             images = torch.zeros(0, 3, size, size)
-        labels = torch.tensor([it["label"] for it in good], dtype=torch.long)
+        if good and isinstance(good[0]["label"], torch.Tensor):  # patch labels, one row per image
+            labels = torch.stack([it["label"] for it in good])
+        else:
+            labels = torch.tensor([it["label"] for it in good], dtype=torch.long)
         return {"images": images, "labels": labels, "skipped": skipped}

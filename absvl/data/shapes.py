@@ -10,7 +10,8 @@
       v2_mscoco_{split}_annotations.json          VQAv2 annotations (train/val splits)
       shapes_{test split}_annotations.json        private answers of the test split (for scoring)
       dataset_shapes.json                         Karpathy-style captions, 5 per image
-      text_encoder/                               tiny RoBERTa + byte-level BPE tokenizer (HF format)
+      patch_labels/{train,val}/{images,labels}/     the vision pretraining data: image links + class-index maps
+      text_encoder/                               tiny RoBERTa (MLM-pretrained on the train texts) + BPE tokenizer
       shapes_meta.json                            generation arguments + version (written last)
 
 Scenes: a light plain / noisy / gradient background and 2-5 objects (7 colors × 3 shapes × 2
@@ -50,7 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES_VERSION = "1"
+SHAPES_VERSION = "2"
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -93,6 +94,7 @@ KARPATHY_FILE = "dataset_shapes.json"
 SCENES_FILE = "scenes.json"
 META_FILE = "shapes_meta.json"
 TEXT_ENCODER_DIR = "text_encoder"
+PATCH_LABELS_DIR = "patch_labels"
 
 
 # --------------------------------------------------------------------------- naming helpers
@@ -141,6 +143,11 @@ class ShapesWorld:
     num_questions: dict[str, int]  # VQAv2 split name → number of questions
     text_encoder_dir: Path | None = None
     args: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def exists(root: str | Path) -> bool:
+        """Whether ``root`` holds a generated world (a dataset folder of another kind does not)."""
+        return (Path(root) / META_FILE).is_file()
 
     @classmethod
     def load(cls, root: str | Path) -> "ShapesWorld":
@@ -495,6 +502,7 @@ def _normalise_args(
     min_objects: int,
     max_objects: int,
     answer_noise: float,
+    text_pretrain_steps: int = 600,
 ) -> dict[str, Any]:
     split_counts = _split_counts(num_images, splits)
     if not 1 <= min_objects <= max_objects <= 9:
@@ -505,6 +513,8 @@ def _normalise_args(
         raise ValueError("questions_per_image must be >= 1")
     if not 0 <= answer_noise <= 1:
         raise ValueError("answer_noise must be in [0, 1]")
+    if text_pretrain_steps < 0:
+        raise ValueError("text_pretrain_steps must be >= 0")
     return dict(
         num_images=sum(c for _, c in split_counts),
         seed=int(seed),
@@ -516,6 +526,7 @@ def _normalise_args(
         min_objects=int(min_objects),
         max_objects=int(max_objects),
         answer_noise=float(answer_noise),
+        text_pretrain_steps=int(text_pretrain_steps),
     )
 
 
@@ -539,7 +550,8 @@ def _write_world(root: Path, args: dict[str, Any]) -> dict[str, Any]:
     scenes, karpathy_images = [], []
     questions: dict[str, list] = {s: [] for s, _ in split_counts}
     annotations: dict[str, list] = {s: [] for s, _ in split_counts}
-    corpus: set[str] = set()
+    corpus: set[str] = set()  # the tokenizer's vocabulary: every split's words
+    lm_texts: list[str] = []  # the text encoder's pretraining: the training split's questions and captions
     sentid = 0
     idx = 0
     for split, count in split_counts:
@@ -591,6 +603,8 @@ def _write_world(root: Path, args: dict[str, Any]) -> dict[str, Any]:
                          "answers": _human_answers(answer, noise, q_rng)}
                     )
                     corpus.update((cand["question"], answer))
+                    if karpathy_split(split) == "train":
+                        lm_texts.append(cand["question"])
                     k += 1
                     progressed = True
                 if not progressed:
@@ -598,6 +612,8 @@ def _write_world(root: Path, args: dict[str, Any]) -> dict[str, Any]:
 
             caps = _captions(objects, bg_kind, margin, np.random.default_rng([seed, 3, idx]))
             corpus.update(caps)
+            if karpathy_split(split) == "train":
+                lm_texts.extend(caps)
             sentids = list(range(sentid, sentid + len(caps)))
             sentid += len(caps)
             karpathy_images.append(
@@ -619,11 +635,45 @@ def _write_world(root: Path, args: dict[str, Any]) -> dict[str, Any]:
           {"version": SHAPES_VERSION, "image_size": size, "relation_margin": margin, "colors": COLORS,
            "images": scenes})
     _dump(root / KARPATHY_FILE, {"images": karpathy_images, "dataset": "shapes"})
+    _write_patch_labels(root, scenes)
     if args["text_encoder"]:
         from ..models.vl.tiny_text import build_tiny_text_encoder
 
-        build_tiny_text_encoder(root / TEXT_ENCODER_DIR, kind=args["text_kind"], corpus=sorted(corpus), seed=seed)
+        build_tiny_text_encoder(root / TEXT_ENCODER_DIR, kind=args["text_kind"], corpus=sorted(corpus), seed=seed,
+                                pretrain_texts=lm_texts, pretrain_steps=args["text_pretrain_steps"])
     return dict(images={s: c for s, c in split_counts}, questions={s: len(questions[s]) for s, _ in split_counts})
+
+
+def patch_label_classes() -> list[str]:
+    """The classes of the world's patch labels: ``background``, then every "<color> <shape>"."""
+    return ["background"] + [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+
+
+def _write_patch_labels(root: Path, scenes: list[dict]) -> None:
+    """``root/patch_labels``: the train and val images (hard links) with class-index maps whose classes
+    are ``patch_label_classes()`` — the vision encoder's pretraining data (``absvl.data.patch_labels``)."""
+    classes = patch_label_classes()
+    out = root / PATCH_LABELS_DIR
+    out.mkdir()
+    _dump(out / "classes.json", classes)
+    for scene in scenes:
+        split = karpathy_split(scene["split"])
+        if split == "test":
+            continue
+        images, labels = out / split / "images", out / split / "labels"
+        if not images.is_dir():
+            images.mkdir(parents=True)
+            labels.mkdir(parents=True)
+        source = root / "images" / scene["folder"] / scene["file_name"]
+        try:
+            os.link(source, images / scene["file_name"])
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, images / scene["file_name"])
+        lookup = np.zeros(len(scene["objects"]) + 1, dtype=np.uint8)
+        for obj in scene["objects"]:
+            lookup[obj["label"]] = classes.index(f"{obj['color']} {obj['shape']}")
+        mask = np.asarray(Image.open(root / "masks" / scene["folder"] / scene["mask_file"]))
+        Image.fromarray(lookup[mask]).save(labels / f"{Path(scene['file_name']).stem}.png")
 
 
 @contextlib.contextmanager
@@ -679,6 +729,7 @@ def generate_shapes(
     min_objects: int = 2,
     max_objects: int = 5,
     answer_noise: float = 0.1,
+    text_pretrain_steps: int = 600,
 ) -> ShapesWorld:
     """Generate (always) a Shapes world into ``out_dir``, atomically: it is built in a temporary
     folder next to ``out_dir`` and renamed at the end, replacing a previous world.
@@ -692,9 +743,11 @@ def generate_shapes(
             trained on all questions, answers and captions, into ``out_dir/text_encoder``.
         answer_noise: probability that each of the 10 human answers is a plausible wrong one
             (at most 3 per question, so the correct answer is always the majority).
+        text_pretrain_steps: masked-language-modelling steps of the text encoder on the training
+            split's questions and captions (0: left randomly initialised).
     """
     args = _normalise_args(num_images, seed, image_size, splits, questions_per_image, text_encoder, text_kind,
-                           min_objects, max_objects, answer_noise)
+                           min_objects, max_objects, answer_noise, text_pretrain_steps)
     out_dir = Path(out_dir)
     with _lock(out_dir):
         return _generate_locked(out_dir, args)
@@ -706,7 +759,7 @@ def _is_complete(out_dir: Path, args: dict[str, Any]) -> bool:
         if meta.get("version") != SHAPES_VERSION or meta.get("args") != args:
             return False
         splits = [s for s, _ in args["splits"]]
-        files = [SCENES_FILE, KARPATHY_FILE] + [questions_filename(s) for s in splits]
+        files = [SCENES_FILE, KARPATHY_FILE, f"{PATCH_LABELS_DIR}/classes.json"] + [questions_filename(s) for s in splits]
         files += [annotations_filename(s) for s in splits]
         if args["text_encoder"]:
             files += [f"{TEXT_ENCODER_DIR}/config.json", f"{TEXT_ENCODER_DIR}/tokenizer_config.json"]
@@ -753,8 +806,9 @@ def _index(root: str, mtime_ns: int) -> tuple[dict[int, str], dict[int, dict]]:
     return folders, questions
 
 
-def target_mask(world: ShapesWorld | str | Path, question: dict | int) -> np.ndarray:
-    """Boolean ``H×W`` mask: union of the visible pixels of the question's target objects.
+def target_mask(world: ShapesWorld | str | Path, question: dict | int, others: bool = False) -> np.ndarray:
+    """Boolean ``H×W`` mask: union of the visible pixels of the question's target objects (``others``:
+    of the image's other objects, the control a question-specific map should not prefer).
 
     ``question`` is a question entry (with ``image_id`` and ``target_objects``, or just a
     ``question_id``) or a question id. Empty (all False) for questions without targets, e.g.
@@ -769,7 +823,8 @@ def target_mask(world: ShapesWorld | str | Path, question: dict | int) -> np.nda
         entry = questions[qid]
     image_id = int(entry["image_id"])
     labels = np.asarray(Image.open(root / "masks" / folders[image_id] / f"{image_id:012d}.png"))
-    return np.isin(labels, [int(i) + 1 for i in entry["target_objects"]])
+    targets = np.isin(labels, [int(i) + 1 for i in entry["target_objects"]])
+    return (labels > 0) & ~targets if others else targets
 
 
 __all__ = [
@@ -784,6 +839,7 @@ __all__ = [
     "image_filename",
     "image_folder",
     "karpathy_split",
+    "patch_label_classes",
     "questions_filename",
     "relation",
     "target_mask",

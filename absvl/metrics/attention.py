@@ -6,11 +6,15 @@ questions record their target objects) and score its bottom-up and top-down maps
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 MAP_KINDS = ("bottom_up", "top_down")
+# each map scored on the question's targets (the kind's name) and, as a control, on the image's other
+# objects ("<kind>_others"): a map that follows the question prefers the first, one that just prefers
+# objects scores both alike
+SCORE_KEYS = MAP_KINDS + tuple(f"{kind}_others" for kind in MAP_KINDS)
 
 
 def target_attention_ratio(attention: np.ndarray, target: np.ndarray) -> float:
@@ -50,10 +54,11 @@ def target_questions(world: Any, split: str, limit: int | None = 200) -> list[di
 def target_attention_ratios(
     model: Any, world: Any, questions: Sequence[dict[str, Any]], split: str, batch_size: int = 32
 ) -> dict[str, list[float]]:
-    """``{"bottom_up": [...], "top_down": [...]}``: ``target_attention_ratio`` of each question's
-    map (``model.attention_maps`` under the question's ξ) against its target mask, in question
-    order; NaN where the target is empty. Runs in eval mode, without gradients; the batch size
-    does not change the result."""
+    """``{"bottom_up": [...], "top_down": [...], "bottom_up_others": [...], "top_down_others": [...]}``:
+    ``target_attention_ratio`` of each question's map (``model.attention_maps`` under the question's ξ)
+    against its target mask, and against the mask of the image's other objects (``*_others``), in
+    question order; NaN where the mask is empty. Runs in eval mode, without gradients; the batch
+    size does not change the result."""
     import torch
     from PIL import Image
 
@@ -61,7 +66,7 @@ def target_attention_ratios(
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    ratios: dict[str, list[float]] = {kind: [] for kind in MAP_KINDS}
+    ratios: dict[str, list[float]] = {key: [] for key in SCORE_KEYS}
     was_training = model.training
     model.eval()
     processor = model.processor
@@ -73,9 +78,11 @@ def target_attention_ratios(
             with torch.no_grad():
                 maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
             for i, q in enumerate(chunk):
-                mask = target_mask(world, q)
+                masks = {"": target_mask(world, q), "_others": target_mask(world, q, others=True)}
                 for kind in MAP_KINDS:
-                    ratios[kind].append(target_attention_ratio(maps[kind][i].float().cpu().numpy(), mask))
+                    values = maps[kind][i].float().cpu().numpy()
+                    for suffix, mask in masks.items():
+                        ratios[kind + suffix].append(target_attention_ratio(values, mask))
     finally:
         model.train(was_training)
     return ratios
@@ -89,14 +96,34 @@ def mean_ratio(values: Sequence[float]) -> float:
 
 
 def attention_scores(
-    model: Any, world: Any, split: str, limit: int | None = 200, batch_size: int = 32
-) -> dict[str, float]:
-    """Mean target-attention ratio, ``{"bottom_up": ..., "top_down": ...}``, of ``model`` over the
-    first ``limit`` questions of ``split`` that have target objects (a Shapes world; empty targets
-    are left out of the mean). Backbones without a top-down path score their one map for both."""
+    model: Any,
+    world: Any,
+    split: str,
+    limit: int | None = 200,
+    batch_size: int = 32,
+    question_types: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Mean target-attention ratios (``SCORE_KEYS``: each map on the targets and on the other objects)
+    of ``model`` over the first ``limit`` questions of ``split`` that have target objects (a Shapes
+    world; empty masks are left out of the mean). Backbones without a top-down path score their one
+    map for both kinds.
+
+    With ``question_types`` (question id -> VQA question type, as in the split's annotations) the
+    result also holds ``"per_question_type"``: the same means per type, each with its ``"questions"``
+    count, so that a question family whose map does not move is not hidden by the overall mean.
+    """
     questions = target_questions(world, split, limit)
     ratios = target_attention_ratios(model, world, questions, split, batch_size)
-    return {kind: mean_ratio(values) for kind, values in ratios.items()}
+    scores: dict[str, Any] = {kind: mean_ratio(values) for kind, values in ratios.items()}
+    if question_types is not None:
+        groups: dict[str, list[int]] = {}
+        for i, q in enumerate(questions):
+            groups.setdefault(question_types.get(q["question_id"], "unknown"), []).append(i)
+        scores["per_question_type"] = {
+            qtype: {"questions": len(rows), **{kind: mean_ratio([values[i] for i in rows]) for kind, values in ratios.items()}}
+            for qtype, rows in sorted(groups.items())
+        }
+    return scores
 
 
-__all__ = ["MAP_KINDS", "attention_scores", "mean_ratio", "target_attention_ratio", "target_attention_ratios", "target_questions"]
+__all__ = ["MAP_KINDS", "SCORE_KEYS", "attention_scores", "mean_ratio", "target_attention_ratio", "target_attention_ratios", "target_questions"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_model, save_model
 from timm.loss import SoftTargetCrossEntropy
@@ -33,8 +34,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
+from ..data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, read_classes
 from ..models.vision import create_backbone
 from ..models.vision.output import BackboneOutput
+from ..models.vision.topdown import topdown_health
 from ..models.vision.pretrained import BACKBONE_FORMAT, CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from ..runtime import cpu_only
 from .config import ClassifyConfig, ConfigError
@@ -84,6 +87,13 @@ def eval_transform(image_config: dict[str, Any]):
                             mean=tuple(c["mean"]), std=tuple(c["std"]), crop_pct=c["crop_pct"])
 
 
+def patch_tensor_transform(image_config: dict[str, Any]):
+    """To tensor + normalise, nothing geometric (patch labels must stay on their pixels)."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(image_config["mean"], image_config["std"])])
+
+
 def train_transform(image_config: dict[str, Any], config: ClassifyConfig):
     """timm's training transform: random-resized crop, flip, RandAugment or colour jitter, normalise."""
     from timm.data import create_transform
@@ -105,6 +115,32 @@ def classification_loss(
     if output.bottom_up_logits is not None and output.bottom_up_logits is not output.logits:
         passes.append(output.bottom_up_logits)
     loss = sum(criterion(logits.float(), targets) for logits in passes) / len(passes)
+    var = output.aux_losses.get("var")
+    if var is not None and var_weight:
+        loss = loss + var_weight * var
+    return loss
+
+
+def patch_logits(model: nn.Module, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """``[B, h·w, classes]``: the classifier applied to every spatial token (after ``fc_norm``)."""
+    model = getattr(model, "module", model)  # DDP
+    return model.head(model.fc_norm(tokens[:, num_prefix_tokens:]))
+
+
+def patch_classification_loss(
+    model: nn.Module, output: BackboneOutput, targets: torch.Tensor, label_smoothing: float = 0.0,
+    var_weight: float = 0.1,
+) -> torch.Tensor:
+    """``classification_loss`` for patch labels: cross-entropy of every labelled patch token (``[B, h·w]``
+    targets, ``IGNORE_INDEX`` left out), averaged over the passes, plus ``var_weight``·L_var."""
+    passes = [output.tokens]
+    if output.bottom_up_tokens is not output.tokens:
+        passes.append(output.bottom_up_tokens)
+    loss = sum(
+        F.cross_entropy(patch_logits(model, tokens, output.num_prefix_tokens).flatten(0, 1).float(), targets.flatten(),
+                        ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        for tokens in passes
+    ) / len(passes)
     var = output.aux_losses.get("var")
     if var is not None and var_weight:
         loss = loss + var_weight * var
@@ -142,7 +178,8 @@ def classifier_param_groups(
 @torch.no_grad()
 def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate") -> dict[str, Any]:
     """Top-1 / top-5 hits of the second-pass logits on every item of ``loader`` (gathered over
-    processes): ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``."""
+    processes): ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``. With patch labels
+    (``[B, h·w]``) every labelled patch token counts as one item ("images" then counts patches)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = images = 0
@@ -154,12 +191,20 @@ def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
         if len(labels) == 0:
             continue
         with accelerator.autocast():
-            logits = model(batch["images"]).logits
+            output = model(batch["images"])
+        if labels.dim() == 1:  # one label per image, as one labelled "patch"
+            logits, labels = output.logits[:, None], labels[:, None]
+        else:  # patch labels: score every labelled patch token
+            logits = patch_logits(model, output.tokens, output.num_prefix_tokens)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hit1, hit5 = accelerator.gather_for_metrics((top[:, 0] == labels, (top == labels[:, None]).any(-1)))
+        labelled = labels != IGNORE_INDEX
+        hit1 = ((top[..., 0] == labels) & labelled).sum(1)
+        hit5 = ((top == labels[..., None]).any(-1) & labelled).sum(1)
+        # per image, so that the gather drops exactly the padding of the last batch
+        hit1, hit5, scored = accelerator.gather_for_metrics((hit1, hit5, labelled.sum(1)))
         correct1 += int(hit1.sum())
         correct5 += int(hit5.sum())
-        images += len(hit1)
+        images += int(scored.sum())
     model.train(was_training)
     return {"correct1": correct1, "correct5": correct5, "images": images, "skipped": skipped}
 
@@ -184,18 +229,36 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), info
 
 
+def patch_dataset(
+    model: nn.Module, root: str | Path, split: str, classes: list[str], image_config: dict[str, Any], hflip: float = 0.0
+) -> PatchLabelDataset:
+    """``root/split`` of a patch-labelled dataset, labelled on ``model``'s patch grid ("background",
+    when a class is named so, is what a patch falls back to when no object owns it)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None or not hasattr(model, "fc_norm"):
+        raise ConfigError(f"patch labels need a ViT-family backbone (patch tokens), not {type(model).__name__}")
+    return PatchLabelDataset(
+        list_labelled(root, split), patch_tensor_transform(image_config), image_size=image_config["input_size"][-1],
+        patch=patch[0], num_classes=len(classes), background=classes.index("background") if "background" in classes else None,
+        hflip=hflip,
+    )
+
+
 def evaluate_classifier(
     model_dir: str | Path, data_root: str | Path, split: str = "val", batch_size: int = 64, num_workers: int = 2
 ) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy (%) of an exported classifier on ``data_root/split``.
+    """Top-1 / top-5 accuracy (%) of an exported classifier on ``data_root/split`` (of every labelled
+    patch for a classifier trained on patch labels).
 
-    Unreadable images are counted, reported and scored wrong."""
+    Unreadable images are counted, reported and scored wrong (patch labels: left out)."""
     model, info = load_classifier(model_dir)
-    samples = list_samples(data_root, split, info["classes"])
     image_config = info.get("data_config") or resolve_image_config(model)
+    if info.get("labels") == "patch":
+        dataset = patch_dataset(model, data_root, split, info["classes"], image_config)
+    else:
+        dataset = ImageFolderDataset(list_samples(data_root, split, info["classes"]), eval_transform(image_config))
     collator = ClassifyCollator(image_config["input_size"][-1])
     accelerator = Accelerator(cpu=cpu_only())
-    dataset = ImageFolderDataset(samples, eval_transform(image_config))
     loader = accelerator.prepare_data_loader(make_loader(dataset, collator, batch_size, num_workers))
     model.to(accelerator.device)
     counts = predict_topk(model, loader, accelerator, desc=split)
@@ -203,7 +266,8 @@ def evaluate_classifier(
         print(f"{len(counts['skipped'])} images skipped (unreadable): they count as wrong")
         for path, reason in counts["skipped"][:10]:
             print(f"  {path}: {reason}")
-    return {**_accuracy(counts, counts["images"] + len(counts["skipped"])), "split": split, "classes": len(info["classes"])}
+    scored = counts["images"] + (0 if info.get("labels") == "patch" else len(counts["skipped"]))
+    return {**_accuracy(counts, scored), "split": split, "classes": len(info["classes"])}
 
 
 # --- the task --------------------------------------------------------------------------------
@@ -216,7 +280,8 @@ class ClassifyTask:
 
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
         config, d = self.config, self.config.data
-        self.classes = find_classes(d.root, d.train_split)
+        self.patches = d.format == "patches"
+        self.classes = read_classes(d.root) if self.patches else find_classes(d.root, d.train_split)
         classes_file = output_dir / "classes.json"
         if checkpoint is not None and classes_file.is_file():
             before = json.loads(classes_file.read_text())
@@ -224,19 +289,24 @@ class ClassifyTask:
                 raise ConfigError(f"the classes of {d.root}/{d.train_split} changed since {checkpoint} was written")
         if accelerator.is_main_process:
             classes_file.write_text(json.dumps(self.classes) + "\n")
-        train_samples = list_samples(d.root, d.train_split, self.classes)
-        val_samples = list_samples(d.root, d.val_split, self.classes) if d.val_split else []
         self.model = build_classifier(config, self.classes)
         self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
         size = self.image_config["input_size"][-1]
-        self.train_set = ImageFolderDataset(train_samples, train_transform(self.image_config, config))
+        if self.patches:
+            train_set = patch_dataset(self.model, d.root, d.train_split, self.classes, self.image_config, d.hflip)
+            val_set = patch_dataset(self.model, d.root, d.val_split, self.classes, self.image_config) if d.val_split else None
+        else:
+            train_set = ImageFolderDataset(list_samples(d.root, d.train_split, self.classes),
+                                           train_transform(self.image_config, config))
+            val_set = (ImageFolderDataset(list_samples(d.root, d.val_split, self.classes), eval_transform(self.image_config))
+                       if d.val_split else None)
+        self.train_set = train_set
         self.collator = ClassifyCollator(size)
         self.val_loader = None
-        if val_samples:
-            val_set = ImageFolderDataset(val_samples, eval_transform(self.image_config))
+        if val_set is not None:
             loader = make_loader(val_set, self.collator, config.train.batch_size, d.num_workers)
             self.val_loader = accelerator.prepare_data_loader(loader)
-        self.num_val = len(val_samples)
+        self.num_val = len(val_set) if val_set is not None else 0
         num_classes = len(self.classes)
         if d.mixup > 0 or d.cutmix > 0:
             from timm.data import Mixup
@@ -252,7 +322,8 @@ class ClassifyTask:
         return classifier_param_groups(self.model, t.lr, t.weight_decay, t.lr_multipliers)
 
     def describe(self) -> str:
-        return (f"training on {len(self.train_set)} images of {len(self.classes)} classes, "
+        labels = "patch-labelled " if self.patches else ""
+        return (f"training on {len(self.train_set)} {labels}images of {len(self.classes)} classes, "
                 f"{self.num_val} validation images")
 
     def batch_size(self, batch: dict[str, Any]) -> int:
@@ -279,7 +350,15 @@ class ClassifyTask:
         images, targets = batch["images"], batch["labels"]
         if self.mixup is not None:
             images, targets = self.mix(images, targets)
-        return classification_loss(model(images), targets, self.criterion, self.config.model.var_weight)
+        output = model(images)
+        self.health = topdown_health(output)
+        if self.patches:
+            return patch_classification_loss(model, output, targets, self.config.data.label_smoothing,
+                                             self.config.model.var_weight)
+        return classification_loss(output, targets, self.criterion, self.config.model.var_weight)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self.health
 
     def validate(self, model: nn.Module, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
@@ -298,6 +377,7 @@ class ClassifyTask:
             "name": built["name"],
             "overrides": {k: v for k, v in built.items() if k != "name" and k not in _WEIGHT_SOURCES},
             "classes": self.classes,
+            "labels": "patch" if self.patches else "image",
             "data_config": self.image_config,
             "metrics": {k: last.result[k] for k in ("top1", "top5")} if last else {},
         }

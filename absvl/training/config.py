@@ -86,6 +86,9 @@ class TrainConfig:
         resume: ``null``, ``latest`` or a checkpoint folder.
         trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...); ``[]`` for none.
         init_from: a ``save_pretrained`` folder to start from instead of fresh heads.
+        vision_from_scratch: VL runs (``vqa``, ``retrieval``) only: let a paper-size vision backbone
+            start from random weights. Without it such a config is refused: the paper finetunes an
+            ImageNet-pretrained AbSViT, and a top-down gate on an untrained encoder stays shut.
     """
 
     output_dir: str = "runs/vqa"
@@ -109,6 +112,7 @@ class TrainConfig:
     resume: str | None = None
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     init_from: str | None = None
+    vision_from_scratch: bool = False
 
 
 class _RunConfigBase:
@@ -178,6 +182,9 @@ class ImageFolderConfig:
 
     Attributes:
         root: dataset folder.
+        format: ``imagefolder`` (one class per image) or ``patches``: a patch-labelled dataset
+            (``root/classes.json``, ``root/<split>/images``, ``root/<split>/labels`` class-index maps,
+            see ``absvl.data.patch_labels``) whose every patch token is classified (ViT backbones).
         train_split, val_split: sub-folders trained / validated on (``val_split: null``: none).
         image_size: input size; ``null`` takes the backbone's.
         num_workers: data-loading processes per training process.
@@ -191,6 +198,7 @@ class ImageFolderConfig:
     """
 
     root: str = "data/imagefolder"
+    format: str = "imagefolder"
     train_split: str = "train"
     val_split: str | None = "val"
     image_size: int | None = None
@@ -232,6 +240,10 @@ class ClassifyConfig(_RunConfigBase):
         return super().checks() + [
             (bool(m.backbone), "model.backbone", "a backbone name"),
             (m.var_weight >= 0, "model.var_weight", ">= 0"),
+            (d.format in ("imagefolder", "patches"), "data.format", "imagefolder or patches"),
+            (d.format == "imagefolder" or (d.mixup == 0 and d.cutmix == 0 and not d.randaugment), "data.format",
+             "imagefolder for mixup, cutmix and randaugment (they would move pixels away from their patch labels): "
+             "set data.mixup=0 data.cutmix=0 data.randaugment=null with patches"),
             (d.mixup >= 0, "data.mixup", ">= 0"),
             (d.cutmix >= 0, "data.cutmix", ">= 0"),
             (0 <= d.label_smoothing < 1, "data.label_smoothing", "in [0, 1)"),
@@ -297,11 +309,29 @@ class RetrievalConfig(_RunConfigBase):
         return super().checks() + [
             (bool(d.train_splits), "data.train_splits", "a non-empty list"),
             (self.train.rerank_k >= 1, "train.rerank_k", ">= 1"),
-            (m.prior_visual == "bottom_up", "model.prior_visual",
-             "bottom_up (images are embedded once, before any query, for the index)"),
+            (m.prior_visual in ("bottom_up", "both"), "model.prior_visual",
+             "bottom_up or both (images are embedded once, before any query, for the index)"),
             (m.prior_loss_weight > 0 or m.itm_loss_weight > 0, "model.prior_loss_weight",
              "> 0 (or model.itm_loss_weight > 0): retrieval trains the prior and/or ITM loss"),
         ]
+
+
+def check_vision_start(config: Any) -> None:
+    """A VL training run's vision backbone starts from pretrained weights, unless it is a test-size one
+    (``*_test*``, e.g. the Shapes demo's), the run starts from ``train.init_from``, or the user asked
+    for random weights (``train.vision_from_scratch``). Raises ``ConfigError`` naming the keys."""
+    model, train = config.model, config.train
+    kwargs = model.backbone_kwargs
+    if ("_test" in model.backbone or kwargs.get("pretrained") or kwargs.get("pretrained_path") or train.init_from
+            or train.vision_from_scratch):
+        return
+    raise ConfigError(
+        f"model.backbone_kwargs={kwargs!r} gives no pretrained weights for the paper-size vision backbone "
+        f"{model.backbone!r}, which would train from random weights: set `pretrained: true` (timm's ImageNet DeiT "
+        "weights) or `pretrained_path: DIR` (a folder from absvl convert or absvl train classify) in "
+        "model.backbone_kwargs (the paper finetunes an ImageNet-pretrained AbSViT), or train.vision_from_scratch=true "
+        "to train it from random weights on purpose"
+    )
 
 
 def _sections(run_class: type) -> dict[str, type]:

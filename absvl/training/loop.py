@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..models.vision.topdown import shut_gate_warning
 from ..runtime import cpu_only, keep_freed_memory
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rotate_checkpoints, save_checkpoint
 from .config import TrainConfig, dump_config
@@ -79,6 +80,10 @@ class Task(Protocol):
 
     def export(self, model: torch.nn.Module, out_dir: Path, last: Validation | None) -> None:
         """Save the unwrapped final ``model`` into ``out_dir`` (main process only)."""
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Scalars about the last training batch's forward, logged with the loss (e.g. the
+        top-down path's ``topdown_health``); ``{}`` for none."""
 
 
 def make_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int) -> DataLoader:
@@ -216,6 +221,7 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
     window_start, window_samples, last_result = time.perf_counter(), 0, None
+    last_stats: dict[str, float] = {}  # the last logged diagnostics (the gate's health)
     model.train()
     while state["step"] < total_steps:
         epoch_set = EpochOrder(train_set, t.seed, state["epoch"])
@@ -243,6 +249,9 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
                     "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
                     "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
                 }
+                if task.batch_size(batch):  # a zero step ran no forward: nothing new to report
+                    last_stats = {k: float(v) for k, v in task.diagnostics().items()}
+                    record.update(last_stats)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 accelerator.log(record, step=state["step"])
                 log.write(record)
@@ -265,6 +274,9 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
             if not t.save_every and state["step"] < total_steps:
                 checkpoint_now(score(last_result))
     bar.close()
+    shut = shut_gate_warning(last_stats)  # the gate may close for a while and re-open: judged at the end
+    if shut:
+        accelerator.print(f"warning: {shut}")
     export = out / "final"
     if main:
         if state["skipped"]:

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from ..data.captions import CaptionCollator, CaptionedImage, CaptionedImageDataset, load_karpathy
 from ..data.images import ImageFiles, collate_image_files, image_transform
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
+from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
-from .config import ConfigError, RetrievalConfig
+from .config import ConfigError, RetrievalConfig, check_vision_start
 from .loop import Validation, make_loader, run_training
 
 
@@ -62,9 +63,9 @@ def build_model(config: RetrievalConfig) -> AbsVLModel:
     """A fresh model from ``config.model``, or ``train.init_from`` (e.g. a VQA-finetuned model)."""
     if config.train.init_from:
         model = AbsVLModel.from_pretrained(config.train.init_from).train()
-        if model.config.prior_visual != "bottom_up":
-            raise ConfigError(f"train.init_from={config.train.init_from!r} contrasts the top-down image output "
-                              "(prior_visual != bottom_up): retrieval indexes bottom-up embeddings")
+        if model.config.prior_visual == "top_down":
+            raise ConfigError(f"train.init_from={config.train.init_from!r} contrasts only the top-down image output "
+                              "(prior_visual=top_down): retrieval indexes bottom-up embeddings")
     else:
         model_config = config.model
         if config.data.image_size is not None:
@@ -140,7 +141,12 @@ class RetrievalTask:
             images = torch.cat([images, images[neg_image], images])
             ids, mask = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
-        return model(images, ids, mask, itm_labels=labels).loss
+        out = model(images, ids, mask, itm_labels=labels)
+        self.health = topdown_health(out.vision, out.xi)
+        return out.loss
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self.health
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if not self.val_images:
@@ -166,6 +172,7 @@ class RetrievalTask:
 
 def train_retrieval(config: RetrievalConfig) -> dict[str, Any]:
     """Run a retrieval training job; returns the loop's summary (step, validation, export folder)."""
+    check_vision_start(config)
     return run_training(config, RetrievalTask(config))
 
 

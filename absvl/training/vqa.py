@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.answers import build_answer_vocab, load_answers
+from ..data.shapes import ShapesWorld
 from ..data.images import image_transform
 from ..data.vqa import VQACollator, VQADataset, VQAExample, holdout_split, load_vqa_hf, load_vqa_split
 from ..metrics.vqa import evaluate_vqa, format_accuracy_table
+from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_vision_start
 from .loop import Validation, make_loader, run_training, to_device
 
 
@@ -174,7 +176,12 @@ class VQATask:
         return len(batch["question_ids"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return model(batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"]).loss
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"])
+        self.health = topdown_health(out.vision, out.xi)
+        return out.loss
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return self.health
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
@@ -183,6 +190,11 @@ class VQATask:
         result = score_predictions(predictions, [ex for ex in self.data.val if ex.question_id in predictions])
         metrics = {"val/accuracy": result["overall"], "val/skipped": len(skipped)}
         metrics.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
+        d = self.config.data
+        if d.format == "vqav2" and ShapesWorld.exists(d.root) and accelerator.is_main_process:
+            # the Shapes world knows each question's target objects: is the top-down map on them?
+            scores = shapes_attention(model, d.root, d.val_split)
+            metrics.update({f"val/attention_{kind}": score for kind, score in scores.items()})
         return Validation(score=result["overall"], metrics=metrics, result=result)
 
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
@@ -190,8 +202,18 @@ class VQATask:
         model.save_pretrained(out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics})
 
 
+def shapes_attention(model: AbsVLModel, root: str | Path, split: str, limit: int = 200) -> dict[str, float]:
+    """Target-attention scores (bottom-up, top-down) of ``model`` on the first ``limit`` questions
+    with target objects of a Shapes world's ``split`` (see ``absvl.metrics.attention``)."""
+    from ..data.vqa import SPLITS, canonical_split
+    from ..metrics.attention import attention_scores
+
+    return attention_scores(model, ShapesWorld.load(root), SPLITS[canonical_split(split)].tag, limit)
+
+
 def train_vqa(config: RunConfig) -> dict[str, Any]:
     """Run a finetuning job; returns a summary (final step, best/last validation, export folder)."""
+    check_vision_start(config)
     return run_training(config, VQATask(config))
 
 

@@ -19,7 +19,7 @@ RELS = ("left of", "right of", "above", "below")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> ShapesWorld:
-    return generate_shapes(tmp_path_factory.mktemp("shapes") / "world", num_images=N, seed=0)
+    return generate_shapes(tmp_path_factory.mktemp("shapes") / "world", num_images=N, seed=0, text_pretrain_steps=20)
 
 
 def _load(path):
@@ -46,7 +46,7 @@ def _qa(world):
 
 # --------------------------------------------------------------------------- determinism
 def test_same_seed_gives_identical_files_and_other_seed_differs(world, tmp_path):
-    again = generate_shapes(tmp_path / "again", num_images=N, seed=0)
+    again = generate_shapes(tmp_path / "again", num_images=N, seed=0, text_pretrain_steps=20)
     ours, theirs = _files(world.root), _files(again.root)
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if ours[k] != theirs[k]] == []

@@ -3,6 +3,7 @@ import pytest
 
 from absvl.metrics.attention import (
     MAP_KINDS,
+    SCORE_KEYS,
     attention_scores,
     mean_ratio,
     target_attention_ratio,
@@ -143,10 +144,36 @@ def test_batching_gives_the_per_item_ratios(tiny_model, shapes_root):
     assert single["top_down"][0] == pytest.approx(expected, rel=1e-5)
     # the score is their mean
     scores = attention_scores(tiny_model, world, split, limit=7, batch_size=3)
-    assert set(scores) == set(MAP_KINDS)
-    for kind in MAP_KINDS:
-        assert scores[kind] == pytest.approx(np.mean(single[kind]), rel=1e-4)
+    assert set(scores) == set(SCORE_KEYS) == {"bottom_up", "top_down", "bottom_up_others", "top_down_others"}
+    for key in SCORE_KEYS:
+        assert scores[key] == pytest.approx(mean_ratio(single[key]), rel=1e-4)
+    # the control scores the same map on the image's other objects
+    others = target_mask(world, q, others=True)
+    assert not (others & target_mask(world, q)).any()
+    expected = target_attention_ratio(maps["top_down"][0].detach().numpy(), others)
+    assert single["top_down_others"][0] == pytest.approx(expected, rel=1e-5, nan_ok=True)
     assert tiny_model.training is False
+
+
+def test_scores_per_question_type_are_the_means_over_each_type(tiny_model, shapes_root):
+    from absvl.data.shapes import ShapesWorld
+
+    world = ShapesWorld.load(shapes_root)
+    split = "test-dev2015"
+    questions = target_questions(world, split, limit=6)
+    single = target_attention_ratios(tiny_model, world, questions, split, batch_size=1)
+    # two made-up types, alternating; one question left without a type
+    types = {q["question_id"]: ("odd" if i % 2 else "even") for i, q in enumerate(questions[:5])}
+    scores = attention_scores(tiny_model, world, split, limit=6, question_types=types)
+    per_type = scores["per_question_type"]
+    assert list(per_type) == ["even", "odd", "unknown"]
+    assert [per_type[t]["questions"] for t in per_type] == [3, 2, 1]
+    for key in SCORE_KEYS:
+        assert per_type["even"][key] == pytest.approx(mean_ratio(single[key][0:5:2]), rel=1e-4, nan_ok=True)
+        assert per_type["odd"][key] == pytest.approx(mean_ratio(single[key][1:5:2]), rel=1e-4, nan_ok=True)
+        assert per_type["unknown"][key] == pytest.approx(mean_ratio(single[key][5:]), rel=1e-4, nan_ok=True)
+        assert scores[key] == pytest.approx(mean_ratio(single[key]), rel=1e-4, nan_ok=True)
+    assert "per_question_type" not in attention_scores(tiny_model, world, split, limit=2)
 
 
 def test_questions_without_target_are_nan_and_excluded(tiny_model, shapes_root):

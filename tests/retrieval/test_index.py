@@ -61,7 +61,7 @@ def test_build_and_load_round_trip(model, model_dir, collection, tmp_path, embed
     index = ImageIndex.load(tmp_path / "idx")
     paths = list_images(collection)
     assert len(index) == 12 and index.ids == list(range(12))
-    assert index.dim == model.contrastive.proj.out_features == 64
+    assert index.dim == model.backbone.num_features == 64
     assert (index.metric, index.factory, index.fingerprint) == ("ip", "Flat", model_fingerprint(model))
     assert [index.path_of(i) for i in index.ids] == paths  # ids in insertion (sorted) order
     rows = [json.loads(line) for line in (tmp_path / "idx" / "paths.jsonl").read_text().splitlines()]
@@ -184,7 +184,7 @@ def test_add_to_index_appends_and_new_images_are_findable(model, model_dir, coll
 
     other = AbsVLModel.from_pretrained(model_dir)
     with torch.no_grad():
-        other.contrastive.proj.bias.add_(0.1)
+        other.backbone.norm.bias.add_(0.1)
     with pytest.raises(IndexMismatchError, match="rebuild the index with this model"):
         add_to_index(other, paths, tmp_path / "idx", progress=False)
     assert len(ImageIndex.load(tmp_path / "idx")) == 12

@@ -61,3 +61,8 @@ def test_quick_run_writes_the_results_and_skips_done_runs(compare, shapes_root, 
     assert "done before, skipped" in capsys.readouterr().out
     assert again["meta"]["runs_done"] == 0 and again["meta"]["runs_skipped"] == 2
     assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in runs]
+    # without an AbSViT model on disk the picture is not drawn (and no other variant is drawn as AbSViT)
+    (out / "attention.png").unlink()
+    capsys.readouterr()
+    compare.main(["--quick", "--variants", "vit", "--seeds", "1", "--out", str(out), "--data-root", str(shapes_root)])
+    assert "attention.png not drawn" in capsys.readouterr().out and not (out / "attention.png").exists()

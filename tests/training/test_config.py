@@ -1,6 +1,6 @@
 import pytest
 
-from absvl.training.config import ConfigError, dump_config, load_config
+from absvl.training.config import ConfigError, RunConfig, dump_config, load_config
 
 
 def _write(tmp_path, text):
@@ -55,3 +55,27 @@ def test_missing_file_and_round_trip(tmp_path):
     config = load_config("configs/vqav2_absvit_base.yaml", ["train.lr=3e-5"])
     again = load_config(_write(tmp_path, dump_config(config)))
     assert again == config
+
+
+def test_paper_size_vision_from_scratch_is_refused_unless_asked_for():
+    from absvl.training.config import RetrievalConfig, check_vision_start
+
+    for path, run_class in (("configs/vqav2_absvit_base.yaml", RunConfig), ("configs/flickr30k_absvit_base.yaml", RetrievalConfig)):
+        check_vision_start(load_config(path, [], run_class))  # the paper configs start from ImageNet weights
+        scratch = load_config(path, ["model.backbone_kwargs={}"], run_class)  # loads (e.g. for evaluation) ...
+        with pytest.raises(ConfigError, match=r"no pretrained weights for the paper-size vision backbone.*"
+                                              r"train.vision_from_scratch=true"):
+            check_vision_start(scratch)  # ... but does not train
+        for fix in ("train.vision_from_scratch=true", "model.backbone_kwargs={pretrained_path: weights/absvit_base}",
+                    "train.init_from=runs/x/final"):
+            check_vision_start(load_config(path, ["model.backbone_kwargs={}", fix], run_class))
+    check_vision_start(load_config("configs/vqav2_absvit_base.yaml", ["model.backbone=absvit_test_patch8", "model.backbone_kwargs={}"]))
+
+
+def test_training_refuses_a_scratch_paper_size_backbone_before_any_work(tmp_path):
+    from absvl.training.vqa import train_vqa
+
+    config = load_config("configs/vqav2_absvit_base.yaml", ["model.backbone_kwargs={}", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="paper-size vision backbone"):
+        train_vqa(config)
+    assert not (tmp_path / "run").exists()

@@ -42,12 +42,23 @@ def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
     assert [r["step"] for r in log if "val/accuracy" in r] == [6, 12]
+    # the gate's health with every loss, the attention scores with every validation (a Shapes world)
+    assert all({"gate/mean", "gate/open", "prior/xi_pairwise_cos", "topdown/change"} <= set(r) for r in log if "loss" in r)
+    val = [r for r in log if "val/accuracy" in r][-1]
+    assert {"val/attention_bottom_up", "val/attention_top_down", "val/attention_top_down_others"} <= set(val)
     # keep_last=1 plus the best
     names = sorted(p.name for p in run.glob("checkpoint-*"))
     assert "checkpoint-00000012" in names and len(names) <= 2
     model = AbsVLModel.from_pretrained(run / "final")
     assert model.answers == json.loads((run / "answers.json").read_text())
     assert (run / "final" / "README.md").read_text().count("VQA accuracy") >= 1
+
+
+def test_a_gate_that_stays_shut_is_reported(tiny_overrides, tmp_path, capsys):
+    train_vqa(load_config(CONFIG, [*tiny_overrides, "train.max_steps=6", "data.val_split=null", "model.alpha=1",
+                                   "model.gate_sparsity_weight=1000", "train.lr=1e-2"]))
+    printed = capsys.readouterr().out
+    assert "warning: the prior gate clamp(cos(xi, z), 0, 1) stayed shut" in printed
 
 
 def _train_cmd(overrides, resume=False):

@@ -28,6 +28,9 @@ class BackboneOutput:
         aux_losses: unweighted auxiliary losses, e.g. ``{"var": L_var}`` (AbSViT Eq. 13/14).
         maps: ``[B, h, w]`` maps for visualisation, keyed ``"bottom_up"`` / ``"top_down"``;
             filled only when the forward is called with ``return_maps=True``.
+        prior_mask: ``[B, N, 1]`` the prior gate ``clamp(cos(ξ, z_i), 0, 1)`` on the first-pass
+            tokens (AbSViT Eq. 8, before the scale α), for backbones whose top-down pass reads a
+            prior; None otherwise (and with ``bottom_up_only``).
     """
 
     tokens: torch.Tensor
@@ -40,6 +43,7 @@ class BackboneOutput:
     bottom_up_logits: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    prior_mask: torch.Tensor | None = None
 
     @property
     def patch_tokens(self) -> torch.Tensor:

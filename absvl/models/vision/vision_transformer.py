@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from .output import BackboneOutput, token_norm_map
@@ -154,6 +155,16 @@ class TopDownDecoder(nn.Module):
         return h, self.linear2(h)
 
 
+def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> ConvStem:
+    """log2(patch_size) stride-2 3×3 convolutions (BatchNorm + ReLU between them, the last one linear)
+    from ``in_chans`` to ``embed_dim`` channels, widths doubling up to ``embed_dim``."""
+    depth = int(patch_size).bit_length() - 1
+    if patch_size < 2 or 2**depth != patch_size:
+        raise ValueError(f"stem='conv' needs a power-of-two patch size >= 2, not {patch_size}")
+    channels = tuple(max(embed_dim // 2 ** (depth - 1 - i), 8) for i in range(depth))
+    return ConvStem(in_chans, depth=depth, channels=channels, kernel_size=3, stride=(2,) * depth)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone with an optional AbSViT-style top-down path (see the module docstring)."""
 
@@ -181,6 +192,7 @@ class VisionTransformer(nn.Module):
         attention: str = "softmax",
         attention_kwargs: dict[str, Any] | None = None,
         map_block: int | None = None,
+        stem: str = "patch",
     ) -> None:
         """
         Args:
@@ -196,6 +208,10 @@ class VisionTransformer(nn.Module):
             map_block: the block (0-based, negative from the end) whose output token norms make
                 the attention maps; the default is the block at 3/4 of the depth: for 12 blocks
                 "after block L-3" (1-based), as in the authors' demo, for 4 blocks after block 3.
+            stem: ``patch`` (ViT's linear patch embedding, timm/DeiT weights load) or ``conv``: a
+                stack of stride-2 3×3 convolutions (timm's ``ConvStem``) down to the patch grid
+                (Xiao et al. 2021, "Early convolutions help transformers see better"): a locality
+                prior that lets a small ViT trained from scratch on little data learn shapes.
         """
         super().__init__()
         if topdown not in TOPDOWN_MODES:
@@ -206,6 +222,8 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if attention not in ATTENTION_LAYERS:
             raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION_LAYERS)}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem={stem!r} must be 'patch' or 'conv'")
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.topdown = topdown
         self.alpha = alpha
@@ -219,6 +237,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False
         )
+        if stem == "conv":
+            self.patch_embed.proj = conv_stem(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -347,14 +367,15 @@ class VisionTransformer(nn.Module):
         x0, grid = self.embed(images)
         z, _, bu_map_tokens = self.run_blocks(x0, grid)
         bottom_up_pooled = self.pool(z)
-        tokens, aux, maps = z, {}, {}
+        tokens, aux, maps, gate = z, {}, {}, None
         if return_maps:
             maps["bottom_up"] = token_norm_map(bu_map_tokens, self.num_prefix_tokens, grid)
 
         if self.topdown != "none" and not bottom_up_only:
             if self.topdown in _MODES_WITH_PRIOR:
                 prior = self.prompt if xi is None else xi
-                mask = self.alpha * prior_mask(z, prior.to(z.dtype))
+                gate = prior_mask(z, prior.to(z.dtype))
+                mask = self.alpha * gate
             if self.topdown == "perceiver":
                 tokens = z * mask
                 td_map_tokens = bu_map_tokens * mask  # the same block as the bottom-up map, masked
@@ -384,6 +405,7 @@ class VisionTransformer(nn.Module):
             bottom_up_logits=(self.head(bottom_up_pooled) if pooled is not bottom_up_pooled else None) if has_head else None,
             aux_losses=aux,
             maps=maps,
+            prior_mask=gate,
         )
 
 

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PRIOR_POOLINGS = ("cls", "mean")
-PRIOR_VISUALS = ("bottom_up", "top_down")
+PRIOR_VISUALS = ("bottom_up", "top_down", "both")
 # keys written to config.json for humans and tools, not constructor fields
 _META_KEYS = ("model_type", "absvl_version")
 
@@ -31,9 +31,11 @@ class AbsVLConfig:
         prior_channel_projection: the authors' released VL code's extra rank-1 channel projection
             of the modulated tokens before the feedback path, ``h ← 5·h·(ξξᵀ)``; ViT backbones
             with decoders only. Their code also has no α: set ``alpha=1`` to reproduce it.
-        prior_visual: which pooled image output the prior loss contrasts with ξ: ``bottom_up``
-            (first pass: query-independent, indexable once per image for retrieval; our choice)
-            or ``top_down`` (the paper's z_L: second pass under the sample's own ξ).
+        prior_visual: which output tokens the prior loss contrasts with ξ (their normalised mean, in
+            the gate's space: see ``ContrastiveHead``): ``bottom_up`` (first pass: query-independent,
+            indexable once per image for retrieval), ``top_down`` (the paper's z_L: second pass under
+            the sample's own ξ) or ``both`` (the mean of the two losses: the first trains the gate and
+            the index, the second rewards a top-down pass that amplifies what the gate selects).
         fusion_hidden_size, fusion_layers, fusion_heads, fusion_mlp_ratio, fusion_dropout,
             fusion_norm_eps: METER co-attention encoder (H=768, 6 layers, 12 heads, FFN 4H,
             dropout 0.1, BERT LayerNorm eps 1e-12).
@@ -44,6 +46,9 @@ class AbsVLConfig:
         prior_loss_weight: weight of the prior loss L_prior (Eq. 15). 1.0, as ALBEF/BLIP weigh their
             image-text contrastive loss against ITM: the authors' VL code has no working value.
         itm_loss_weight: weight of the image-text matching cross-entropy.
+        gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
+            over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
+            need it open (0: off).
     """
 
     backbone: str = "absvit_base_patch16_224"
@@ -68,6 +73,7 @@ class AbsVLConfig:
     var_loss_weight: float = 0.3
     prior_loss_weight: float = 1.0
     itm_loss_weight: float = 1.0
+    gate_sparsity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prior_pooling not in PRIOR_POOLINGS:

@@ -58,7 +58,7 @@ def render_model_card(
         ("Prior", f"{prior}; α = {cfg.alpha}"),
         ("Fusion", f"METER co-attention, {cfg.fusion_layers} layers, H = {cfg.fusion_hidden_size}, "
          f"{cfg.fusion_heads} heads"),
-        ("Heads", f"VQA ({cfg.num_answers} answers), ITM, contrastive ({cfg.prior_visual} image embedding)"),
+        ("Heads", f"VQA ({cfg.num_answers} answers), ITM, prior loss on {cfg.prior_visual} tokens in the gate's space"),
         ("Parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

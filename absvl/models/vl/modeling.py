@@ -5,9 +5,11 @@ Data flow for an (image, text) batch:
 2. vision backbone(images, ξ): AbSViT-family backbones modulate their output tokens by ξ (Eq. 8),
    feed them back and run the second pass; ViT/CNN backbones ignore ξ;
 3. co-attention fusion of text states and the backbone's output tokens → pooled ``[B, 2H]``;
-4. heads: VQA logits, ITM logits; the bottom-up pooled image output projected into ξ space.
-Loss = task + w_var·L_var + w_prior·L_prior (L_prior: symmetric InfoNCE between ξ and the image
-embedding, negatives gathered across processes).
+4. heads: VQA logits, ITM logits; the image side of the prior loss, in the gate's own space (the
+   mean of the output tokens, no projection: ``ContrastiveHead``).
+Loss = task + w_var·L_var + w_prior·L_prior (+ w_gate·L_gate): L_prior is the symmetric InfoNCE between
+ξ and that image embedding (negatives gathered across processes), with ``prior_visual="both"`` averaged
+with the same loss on the bottom-up tokens pooled by the top-down map; L_gate the gate's mean.
 
 Saving goes through ``huggingface_hub.ModelHubMixin``: ``save_pretrained``/``push_to_hub`` write
 ``model.safetensors``, ``config.json`` (with the text encoder's config), the tokenizer files,
@@ -41,17 +43,19 @@ from .text import PriorProjection, channel_projection, load_text_encoder, text_c
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 ANSWERS_NAME = "answers.json"
+# the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
+LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 
 # families built on VisionTransformer, which takes the modulation scale ``alpha``
 _VIT_FAMILIES = ("vit", "absvit", "vars")
 
-# SPEC §5: encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3
-LR_MULTIPLIERS = {"encoders": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
+# SPEC §5: encoders (vision, text) lr, fusion ×5, heads ×50, AbSViT decoders ×3
+LR_MULTIPLIERS = {"vision": 1.0, "text": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
 # first matching prefix wins; the prior projection and the temperature are new layers: heads
 _GROUP_PREFIXES = (
     ("backbone.decoders.", "decoders"),
-    ("backbone.", "encoders"),
-    ("text_encoder.", "encoders"),
+    ("backbone.", "vision"),
+    ("text_encoder.", "text"),
     ("fusion.", "fusion"),
     ("prior.", "heads"),
     ("vqa_head.", "heads"),
@@ -67,13 +71,14 @@ class AbsVLOutput:
     Attributes:
         loss: weighted total, when a loss was asked for (labels given or ``return_loss=True``).
         losses: the unweighted terms: ``vqa``, ``itm``, ``var`` (training mode, backbones with a
-            feedback path), ``prior``.
+            feedback path), ``prior``, ``gate`` (with ``gate_sparsity_weight > 0``).
         vqa_logits: ``[B, num_answers]`` (None without a VQA head).
         itm_logits: ``[B, 2]``.
         pooled: ``[B, 2H]`` fused [text; image] pooled pair.
         text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.
         xi: ``[B, C]`` prior given to the backbone.
-        text_embeds, image_embeds: L2-normalised ξ and projected image embedding (the prior loss pair).
+        text_embeds, image_embeds: L2-normalised ξ and the image embedding in the gate's space (the
+            prior loss pair; the retrieval index stores the bottom-up one).
         vision: the backbone's full output (tokens, bottom-up tokens, maps, ...).
     """
 
@@ -157,8 +162,8 @@ class AbsVLModel(
         )
         self.vqa_head = VQAHead(2 * hidden, config.num_answers) if config.num_answers else None
         self.itm_head = ITMHead(2 * hidden)
-        self.contrastive = ContrastiveHead(vision_width, vision_width, config.temperature_init, config.max_logit_scale)
-        for module in (self.prior, self.fusion, self.vqa_head, self.itm_head, self.contrastive.proj):
+        self.contrastive = ContrastiveHead(config.temperature_init, config.max_logit_scale)
+        for module in (self.prior, self.fusion, self.vqa_head, self.itm_head):
             if module is not None:
                 module.apply(_init_new_weights)
         self.train()  # AutoModel.from_pretrained returns the text encoder in eval mode
@@ -185,8 +190,10 @@ class AbsVLModel(
         return F.normalize(self.encode_prior(input_ids, attention_mask)[1], dim=-1)
 
     def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projected bottom-up pooled image output ``[B, C]``: query-independent, indexable once."""
-        return self.contrastive(self.backbone(images, bottom_up_only=True).bottom_up_pooled)
+        """``[B, C]`` image side of the prior loss from the bottom-up tokens (see ``ContrastiveHead``):
+        query-independent, indexable once."""
+        vision = self.backbone(images, bottom_up_only=True)
+        return self.contrastive(vision.bottom_up_tokens, vision.num_prefix_tokens)
 
     # --- forward ----------------------------------------------------------------------
     def forward(
@@ -213,12 +220,14 @@ class AbsVLModel(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden, xi = self.encode_prior(input_ids, attention_mask)
-        vision = self.encode_vision(images, xi, return_maps)
+        needs_map = self.config.prior_visual == "both" and self.training
+        vision = self.encode_vision(images, xi, return_maps or needs_map)
         text_tokens, image_tokens, pooled = self.fusion(hidden, attention_mask, vision.tokens)
         vqa_logits = self.vqa_head(pooled) if self.vqa_head is not None else None
         itm_logits = self.itm_head(pooled)
-        visual = vision.bottom_up_pooled if self.config.prior_visual == "bottom_up" else vision.pooled
-        text_embeds, image_embeds = F.normalize(xi, dim=-1), self.contrastive(visual)
+        prior_visual, prefix = self.config.prior_visual, vision.num_prefix_tokens
+        text_embeds = F.normalize(xi, dim=-1)
+        image_embeds = self.contrastive(vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens, prefix)
 
         losses: dict[str, torch.Tensor] = {}
         if vqa_targets is not None:
@@ -231,14 +240,21 @@ class AbsVLModel(
         if return_loss or (return_loss is None and losses):
             if "var" in vision.aux_losses:
                 losses["var"] = vision.aux_losses["var"]
+            if self.config.gate_sparsity_weight > 0 and vision.prior_mask is not None:
+                losses["gate"] = vision.prior_mask[:, vision.num_prefix_tokens:].mean()
             if self.config.prior_loss_weight > 0:
                 valid = None if itm_labels is None else itm_labels == 1
                 losses["prior"] = contrastive_loss(text_embeds, image_embeds, self.contrastive.scale(), valid)
+                if prior_visual == "both" and "top_down" in vision.maps:
+                    attended = self.contrastive.attended(vision.bottom_up_tokens, prefix, vision.maps["top_down"])
+                    top_down = contrastive_loss(text_embeds, attended, self.contrastive.scale(), valid)
+                    losses["prior"] = (losses["prior"] + top_down) / 2
             weights = {
                 "vqa": 1.0,
                 "itm": self.config.itm_loss_weight,
                 "var": self.config.var_loss_weight,
                 "prior": self.config.prior_loss_weight,
+                "gate": self.config.gate_sparsity_weight,
             }
             loss = sum(weights[k] * v for k, v in losses.items())
         return AbsVLOutput(
@@ -286,7 +302,9 @@ class AbsVLModel(
     def parameter_groups(
         self, lr: float, weight_decay: float = 0.01, lr_multipliers: dict[str, float] | None = None
     ) -> list[dict[str, Any]]:
-        """AdamW parameter groups (SPEC §5): encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3.
+        """AdamW parameter groups (SPEC §5): encoders lr (``vision`` and ``text``, apart so that a
+        pretrained encoder can be finetuned more gently than a fresh one), fusion ×5, heads ×50,
+        AbSViT decoders ×3.
 
         No weight decay on biases, norm weights, the logit scale (all ≤ 1-D) and the backbone's
         ``no_weight_decay()`` embeddings (pos_embed, cls_token, prompt) and the token-type
@@ -375,6 +393,7 @@ class AbsVLModel(
         for name in (CONFIG_NAME, WEIGHTS_NAME, ANSWERS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} has no {name}: not a folder written by AbsVLModel.save_pretrained")
+        _refuse_projected_prior(folder / WEIGHTS_NAME)
         config = AbsVLConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         if config.text_config is None:
             raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
@@ -385,6 +404,22 @@ class AbsVLModel(
         model = cls(config, answers=answers, tokenizer=tokenizer)
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         return model.eval()
+
+
+def _refuse_projected_prior(weights: Path) -> None:
+    """Models saved before absvl 0.2 contrasted ξ with a learned projection of the image
+    (``contrastive.proj``), a space the prior gate never reads; their ξ does not fit the gate, and
+    their retrieval embeddings are another vector. They are refused rather than half-loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        if any(key.startswith(LEGACY_PRIOR_PROJECTION) for key in f.keys()):
+            raise ValueError(
+                f"{weights.parent} was saved by absvl < 0.2, whose prior loss aligned ξ with a separate projection "
+                f"({LEGACY_PRIOR_PROJECTION}*) instead of the tokens the prior gate reads (SPEC §2, prior loss): its "
+                "top-down prior does not fit this version. Retrain it (absvl train vqa / retrieval), or load it with "
+                "absvl 0.1.x"
+            )
 
 
 def _init_new_weights(module: nn.Module) -> None:

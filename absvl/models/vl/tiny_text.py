@@ -8,7 +8,7 @@ initialised encoder of the matching vocabulary next to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import transformers
@@ -38,6 +38,8 @@ def build_tiny_text_encoder(
     intermediate_size: int = 64,
     max_position_embeddings: int = 66,
     seed: int = 0,
+    pretrain_texts: Sequence[str] = (),
+    pretrain_steps: int = 600,
 ) -> Path:
     """Train a tokenizer on ``corpus``, build a ``kind`` encoder for it, save both to ``out_dir``.
 
@@ -47,7 +49,9 @@ def build_tiny_text_encoder(
         vocab_size: upper bound; the trained vocabulary may be smaller on a small corpus.
         max_position_embeddings: RoBERTa offsets positions by ``pad_token_id + 1``, so it
             handles texts of up to ``max_position_embeddings - 2`` tokens.
-        seed: the encoder's initialisation (the global RNG is left untouched).
+        seed: the encoder's initialisation and pretraining (the global RNG is left untouched).
+        pretrain_texts: when given, the encoder is pretrained on them with masked language modelling
+            for ``pretrain_steps`` steps (see ``pretrain_masked_lm``); otherwise it stays random.
 
     Returns:
         ``out_dir``, loadable with ``AutoModel``/``AutoTokenizer.from_pretrained``.
@@ -82,7 +86,40 @@ def build_tiny_text_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
+        if pretrain_texts and pretrain_steps:
+            pretrain_masked_lm(model, tokenizer, list(pretrain_texts), steps=pretrain_steps)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def pretrain_masked_lm(
+    model: transformers.PreTrainedModel, tokenizer, texts: list[str], steps: int = 600, batch_size: int = 128,
+    lr: float = 2e-3, mask_probability: float = 0.15,
+) -> float:
+    """Masked language modelling (RoBERTa's objective) of ``model`` in place on ``texts``; returns the last loss.
+
+    A randomly initialised encoder gives every text the same first-token state (its attention is
+    uniform and tiny, so the token's own embedding dominates): a VQA or ITM head reading that token
+    cannot tell questions apart. A few hundred MLM steps make the layers mix the tokens, as a
+    pretrained RoBERTa does. Draws from the global RNG (callers fork it).
+    """
+    head = transformers.AutoModelForMaskedLM.from_config(model.config)
+    head.base_model.load_state_dict(model.state_dict(), strict=False)  # the MLM model has no pooler
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask_probability)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps))
+    encoded = [tokenizer(text) for text in texts]
+    head.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        picks = torch.randint(len(encoded), (min(batch_size, len(encoded)),)).tolist()
+        loss = head(**collate([encoded[i] for i in picks])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.load_state_dict(head.base_model.state_dict(), strict=False)
+    return float(loss.detach())

@@ -141,12 +141,11 @@ def test_parameter_groups(make_model):
     def group_of(name):
         return by_name[name]["name"].split("/")[0]
 
-    assert group_of("backbone.blocks.0.attn.qkv.weight") == "encoders"
-    assert group_of("text_encoder.encoder.layer.0.attention.self.query.weight") == "encoders"
+    assert group_of("backbone.blocks.0.attn.qkv.weight") == "vision"
+    assert group_of("text_encoder.encoder.layer.0.attention.self.query.weight") == "text"
     assert group_of("backbone.decoders.0.linear.weight") == "decoders"
     assert group_of("fusion.text_layers.0.cross_attn.q.weight") == "fusion"
-    for head in ("vqa_head.fc2.weight", "itm_head.fc.weight", "contrastive.proj.weight", "contrastive.logit_scale",
-                 "prior.proj.weight"):
+    for head in ("vqa_head.fc2.weight", "itm_head.fc.weight", "contrastive.logit_scale", "prior.proj.weight"):
         assert group_of(head) == "heads"
     for g in groups:
         assert g["lr"] == pytest.approx(lr * LR_MULTIPLIERS[g["name"].split("/")[0]])
@@ -200,5 +199,6 @@ def test_prior_visual_top_down_contrasts_the_second_pass(make_model, make_batch)
     batch = make_batch(model)
     with torch.no_grad():
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(out.image_embeds, model.contrastive(out.vision.pooled))
-    assert not torch.allclose(out.image_embeds, model.contrastive(out.vision.bottom_up_pooled))
+    prefix = out.vision.num_prefix_tokens
+    torch.testing.assert_close(out.image_embeds, model.contrastive(out.vision.tokens, prefix))
+    assert not torch.allclose(out.image_embeds, model.contrastive(out.vision.bottom_up_tokens, prefix))

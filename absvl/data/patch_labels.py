@@ -1,0 +1,151 @@
+"""Patch-labelled images for dense ("every patch is classified") pretraining of a ViT backbone.
+
+Layout (a semantic-segmentation dataset, ADE20K / PASCAL VOC style)::
+
+    root/classes.json                 ["background", "red circle", ...]: label k is classes[k]
+    root/<split>/images/<name>.jpg    any image format ``open_image`` reads
+    root/<split>/labels/<name>.png    class-index map of the image's size (8/16-bit); 255 = unlabelled
+
+``patch_targets`` turns a label map into one class per patch of the backbone's grid; the loss is
+then a classification of every patch token (AbSViT's classifier applied token-wise). Image-level
+labels teach a small ViT trained from scratch where things are far more slowly: each image gives
+one label, here it gives one per patch, and the tokens of an object learn to carry its class,
+which is what a top-down prior ξ is compared with (SPEC §2, Eq. 8).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .imagefolder import IMAGE_EXTENSIONS, ImageFolderError
+from .images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+
+CLASSES_FILE = "classes.json"
+IGNORE_LABEL = 255  # pixels of this value in a label map are not labelled
+IGNORE_INDEX = -100  # a patch target that takes no part in the loss (torch's cross-entropy default)
+
+
+def read_classes(root: str | Path) -> list[str]:
+    """``root/classes.json``: a non-empty list of distinct class names."""
+    path = Path(root) / CLASSES_FILE
+    if not path.is_file():
+        raise ImageFolderError(f"{path} does not exist: a patch-labelled dataset lists its classes there")
+    try:
+        classes = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ImageFolderError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ImageFolderError(f"{path} must hold a non-empty list of class names")
+    if len(set(classes)) != len(classes) or len(classes) > IGNORE_LABEL:
+        raise ImageFolderError(f"{path}: class names must be distinct and fewer than {IGNORE_LABEL}")
+    return classes
+
+
+def list_labelled(root: str | Path, split: str) -> list[tuple[str, str]]:
+    """``(image, label map)`` paths of ``root/split``; an image without its label map is an error."""
+    folder = Path(root) / split
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise ImageFolderError(
+                f"{d} does not exist: a patch-labelled split has {folder}/images/<name> and {folder}/labels/<name>.png "
+                "(set data.val_split=null to train without validation)"
+            )
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not images:
+        raise ImageFolderError(f"{images_dir} holds no images")
+    missing = [p.name for p in images if not (labels_dir / f"{p.stem}.png").is_file()]
+    if missing:
+        raise ImageFolderError(f"{len(missing)} image(s) of {images_dir} have no label map in {labels_dir}, e.g. {missing[0]}")
+    return [(str(p), str(labels_dir / f"{p.stem}.png")) for p in images]
+
+
+def patch_targets(
+    labels: np.ndarray, patch: int, num_classes: int, background: int | None = 0, min_share: float = 0.25
+) -> np.ndarray:
+    """One class per ``patch``×``patch`` cell of an ``H×W`` class-index map → ``[H/patch · W/patch]`` int64.
+
+    A cell takes the non-background class with the most pixels when it covers at least ``min_share``
+    of the cell (a small object still owns the patches it partly fills), otherwise ``background``
+    if the cell has background pixels; a cell with no labelled pixel is ``IGNORE_INDEX``. With
+    ``background=None`` every class is an object class. Labels ≥ ``num_classes`` (except 255) are
+    an error.
+    """
+    H, W = labels.shape
+    if H % patch or W % patch:
+        raise ValueError(f"label map {H}x{W} is not a whole number of {patch}-pixel patches")
+    labels = labels.astype(np.int64)
+    bad = (labels >= num_classes) & (labels != IGNORE_LABEL)
+    if bad.any():
+        raise ValueError(f"label {int(labels[bad][0])} is not one of the {num_classes} classes")
+    h, w = H // patch, W // patch
+    cells = labels.reshape(h, patch, w, patch).transpose(0, 2, 1, 3).reshape(h * w, patch * patch)
+    counts = np.zeros((h * w, num_classes + 1), dtype=np.int64)  # last column: unlabelled
+    np.add.at(counts, (np.arange(h * w)[:, None], np.where(cells == IGNORE_LABEL, num_classes, cells)), 1)
+    counts = counts[:, :num_classes]
+    labelled = counts.sum(axis=1) > 0
+    if background is None:
+        return np.where(labelled, counts.argmax(axis=1), IGNORE_INDEX)
+    objects = counts.copy()
+    objects[:, background] = 0
+    best = objects.argmax(axis=1)
+    owned = objects[np.arange(h * w), best] >= min_share * patch * patch
+    return np.where(owned, best, np.where(counts[:, background] > 0, background, IGNORE_INDEX))
+
+
+class PatchLabelDataset(Dataset):
+    """``(image, label map)`` pairs → ``{"image": tensor, "label": LongTensor [h·w]}``, or an error
+    marker for an unreadable image or label map (never raises for a bad file).
+
+    ``transform`` turns the PIL image into the normalised tensor (no geometric change: the label map
+    must stay aligned); ``hflip`` mirrors image and labels together with that probability.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, str]],
+        transform: Callable[[Any], torch.Tensor],
+        image_size: int,
+        patch: int,
+        num_classes: int,
+        background: int | None = 0,
+        hflip: float = 0.0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.image_size, self.patch, self.num_classes = image_size, patch, num_classes
+        self.background, self.hflip, self.max_pixels = background, hflip, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_path, label_path = self.samples[index]
+        try:
+            image = open_image(image_path, max_pixels=self.max_pixels)
+            with Image.open(label_path) as raw:
+                labels = raw if raw.mode in ("L", "P", "I;16", "I") else None
+                if labels is None:
+                    return {"error": f"label map mode {raw.mode} is not a class-index image", "path": label_path}
+                labels = labels.resize((self.image_size, self.image_size), Image.Resampling.NEAREST)
+                labels = np.asarray(labels)
+        except BadImageError as exc:
+            return {"error": exc.reason, "path": exc.path}
+        except OSError as exc:
+            return {"error": f"unreadable label map ({exc})", "path": label_path}
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        if self.hflip and random.random() < self.hflip:
+            image, labels = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), labels[:, ::-1]
+        try:
+            targets = patch_targets(labels, self.patch, self.num_classes, self.background)
+        except ValueError as exc:
+            return {"error": str(exc), "path": label_path}
+        return {"image": self.transform(image), "label": torch.from_numpy(targets)}

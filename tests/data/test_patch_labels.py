@@ -1,0 +1,99 @@
+"""Patch-labelled data: targets per patch, the dataset's errors and flips, the Shapes world's export."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from absvl.data.imagefolder import ClassifyCollator, ImageFolderError
+from absvl.data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, patch_targets, read_classes
+from absvl.data.shapes import patch_label_classes
+
+
+def test_patch_targets_follow_the_object_share_rule():
+    labels = np.zeros((16, 16), np.uint8)
+    labels[0:3, 0:3] = 2  # 9 of 64 pixels: too little to own the patch -> background
+    labels[0:8, 12:16] = 1  # 32 of 64 pixels of the top-right patch: owned by class 1
+    labels[8:16, 0:8] = 255  # unlabelled patch -> ignored
+    labels[8:10, 8:16] = 2  # 16 of 64 pixels (25 %) of class 2 beats 48 of background
+    assert patch_targets(labels, 8, 3).tolist() == [0, 1, IGNORE_INDEX, 2]
+    # without a background class the majority wins
+    assert patch_targets(labels, 8, 3, background=None).tolist() == [0, 0, IGNORE_INDEX, 0]
+    with pytest.raises(ValueError, match="not a whole number of 8-pixel patches"):
+        patch_targets(labels[:12], 8, 3)
+    with pytest.raises(ValueError, match="label 7 is not one of the 3 classes"):
+        patch_targets(np.full((8, 8), 7, np.uint8), 8, 3)
+
+
+def _dataset(root, n=3, size=16):
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "labels").mkdir(parents=True)
+    (root / "classes.json").write_text(json.dumps(["background", "thing"]))
+    for i in range(n):
+        image = np.zeros((size, size, 3), np.uint8)
+        image[:, : size // 2] = 255  # white left half
+        Image.fromarray(image).save(root / "train" / "images" / f"im{i}.png")
+        labels = np.zeros((size, size), np.uint8)
+        labels[:, : size // 2] = 1  # the thing is the left half
+        Image.fromarray(labels).save(root / "train" / "labels" / f"im{i}.png")
+    return root
+
+
+def test_dataset_items_flip_image_and_labels_together(tmp_path):
+    root = _dataset(tmp_path / "d")
+    assert read_classes(root) == ["background", "thing"]
+    samples = list_labelled(root, "train")
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # noqa: E731
+    plain = PatchLabelDataset(samples, to_tensor, image_size=16, patch=8, num_classes=2)[0]
+    assert plain["label"].tolist() == [1, 0, 1, 0] and plain["image"][0, 0, 0] == 255
+    flipped = PatchLabelDataset(samples, to_tensor, image_size=16, patch=8, num_classes=2, hflip=1.0)[0]
+    assert flipped["label"].tolist() == [0, 1, 0, 1] and flipped["image"][0, 0, 0] == 0
+    batch = ClassifyCollator(16)([plain, flipped])
+    assert batch["labels"].shape == (2, 4) and batch["images"].shape == (2, 3, 16, 16)
+
+
+def test_bad_files_are_reported_not_raised(tmp_path):
+    root = _dataset(tmp_path / "d")
+    (root / "train" / "labels" / "im1.png").write_bytes(b"not a png")
+    (root / "train" / "images" / "im2.png").write_bytes(b"not a png")
+    samples = list_labelled(root, "train")
+    data = PatchLabelDataset(samples, lambda im: torch.zeros(3, 16, 16), image_size=16, patch=8, num_classes=2)
+    assert "error" not in data[0]
+    assert data[1]["path"].endswith("labels/im1.png") and "label map" in data[1]["error"]
+    assert data[2]["path"].endswith("images/im2.png")
+    batch = ClassifyCollator(16)([data[i] for i in range(3)])
+    assert len(batch["labels"]) == 1 and len(batch["skipped"]) == 2
+
+
+def test_layout_errors_name_the_folder(tmp_path):
+    root = _dataset(tmp_path / "d")
+    with pytest.raises(ImageFolderError, match="val/images does not exist"):
+        list_labelled(root, "val")
+    (root / "train" / "labels" / "im0.png").unlink()
+    with pytest.raises(ImageFolderError, match="have no label map"):
+        list_labelled(root, "train")
+    (root / "classes.json").write_text('{"a": 1}')
+    with pytest.raises(ImageFolderError, match="non-empty list of class names"):
+        read_classes(root)
+
+
+def test_shapes_world_writes_patch_labels_of_its_objects(shapes_root):
+    from absvl.data.shapes import ShapesWorld
+
+    root = shapes_root / "patch_labels"
+    classes = read_classes(root)
+    assert classes == patch_label_classes() and classes[0] == "background" and len(classes) == 22
+    world = ShapesWorld.load(shapes_root)
+    scenes = world.load_scenes()
+    train = list_labelled(root, "train")
+    assert len(train) == world.splits["train2014"] and len(list_labelled(root, "val")) == world.splits["val2014"]
+    image_path, label_path = train[0]
+    scene = next(s for s in scenes.values() if s["file_name"] == image_path.rsplit("/", 1)[-1])
+    labels = np.asarray(Image.open(label_path))
+    mask = np.asarray(Image.open(world.mask_path(scene["split"], scene["image_id"])))
+    for obj in scene["objects"]:  # every visible pixel of an object carries its "<color> <shape>" class
+        assert set(np.unique(labels[mask == obj["label"]])) == {classes.index(f"{obj['color']} {obj['shape']}")}
+    assert set(np.unique(labels[mask == 0])) == {0}
+    # the images are the world's own
+    assert Image.open(image_path).tobytes() == Image.open(world.image_path(scene["split"], scene["image_id"])).tobytes()
