@@ -17,6 +17,9 @@ its sections (``RunConfig`` for VQA, ``ClassifyConfig`` for image classification
 from __future__ import annotations
 
 import difflib
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -130,6 +133,10 @@ class _RunConfigBase:
             (t.grad_accum > 0, "train.grad_accum", "> 0"),
             (t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs", "> 0 (or set train.max_steps)"),
             (t.lr > 0, "train.lr", "> 0"),
+            (t.log_every > 0, "train.log_every", "> 0"),
+            (t.eval_every >= 0, "train.eval_every", ">= 0 (0: at the end of each epoch)"),
+            (t.save_every >= 0, "train.save_every", ">= 0 (0: at the end of each epoch)"),
+            (t.keep_last >= 0, "train.keep_last", ">= 0"),
             (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)"),
             (len(t.betas) == 2, "train.betas", "two numbers"),
         ]
@@ -352,33 +359,73 @@ def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
+def _build_section(name: str, cls: type, values: Any, source: str, from_command_line: frozenset[str] = frozenset()) -> Any:
+    """The section dataclass from its values; ``from_command_line``: the ``section.key`` names set
+    by overrides, whose errors name the command line instead of ``source``."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {name!r} in {source} must be a mapping, got {type(values).__name__}")
     known = [f.name for f in fields(cls)]
     for key in values:
         if key not in known:
             raise _unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in known], source)
-    types = {f.name: str(f.type) for f in fields(cls)}
-    values = {k: _coerce(f"{name}.{k}", v, types[k], source) for k, v in values.items()}
+    hints = typing.get_type_hints(cls)
+    values = {
+        k: _typed(f"{name}.{k}", v, hints[k], "the command line" if f"{name}.{k}" in from_command_line else source)
+        for k, v in values.items()
+    }
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad {name} config in {source}: {err}") from err
 
 
-def _coerce(key: str, value: Any, type_name: str, source: str) -> Any:
-    """Numbers written as strings (YAML reads ``2e-5`` as a string) become the field's type."""
-    if not isinstance(value, str) or "str" in type_name:
+def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` checked against its field's type ``hint``, or a ``ConfigError`` naming the key.
+
+    Numbers written as strings (YAML reads ``2e-5`` as a string) become numbers, a whole float
+    becomes an int where one is expected, a number becomes a string where one is expected, and a
+    single item where a list is expected becomes a list of one (``train.trackers=wandb``).
+    """
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"config value {key}={value!r} in {source} is invalid: expected {expected}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(key, value, inner, source)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if value is None:
+            raise wrong("a list")
+        return [_typed(f"{key}[{i}]", item, args[0], source) for i, item in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong("a mapping")
+        return {k: _typed(f"{key}.{k}", v, args[1], source) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
         return value
-    for kind in (int, float):
-        if kind.__name__ in type_name:
+    if hint in (int, float):
+        if isinstance(value, str):
             try:
-                return kind(value)
+                value = float(value)
             except ValueError:
-                continue
-    if type_name.startswith(("int", "float")):
-        raise ConfigError(f"config value {key}={value!r} in {source} is not a number")
+                raise ConfigError(f"config value {key}={value!r} in {source} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise wrong("a number" if hint is float else "a whole number")
+        if hint is int:
+            if value != int(value):
+                raise wrong("a whole number")
+            return int(value)
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise wrong("a string")
     return value
 
 
@@ -429,7 +476,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 raise _unknown_key(key, list(sections), source)
     for override in overrides:
         apply_override(tree, override, run_class)
-    config = run_class(**{name: _build_section(name, cls, tree.get(name, {}), source) for name, cls in sections.items()})
+    overridden = frozenset(".".join(o.split("=", 1)[0].strip().split(".")[:2]) for o in overrides)
+    config = run_class(**{name: _build_section(name, cls, tree.get(name, {}), source, overridden) for name, cls in sections.items()})
     config.validate()
     return config
 

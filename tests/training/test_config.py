@@ -41,12 +41,36 @@ def test_overrides_parse_values_and_reach_every_section(tmp_path):
         ("", ["train.mixed_precision=fp8"], r"train.mixed_precision='fp8' is invalid"),
         ("", ["model.prior_pooling=max"], r"bad model config .*prior_pooling='max'"),
         ("train: [1, 2]\n", [], r"section 'train' .* must be a mapping"),
+        ("", ["train.log_every=0"], r"train.log_every=0 is invalid: expected > 0"),
+        ("", ["train.keep_last=-1"], r"train.keep_last=-1 is invalid"),
+        ("", ["train.batch_size=2.5"], r"train.batch_size=2.5 in the command line is invalid: expected a whole number"),
+        ("", ["train.vision_from_scratch=maybe"], r"train.vision_from_scratch='maybe' .* expected true or false"),
+        ("", ["train.lr_multipliers=[1, 2]"], r"train.lr_multipliers=\[1, 2\] .* expected a mapping"),
+        ("", ["train.lr_multipliers={vision: fast}"], r"train.lr_multipliers.vision='fast' .* is not a number"),
+        ("", ["train.trackers=null"], r"train.trackers=None .* expected a list"),
+        ("", ["train.betas=[0.9, {a: 1}]"], r"train.betas\[1\]=\{'a': 1\} .* expected a number"),
         ("train: {lr: [\n", [], r"is not valid YAML"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, text), overrides)
+
+
+def test_values_take_their_field_types():
+    config = load_config(None, ["train.trackers=wandb", "train.max_steps=1e3", "train.lr=1", "model.text_encoder=123",
+                                "train.resume=null", "train.vision_from_scratch=true"])
+    assert config.train.trackers == ["wandb"]  # one tracker is a list of one
+    assert config.train.max_steps == 1000 and isinstance(config.train.max_steps, int)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.model.text_encoder == "123" and config.train.resume is None and config.train.vision_from_scratch is True
+
+
+def test_a_flag_is_true_or_false_and_the_error_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.randaugment='maybe' in the command line .* expected true or false"):
+        load_config(None, ["data.randaugment=maybe"])
+    with pytest.raises(ConfigError, match=r"data.randaugment='maybe' in .*run.yaml .* expected true or false"):
+        load_config(_write(tmp_path, "data: {randaugment: maybe}\n"))
 
 
 def test_missing_file_and_round_trip(tmp_path):
