@@ -351,14 +351,14 @@ class ClassifyTask:
         if self.mixup is not None:
             images, targets = self.mix(images, targets)
         output = model(images)
-        self.health = topdown_health(output)
+        self.last_forward = (output, None)  # read only at log steps (diagnostics)
         if self.patches:
             return patch_classification_loss(model, output, targets, self.config.data.label_smoothing,
                                              self.config.model.var_weight)
         return classification_loss(output, targets, self.criterion, self.config.model.var_weight)
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return self.health
+        return topdown_health(*self.last_forward)
 
     def validate(self, model: nn.Module, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:

@@ -83,7 +83,8 @@ class Task(Protocol):
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Scalars about the last training batch's forward, logged with the loss (e.g. the
-        top-down path's ``topdown_health``); ``{}`` for none."""
+        top-down path's ``topdown_health``); ``{}`` for none. Called at log steps only: tasks keep
+        the last forward's outputs and compute here, not on every step."""
 
 
 def make_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int) -> DataLoader:

@@ -142,11 +142,11 @@ class RetrievalTask:
             ids, mask = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
         out = model(images, ids, mask, itm_labels=labels)
-        self.health = topdown_health(out.vision, out.xi)
+        self.last_forward = (out.vision, out.xi)  # read only at log steps (diagnostics)
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return self.health
+        return topdown_health(*self.last_forward)
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if not self.val_images:

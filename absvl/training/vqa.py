@@ -177,11 +177,11 @@ class VQATask:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"])
-        self.health = topdown_health(out.vision, out.xi)
+        self.last_forward = (out.vision, out.xi)  # read only at log steps (diagnostics)
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return self.health
+        return topdown_health(*self.last_forward)
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
