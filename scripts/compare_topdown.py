@@ -17,10 +17,12 @@ the runs whose file exists with the same budget. At the end: ``OUT/results.md`` 
 and ``OUT/attention.png`` (the best AbSViT run's maps for two questions, via
 ``absvl.visualize.attention_figure``).
 
-    .venv/bin/absvl train classify --config configs/shapes_pretrain.yaml   # stage 1, once (or make demo)
     .venv/bin/python scripts/compare_topdown.py --out docs/results/compare_topdown
     .venv/bin/python scripts/compare_topdown.py --quick --variants vit,absvit --seeds 1 --out /tmp/ct
 
+Stage 1 (``runs/shapes_pretrain/final``) is trained first when it is missing, as ``make demo``
+does (``absvl.demo.pretrain_stage``, cached; before parallel invocations run one first, or
+``make demo``); ``--quick`` trains a 2-step one in its work folder.
 ``--seeds 3`` runs seeds 0, 1, 2; ``--seeds 0,5`` runs those. The default budget is the demo's
 (500 steps of 64 questions, 4 epochs of the 8,000 training questions); a run takes about 8 minutes
 on one CPU core. Run disjoint ``--variants`` lists in parallel into the same ``--out`` (with
@@ -115,7 +117,30 @@ def _base_backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["img_size"] = args.image_size
     if args.map_block is not None:
         kwargs["map_block"] = args.map_block
+    if getattr(args, "pretrained", None):
+        kwargs["pretrained_path"] = args.pretrained
     return kwargs
+
+
+def pretrained_backbone(args: argparse.Namespace) -> str | None:
+    """The stage-1 export every run starts from (the base config's ``pretrained_path``). When it is
+    missing, stage 1 is trained first, as ``make demo`` does (``absvl.demo.pretrain_stage``, cached in
+    ``runs/shapes_pretrain``; with ``--quick`` a 2-step smoke stage in the work folder)."""
+    from absvl.demo import pretrain_stage
+    from absvl.training.config import load_config
+
+    kwargs = _base_backbone_kwargs(args)
+    path = kwargs.pop("pretrained_path", None)
+    if path is None or (Path(path).exists() and not args.quick):
+        return path
+    data = [f"data.root={args.data_root}", "data.shapes=null"] if args.data_root is not None else []
+    stage1 = []
+    if args.quick:
+        kwargs.pop("map_block", None)
+        flow = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in kwargs.items()) + "}"
+        stage1 = [f"model.backbone_kwargs={flow}", f"train.output_dir={Path(args.work) / 'pretrain'}",
+                  "train.max_steps=2", "train.batch_size=8", "train.trackers=[]"]
+    return pretrain_stage(load_config(args.config, data), stage1)
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
@@ -489,6 +514,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     done = skipped = 0
     runs: list[dict[str, Any]] = []
     todo = [(v, s) for s in args.seeds for v in args.variant_list]  # seed by seed: partial results stay balanced
+    args.pretrained = None  # stage 1, found or trained before the first run that trains
     for k, (variant, seed) in enumerate(todo, 1):
         record_path = out / "runs" / f"{variant.name}_seed{seed}.json"
         if record_path.is_file() and not args.force:
@@ -500,6 +526,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                 continue
         t = time.perf_counter()
         print(f"[{k}/{len(todo)}] {variant.name} seed {seed} ...", flush=True)
+        args.pretrained = args.pretrained or pretrained_backbone(args)
         record = run_one(variant, seed, args, out)
         tmp = record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")

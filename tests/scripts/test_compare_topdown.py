@@ -42,6 +42,9 @@ def test_quick_run_writes_the_results_and_skips_done_runs(compare, shapes_root, 
     report = compare.main(argv)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [(r["variant"], r["seed"]) for r in runs] == [("vit", 0), ("absvit", 0)]
+    # stage 1 (as in make demo) ran first, into the work folder, and the runs started from it
+    assert "stage 1 (vision pretraining)" in capsys.readouterr().out
+    assert (out / "work" / "pretrain" / "final" / "model.safetensors").is_file()
     for run in runs:
         assert run["steps"] == 2 and 0 <= run["accuracy"] <= 100
         assert run["attention"]["bottom_up"] >= 0 and run["attention"]["questions"] > 0
