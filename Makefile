@@ -4,17 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test test-lowest install install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
-	$(PIP) -e .
+	$(PIP) -e '.[cpu]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[cpu,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +25,16 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
+
+# The oldest versions pyproject.toml allows (constraints-lowest.txt, its lower bounds), in their own venv.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --disable-pip-version-check -q -c constraints-lowest.txt -e '.[cpu,dev]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_backbones.py

@@ -38,13 +38,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):
-    from .training.config import load_config
+def _run_config(args: argparse.Namespace, run_class: type | None = None):
+    """The run config of a command: ``--config`` and the overrides, and for ``--resume`` the run.
 
-    overrides = list(args.overrides)
-    if getattr(args, "resume", None):
-        overrides.append(f"train.resume={args.resume}")
-    return load_config(args.config, overrides)
+    ``--resume`` alone continues the latest checkpoint of the config's ``train.output_dir``;
+    ``--resume RUN`` (a run folder or one of its checkpoints) continues that run with the run's own
+    ``config.yaml`` unless ``--config`` is given. A ``key=value`` right after ``--resume`` is an
+    override (argparse hands it to the optional value), not a checkpoint path.
+    """
+    from pathlib import Path
+
+    from .training.checkpoint import STATE_NAME
+    from .training.config import RunConfig, load_config
+
+    config, overrides, resume = args.config, list(args.overrides), getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():
+        overrides, resume = [resume, *overrides], "latest"
+    if resume and resume != "latest":
+        run = Path(resume)
+        if (run / STATE_NAME).is_file():  # a checkpoint: its run is the folder above
+            run = run.parent
+        elif not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {resume}: neither a run folder (with config.yaml) nor a checkpoint "
+                                    f"(with {STATE_NAME})")
+        else:
+            resume = "latest"
+        config = config or run / "config.yaml"
+        overrides.insert(0, f"train.output_dir={run}")  # the run's own may be relative to another folder
+    elif config is None and getattr(args, "needs_config", False):
+        raise ValueError("give --config (a run config YAML), or --resume RUN to continue a run with its own config")
+    if resume:
+        overrides.append(f"train.resume={resume}")
+    return load_config(config, overrides, run_class or RunConfig)
 
 
 def _cmd_train_vqa(args: argparse.Namespace) -> int:
@@ -55,13 +80,10 @@ def _cmd_train_vqa(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_retrieval(args: argparse.Namespace) -> int:
-    from .training.config import RetrievalConfig, load_config
+    from .training.config import RetrievalConfig
     from .training.retrieval import train_retrieval
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    summary = train_retrieval(load_config(args.config, overrides, RetrievalConfig))
+    summary = train_retrieval(_run_config(args, RetrievalConfig))
     return _report_training(summary, lambda val: f"validation recall (re-ranked): R mean {val['reranked']['r_mean']:.2f}, "
                                                  f"IR@1 {val['reranked']['ir@1']:.2f}, TR@1 {val['reranked']['tr@1']:.2f}")
 
@@ -107,8 +129,15 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         config = _run_config(args)
         result, _ = evaluate_model(args.model, config, args.split, batch_size=args.batch_size)
     print(format_accuracy_table(result))
-    _write_json(args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType")})
+    _write_json(args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType", "skipped")})
     return 0
+
+
+def _field_column(text: str) -> tuple[str, str]:
+    field, _, column = text.partition("=")
+    if not (field and column):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=COLUMN (e.g. captions=sentences)")
+    return field, column
 
 
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
@@ -116,7 +145,8 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from .training.retrieval import evaluate_model
 
     result = evaluate_model(args.model, args.data, args.split, args.images, rerank_k=args.k, batch_size=args.batch_size,
-                            num_workers=args.num_workers, rerank=not args.no_rerank, max_images=args.max_images)
+                            num_workers=args.num_workers, rerank=not args.no_rerank, max_images=args.max_images,
+                            format=args.format, columns=dict(args.column))
     if not is_main_process():
         return 0
     rows = {"contrastive": result["contrastive"]}
@@ -144,14 +174,11 @@ def _cmd_attend(args: argparse.Namespace) -> int:
 
 def _cmd_train_classify(args: argparse.Namespace) -> int:
     from .training.classify import train_classifier
-    from .training.config import ClassifyConfig, load_config
+    from .training.config import ClassifyConfig
 
-    overrides = list(args.overrides)
     if args.backbone:
-        overrides.insert(0, f"model.backbone={args.backbone}")
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    summary = train_classifier(load_config(args.config, overrides, ClassifyConfig))
+        args.overrides = [f"model.backbone={args.backbone}", *args.overrides]
+    summary = train_classifier(_run_config(args, ClassifyConfig))
     return _report_training(summary, lambda val: f"validation top-1 {val['top1']:.2f} %, top-5 {val['top5']:.2f} %")
 
 
@@ -173,10 +200,51 @@ def _cmd_predict_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_vqa_file(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines import answer_file, pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vqa = pipeline("vqa", model=args.model, device=device, batch_size=args.batch_size)
+    summary = answer_file(vqa, args.input, args.out)
+    print(f"wrote {args.out}: {summary['answered']} questions of {args.input} answered, "
+          f"{len(summary['skipped'])} left out (unreadable images)")
+    for path, reason in summary["skipped"][:10]:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .models.vl import AbsVLModel
+
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file() and (folder / "final" / "config.json").is_file():
+        folder = folder / "final"
+        print(f"{args.folder} is a training run: pushing its final export, {folder}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (give a run folder or a save_pretrained folder)")
+    if get_token() is None:
+        raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    model = AbsVLModel.from_pretrained(folder)
+    try:
+        commit = model.push_to_hub(args.repo_id, private=args.private, branch=args.revision)
+    except HfHubHTTPError as err:
+        print(f"absvl: error: pushing to {args.repo_id} failed: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: {commit.commit_url}")
+    return 0
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import main_check
 
-    return main_check(args.path, args.splits, args.answers)
+    return main_check(args.path, args.splits, args.answers, images=args.images)
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> int:
@@ -199,10 +267,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .training.export import export_run_checkpoint
+
+    task = export_run_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    load = (f"absvl eval classify --model {args.out}" if task == "classify"
+            else f"AbsVLModel.from_pretrained({args.out!r})")
+    print(f"exported {args.checkpoint} ({task}) to {args.out}; load it with {load}")
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (its data section is used)")
     p.add_argument("--data", help="dataset root (sets data.root)")
+    p.add_argument("--images", dest="data_images", metavar="DIR",
+                   help="image folder holding train2014/ val2014/ test2015/ when not under the dataset root "
+                        "(sets data.images)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.format=hf")
+
+
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
+                   help="continue the latest checkpoint of train.output_dir, or of RUN (a run folder or a "
+                        "checkpoint; its config.yaml is used when --config is not given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,21 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", metavar="TASK", required=True)
     p = train.add_parser("vqa", help="finetune on VQAv2 (or the Shapes world)")
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    p.add_argument("--config", help="run config YAML (see configs/); optional with --resume RUN")
+    _add_resume(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-5")
-    p.set_defaults(func=_cmd_train_vqa)
+    p.set_defaults(func=_cmd_train_vqa, needs_config=True)
     p = train.add_parser("retrieval", help="train image-text retrieval (contrastive + ITM with hard negatives)")
-    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    p.add_argument("--config", help="run config YAML (see configs/); optional with --resume RUN")
+    _add_resume(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.rerank_k=256")
-    p.set_defaults(func=_cmd_train_retrieval)
+    p.set_defaults(func=_cmd_train_retrieval, needs_config=True)
     p = train.add_parser("classify", help="train or finetune a backbone as an image (or patch) classifier")
     p.add_argument("--data", help="dataset root (sets data.root): an ImageFolder DATA/train/<class>/*.jpg, "
                                   "DATA/val/<class>/*.jpg, or patch labels with data.format=patches")
     p.add_argument("--backbone", help="registered backbone (sets model.backbone; see `absvl backbones`)")
     p.add_argument("--config", help="run config YAML (model/data/train sections; optional)")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or the given) checkpoint")
+    _add_resume(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.mixup=0 train.epochs=30")
     p.set_defaults(func=_cmd_train_classify)
 
@@ -258,10 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--out", help="write the accuracies as JSON here")
     p.set_defaults(func=_cmd_eval_classify, overrides=[])
-    p = evaluate.add_parser("retrieval", help="IR@1/5/10, TR@1/5/10 on a Karpathy caption file (top-k re-ranked by ITM)")
+    p = evaluate.add_parser("retrieval", help="IR@1/5/10, TR@1/5/10 on a Karpathy caption file or a Hugging Face caption "
+                                              "dataset (top-k re-ranked by ITM)")
     p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
-    p.add_argument("--data", required=True, help="Karpathy caption file (dataset_flickr30k.json, dataset_coco.json, ...)")
-    p.add_argument("--images", help="image root (default: the caption file's folder)")
+    p.add_argument("--data", required=True, help="Karpathy caption file (dataset_flickr30k.json, dataset_coco.json, ...), "
+                                                 "or a Hugging Face dataset: Hub id or local folder")
+    p.add_argument("--format", choices=("karpathy", "hf"),
+                   help="format of --data (default: karpathy for a .json file, else hf)")
+    p.add_argument("--column", type=_field_column, action="append", default=[], metavar="FIELD=COLUMN",
+                   help="hf: the dataset's column for a field (image, captions, split, image_id), e.g. "
+                        "--column captions=sentences; repeatable")
+    p.add_argument("--images", help="image root (default: the caption file's folder; hf: where relative image paths "
+                                    "are looked up first)")
     p.add_argument("--split", default="test", help="split (default test)")
     p.add_argument("--k", type=int, default=128, help="contrastive candidates re-ranked per query (default 128; COCO: 256)")
     p.add_argument("--no-rerank", action="store_true", help="contrastive ranking only")
@@ -279,12 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="submission file to write")
     _add_data_args(p)
     p.set_defaults(func=_cmd_predict_vqa)
+    p = predict.add_parser("vqa-file", help="answer a JSONL/CSV file of (image, question) pairs")
+    p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
+    p.add_argument("--input", required=True, help="JSONL or CSV with 'image' and 'question' (image paths relative to "
+                                                  "the file's folder; other fields are kept)")
+    p.add_argument("--out", required=True, help="answers to write: JSONL, or CSV for a .csv name")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(func=_cmd_predict_vqa_file)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="task", metavar="TASK", required=True)
     p = data.add_parser("check", help="validate a VQAv2-format dataset (non-zero exit on errors)")
     p.add_argument("path", help="dataset root")
     p.add_argument("--splits", nargs="*", help="splits to check (default: all present)")
     p.add_argument("--answers", help="answers.json of a model: report answers outside it")
+    p.add_argument("--images", metavar="DIR", help="image folder holding train2014/ val2014/ test2015/ when not "
+                                                   "under the dataset root (as data.images)")
     p.set_defaults(func=_cmd_data_check)
     p = data.add_parser("shapes", help="generate the Shapes world (VQAv2 + Karpathy formats, tiny text encoder)")
     p.add_argument("--out", required=True, help="output folder")
@@ -298,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="turn a training checkpoint into a from_pretrained folder")
+    p.add_argument("checkpoint", help="a checkpoint folder of a run (RUN/checkpoint-XXXXXXXX)")
+    p.add_argument("--out", required=True, help="folder to write (VQA/retrieval: save_pretrained; classify: backbone folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("push", help="upload a model folder (or a run's final export) to the Hugging Face Hub")
+    p.add_argument("folder", metavar="RUN_OR_MODEL_DIR", help="a save_pretrained folder, or a run folder (its final/)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to commit to (created from main when missing; default main)")
+    p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("attend", help="PNG of an image, its bottom-up and its text-steered top-down attention map")
     p.add_argument("image", help="image file")
@@ -328,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if getattr(args, "data", None):
         args.overrides = [f"data.root={args.data}", *args.overrides]
+    if getattr(args, "data_images", None):
+        args.overrides = [f"data.images={args.data_images}", *args.overrides]
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)

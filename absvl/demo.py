@@ -229,6 +229,8 @@ def run(
     }
     if retrieval_overrides is not None:
         report["retrieval"] = retrieval_stage(summary["export"], retrieval_overrides, out_dir)
+        print(f"\nweb page (questions: the VQA model; search: the index's retrieval model): "
+              f"absvl serve --model {summary['export']} --index {report['retrieval']['index']}")
     report["minutes"] = {"pretraining (incl. world)": pretrained_s / 60, "total": (time.perf_counter() - started) / 60}
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\ndemo took {report['minutes']['total']:.1f} min (world + stage 1: {pretrained_s / 60:.1f} min); "

@@ -74,7 +74,7 @@ def attention_figure(
     if not texts:
         raise ValueError("attention_figure needs at least one text")
     picture = load_image(image)
-    inputs = model.processor(images=[picture] * len(texts), text=texts)
+    inputs = model.prepare_inputs(images=[picture] * len(texts), text=texts)
     out = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"], return_maps=True)
     maps = out.vision.maps
     bottom_up = maps["bottom_up"][0].float().cpu().numpy()

@@ -303,7 +303,7 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
         # the trainer's own step (absvl.training.loop.train_step), then the scheduler as run_training does
-        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
+        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, lambda: fixed)
         scheduler.step()
         return loss
 

@@ -32,3 +32,55 @@ def test_data_commands(tmp_path, capsys):
     (tmp_path / "w" / "v2_mscoco_val2014_annotations.json").write_text("{not json")
     assert main(["data", "check", str(tmp_path / "w")]) == 1
     assert "v2_mscoco_val2014_annotations.json" in capsys.readouterr().out
+
+
+def test_an_override_after_resume_is_not_taken_for_a_checkpoint():
+    from absvl.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(
+        ["train", "vqa", "--config", "configs/shapes_absvit_tiny.yaml", "--resume", "data.root=/x", "train.lr=1e-4"]
+    )
+    config = _run_config(args)
+    assert config.data.root == "/x" and config.train.lr == 1e-4 and config.train.resume == "latest"
+
+
+def test_resuming_a_run_needs_only_its_folder(tmp_path, monkeypatch, capsys):
+    from absvl.cli import _run_config, build_parser
+    from absvl.training.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # the run's config names its folder relative to where it was started
+    (run / "config.yaml").write_text(dump_config(load_config("configs/shapes_absvit_tiny.yaml",
+                                                             ["train.output_dir=runs/x", "train.lr=3e-4"])))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    parse = build_parser().parse_args
+    config = _run_config(parse(["train", "vqa", "--resume", str(run), "train.max_steps=9"]))
+    assert (config.train.output_dir, config.train.resume) == (str(run), "latest")
+    assert config.train.lr == 3e-4 and config.train.max_steps == 9
+    checkpoint = run / "checkpoint-00000002"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    config = _run_config(parse(["train", "vqa", "--resume", str(checkpoint)]))
+    assert (config.train.output_dir, config.train.resume) == (str(run), str(checkpoint))
+
+    assert main(["train", "vqa", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "neither a run folder (with config.yaml) nor a checkpoint" in capsys.readouterr().err
+    assert main(["train", "vqa"]) == 2
+    assert "give --config (a run config YAML), or --resume RUN" in capsys.readouterr().err
+
+
+def test_commands_start_without_faiss_or_the_server_stack():
+    # training and evaluation must run where faiss (or fastapi) is not importable
+    code = (
+        "import sys; sys.modules['faiss'] = None; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+        "from absvl.cli import build_parser; build_parser()\n"
+        "import absvl.retrieval, absvl.training.vqa, absvl.training.retrieval, absvl.training.classify\n"
+        "assert 'absvl.retrieval.index' not in sys.modules\n"
+        "try:\n    absvl.retrieval.ImageIndex\nexcept ImportError as err:\n    print('lazy', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lazy import of faiss halted")

@@ -170,6 +170,7 @@ def check_vqa(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     num_workers: int | None = None,
+    images: str | Path | None = None,
 ) -> CheckReport:
     """Validate a VQAv2-format dataset (official layout, or a Hugging Face dataset path).
 
@@ -183,8 +184,11 @@ def check_vqa(
         max_pixels: decompression-bomb limit for ``open_image``.
         progress: tqdm progress bars on stderr.
         num_workers: threads decoding images (default: CPU count, at most 8).
+        images: image folder holding ``train2014/``, ``val2014/``, ``test2015/`` when the images are
+            not under ``root`` (``data.images``; for a Hugging Face dataset: where relative paths are
+            looked up first).
     """
-    layout = root if isinstance(root, VQAv2Layout) else VQAv2Layout(root)
+    layout = root if isinstance(root, VQAv2Layout) else VQAv2Layout(root, images_dir=images)
     report = CheckReport(root=str(layout.root))
     num_workers = num_workers or min(8, os.cpu_count() or 1)
     if isinstance(splits, str):
@@ -222,7 +226,7 @@ def check_vqa(
         counts = report.counts.setdefault(split, {c: None for c in COLUMNS})
         if hf:
             try:
-                examples = load_vqa_hf(layout.root, split)
+                examples = load_vqa_hf(layout.root, split, images_root=layout.images_dir)
             except (FileNotFoundError, VQAFormatError, ValueError) as exc:
                 if "has no split" in str(exc) or "has no files for split" in str(exc):
                     del report.counts[split]
@@ -259,10 +263,12 @@ def main_check(
     splits: Sequence[str] | str | None = None,
     answers_path: str | Path | None = None,
     max_images: int | None = None,
+    images: str | Path | None = None,
 ) -> int:
     """``absvl data check PATH``: print the report; exit code 0 when OK, 1 on errors, 2 on bad arguments."""
     try:
-        report = check_vqa(path, splits=splits, answers=answers_path, max_images=max_images, progress=True)
+        report = check_vqa(path, splits=splits, answers=answers_path, max_images=max_images, progress=True,
+                           images=images)
     except ValueError as exc:  # unknown split name
         print(f"absvl data check: {exc}", file=sys.stderr)
         return 2

@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageFiles", "ImageSource", "collate_image_files", "image_transform",
-           "open_image", "to_rgb"]
+__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageFiles", "ImageSource", "check_image_root", "collate_image_files",
+           "image_transform", "open_image", "to_rgb"]
 
 #: Same limit as PIL's own ``Image.MAX_IMAGE_PIXELS`` default (about 89.5 megapixels; ~9,459² px).
 #: COCO images are at most 640×640.
@@ -187,6 +187,14 @@ def image_transform(
         steps.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(steps)
+
+
+def check_image_root(paths: Sequence[str | Path], hint: str, probe: int = 20) -> None:
+    """Fail early (not after an epoch of skipped items) when none of the first ``probe`` image
+    files exists; ``hint`` says where the images should be."""
+    sample = [Path(p) for p in paths[:probe]]
+    if sample and not any(p.is_file() for p in sample):
+        raise FileNotFoundError(f"none of the first {len(sample)} images exists (e.g. {sample[0]}): {hint}")
 
 
 class ImageFiles(torch.utils.data.Dataset):

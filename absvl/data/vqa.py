@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,9 @@ _SPLIT_ALIASES = {
     "testdev2015": "test-dev",
     "test2015": "test",
 }
+# the fields of a row of a Hugging Face VQA dataset (``load_vqa_hf``'s ``columns`` maps them to other names)
+HF_FIELDS = ("question_id", "image_id", "question", "answers", "image", "answer_type", "question_type",
+             "multiple_choice_answer", "target_objects")
 # names a Hugging Face dataset may use for each split (DatasetDict keys, parquet file prefixes)
 _HF_SPLIT_NAMES = {
     "train": ("train", "train2014"),
@@ -546,10 +550,11 @@ def load_vqa_split(
 # Hugging Face datasets
 
 
-def _hf_pick_split(obj: Any, split: str, source: str):
+def _hf_pick_split(obj: Any, split: str | None, source: str):
+    """The ``split`` of a ``DatasetDict`` (or a dict of datasets); ``split=None``: ``obj`` as it is."""
     import datasets
 
-    if isinstance(obj, (datasets.DatasetDict, dict)):
+    if split is not None and isinstance(obj, (datasets.DatasetDict, dict)):
         for name in _HF_SPLIT_NAMES[split]:
             if name in obj:
                 return obj[name]
@@ -557,32 +562,27 @@ def _hf_pick_split(obj: Any, split: str, source: str):
     return obj
 
 
-def _hf_from_path(path: Path, split: str):
+def _hf_load_dataset(name: str) -> Any:
+    """``datasets.load_dataset(name)``: a Hub dataset id (downloaded once, then read from the cache)
+    or a dataset repository folder (data files, optionally a README.md saying the splits)."""
     import datasets
 
-    if not path.exists():
-        raise FileNotFoundError(f"Hugging Face dataset not found: {path}")
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        return _hf_pick_split(datasets.load_from_disk(str(path)), split, str(path))
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow") and p.is_file())
-        if not files:
-            raise FileNotFoundError(f"{path} holds no dataset: no save_to_disk files, no .parquet or .arrow files")
-        names = _HF_SPLIT_NAMES[split]
-        all_names = {n for ns in _HF_SPLIT_NAMES.values() for n in ns}
+    try:
+        return datasets.load_dataset(name)
+    except ConnectionError as exc:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"Hugging Face dataset {name!r} is neither a local path nor in the datasets cache, and offline mode is "
+                "on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): load it once online to cache it, or give the folder of a "
+                "local copy instead") from None
+        raise FileNotFoundError(f"{name!r} is not a local path and the Hugging Face Hub could not be reached for it "
+                                f"({exc}): check the name and the network, or give the folder of a local copy "
+                                "instead") from None
 
-        def split_of(p: Path) -> str | None:
-            parts = [p.stem.split("-")[0].split(".")[0].lower()] + [d.lower() for d in p.relative_to(path).parts[:-1]]
-            return next((n for n in parts if n in all_names), None)
 
-        named = [p for p in files if split_of(p) is not None]
-        if named:  # files tell their split: keep those of this split
-            files = [p for p in named if split_of(p) in names]
-            if not files:
-                raise ValueError(f"{path} has no files for split {split!r} (file names tell splits "
-                                 f"{', '.join(sorted({split_of(p) for p in named}))})")
+def _hf_from_files(path: Path, files: Sequence[Path]) -> Any:
+    import datasets
+
     suffixes = {p.suffix for p in files}
     if suffixes == {".parquet"}:
         return datasets.Dataset.from_parquet([str(p) for p in files])
@@ -593,20 +593,57 @@ def _hf_from_path(path: Path, split: str):
                      f"got {', '.join(sorted(suffixes))}")
 
 
-def _hf_images(dataset: Any, column: str, base: Path | None, source: str, qids: list[int]) -> list[tuple[str, Any]]:
-    """(image path or description, bytes-reference or None) for every row, read through Arrow (no decoding)."""
+def _hf_from_path(path: Path, split: str | None):
+    """The ``split`` of the dataset at ``path``; ``split=None``: every split (a ``DatasetDict``, a
+    dict of datasets for split-named files, or one dataset)."""
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _hf_pick_split(datasets.load_from_disk(str(path)), split, str(path))
+    if not path.exists() or (path / "README.md").is_file():  # a Hub id or a dataset repository folder
+        return _hf_pick_split(_hf_load_dataset(str(path)), split, str(path))
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow") and p.is_file())
+        if not files:  # other data files (json, jsonl, csv): datasets' own discovery
+            return _hf_pick_split(_hf_load_dataset(str(path)), split, str(path))
+        all_names = {n for ns in _HF_SPLIT_NAMES.values() for n in ns}
+
+        def split_of(p: Path) -> str | None:
+            parts = [p.stem.split("-")[0].split(".")[0].lower()] + [d.lower() for d in p.relative_to(path).parts[:-1]]
+            return next((n for n in parts if n in all_names), None)
+
+        named = [p for p in files if split_of(p) is not None]
+        if named and split is None:
+            splits = dict.fromkeys(map(split_of, named))
+            return {s: _hf_from_files(path, [p for p in named if split_of(p) == s]) for s in splits}
+        if named:  # files tell their split: keep those of this split
+            files = [p for p in named if split_of(p) in _HF_SPLIT_NAMES[split]]
+            if not files:
+                raise ValueError(f"{path} has no files for split {split!r} (file names tell splits "
+                                 f"{', '.join(sorted({split_of(p) for p in named}))})")
+    return _hf_from_files(path, files)
+
+
+def _hf_images(
+    dataset: Any, column: str, roots: Sequence[Path], source: str, ids: Sequence[Any], id_name: str = "question_id"
+) -> list[tuple[str, Any]]:
+    """(image path or description, bytes-reference or None; ``b""`` for no image) for every row, read
+    through Arrow (no decoding); a relative path is looked up under ``roots`` (the first holding it,
+    else the first root). Descriptions name the row and its ``id_name`` (``ids[row]``)."""
     import pyarrow as pa
 
     arrow = dataset.select_columns([column]).with_format("arrow")
     out: list[tuple[str, Any]] = []
 
     def located(p: str | None) -> str | None:
-        if not p:
-            return None
-        candidate = Path(p)
-        if not candidate.is_absolute() and base is not None and (base / candidate).exists():
-            return str(base / candidate)
-        return p
+        if not p or Path(p).is_absolute():
+            return p or None
+        found = next((root / p for root in roots if (root / p).exists()), None)
+        if found is None and not Path(p).exists() and roots:
+            found = roots[0] / p
+        return str(found) if found is not None else p
 
     for start in range(0, len(arrow), 4096):
         col = arrow[start:start + 4096].column(column).combine_chunks()
@@ -625,7 +662,7 @@ def _hf_images(dataset: Any, column: str, base: Path | None, source: str, qids: 
                                  f"got Arrow type {col.type}")
         for j in range(len(col)):
             row = start + j
-            label = f"{source} row {row} (question_id {qids[row]})"
+            label = f"{source} row {row} ({id_name} {ids[row]})"
             if valid[j] and has_bytes[j]:
                 name = f"{label} [{paths[j]}]" if paths[j] else label
                 out.append((name, HFImageRef(arrow, row, column)))
@@ -636,58 +673,82 @@ def _hf_images(dataset: Any, column: str, base: Path | None, source: str, qids: 
     return out
 
 
+def _hf_map_columns(dataset: Any, columns: Mapping[str, str], source: str, fields: Sequence[str] = HF_FIELDS) -> Any:
+    """``dataset`` with the columns named in ``columns`` (field → column) renamed to their fields."""
+    unknown = [f for f in columns if f not in fields]
+    if unknown:
+        raise VQAFormatError(f"unknown field(s) {', '.join(map(repr, unknown))} in the column mapping "
+                             f"(data.hf_columns): the fields are {', '.join(fields)}")
+    names = dataset.column_names
+    absent = [f"{column!r} (for {f})" for f, column in columns.items() if column not in names]
+    if absent:
+        raise VQAFormatError(f"{source}: column(s) {', '.join(absent)} of the column mapping (data.hf_columns) are not "
+                             f"in the dataset (columns: {', '.join(names)})")
+    renames = {column: f for f, column in columns.items() if column != f}
+    shadowed = [f for f in renames.values() if f in names and f not in renames]  # replaced by the mapped column
+    return dataset.remove_columns(shadowed).rename_columns(renames)
+
+
 def load_vqa_hf(
     path_or_dataset: Any,
     split: str = "train",
     require_annotations: bool | None = None,
-    image_column: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    images_root: str | Path | None = None,
 ) -> list[VQAExample]:
     """VQA examples from a Hugging Face ``datasets`` dataset with the VQAv2 fields.
 
     Args:
-        path_or_dataset: a ``datasets.Dataset``/``DatasetDict``, a ``save_to_disk`` folder, a
-            ``.parquet``/``.arrow`` file, or a folder of them (files whose name or parent folder
+        path_or_dataset: a ``datasets.Dataset``/``DatasetDict``; a ``save_to_disk`` folder; a
+            ``.parquet``/``.arrow`` file or a folder of them (files whose name or parent folder
             starts with a split name — ``train``, ``validation``/``val``, ``testdev``, ``test`` —
-            are filtered by ``split``).
+            are filtered by ``split``); a dataset repository folder (a README.md, or data files
+            of another format: read by ``datasets.load_dataset``); or a Hub dataset id
+            (``org/name``: ``datasets.load_dataset``, downloaded once and then read from the
+            cache; with ``HF_HUB_OFFLINE=1`` only the cache is read).
         split: picks the split of a ``DatasetDict`` or a folder (``val`` also matches ``validation``).
         require_annotations: default True for train/val, False for the test splits.
-        image_column: default ``image`` (an ``Image`` feature, encoded bytes or a path), else
-            ``image_path`` (paths).
+        columns: field → the dataset's column, for the fields the dataset names otherwise
+            (``{"question_id": "qid", "image": "img"}``); fields are ``HF_FIELDS``.
+        images_root: folder where relative image paths are looked up first (then the dataset's folder).
 
-    Columns: ``question_id`` and ``image_id`` (int), ``question`` (str); ``answers`` (a list of str
-    or of ``{"answer": str, ...}``); optional ``answer_type``, ``question_type``,
-    ``multiple_choice_answer``, ``target_objects``. Images stay in the dataset and are decoded on use.
+    Fields: ``question_id`` and ``image_id`` (int), ``question`` (str); ``answers`` (a list of str
+    or of ``{"answer": str, ...}``); ``image`` (an ``Image`` feature, encoded bytes or a path; a
+    dataset without ``image`` may have ``image_path``); optional ``answer_type``,
+    ``question_type``, ``multiple_choice_answer`` (default: the most frequent answer),
+    ``target_objects``. Images stay in the dataset and are decoded on use.
     """
     import datasets
 
     split = canonical_split(split)
     if require_annotations is None:
         require_annotations = SPLITS[split].has_annotations
+    roots = [Path(images_root).expanduser()] if images_root is not None else []
     if isinstance(path_or_dataset, (str, Path)):
         base = Path(path_or_dataset).expanduser()
         source = str(base)
         dataset = _hf_from_path(base, split)
-        base = base if base.is_dir() else base.parent
+        if base.exists():
+            roots.append(base if base.is_dir() else base.parent)
     else:
-        base = None
         source = f"Hugging Face dataset ({split})"
         dataset = _hf_pick_split(path_or_dataset, split, "the Hugging Face dataset")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
-    dataset = dataset.with_format(None)
+    dataset = _hf_map_columns(dataset.with_format(None), columns or {}, source)
     columns = set(dataset.column_names)
     missing = [c for c in ("question_id", "image_id", "question") if c not in columns]
     if missing:
         raise VQAFormatError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)} "
-                             f"(columns: {', '.join(sorted(columns))})")
+                             f"(columns: {', '.join(sorted(columns))}; map the dataset's own names with "
+                             "data.hf_columns, e.g. {question_id: qid})")
     if require_annotations and "answers" not in columns:
         raise VQAFormatError(f"{source}: missing column 'answers' (needed for split {split!r}; "
                              "pass require_annotations=False for unannotated data)")
+    image_column = next((c for c in ("image", "image_path") if c in columns), None)
     if image_column is None:
-        image_column = next((c for c in ("image", "image_path") if c in columns), None)
-    if image_column is None or image_column not in columns:
-        raise VQAFormatError(f"{source}: missing image column {image_column or 'image or image_path'!r} "
-                             f"(columns: {', '.join(sorted(columns))})")
+        raise VQAFormatError(f"{source}: missing image column 'image' (or 'image_path'; map another one with "
+                             f"data.hf_columns) (columns: {', '.join(sorted(columns))})")
 
     meta_cols = [c for c in ("question_id", "image_id", "question", "answers", "answer_type", "question_type",
                              "multiple_choice_answer", "target_objects") if c in columns]
@@ -711,7 +772,10 @@ def load_vqa_hf(
         a_keys = [c for c in meta_cols if c not in ("question", "target_objects")]
         a_entries = [{k: meta[k][i] for k in a_keys} for i in kept_rows]
         annotations = _parse_annotations(source, a_entries, issues, where="row {}", rows=kept_rows)
-    images = _hf_images(dataset, image_column, base, source, meta["question_id"])
+        for ann in annotations.values():  # as in VQAv2: the most frequent human answer
+            if ann.get("multiple_choice_answer") is None:
+                ann["multiple_choice_answer"] = Counter(ann["answers"]).most_common(1)[0][0]
+    images = _hf_images(dataset, image_column, roots, source, meta["question_id"])
     examples = _join(questions, annotations, source, source, lambda e: images[row_of[e["question_id"]]], issues)
     issues.raise_if_any(source)
     return examples

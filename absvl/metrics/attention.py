@@ -57,32 +57,40 @@ def target_attention_ratios(
     """``{"bottom_up": [...], "top_down": [...], "bottom_up_others": [...], "top_down_others": [...]}``:
     ``target_attention_ratio`` of each question's map (``model.attention_maps`` under the question's ξ)
     against its target mask, and against the mask of the image's other objects (``*_others``), in
-    question order; NaN where the mask is empty. Runs in eval mode, without gradients; the batch
-    size does not change the result."""
+    question order; NaN where the mask is empty or the image unreadable. Runs in eval mode,
+    without gradients; the batch size does not change the result."""
     import torch
-    from PIL import Image
 
+    from ..data.images import BadImageError, open_image
     from ..data.shapes import target_mask
+
+    def readable(q: dict[str, Any]) -> Any:
+        try:
+            return open_image(world.image_path(split, q["image_id"]))
+        except BadImageError:
+            return None
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     ratios: dict[str, list[float]] = {key: [] for key in SCORE_KEYS}
     was_training = model.training
     model.eval()
-    processor = model.processor
     try:
         for start in range(0, len(questions), batch_size):
-            chunk = questions[start : start + batch_size]
-            images = [Image.open(world.image_path(split, q["image_id"])).convert("RGB") for q in chunk]
-            inputs = processor(images=images, text=[q["question"] for q in chunk])
-            with torch.no_grad():
-                maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
-            for i, q in enumerate(chunk):
+            pictures = [(q, readable(q)) for q in questions[start : start + batch_size]]
+            chunk = [(q, image) for q, image in pictures if image is not None]
+            if chunk:
+                inputs = model.prepare_inputs(images=[image for _, image in chunk], text=[q["question"] for q, _ in chunk])
+                with torch.no_grad():
+                    maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
+            row = {id(q): i for i, (q, _) in enumerate(chunk)}
+            for q, _ in pictures:
                 masks = {"": target_mask(world, q), "_others": target_mask(world, q, others=True)}
                 for kind in MAP_KINDS:
-                    values = maps[kind][i].float().cpu().numpy()
+                    values = maps[kind][row[id(q)]].float().cpu().numpy() if id(q) in row else None
                     for suffix, mask in masks.items():
-                        ratios[kind + suffix].append(target_attention_ratio(values, mask))
+                        ratio = target_attention_ratio(values, mask) if values is not None else float("nan")
+                        ratios[kind + suffix].append(ratio)
     finally:
         model.train(was_training)
     return ratios

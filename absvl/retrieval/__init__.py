@@ -1,20 +1,26 @@
 """Text → image retrieval: a FAISS index of bottom-up image embeddings, searched with the text
 prior ξ and re-ranked with the query steering the vision encoder top-down (SPEC §1, §5)."""
-from .index import (
-    BuildReport,
-    ImageIndex,
-    IndexMismatchError,
-    add_to_index,
-    build_index,
-    choose_factory,
-    list_images,
-    model_fingerprint,
-)
-from .search import Retriever, SearchHit
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): FAISS loads only for the commands that search or index.
+_HOMES = {
+    **dict.fromkeys(["BuildReport", "ImageIndex", "IndexLockedError", "IndexMismatchError", "add_to_index", "build_index",
+                     "choose_factory", "list_images", "measure_recall", "model_fingerprint", "rebuild_index"], "index"),
+    **dict.fromkeys(["Retriever", "SearchHit"], "search"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
 
 __all__ = [
     "BuildReport",
     "ImageIndex",
+    "IndexLockedError",
     "IndexMismatchError",
     "Retriever",
     "SearchHit",
@@ -22,5 +28,7 @@ __all__ = [
     "build_index",
     "choose_factory",
     "list_images",
+    "measure_recall",
     "model_fingerprint",
+    "rebuild_index",
 ]

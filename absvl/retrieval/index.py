@@ -4,27 +4,41 @@ An index is a folder::
 
     INDEX/
       index.faiss     faiss.write_index of the vectors (L2-normalised, inner-product metric)
+      embeddings.npy  the same vectors, float32 [N, C], row i = id i: a new factory needs no re-embedding
       meta.json       format "absvl-index", version, dim, metric, factory, search_params,
-                      fingerprint (of the model that embedded the images), model summary, count, created
+                      fingerprint (of the model that embedded the images), model summary, model_source,
+                      recall_at_10 (of the FAISS index against exact search), count, created
       paths.jsonl     one {"id": i, "path": "/abs/path"} per line; ids are 0..N-1 in insertion order
       skipped.json    [[path, reason], ...] images that could not be read (never fatal)
 
 Paths are stored **absolute** (as given, not following symlinks), so an index can be queried from
 any working directory; moving the collection means rebuilding (or rewriting ``paths.jsonl``).
+``model_source`` is the model's absolute folder (or its Hub id), so ``absvl search`` finds it from
+anywhere too.
 
 Building streams the images through a ``DataLoader`` of preprocessed tensors and writes the
 embeddings in shards (``INDEX.partial/shards/shard_00000.{npy,json}``, each file written atomically,
 the ``.json`` last as the shard's commit marker). An interrupted build is continued from its
 written shards; only when every shard exists is the FAISS index built (trained on a sample, then
-filled shard by shard) inside ``INDEX.partial``, which is then renamed to ``INDEX``: a half-written
-``INDEX`` never exists.
+filled shard by shard) inside ``INDEX.partial``, which then takes the place of ``INDEX``.
+
+Writers (build, add, rebuild) hold an exclusive ``flock`` on ``INDEX.lock`` beside the folder for
+their whole run, so two of them never interleave; the OS drops the lock when its process dies, so a
+crashed writer never blocks the next one. Replacing an existing ``INDEX`` takes two renames
+(``INDEX`` → ``.old-INDEX``, new folder → ``INDEX``). The rule after a crash between them: whoever
+next opens or writes the index, finding ``INDEX`` missing and ``.old-INDEX`` present, renames
+``.old-INDEX`` back (under the lock): the old index is restored and the finished ``INDEX.partial``
+is kept, so re-running the build or add only redoes the swap. At every moment the path holds the old
+or the new index, or can be recovered to the old one.
 
 Large collections can be embedded by several processes (``torchrun``/``accelerate launch``; the
 CLI initialises the group through Accelerate): shards are dealt out round-robin, each process
-writes its own, and process 0 builds and writes the index once all are written.
+writes its own, and process 0 holds the lock and builds and writes the index once all are written.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -37,7 +51,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,12 +58,19 @@ from torch.utils.data import DataLoader
 
 from ..data.images import ImageFiles, collate_image_files
 
+try:
+    import faiss
+except ImportError as err:  # FAISS comes from an extra: faiss-cpu and faiss-gpu-cu12 both own the module
+    raise ImportError(f"{err}; absvl's image index needs FAISS: pip install 'absvl[cpu]' (faiss-cpu) or 'absvl[gpu]' "
+                      "(faiss-gpu-cu12, CUDA 12), or any FAISS build of your own") from err
+
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "absvl-index"
 INDEX_VERSION = 1
 PARTIAL_FORMAT = "absvl-index-partial"
 INDEX_FILE, META_FILE, PATHS_FILE, SKIPPED_FILE = "index.faiss", "meta.json", "paths.jsonl", "skipped.json"
+EMBEDDINGS_FILE = "embeddings.npy"
 SHARDS_DIR = "shards"
 DEFAULT_SHARD_SIZE = 4096
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -64,10 +84,16 @@ HNSW_EF_SEARCH = 64  # default efSearch for an explicitly requested HNSW factory
 MIN_TRAIN_PER_CENTROID = 39  # FAISS's own k-means warning threshold
 MAX_TRAIN_PER_CENTROID = 256  # FAISS's k-means subsamples to this anyway
 QUANTIZER_CENTROIDS = 256  # a PQ/SQ code book needs at least this many training vectors
+RECALL_K, RECALL_QUERIES = 10, 1000  # recall@10 of a built index on 1,000 of its own vectors as queries
+LOCK_WAIT = 10.0  # seconds a reader waits for a writer to finish its swap before recovering it
 
 
 class IndexMismatchError(ValueError):
     """The index was built by a different model (its image embeddings live in another space)."""
+
+
+class IndexLockedError(FileExistsError):
+    """Another process is writing the index (it holds ``INDEX.lock``)."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -225,25 +251,40 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- GPU
 _GPU_RESOURCES: list[Any] = []
+INDEX_DEVICES = ("auto", "cpu", "cuda")
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why FAISS cannot search on a GPU here; None when it can."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this FAISS build has no GPU support (pip install 'absvl[gpu]' instead of 'absvl[cpu]')"
+    if not torch.cuda.is_available() or faiss.get_num_gpus() < 1:
+        return "no CUDA device is visible"
+    return None
 
 
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and torch sees a CUDA device."""
-    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
+    return gpu_unavailable_reason() is None
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:
     return "Gpu" in type(faiss.downcast_index(index)).__name__
 
 
+def _copy_to_gpu(index: faiss.Index) -> faiss.Index:
+    """``index`` copied to GPU 0; RuntimeError for index types without a GPU version (HNSW, ...)."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())  # one per process, kept alive
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
+
+
 def to_gpu(index: faiss.Index) -> faiss.Index:
     """The index on GPU 0 when possible (HNSW and some others have no GPU version: kept on CPU)."""
-    if not gpu_available():
+    if not gpu_available() or _is_gpu_index(index):
         return index
     try:
-        if not _GPU_RESOURCES:
-            _GPU_RESOURCES.append(faiss.StandardGpuResources())  # one per process, kept alive
-        return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
+        return _copy_to_gpu(index)
     except (RuntimeError, AttributeError) as err:
         logger.info("keeping the index on CPU: %s", err)
         return index
@@ -253,9 +294,114 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_gpu_to_cpu(index) if _is_gpu_index(index) else index
 
 
+# --------------------------------------------------------------------------- writers: lock and swap
+def _beside(folder: Path, pattern: str) -> Path:
+    """A sibling of the index folder: ``pattern`` with ``{}`` standing for its name."""
+    return folder.with_name(pattern.format(folder.name))
+
+
+@contextlib.contextmanager
+def index_lock(folder: str | Path, wait: float = 0.0):
+    """Hold the exclusive write lock of an index: ``flock`` on ``INDEX.lock`` beside the folder.
+
+    Raises :class:`IndexLockedError` (naming the holder's pid) when another process still holds it
+    after ``wait`` seconds. The lock dies with its process, so a crash never leaves a blocking lock;
+    the file itself stays (deleting it would race with a process about to lock it).
+    """
+    folder = _absolute(Path(folder))
+    lock_file = _beside(folder, "{}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise IndexLockedError(
+                        f"index {folder} is being written by another absvl process (pid {holder}); wait for it "
+                        f"or remove the stale lock {lock_file}"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _recover_swap(folder: Path) -> None:
+    """Undo a swap a crash interrupted (call with the lock held): ``INDEX`` missing and ``.old-INDEX``
+    present → rename it back; a ``.old-INDEX`` beside a present ``INDEX`` is a finished swap's leftover."""
+    backup = _beside(folder, ".old-{}")
+    if not backup.is_dir():
+        return
+    if folder.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        logger.warning("restoring %s from %s: a previous write was interrupted while swapping folders", folder, backup)
+        os.replace(backup, folder)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path):
+    """The write lock for a build/add/rebuild, with any interrupted swap undone first.
+
+    In a process group process 0 takes the lock and tells the others whether it got it, so all
+    processes fail alike instead of the helpers waiting at a barrier.
+    """
+    rank, world = process_group()
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        if rank == 0:
+            try:
+                stack.enter_context(index_lock(folder))
+                _recover_swap(folder)
+            except IndexLockedError as err:
+                error = str(err)
+        if world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise IndexLockedError(error)
+        yield
+
+
+def _finalise(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the completed ``staging`` folder to ``out`` (replacing it only with ``overwrite``; see the
+    module docstring for the crash rule), then drop the shards (a crash in between leaves a valid index
+    with leftover shard files, never a lost build)."""
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
+        backup = _beside(out, ".old-{}")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out, backup)
+        os.replace(staging, out)  # the commit point; a crash before it restores the backup on next open
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    (out / "partial.json").unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- the index
 class ImageIndex:
-    """A loaded index folder: FAISS vectors + id → image path table."""
+    """A loaded index folder: FAISS vectors + id → image path table.
+
+    The Python API::
+
+        index = ImageIndex.build(model, "photos/", "photos.index")   # or ImageIndex.load("photos.index")
+        index.add(model, ["new/1.jpg", "new/2.jpg"])                   # appends (ids continue), reloads
+        scores, ids = index.search(query_vector, k=10)                # one [C] vector → [k], [k]
+        scores, ids = index.search_batch(query_vectors, k=10)         # [Q, C] → [Q, k], [Q, k]
+        index.rebuild("HNSW32")                                       # new FAISS factory, no re-embedding
+        index.path_of(int(ids[0]))
+    """
 
     def __init__(self, folder: Path, index: faiss.Index, meta: dict[str, Any], paths: list[Path], skipped: list[tuple[str, str]]):
         self.folder = folder
@@ -268,6 +414,9 @@ class ImageIndex:
     def load(cls, path: str | Path, gpu: bool = False) -> ImageIndex:
         """Read an index folder and apply its search parameters (``gpu=True``: search on GPU if possible)."""
         folder = Path(path)
+        if not folder.is_dir() and _beside(_absolute(folder), ".old-{}").is_dir():
+            with index_lock(folder, wait=LOCK_WAIT):  # a writer mid-swap finishes; a crashed one is undone
+                _recover_swap(_absolute(folder))
         if not folder.is_dir():
             hint = f" (an interrupted build left {folder}.partial: run the build again)" if Path(f"{folder}.partial").is_dir() else ""
             raise FileNotFoundError(f"index {folder} does not exist{hint}")
@@ -309,6 +458,19 @@ class ImageIndex:
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
 
+    def model_source(self) -> str:
+        """The model that built the index, to load it again: its absolute folder, or a Hub id.
+
+        Raises ValueError when the index records none, FileNotFoundError when that folder is gone
+        (both ask for ``--model``).
+        """
+        source = self.meta.get("model_source")
+        if not source:
+            raise ValueError(f"index {self.folder} records no model: pass --model")
+        if os.path.isabs(source) and not Path(source).exists():
+            raise FileNotFoundError(f"the index's model {source} no longer exists; pass --model")
+        return source
+
     @property
     def ids(self) -> list[int]:
         return list(range(len(self.paths)))
@@ -327,14 +489,80 @@ class ImageIndex:
         apply_search_params(self.index, params)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores ``[Q, k]``, ids ``[Q, k]``) of the ``k`` nearest images; id -1 where fewer exist."""
+        """(scores, ids) of the ``k`` nearest images by inner product; id -1 where fewer exist.
+
+        One query ``[C]`` gives ``[k]`` arrays, a batch ``[Q, C]`` gives ``[Q, k]`` (in one FAISS call).
+        """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         queries = np.ascontiguousarray(embeddings, dtype=np.float32)
+        single = queries.ndim == 1
+        queries = queries[None] if single else queries
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"query embeddings must have shape [Q, {self.dim}], got {list(queries.shape)}")
+            raise ValueError(f"query embeddings must have shape [{self.dim}] or [Q, {self.dim}], got {list(np.shape(embeddings))}")
         scores, ids = self.index.search(queries, k)
-        return scores, ids
+        return (scores[0], ids[0]) if single else (scores, ids)
+
+    def search_batch(self, embeddings: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` of ``[Q, C]`` queries ``batch_size`` at a time (bounded memory for large Q)."""
+        if np.ndim(embeddings) != 2:
+            raise ValueError(f"query embeddings must have shape [Q, {self.dim}], got {list(np.shape(embeddings))}")
+        parts = [self.search(embeddings[i : i + batch_size], k) for i in range(0, max(len(embeddings), 1), batch_size)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @property
+    def embeddings_file(self) -> Path | None:
+        """``embeddings.npy`` (row i = id i); None for an index written before indexes kept their vectors."""
+        path = self.folder / EMBEDDINGS_FILE
+        return path if path.is_file() else None
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, images: str | Path | Iterable[str | Path], out: str | Path, **kwargs: Any) -> ImageIndex:
+        """Embed ``images`` with ``model`` into a new index folder ``out`` and load it (options: :func:`build_index`)."""
+        report = build_index(model, images, out, **kwargs)
+        return cls.load(report.out)
+
+    def add(self, model: torch.nn.Module, images: str | Path | Iterable[str | Path], **kwargs: Any) -> BuildReport:
+        """Append images not yet indexed (options: :func:`add_to_index`) and reload this object."""
+        report = add_to_index(model, images, self.folder, **kwargs)
+        self._reload()
+        return report
+
+    def rebuild(self, factory: str | None = None) -> BuildReport:
+        """A new FAISS index from the stored embeddings (see :func:`rebuild_index`), then reload."""
+        report = rebuild_index(self.folder, factory)
+        self._reload()
+        return report
+
+    @property
+    def device(self) -> str:
+        """Where FAISS searches: ``"cuda"`` or ``"cpu"``."""
+        return "cuda" if _is_gpu_index(self.index) else "cpu"
+
+    def to(self, device: str) -> ImageIndex:
+        """Hold the FAISS index on ``device`` and return self: ``"cpu"``; ``"cuda"`` (GPU 0, or a
+        RuntimeError saying why not); ``"auto"`` (GPU 0 when FAISS can use one and the index type has a
+        GPU version, else CPU)."""
+        if device not in INDEX_DEVICES:
+            raise ValueError(f"index device {device!r} must be one of {', '.join(INDEX_DEVICES)}")
+        if device == "cpu":
+            self.index = to_cpu(self.index)
+        elif device == "auto":
+            self.index = to_gpu(self.index)
+        elif not _is_gpu_index(self.index):
+            reason = gpu_unavailable_reason()
+            if reason:
+                raise RuntimeError(f"index {self.folder} cannot be held on cuda: {reason}")
+            try:
+                self.index = _copy_to_gpu(self.index)
+            except (RuntimeError, AttributeError) as err:
+                raise RuntimeError(f"index {self.folder} cannot be held on cuda: FAISS has no GPU version of its "
+                                   f"{self.factory!r} index ({str(err).strip().splitlines()[-1]})") from None
+        return self
+
+    def _reload(self) -> None:
+        gpu = _is_gpu_index(self.index)
+        self.__dict__.update(vars(type(self).load(self.folder, gpu=gpu)))
 
 
 def _read_json(path: Path) -> Any:
@@ -398,6 +626,8 @@ class BuildReport:
         seconds: wall time of the call.
         index_size: vectors in the index afterwards.
         notes: remarks, e.g. a fallback to exact search for a collection too small to train on.
+        recall_at_10: recall@10 of the FAISS index against exact search (:func:`measure_recall`;
+            None when the index keeps no embeddings to measure against).
     """
 
     out: Path
@@ -408,6 +638,7 @@ class BuildReport:
     seconds: float
     index_size: int = 0
     notes: list[str] = field(default_factory=list)
+    recall_at_10: float | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -569,7 +800,7 @@ def _training_sample(files: list[Path], total: int, size: int, seed: int = 0) ->
 def fill_index(
     factory: str | None, dim: int, vector_files: list[Path], notes: list[str]
 ) -> tuple[faiss.Index, str, dict[str, int]]:
-    """Create (chosen by size when ``factory`` is None), train and fill an index from shard files.
+    """Create (chosen by size when ``factory`` is None), train and fill an index from ``.npy`` files.
 
     A training-based factory with too few vectors falls back to exact ``Flat`` (noted in ``notes``).
     Training and adding run on GPU when available; the returned index is on CPU.
@@ -592,28 +823,58 @@ def fill_index(
         except RuntimeError:
             nlist = QUANTIZER_CENTROIDS
         work.train(_training_sample(vector_files, total, MAX_TRAIN_PER_CENTROID * nlist))
-    for f in vector_files:
-        vectors = np.load(f, allow_pickle=False)
-        if len(vectors):
-            work.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    for _, vectors in _chunks(vector_files):
+        work.add(vectors)
     return to_cpu(work), factory, params
 
 
-def _finalise(partial: Path, out: Path, overwrite: bool) -> None:
-    """Rename the completed ``partial`` to ``out`` (replacing it only with ``overwrite``), then drop
-    the shards (a crash in between leaves a valid index with leftover shard files, never a lost build)."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
-    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-    (out / "partial.json").unlink(missing_ok=True)
+def _chunks(files: Iterable[Path], rows: int = 65_536) -> Iterable[tuple[int, np.ndarray]]:
+    """(first row, float32 block of at most ``rows`` rows) over ``.npy`` files read memory-mapped,
+    rows numbered across the files."""
+    start = 0
+    for f in files:
+        vectors = np.load(f, mmap_mode="r", allow_pickle=False)
+        for i in range(0, len(vectors), rows):
+            yield start + i, np.ascontiguousarray(vectors[i : i + rows], dtype=np.float32)
+        start += len(vectors)
+
+
+def _write_embeddings(path: Path, files: list[Path], dim: int) -> None:
+    """Concatenate the vectors of ``files`` into one float32 ``[N, dim]`` ``.npy`` (streamed, atomic)."""
+    total = sum(np.load(f, mmap_mode="r", allow_pickle=False).shape[0] for f in files)
+
+    def write(tmp: Path) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+        for start, vectors in _chunks(files):
+            out[start : start + len(vectors)] = vectors
+        out.flush()
+        del out
+
+    _atomic_write(path, write)
+
+
+def measure_recall(index: faiss.Index, vectors_file: Path, k: int = RECALL_K, num_queries: int = RECALL_QUERIES,
+                   seed: int = 0) -> float:
+    """recall@k of ``index`` against exact inner-product search over the vectors of ``vectors_file``
+    (the ones it holds), with ``num_queries`` of those vectors, drawn at random, as queries.
+
+    A returned id counts as a hit when its exact score reaches the exact k-th best score, so ties
+    between equal vectors are not misses. Search parameters already set on ``index`` apply.
+    """
+    vectors = np.load(vectors_file, mmap_mode="r", allow_pickle=False)
+    k = min(k, len(vectors))
+    rng = np.random.default_rng(seed)
+    queries = np.ascontiguousarray(vectors[np.sort(rng.choice(len(vectors), min(num_queries, len(vectors)), replace=False))],
+                                   dtype=np.float32)
+    exact = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for start, block in _chunks([vectors_file]):
+        scores, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        exact.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(ids + start))
+    exact.finalize()
+    _, found = index.search(queries, k)
+    true_scores = np.einsum("qc,qkc->qk", queries, np.asarray(vectors[np.maximum(found, 0)], dtype=np.float32))
+    hits = (found >= 0) & (true_scores >= exact.D[:, -1:] - 1e-5)
+    return float(hits.mean())
 
 
 def _write_index_folder(
@@ -627,6 +888,7 @@ def _write_index_folder(
     fingerprint: str,
     model_summary: dict[str, Any],
     model_source: str | None,
+    recall_at_10: float | None,
     created: str | None = None,
 ) -> None:
     _atomic_write(folder / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
@@ -646,6 +908,7 @@ def _write_index_folder(
         "fingerprint": fingerprint,
         "model": model_summary,
         "model_source": model_source,
+        "recall_at_10": recall_at_10,
         "count": len(paths),
         "paths": "absolute",
         "created": created or now,
@@ -702,32 +965,54 @@ def build_index(
         device: where the model runs (None: where it is); the model is moved there.
         overwrite: replace an existing ``out``.
         shard_size: images per embedding shard (the unit of resumption).
-        model_source: the model's folder or hub name, recorded so ``absvl search`` can default to it.
+        model_source: the model's folder (stored as an absolute path) or Hub id, recorded so
+            ``absvl search`` and ``absvl index add`` can default to it.
+
+    Holds the index's write lock throughout (:class:`IndexLockedError` if another process writes it).
     """
     start = time.perf_counter()
     out = _absolute(Path(out))
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
-    paths = _resolve_images(images)
-    fingerprint = model_fingerprint(model)
-    partial = out.with_name(f"{out.name}.partial")
-    files, done_paths, skipped = _embed_into_partial(
-        model, paths, partial, resume=resume, batch_size=batch_size, shard_size=shard_size,
-        num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
-    if not done_paths:
-        raise ValueError(f"none of the {len(paths)} images could be read (first: {skipped[0][0]}: {skipped[0][1]}); nothing to index")
-    if process_group()[0] != 0:
-        return _helper_report(out, done_paths, len(paths), skipped, start)
-    notes: list[str] = []
-    dim = np.load(files[0], mmap_mode="r", allow_pickle=False).shape[1]
-    index, used_factory, params = fill_index(factory, dim, files, notes)
-    _write_index_folder(partial, index, done_paths, skipped, factory=used_factory, search_params=params,
-                        fingerprint=fingerprint, model_summary=_model_summary(model), model_source=model_source)
-    _finalise(partial, out, overwrite)
+    with _writing(out):
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
+        paths = _resolve_images(images)
+        fingerprint = model_fingerprint(model)
+        partial = _beside(out, "{}.partial")
+        files, done_paths, skipped = _embed_into_partial(
+            model, paths, partial, resume=resume, batch_size=batch_size, shard_size=shard_size,
+            num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
+        if not done_paths:
+            raise ValueError(f"none of the {len(paths)} images could be read (first: {skipped[0][0]}: {skipped[0][1]}); nothing to index")
+        if process_group()[0] != 0:
+            return _helper_report(out, done_paths, len(paths), skipped, start)
+        dim = np.load(files[0], mmap_mode="r", allow_pickle=False).shape[1]
+        _write_embeddings(partial / EMBEDDINGS_FILE, files, dim)
+        notes: list[str] = []
+        index, used_factory, params = fill_index(factory, dim, [partial / EMBEDDINGS_FILE], notes)
+        recall = _recall(index, params, partial / EMBEDDINGS_FILE)
+        _write_index_folder(partial, index, done_paths, skipped, factory=used_factory, search_params=params,
+                            fingerprint=fingerprint, model_summary=_model_summary(model),
+                            model_source=resolve_model_source(model_source), recall_at_10=recall)
+        _finalise(partial, out, overwrite)
     for note in notes:
         logger.warning(note)
     return BuildReport(out, len(done_paths), len(paths), skipped, used_factory, time.perf_counter() - start,
-                       index_size=len(done_paths), notes=notes)
+                       index_size=len(done_paths), notes=notes, recall_at_10=recall)
+
+
+def resolve_model_source(source: str | None) -> str | None:
+    """A model folder that exists as its absolute path (valid from any working directory); a Hub id as given."""
+    if source and Path(source).exists():
+        return str(_absolute(Path(source)))
+    return source
+
+
+def _recall(index: faiss.Index, params: dict[str, Any], vectors_file: Path) -> float:
+    """:func:`measure_recall` with the index's search parameters, logged."""
+    apply_search_params(index, params)
+    recall = measure_recall(index, vectors_file)
+    logger.info("recall@%d against exact search: %.4f", RECALL_K, recall)
+    return recall
 
 
 def add_to_index(
@@ -744,35 +1029,81 @@ def add_to_index(
 ) -> BuildReport:
     """Embed images not yet in the index and append them (ids continue from N); rewrites the folder atomically.
 
-    Refuses (:class:`IndexMismatchError`) a model whose fingerprint differs from the index's.
+    Refuses (:class:`IndexMismatchError`) a model whose fingerprint differs from the index's, and
+    (:class:`IndexLockedError`) while another process writes the index.
     """
     start = time.perf_counter()
     folder = _absolute(Path(index_path))
-    existing = ImageIndex.load(folder)
-    fingerprint = model_fingerprint(model)
-    check_fingerprint(existing.fingerprint, fingerprint, folder)
-    known = set(existing.paths)
-    paths = [p for p in _resolve_images(images) if p not in known]
-    if not paths:
-        return BuildReport(folder, 0, 0, [], existing.factory, time.perf_counter() - start, len(existing))
-    partial = folder.with_name(f"{folder.name}.partial")
-    files, new_paths, skipped = _embed_into_partial(
-        model, paths, partial, resume=resume, batch_size=batch_size, shard_size=shard_size,
-        num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
-    if process_group()[0] != 0:
-        return _helper_report(folder, new_paths, len(paths), skipped, start)
-    index = to_gpu(existing.index) if gpu_available() else existing.index
-    for f in files:
-        vectors = np.load(f, allow_pickle=False)
-        if len(vectors):
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    now_indexed = set(new_paths)
-    new_skipped = {s[0]: s for s in existing.skipped if Path(s[0]) not in now_indexed}
-    new_skipped.update({s[0]: s for s in skipped})
-    _write_index_folder(partial, to_cpu(index), existing.paths + new_paths, list(new_skipped.values()),
-                        factory=existing.factory, search_params=existing.meta.get("search_params", {}),
-                        fingerprint=fingerprint, model_summary=existing.meta.get("model", {}),
-                        model_source=existing.meta.get("model_source"), created=existing.meta.get("created"))
-    _finalise(partial, folder, overwrite=True)
+    with _writing(folder):
+        existing = ImageIndex.load(folder)
+        fingerprint = model_fingerprint(model)
+        check_fingerprint(existing.fingerprint, fingerprint, folder)
+        known = set(existing.paths)
+        paths = [p for p in _resolve_images(images) if p not in known]
+        if not paths:
+            return BuildReport(folder, 0, 0, [], existing.factory, time.perf_counter() - start, len(existing),
+                               recall_at_10=existing.meta.get("recall_at_10"))
+        partial = _beside(folder, "{}.partial")
+        files, new_paths, skipped = _embed_into_partial(
+            model, paths, partial, resume=resume, batch_size=batch_size, shard_size=shard_size,
+            num_workers=num_workers, device=_model_device(model, device), progress=progress, fingerprint=fingerprint)
+        if process_group()[0] != 0:
+            return _helper_report(folder, new_paths, len(paths), skipped, start)
+        index = to_gpu(existing.index) if gpu_available() else existing.index
+        for _, vectors in _chunks(files):
+            index.add(vectors)
+        index = to_cpu(index)
+        notes, recall = [], None
+        if existing.embeddings_file is not None:
+            _write_embeddings(partial / EMBEDDINGS_FILE, [existing.embeddings_file, *files], existing.dim)
+            recall = _recall(index, existing.meta.get("search_params", {}), partial / EMBEDDINGS_FILE)
+        else:
+            notes.append(f"index {folder} keeps no {EMBEDDINGS_FILE} (written by an older absvl): recall not measured, "
+                         "and `absvl index rebuild` needs a full `absvl index build --overwrite` first")
+        now_indexed = set(new_paths)
+        new_skipped = {s[0]: s for s in existing.skipped if Path(s[0]) not in now_indexed}
+        new_skipped.update({s[0]: s for s in skipped})
+        _write_index_folder(partial, index, existing.paths + new_paths, list(new_skipped.values()),
+                            factory=existing.factory, search_params=existing.meta.get("search_params", {}),
+                            fingerprint=fingerprint, model_summary=existing.meta.get("model", {}),
+                            model_source=existing.meta.get("model_source"), recall_at_10=recall,
+                            created=existing.meta.get("created"))
+        _finalise(partial, folder, overwrite=True)
     total = len(existing.paths) + len(new_paths)
-    return BuildReport(folder, len(new_paths), len(paths), skipped, existing.factory, time.perf_counter() - start, total)
+    return BuildReport(folder, len(new_paths), len(paths), skipped, existing.factory, time.perf_counter() - start, total,
+                       notes=notes, recall_at_10=recall)
+
+
+def rebuild_index(index_path: str | Path, factory: str | None = None) -> BuildReport:
+    """Replace the FAISS index of a folder with a new one of ``factory`` (None: chosen by size), built
+    from its stored ``embeddings.npy``: no image is read and no model is needed. Paths, ids and the
+    fingerprint stay; recall@10 is measured again. Atomic and locked like :func:`build_index`."""
+    start = time.perf_counter()
+    folder = _absolute(Path(index_path))
+    with _writing(folder):
+        existing = ImageIndex.load(folder)
+        if existing.embeddings_file is None:
+            raise ValueError(f"index {folder} keeps no {EMBEDDINGS_FILE} (written by an older absvl): build it again from "
+                             "the images once with `absvl index build --overwrite`, then rebuild freely")
+        staging = _beside(folder, ".new-{}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            try:
+                os.link(existing.embeddings_file, staging / EMBEDDINGS_FILE)  # files are only ever replaced, never edited
+            except OSError:
+                shutil.copyfile(existing.embeddings_file, staging / EMBEDDINGS_FILE)
+            notes: list[str] = []
+            index, used_factory, params = fill_index(factory, existing.dim, [staging / EMBEDDINGS_FILE], notes)
+            recall = _recall(index, params, staging / EMBEDDINGS_FILE)
+            meta = existing.meta
+            _write_index_folder(staging, index, existing.paths, existing.skipped, factory=used_factory, search_params=params,
+                                fingerprint=meta["fingerprint"], model_summary=meta.get("model", {}),
+                                model_source=meta.get("model_source"), recall_at_10=recall, created=meta.get("created"))
+            _finalise(staging, folder, overwrite=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone once renamed; a failed rebuild leaves nothing behind
+    for note in notes:
+        logger.warning(note)
+    return BuildReport(folder, 0, 0, [], used_factory, time.perf_counter() - start, len(existing), notes=notes,
+                       recall_at_10=recall)

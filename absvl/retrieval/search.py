@@ -5,7 +5,9 @@ FAISS index of bottom-up image embeddings (cosine similarity).
 Stage 2 (``rerank=K``, optional): the top K candidates are run through the full model with the
 query as the top-down prior — ξ modulates the AbSViT output tokens, the feedback path steers the
 second pass, the fusion encoder and ITM head score the pair — and re-sorted by the ITM match
-probability (ties: by the stage-1 score). This is the ALBEF/BLIP recipe (SPEC §5).
+probability (ties: by the stage-1 score). This is the ALBEF/BLIP recipe (SPEC §5). The bottom-up
+first pass depends on the image only: each candidate image is read and run through it once per
+``search_batch`` call, whatever the number of queries it is a candidate of.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import numpy as np
 import torch
 
 from ..data.images import BadImageError
-from ..models.vl.processing import preprocess_image
 from .index import ImageIndex, check_fingerprint, gpu_available, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ class Retriever:
         self.device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
         self.model = model.to(self.device).eval()
         self.index = index
-        self.processor = model.processor
         self.num_dropped = 0  # candidates dropped from re-ranking because their image was unreadable
 
     @torch.no_grad()
@@ -75,9 +75,8 @@ class Retriever:
         """``[Q, C]`` float32 L2-normalised ξ of the queries."""
         parts = []
         for i in range(0, len(queries), batch_size):
-            text = self.processor(text=list(queries[i : i + batch_size]))
-            ids, mask = text["input_ids"].to(self.device), text["attention_mask"].to(self.device)
-            parts.append(self.model.encode_text(ids, mask).float().cpu().numpy())
+            text = self.model.prepare_inputs(text=list(queries[i : i + batch_size]))
+            parts.append(self.model.encode_text(text["input_ids"], text["attention_mask"]).float().cpu().numpy())
         return np.concatenate(parts)
 
     def search(self, query: str, k: int = 10, rerank: int = 0, batch_size: int = 32) -> list[SearchHit]:
@@ -103,34 +102,53 @@ class Retriever:
             return []
         depth = rerank if rerank else k
         scores, ids = self.index.search(self.encode_queries(queries, batch_size), depth)
-        results = []
-        for q, query in enumerate(queries):
-            hits = [SearchHit(0, int(i), self.index.path_of(i), float(s)) for s, i in zip(scores[q], ids[q]) if i >= 0]
-            if rerank:
-                hits = self._rerank(query, hits, batch_size)
-            hits = hits[: min(k, rerank) if rerank else k]
+        results = [
+            [SearchHit(0, int(i), self.index.path_of(i), float(s)) for s, i in zip(scores[q], ids[q]) if i >= 0]
+            for q in range(len(queries))
+        ]
+        if rerank:
+            results = self.rerank(queries, results, batch_size)
+        for hits in results:
+            del hits[min(k, rerank) if rerank else k :]
             for rank, hit in enumerate(hits, 1):
                 hit.rank = rank
-            results.append(hits)
         return results
 
     @torch.no_grad()
-    def _rerank(self, query: str, hits: list[SearchHit], batch_size: int) -> list[SearchHit]:
-        """Score each candidate with ``rerank_score`` (the ITM head under the query's top-down prior); best first."""
-        readable = []
-        for hit in hits:
-            try:
-                readable.append((hit, preprocess_image(hit.path, self.model.image_size)))
-            except BadImageError as err:
-                self.num_dropped += 1
-                logger.warning("re-ranking skips %s: %s", hit.path, err.reason)
-        text = self.processor(text=[query])
-        for i in range(0, len(readable), batch_size):
-            chunk = readable[i : i + batch_size]
-            images = torch.stack([x for _, x in chunk]).to(self.device)
-            n = len(chunk)
-            ids = text["input_ids"].expand(n, -1).to(self.device)
-            mask = text["attention_mask"].expand(n, -1).to(self.device)
-            for (hit, _), value in zip(chunk, self.model.rerank_score(images, ids, mask).float().cpu().tolist()):
-                hit.rerank_score = value
-        return sorted((hit for hit, _ in readable), key=lambda h: (-h.rerank_score, -h.score))
+    def rerank(self, queries: Sequence[str], candidates: list[list[SearchHit]], batch_size: int) -> list[list[SearchHit]]:
+        """Score each query's candidates with ``rerank_score`` (the ITM head under the query's top-down
+        prior); best first. Unreadable images are dropped.
+
+        The images are taken ``batch_size`` at a time in order of first appearance; each chunk's
+        first pass is computed once and shared by all its (query, image) pairs, scored
+        ``batch_size`` pairs at a time.
+        """
+        order = list(dict.fromkeys(hit.id for hits in candidates for hit in hits))
+        paths = {hit.id: hit.path for hits in candidates for hit in hits}
+        text = self.model.prepare_inputs(text=list(queries))
+        readable: set[int] = set()
+        for start in range(0, len(order), batch_size):
+            images = {}
+            for image_id in order[start : start + batch_size]:
+                try:
+                    images[image_id] = self.model.prepare_inputs(images=[paths[image_id]])["images"]
+                except BadImageError as err:
+                    logger.warning("re-ranking skips %s: %s", paths[image_id], err.reason)
+            if not images:
+                continue
+            readable.update(images)
+            row = {image_id: r for r, image_id in enumerate(images)}
+            first = self.model.first_pass(torch.cat(list(images.values())))
+            pairs = [(q, hit) for q, hits in enumerate(candidates) for hit in hits if hit.id in row]
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                texts = torch.tensor([q for q, _ in chunk], device=self.device)
+                rows = torch.tensor([row[hit.id] for _, hit in chunk], device=self.device)
+                scores = self.model.rerank_score(first.select(rows), text["input_ids"][texts], text["attention_mask"][texts])
+                for (_, hit), value in zip(chunk, scores.float().cpu().tolist()):
+                    hit.rerank_score = value
+        self.num_dropped += sum(hit.id not in readable for hits in candidates for hit in hits)
+        return [
+            sorted((hit for hit in hits if hit.id in readable), key=lambda h: (-h.rerank_score, -h.score))
+            for hits in candidates
+        ]

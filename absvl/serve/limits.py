@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits; each refusal is a 4xx JSON error naming the field and the limit."""
+    """Request limits; each refusal is a 4xx/5xx JSON error naming the field and the limit."""
 
     max_upload_bytes: int = 10 * 1024 * 1024  #: encoded image size (``--max-upload-mb``)
     max_pixels: int = 25_000_000  #: width × height of an uploaded image (``--max-pixels``)
@@ -15,7 +15,9 @@ class Limits:
     max_top_k: int = 20  #: answers per /vqa request
     max_k: int = 100  #: results per /search request
     max_rerank: int = 100  #: candidates re-scored top-down per /search request
-    max_pending: int = 64  #: model calls queued or running before /vqa and /search answer 503
+    rerank_chunk: int = 32  #: candidates re-scored per model call; queued requests run between chunks
+    max_pending: int = 64  #: requests queued for or using the model before 503 (``--max-pending``)
+    request_timeout_s: int = 60  #: seconds a request may wait for and use the model before 504 (``--request-timeout``)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -4,7 +4,7 @@ A checkpoint is a folder ``checkpoint-{step:08d}`` holding
 
     model.safetensors      the model's weights (safetensors: nothing is unpickled)
     optimizer.pt, scheduler.pt, scaler.pt (fp16 only)   state dicts, read with weights_only=True
-    rng-{rank}.pt          every process's torch / numpy / python RNG states
+    rng-{rank}.pt          every process's torch (CPU and CUDA) / numpy / python RNG states
     trainer_state.json     step, epoch, position in the epoch, best metric, skipped items, ...
 
 It is written into ``.tmp-checkpoint-*`` and renamed into place only when complete, so a
@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    """The torch, numpy and python RNG states as tensors and plain values (weights_only-loadable)."""
+    """The torch (CPU and every CUDA device's), numpy and python RNG states as tensors and plain
+    values (weights_only-loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }
@@ -42,6 +45,13 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda", [])  # absent in checkpoints written before CUDA states were saved
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda) > here:
+        warnings.warn(f"the checkpoint holds the RNG states of {len(cuda)} CUDA devices and this machine has {here}: "
+                      "the resumed run's random draws on the GPU differ from an uninterrupted run's", stacklevel=2)
+    for device, device_state in enumerate(cuda[:here]):
+        torch.cuda.set_rng_state(device_state, device)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
@@ -128,7 +138,7 @@ def rotate_checkpoints(output_dir: str | Path, keep_last: int, best: str | None)
     checkpoints = list_checkpoints(output_dir)
     keep = set(checkpoints[-keep_last:] if keep_last > 0 else [])
     if best:
-        keep.add(Path(best))
+        keep.add(output_dir / Path(best).name)  # by name: the run folder may have moved since
     for path in checkpoints:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_model, save_model
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -41,7 +42,7 @@ from ..models.vision.topdown import topdown_health
 from ..models.vision.pretrained import BACKBONE_FORMAT, CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from ..runtime import cpu_only
 from .config import ClassifyConfig, ConfigError
-from .loop import Validation, make_loader, run_training, to_device
+from .loop import Validation, eval_loader, run_training, to_device
 
 # keys of backbone_kwargs that say where weights come from, not how the model is built
 _WEIGHT_SOURCES = ("pretrained", "pretrained_path")
@@ -178,7 +179,8 @@ def classifier_param_groups(
 @torch.no_grad()
 def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate") -> dict[str, Any]:
     """Top-1 / top-5 hits of the second-pass logits on every item of ``loader`` (gathered over
-    processes): ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``. With patch labels
+    processes at the end; ``loader`` holds this process's share, see ``eval_loader``):
+    ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``. With patch labels
     (``[B, h·w]``) every labelled patch token counts as one item ("images" then counts patches)."""
     was_training = model.training
     model.eval()
@@ -186,10 +188,10 @@ def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
     skipped: list[tuple] = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         skipped.extend(batch.get("skipped", []))
+        if len(batch["labels"]) == 0:
+            continue
         batch = to_device(batch, accelerator.device)
         labels = batch["labels"]
-        if len(labels) == 0:
-            continue
         with accelerator.autocast():
             output = model(batch["images"])
         if labels.dim() == 1:  # one label per image, as one labelled "patch"
@@ -200,13 +202,15 @@ def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
         labelled = labels != IGNORE_INDEX
         hit1 = ((top[..., 0] == labels) & labelled).sum(1)
         hit5 = ((top == labels[..., None]).any(-1) & labelled).sum(1)
-        # per image, so that the gather drops exactly the padding of the last batch
-        hit1, hit5, scored = accelerator.gather_for_metrics((hit1, hit5, labelled.sum(1)))
         correct1 += int(hit1.sum())
         correct5 += int(hit5.sum())
-        images += int(scored.sum())
+        images += int(labelled.sum())
     model.train(was_training)
-    return {"correct1": correct1, "correct5": correct5, "images": images, "skipped": skipped}
+    shares = [(correct1, correct5, images, skipped)]
+    if accelerator.num_processes > 1:
+        shares = gather_object(shares)
+    return {"correct1": sum(s[0] for s in shares), "correct5": sum(s[1] for s in shares),
+            "images": sum(s[2] for s in shares), "skipped": [item for s in shares for item in s[3]]}
 
 
 def _accuracy(counts: dict[str, Any], total: int) -> dict[str, Any]:
@@ -259,7 +263,7 @@ def evaluate_classifier(
         dataset = ImageFolderDataset(list_samples(data_root, split, info["classes"]), eval_transform(image_config))
     collator = ClassifyCollator(image_config["input_size"][-1])
     accelerator = Accelerator(cpu=cpu_only())
-    loader = accelerator.prepare_data_loader(make_loader(dataset, collator, batch_size, num_workers))
+    loader = eval_loader(dataset, collator, batch_size, num_workers, accelerator)
     model.to(accelerator.device)
     counts = predict_topk(model, loader, accelerator, desc=split)
     if counts["skipped"]:
@@ -278,19 +282,30 @@ class ClassifyTask:
         self.config = config
         self.mixup = None
 
+    def _build(self, classes: list[str]) -> None:
+        d = self.config.data
+        self.patches = d.format == "patches"
+        self.classes = classes
+        self.model = build_classifier(self.config, classes)
+        self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
+
+    def restore(self, output_dir: Path) -> None:
+        classes_file = output_dir / "classes.json"
+        if not classes_file.is_file():
+            raise FileNotFoundError(f"{classes_file} not found: the run folder of a classifier holds it")
+        self._build(json.loads(classes_file.read_text()))
+
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
         config, d = self.config, self.config.data
-        self.patches = d.format == "patches"
-        self.classes = read_classes(d.root) if self.patches else find_classes(d.root, d.train_split)
+        classes = read_classes(d.root) if d.format == "patches" else find_classes(d.root, d.train_split)
         classes_file = output_dir / "classes.json"
         if checkpoint is not None and classes_file.is_file():
             before = json.loads(classes_file.read_text())
-            if before != self.classes:
+            if before != classes:
                 raise ConfigError(f"the classes of {d.root}/{d.train_split} changed since {checkpoint} was written")
         if accelerator.is_main_process:
-            classes_file.write_text(json.dumps(self.classes) + "\n")
-        self.model = build_classifier(config, self.classes)
-        self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
+            classes_file.write_text(json.dumps(classes) + "\n")
+        self._build(classes)
         size = self.image_config["input_size"][-1]
         if self.patches:
             train_set = patch_dataset(self.model, d.root, d.train_split, self.classes, self.image_config, d.hflip)
@@ -304,8 +319,7 @@ class ClassifyTask:
         self.collator = ClassifyCollator(size)
         self.val_loader = None
         if val_set is not None:
-            loader = make_loader(val_set, self.collator, config.train.batch_size, d.num_workers)
-            self.val_loader = accelerator.prepare_data_loader(loader)
+            self.val_loader = eval_loader(val_set, self.collator, config.train.batch_size, d.num_workers, accelerator)
         self.num_val = len(val_set) if val_set is not None else 0
         num_classes = len(self.classes)
         if d.mixup > 0 or d.cutmix > 0:
@@ -379,7 +393,7 @@ class ClassifyTask:
             "classes": self.classes,
             "labels": "patch" if self.patches else "image",
             "data_config": self.image_config,
-            "metrics": {k: last.result[k] for k in ("top1", "top5")} if last else {},
+            "metrics": {k: last.metrics[f"val/{k}"] for k in ("top1", "top5")} if last else {},
         }
         (out_dir / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
 

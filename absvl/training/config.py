@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -41,8 +42,18 @@ class DataConfig:
 
     Attributes:
         root: dataset folder (official VQAv2 layout, see ``data/README.md``) or, with
-            ``format: hf``, a local Hugging Face dataset (``save_to_disk`` folder or parquet files).
+            ``format: hf``, a Hugging Face dataset: a Hub id (``org/name``, read through
+            ``datasets.load_dataset`` and cached; ``HF_HUB_OFFLINE=1`` reads the cache only), a
+            dataset repository folder (data files + README.md), a ``save_to_disk`` folder or
+            parquet/arrow files.
+        images: image folder holding ``train2014/``, ``val2014/``, ``test2015/`` (e.g. COCO images
+            kept elsewhere); ``null``: ``root/images/<folder>`` or ``root/<folder>``. With
+            ``format: hf``, relative image paths in the dataset are looked up here first.
         format: ``vqav2`` (official JSON + COCO images) or ``hf``.
+        hf_columns: with ``format: hf``, field → the dataset's column for datasets that name
+            them otherwise, e.g. ``{question_id: qid, image: img}``; fields: ``question_id``,
+            ``image_id``, ``question``, ``answers``, ``image``, ``answer_type``,
+            ``question_type``, ``multiple_choice_answer``.
         shapes: when set (e.g. ``{images: 2000, seed: 0}``), generate the Shapes world into
             ``root`` first (cached): the offline default.
         train_splits: splits trained on (``train``, ``val``: the paper trains on train+val).
@@ -57,7 +68,9 @@ class DataConfig:
     """
 
     root: str = "data/vqav2"
+    images: str | None = None
     format: str = "vqav2"
+    hf_columns: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, Any] | None = None
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     val_split: str | None = "val"
@@ -87,6 +100,8 @@ class TrainConfig:
         log_every, eval_every, save_every: in optimizer steps (``0``: eval/save only at each epoch end).
         keep_last: checkpoints kept besides the best one.
         resume: ``null``, ``latest`` or a checkpoint folder.
+        force_resume: resume even though the batch size, gradient accumulation, number of
+            processes, step budget or data differ from the checkpoint's (refused without it).
         trackers: Accelerate trackers (``tensorboard``, ``wandb``, ...); ``[]`` for none.
         init_from: a ``save_pretrained`` folder to start from instead of fresh heads.
         vision_from_scratch: VL runs (``vqa``, ``retrieval``) only: let a paper-size vision backbone
@@ -113,6 +128,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     resume: str | None = None
+    force_resume: bool = False
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     init_from: str | None = None
     vision_from_scratch: bool = False
@@ -160,6 +176,7 @@ class RunConfig(_RunConfigBase):
         d = self.data
         return super().checks() + [
             (d.format in ("vqav2", "hf"), "data.format", "vqav2 or hf"),
+            (d.format == "hf" or not d.hf_columns, "data.hf_columns", "empty unless data.format=hf"),
             (bool(d.train_splits), "data.train_splits", "a non-empty list"),
             (d.answers_min_count >= 1, "data.answers_min_count", ">= 1"),
         ]
@@ -262,14 +279,30 @@ class ClassifyConfig(_RunConfigBase):
 
 @dataclass
 class CaptionDataConfig:
-    """Karpathy-format captions (Flickr30K, COCO, Shapes) for image-text retrieval.
+    """Captions (Flickr30K, COCO, Shapes) for image-text retrieval: a Karpathy-format file or a
+    Hugging Face dataset.
 
     Attributes:
-        captions: the caption file (``dataset_flickr30k.json``, ``dataset_coco.json``, ...).
+        captions: the caption file (``dataset_flickr30k.json``, ``dataset_coco.json``, ...) or, with
+            ``format: hf``, a Hugging Face dataset: a Hub id (``org/name``, read through
+            ``datasets.load_dataset`` and cached; ``HF_HUB_OFFLINE=1`` reads the cache only), a
+            dataset repository folder, a ``save_to_disk`` folder or parquet/arrow files. Images
+            stored in the dataset are written once to ``$HF_DATASETS_CACHE/absvl_images/<fingerprint>``.
         images: image root (``filepath/filename`` below it); ``null``: the caption file's folder.
+            With ``format: hf``, relative image paths in the dataset are looked up here first.
+        format: ``karpathy`` or ``hf``.
+        hf_columns: with ``format: hf``, field → the dataset's column for the fields ``image``
+            (an ``Image`` feature, bytes or a path), ``captions`` (a caption per row, a list, or
+            Karpathy ``sentences``), ``split`` (optional; else the dataset's own splits) and
+            ``image_id`` (optional; rows of one id are one image). Unnamed fields are looked for
+            under common names (``absvl.data.captions.HF_CAPTION_COLUMNS``: ``image``/``img``,
+            ``captions``/``caption``/``sentences``, ``split``, ``image_id``/``imgid``/``img_id``/``cocoid``),
+            which covers Flickr30K-style ``{image, caption: [5 captions], split, img_id}`` and COCO-style
+            one caption per row ``{image, caption, image_id}``; e.g. ``{image: picture, split: subset}``.
         shapes: when set (e.g. ``{num_images: 2000, seed: 0}``), generate the Shapes world into
             the caption file's folder first (cached): the offline default.
-        train_splits: splits trained on (COCO: ``[train, restval]``).
+        train_splits: splits trained on (COCO: ``[train, restval]``); Karpathy names for both formats
+            (a dataset's ``validation`` is ``val``).
         val_split: split validated on; ``null`` for none.
         max_val_images: validate on at most this many images (and their captions).
         image_size: input size; ``null`` takes the backbone's.
@@ -279,6 +312,8 @@ class CaptionDataConfig:
 
     captions: str = "data/flickr30k/dataset_flickr30k.json"
     images: str | None = None
+    format: str = "karpathy"
+    hf_columns: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, Any] | None = None
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     val_split: str | None = "val"
@@ -315,6 +350,9 @@ class RetrievalConfig(_RunConfigBase):
         d, m = self.data, self.model
         return super().checks() + [
             (bool(d.train_splits), "data.train_splits", "a non-empty list"),
+            (d.format in ("karpathy", "hf"), "data.format", "karpathy or hf"),
+            (d.format == "hf" or not d.hf_columns, "data.hf_columns", "empty unless data.format=hf"),
+            (d.format == "karpathy" or not d.shapes, "data.shapes", "null with data.format=hf"),
             (self.train.rerank_k >= 1, "train.rerank_k", ">= 1"),
             (m.prior_visual in ("bottom_up", "both"), "model.prior_visual",
              "bottom_up or both (images are embedded once, before any query, for the index)"),
@@ -429,6 +467,22 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only ``true``/``false``; ``no``, ``yes``, ``on``, ``off`` stay
+    words (``train.mixed_precision=no`` is the string Accelerate expects, not False)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def apply_override(tree: dict[str, Any], override: str, run_class: type = RunConfig) -> None:
     """Apply one ``section.key=value`` (value parsed as YAML) to a config dict in place."""
     sections = _sections(run_class)
@@ -447,7 +501,7 @@ def apply_override(tree: dict[str, Any], override: str, run_class: type = RunCon
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _load_yaml(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
 
@@ -466,7 +520,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):

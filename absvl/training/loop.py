@@ -6,7 +6,12 @@ clipping, AdamW with linear warmup + linear decay, the deterministic per-epoch d
 (``EpochOrder``), exact mid-epoch resume (``skip_first_batches``), atomic rotated checkpoints
 with the best one kept, validation (every ``eval_every`` steps or at each epoch end, and at the
 final step), the JSONL log, trackers, the progress bar, and unreadable images (skipped, counted
-and listed in ``skipped.json``; a batch whose images were all unreadable takes a zero step).
+once per run over all processes and listed in ``skipped.json``; a batch whose images were all
+unreadable takes a zero-weighted step on a stand-in batch, so every process runs the same
+collectives). A resume is refused when the run's shape (batch size, accumulation, processes,
+step budget, data) differs from the checkpoint's, unless ``train.force_resume``. The run ends by
+exporting the last step as ``final/`` and the best validated checkpoint as ``best/``;
+``export_checkpoint`` exports any checkpoint the same way (``absvl export``).
 
 A task is a small object (see ``Task``) that builds its data and model and says how to compute
 the loss, how to validate and how to export.
@@ -15,22 +20,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_model
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..models.vision.topdown import shut_gate_warning
 from ..runtime import cpu_only, keep_freed_memory
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rotate_checkpoints, save_checkpoint
-from .config import TrainConfig, dump_config
+from .checkpoint import (
+    STATE_NAME, list_checkpoints, load_checkpoint, resolve_resume, rotate_checkpoints, save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, dump_config
 from .data import EpochOrder
 
 
@@ -79,7 +89,13 @@ class Task(Protocol):
         """Validate the unwrapped ``model`` (all processes call it); None when there is no validation data."""
 
     def export(self, model: torch.nn.Module, out_dir: Path, last: Validation | None) -> None:
-        """Save the unwrapped final ``model`` into ``out_dir`` (main process only)."""
+        """Save the unwrapped ``model`` into ``out_dir`` (main process only); ``last`` is the
+        validation of these weights (its ``metrics`` go into the model card) or None."""
+
+    def restore(self, output_dir: Path) -> None:
+        """Build ``model`` (fresh weights) for the finished run in ``output_dir`` from what the run
+        wrote there (answers.json, classes.json), without reading the data: ``export_checkpoint``
+        then loads a checkpoint's weights into it."""
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Scalars about the last training batch's forward, logged with the loss (e.g. the
@@ -102,6 +118,21 @@ def make_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int) 
     )
 
 
+def process_share(n: int, accelerator: Accelerator) -> range:
+    """This process's contiguous part of ``range(n)`` for evaluation (no padding, no item twice;
+    ``gather_object`` then concatenates the parts in rank order)."""
+    per = -(-n // accelerator.num_processes)
+    start = min(n, accelerator.process_index * per)
+    return range(start, min(n, start + per))
+
+
+def eval_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int, accelerator: Accelerator) -> DataLoader:
+    """A loader over this process's share of ``dataset`` (see ``process_share``): processes may
+    then skip different numbers of unreadable items, as no collective runs per batch."""
+    share = Subset(dataset, process_share(len(dataset), accelerator))
+    return make_loader(share, collator, batch_size, num_workers)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors of ``batch`` on ``device`` (non-blocking: the loader pins memory on CUDA machines)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -109,17 +140,19 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def train_step(
     accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-    batch: dict[str, Any], max_grad_norm: float,
+    batch: dict[str, Any], max_grad_norm: float, stand_in: Callable[[], dict[str, Any]],
 ) -> torch.Tensor:
     """One micro-step: loss, backward, clipping and the optimizer step when gradients sync.
 
-    A batch whose every image was unreadable takes a zero step, which keeps processes in step.
+    A batch whose every image was unreadable runs the loss of ``stand_in()`` times zero: the same
+    forward as the other processes (the prior loss's all_gather, DDP's gradient all-reduce) with no
+    effect on the weights beyond what an all-zero gradient does.
     """
     with accelerator.accumulate(model):
         if task.batch_size(batch):
             loss = task.loss(model, batch)
         else:
-            loss = sum(p.sum() for p in model.parameters()) * 0.0
+            loss = task.loss(model, stand_in()) * 0.0
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -140,6 +173,130 @@ def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def readable_batch(task: Task, train_set: Dataset, collator: Any, seed: int, size: int = 2) -> dict[str, Any]:
+    """A batch of the first ``size`` readable training items (in dataset order; their augmentation
+    draws from its own generators, so the run's random stream is untouched)."""
+    ordered = EpochOrder(train_set, seed, epoch=0, shuffle=False)
+    items = []
+    for position in range(len(ordered)):
+        item = ordered[position]
+        if task.batch_size(collator([item])):
+            items.append(item)
+            if len(items) == size:
+                break
+    if not items:
+        raise ValueError(f"none of the {len(ordered)} training items could be read: check the dataset's image paths")
+    return collator(items)
+
+
+def freeze_unreached(task: Task, batch: dict[str, Any], device: torch.device) -> list[str]:
+    """Freeze the parameters that the task's loss never reaches; returns their names.
+
+    DDP all-reduces every trainable parameter's gradient and stops ("Expected to have finished
+    reduction") when one gets none, e.g. the contrastive head with ``prior_loss_weight: 0`` or the
+    prior's projection under a backbone that ignores ξ. One probe step on ``batch`` finds them
+    (random states and buffers such as BatchNorm statistics are restored afterwards). Such
+    parameters never change in a single-process run either (AdamW skips a parameter without a
+    gradient), so freezing them changes nothing but the reduction.
+    """
+    model = task.model.to(device)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        task.loss(model, to_device(batch, device)).backward()
+    unreached = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        if name in unreached:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return unreached
+
+
+def merge_skipped(accelerator: Accelerator, skipped: list[list[Any]]) -> list[list[Any]]:
+    """Every process's skipped items, each once (an item skipped again in a later epoch, or by two
+    processes, counts once), in first-seen order; the same list on every process."""
+    everyone = gather_object([skipped]) if accelerator.num_processes > 1 else [skipped]
+    merged: dict[str, list[Any]] = {}
+    for items in everyone:
+        for item in items:
+            merged.setdefault(json.dumps(item), list(item))
+    return list(merged.values())
+
+
+def describe_skipped(skipped: list[list[Any]]) -> str:
+    """"N items (M unreadable images)": entries end with (image path, reason)."""
+    images = len({str(item[-2]) for item in skipped})
+    return f"{len(skipped)} items ({images} unreadable images)"
+
+
+_NOT_TRAINING_DATA = {"num_workers", "val_split", "max_val_questions", "max_val_images", "images"}
+
+
+def run_shape(config: Any, num_processes: int, total_steps: int, train_items: int) -> dict[str, Any]:
+    """What a resume must share with the checkpoint for the data order and the schedule to continue
+    as an uninterrupted run would (the data section but for what does not change the training
+    items: loader processes and the validation set)."""
+    t = config.train
+    data = {k: v for k, v in config.to_dict().get("data", {}).items() if k not in _NOT_TRAINING_DATA}
+    return {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "processes": num_processes,
+            "steps": total_steps, "train items": train_items, **{f"data.{k}": v for k, v in data.items()}}
+
+
+def check_resume(checkpoint: Path, saved: dict[str, Any] | None, now: dict[str, Any], force: bool) -> None:
+    """Refuse a resume whose run shape differs from the checkpoint's (see ``run_shape``)."""
+    if saved is None:  # written before the shape was recorded
+        return
+    changed = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed and not force:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". Resume with the checkpoint's settings, "
+            "or pass train.force_resume=true to continue anyway (the data order and the schedule then differ "
+            "from an uninterrupted run)"
+        )
+
+
+def write_run_config(out: Path, text: str, step: int) -> str | None:
+    """Write the run's ``config.yaml``; a different one already there (a resume with changed
+    settings) is kept as ``config-before-step-{step}.yaml``. Returns that file's name, if any."""
+    path = out / "config.yaml"
+    kept = None
+    if path.is_file() and path.read_text() != text:
+        kept = f"config-before-step-{step:08d}.yaml"
+        os.replace(path, out / kept)
+    path.write_text(text)
+    return kept
+
+
+def export_atomically(task: Task, model: torch.nn.Module, export: Path, last: "Validation | None") -> None:
+    """``task.export`` into a temporary folder renamed into place when complete: a run killed
+    while exporting leaves the previous ``final/`` (or none), never a half-written one."""
+    tmp, old = export.with_name(f".tmp-{export.name}"), export.with_name(f".old-{export.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    task.export(model, tmp, last)
+    if export.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(export, old)
+    os.replace(tmp, export)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(task: Task, model: torch.nn.Module, checkpoint: Path, out_dir: Path) -> None:
+    """Load a training checkpoint's weights into ``model`` and export them atomically to
+    ``out_dir`` as ``task.export`` does (with the checkpoint's validation metrics, when it was
+    validated at its own step)."""
+    for name in ("model.safetensors", STATE_NAME):
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(f"{checkpoint} has no {name}: not a complete absvl training checkpoint")
+    load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+    state = json.loads((checkpoint / STATE_NAME).read_text())
+    val = state.get("validation")
+    last = Validation(val["score"], val["metrics"]) if val and val["step"] == state["step"] else None
+    export_atomically(task, model, out_dir, last)
+
+
 class JsonLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -152,7 +309,10 @@ class JsonLog:
 
 def run_training(config: Any, task: Task) -> dict[str, Any]:
     """Train ``task`` as ``config.train`` says; returns a summary (final step, best/last
-    validation result, export folder, checkpoints, number of skipped items).
+    validation result, export folders, checkpoints, number of skipped items).
+
+    The run ends with two exports: ``final/`` (the last step) and, when validation picked a best
+    checkpoint, ``best/`` (its weights, which the task's model holds afterwards).
 
     ``config`` is a run config (``RunConfig``, ``ClassifyConfig``): its ``train`` section drives
     the loop and the whole of it is saved as ``config.yaml`` and sent to the trackers.
@@ -170,11 +330,22 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(config))
     set_seed(t.seed)
     checkpoint = resolve_resume(t.resume, out)
     task.setup(accelerator, out, checkpoint)
     train_set, collator = task.train_set, task.collator
+    stand_in_batch: dict[str, Any] = {}
+
+    def stand_in() -> dict[str, Any]:  # built on first use: most runs never need it
+        if not stand_in_batch:
+            stand_in_batch.update(to_device(readable_batch(task, train_set, collator, t.seed), accelerator.device))
+        return stand_in_batch
+
+    if accelerator.num_processes > 1:
+        frozen = freeze_unreached(task, stand_in(), accelerator.device)
+        if frozen:
+            accelerator.print(f"{len(frozen)} parameters get no gradient in this run and are frozen: "
+                              f"{', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
     optimizer = torch.optim.AdamW(task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                   fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.model, optimizer)
@@ -190,9 +361,17 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
         "step": 0, "epoch": 0, "batches_in_epoch": 0, "best_checkpoint": None, "best_accuracy": None,
         "skipped": [], "samples": 0,
     }
+    shape = run_shape(config, accelerator.num_processes, total_steps, len(train_set))
     if checkpoint is not None:
+        saved = json.loads((checkpoint / STATE_NAME).read_text()).get("run") if (checkpoint / STATE_NAME).is_file() else None
+        check_resume(checkpoint, saved, shape, t.force_resume)
         state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    state["run"] = shape
+    if main:
+        kept = write_run_config(out, dump_config(config), state["step"])
+        if kept:
+            accelerator.print(f"the run's settings changed since its config.yaml: the old one is kept as {out / kept}")
     if t.trackers:
         accelerator.init_trackers("absvl", config=flatten_config(config.to_dict()))
     log = JsonLog(out / "log.jsonl", main)
@@ -203,12 +382,14 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     def validate() -> Validation | None:
         result = task.validate(unwrapped, accelerator)
         if result is not None:
+            state["validation"] = {"step": state["step"], "score": result.score, "metrics": result.metrics}
             record = {"step": state["step"], **result.metrics}
             accelerator.log(record, step=state["step"])
             log.write(record)
         return result
 
     def checkpoint_now(score: float | None) -> None:
+        state["skipped"] = merge_skipped(accelerator, state["skipped"])
         # "best_accuracy" keeps its name (checkpoints written before the loop was shared use it)
         if score is not None and (state["best_accuracy"] is None or score > state["best_accuracy"]):
             state["best_accuracy"] = score
@@ -227,15 +408,13 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     while state["step"] < total_steps:
         epoch_set = EpochOrder(train_set, t.seed, state["epoch"])
         loader = accelerator.prepare_data_loader(make_loader(epoch_set, collator, t.batch_size, _num_workers(config)))
-        whole_epoch, epoch_samples = state["batches_in_epoch"] == 0, 0
         if state["batches_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
         for batch in loader:
             state["skipped"].extend(list(s) for s in batch.get("skipped", []))
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
-            epoch_samples += size
-            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
+            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in)
             state["batches_in_epoch"] += 1
             window_samples += size * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -265,9 +444,6 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
             if at_end:
                 break
         else:  # the epoch ran out
-            if whole_epoch and _sum_over_processes(accelerator, epoch_samples) == 0:
-                raise ValueError(f"every item of epoch {state['epoch']} was unreadable, e.g. "
-                                 f"{state['skipped'][:2]}: check the dataset's image paths")
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
             if not t.eval_every:
@@ -279,22 +455,24 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     if shut:
         accelerator.print(f"warning: {shut}")
     export = out / "final"
+    best = out / Path(state["best_checkpoint"]).name if state["best_checkpoint"] else None  # by name: the run may move
+    best = best if best is not None and best.is_dir() else None
+    state["skipped"] = merge_skipped(accelerator, state["skipped"])
     if main:
         if state["skipped"]:
-            accelerator.print(f"{len(state['skipped'])} items were skipped (unreadable images), listed in {out / 'skipped.json'}")
+            accelerator.print(f"{describe_skipped(state['skipped'])} were skipped, listed in {out / 'skipped.json'}")
             (out / "skipped.json").write_text(json.dumps(state["skipped"], indent=1) + "\n")
-        task.export(unwrapped, export, last_result)
+        export_atomically(task, unwrapped, export, last_result)
+        if best is not None:  # the model holds the best weights from here on
+            export_checkpoint(task, unwrapped, best, out / "best")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {
-        "step": state["step"], "export": str(export), "val": last_result.result if last_result else None,
+        "step": state["step"], "export": str(export), "best_export": str(out / "best") if best else None,
+        "val": last_result.result if last_result else None,
         "val_score": score(last_result), "best_checkpoint": state["best_checkpoint"],
         "skipped": len(state["skipped"]), "checkpoints": [str(p) for p in list_checkpoints(out)],
     }
-
-
-def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
-    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
 
 def _num_workers(config: Any) -> int:

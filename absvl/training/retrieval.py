@@ -32,16 +32,20 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from ..data.captions import CaptionCollator, CaptionedImage, CaptionedImageDataset, load_karpathy
-from ..data.images import ImageFiles, collate_image_files, image_transform
+from ..data.captions import CaptionCollator, CaptionedImage, CaptionedImageDataset, load_captions
+from ..data.images import ImageFiles, check_image_root, collate_image_files, image_transform
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
 from .config import ConfigError, RetrievalConfig, check_vision_start
-from .loop import Validation, make_loader, run_training
+from .loop import Validation, make_loader, process_share, run_training
+
+
+RETRIEVAL_CARD_TASK = "image-feature-extraction"  # the Hub's task id for what the index embeds
 
 
 def _ensure_data(config: RetrievalConfig) -> None:
@@ -51,12 +55,9 @@ def _ensure_data(config: RetrievalConfig) -> None:
         ensure_shapes(Path(config.data.captions).parent, **config.data.shapes)
 
 
-def check_image_root(images: Sequence[CaptionedImage], key: str = "data.images", probe: int = 20) -> None:
-    """Fail early (not after an epoch of skipped items) when none of the first images exists."""
-    sample = list(images[:probe])
-    if sample and not any(im.path.is_file() for im in sample):
-        raise FileNotFoundError(f"none of the first {len(sample)} images exists (e.g. {sample[0].path}): "
-                                f"point {key} at the folder holding the caption file's filepath/filename")
+def check_caption_images(images: Sequence[CaptionedImage], key: str = "data.images") -> None:
+    """``check_image_root`` on the images of a caption file."""
+    check_image_root([im.path for im in images[:20]], f"point {key} at the folder holding the caption file's filepath/filename")
 
 
 def build_model(config: RetrievalConfig) -> AbsVLModel:
@@ -83,13 +84,19 @@ def sample_negatives(
     """(negative image per caption ``[B]``, negative caption per image ``[B]``), never the item itself.
 
     ``hard``: drawn ∝ softmax(scale · cosine) of ξ and the bottom-up image embedding over the
-    other items (ALBEF); otherwise uniformly. Needs ``B ≥ 2``.
+    other items (ALBEF), mined in eval mode (no dropout; BatchNorm statistics, e.g. TDAM's, are
+    not updated by the extra pass); otherwise uniformly. Needs ``B ≥ 2``.
     """
     n = images.shape[0]
     if n < 2:
         raise ValueError("negatives need a batch of at least 2 pairs")
     if hard:
-        sims = model.contrastive.scale() * model.encode_text(input_ids, attention_mask) @ model.encode_image_bottom_up(images).t()
+        was_training = model.training
+        model.eval()
+        try:
+            sims = model.contrastive.scale() * model.encode_text(input_ids, attention_mask) @ model.encode_image_bottom_up(images).t()
+        finally:
+            model.train(was_training)
     else:
         sims = torch.zeros(n, n, device=images.device)
     self_pairs = torch.eye(n, dtype=torch.bool, device=sims.device)
@@ -109,9 +116,11 @@ class RetrievalTask:
         d = self.config.data
         _ensure_data(self.config)
         self.accelerator = accelerator
-        self.train_images = load_karpathy(d.captions, d.train_splits, d.images)
-        self.val_images = load_karpathy(d.captions, [d.val_split], d.images)[: d.max_val_images] if d.val_split else []
-        check_image_root(self.train_images)
+        with accelerator.main_process_first():  # one process writes a Hugging Face dataset's images to the cache
+            self.train_images = load_captions(d.captions, d.train_splits, d.images, d.format, d.hf_columns)
+            val = load_captions(d.captions, [d.val_split], d.images, d.format, d.hf_columns) if d.val_split else []
+            self.val_images = val[: d.max_val_images]
+        check_caption_images(self.train_images)
         self.model = model = build_model(self.config)
         transform = image_transform(model.image_size, train=True, randaugment=d.randaugment)
         self.train_set = CaptionedImageDataset(self.train_images, transform)
@@ -157,16 +166,23 @@ class RetrievalTask:
         best = result["reranked"]
         metrics = {f"val/{k}": v for k, v in best.items()}
         metrics.update({f"val/contrastive_{k}": v for k, v in result["contrastive"].items()})
+        metrics["val/skipped"] = len(result["skipped"])
         return Validation(score=best["r_mean"], metrics=metrics, result=result)
+
+    def restore(self, output_dir: Path) -> None:
+        self.model = build_model(self.config)
 
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
         d = self.config.data
         metrics = {}
-        if last:
-            metrics = {f"{k.upper()} (val)": round(v, 2) for k, v in last.result["reranked"].items()}
+        if last:  # the re-ranked recalls (val/ir@1, ..., val/r_mean)
+            metrics = {f"{k[4:].upper()} (val)": round(v, 2) for k, v in last.metrics.items()
+                       if k.startswith(("val/ir@", "val/tr@")) or k == "val/r_mean"}
         data = "the generated Shapes world" if d.shapes else f"captions {d.captions}"
+        model.config.trained_tasks = ["retrieval"]  # the VQA head was frozen while the rest changed: it no longer fits
         model.save_pretrained(out_dir, model_card_kwargs={
             "training_data": f"{data}, splits {', '.join(d.train_splits)} (image-text retrieval)", "metrics": metrics,
+            "task": RETRIEVAL_CARD_TASK,
         })
 
 
@@ -177,39 +193,97 @@ def train_retrieval(config: RetrievalConfig) -> dict[str, Any]:
 
 
 # --- evaluation ------------------------------------------------------------------------
-def _shard(n: int, accelerator: Accelerator) -> range:
-    """This process's contiguous part of ``range(n)`` (gather_object concatenates in rank order)."""
-    per = -(-n // accelerator.num_processes)
-    start = min(n, accelerator.process_index * per)
-    return range(start, min(n, start + per))
+def _image_batches(
+    paths: Sequence[str], positions: Sequence[int], image_size: int, batch_size: int, num_workers: int, desc: str, show: bool
+) -> Any:
+    """``(positions read, pixels [B, 3, S, S] or None, [(position, reason)] unreadable)`` batches of
+    the images at ``positions`` of ``paths``, decoded as they are needed (never all held at once)."""
+    dataset = Subset(ImageFiles(list(paths), image_size), list(positions))
+    return tqdm(make_loader(dataset, collate_image_files, batch_size, num_workers), desc=desc, disable=not show, leave=False)
 
 
-def _load_images(
-    model: AbsVLModel, images: Sequence[CaptionedImage], batch_size: int, num_workers: int, show: bool
-) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Every readable image as a model input ``[I, 3, S, S]``, the indices kept, and (path, reason) of the others."""
-    dataset = ImageFiles([im.path for im in images], model.image_size)
-    loader = make_loader(dataset, collate_image_files, batch_size, num_workers)
-    tensors, kept, skipped = [], [], []
-    for positions, pixels, bad in tqdm(loader, desc="load images", disable=not show, leave=False):
+def _gather(parts: list[Any], accelerator: Accelerator) -> list[Any]:
+    return gather_object(parts) if accelerator.num_processes > 1 else parts
+
+
+@torch.no_grad()
+def _embed_images(
+    model: AbsVLModel, paths: Sequence[str], batch_size: int, num_workers: int, accelerator: Accelerator
+) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+    """Bottom-up embeddings ``[I, C]`` of every readable image (split over processes), their
+    positions in ``paths``, and ``(position, reason)`` of the unreadable ones."""
+    kept, embeddings, bad = [], [], []
+    batches = _image_batches(paths, process_share(len(paths), accelerator), model.image_size, batch_size, num_workers,
+                             "embed images", accelerator.is_local_main_process)
+    for positions, pixels, unreadable in batches:
+        bad.extend(unreadable)
         if pixels is not None:
-            tensors.append(pixels)
-        kept.extend(positions)
-        skipped.extend((str(images[pos].path), reason) for pos, reason in bad)
+            with accelerator.autocast():
+                embeddings.append(model.encode_image_bottom_up(pixels.to(accelerator.device)).float().cpu())
+            kept.extend(positions)
+    parts = _gather([(kept, torch.cat(embeddings) if embeddings else None, bad)], accelerator)
+    kept = [p for part in parts for p in part[0]]
     if not kept:
-        raise ValueError(f"none of the {len(images)} evaluation images could be read (first: {skipped[:1]})")
-    return torch.cat(tensors), kept, skipped
+        bad = [b for part in parts for b in part[2]]
+        raise ValueError(f"none of the {len(paths)} evaluation images could be read (first: {paths[bad[0][0]]}: {bad[0][1]})")
+    return kept, torch.cat([part[1] for part in parts if part[1] is not None]), [b for part in parts for b in part[2]]
 
 
 def _batched(fn, n: int, batch_size: int, accelerator: Accelerator, desc: str) -> list[Any]:
     """``fn(slice)`` over this process's share of ``range(n)`` in batches, gathered from every process in order."""
-    mine = _shard(n, accelerator)
+    mine = process_share(n, accelerator)
     out: list[Any] = []
     starts = range(mine.start, mine.stop, batch_size)
     for start in tqdm(starts, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         with accelerator.autocast():
             out.extend(fn(slice(start, min(mine.stop, start + batch_size))))
-    return gather_object(out) if accelerator.num_processes > 1 else out
+    return _gather(out, accelerator)
+
+
+@torch.no_grad()
+def _pair_scores(
+    model: AbsVLModel, paths: Sequence[str], image_rows: np.ndarray, text_inputs: Any, text_rows: np.ndarray,
+    batch_size: int, num_workers: int, accelerator: Accelerator, desc: str,
+) -> np.ndarray:
+    """``model.rerank_score`` of the pairs (image ``paths[image_rows[i]]``, caption ``text_rows[i]``).
+
+    The pairs are visited image by image (the images split over processes), so each image is
+    decoded and passes bottom-up once (``model.first_pass``), and only ``batch_size`` images are
+    in memory at a time; pairs are scored ``batch_size`` at a time."""
+    by_image = np.argsort(image_rows, kind="stable")
+    images, first = np.unique(image_rows[by_image], return_index=True)
+    pairs_of = dict(zip(images.tolist(), np.split(by_image, first[1:])))
+    mine = images[list(process_share(len(images), accelerator))]
+    scored: list[tuple[np.ndarray, np.ndarray]] = []
+    batches = _image_batches(paths, mine, model.image_size, batch_size, num_workers, desc, accelerator.is_local_main_process)
+    for positions, pixels, unreadable in batches:
+        if unreadable:
+            position, reason = unreadable[0]
+            raise ValueError(f"{paths[position]} was read moments ago and now cannot be ({reason}): was it changed?")
+        pairs = np.concatenate([pairs_of[p] for p in positions])
+        rows = torch.from_numpy(np.concatenate([np.full(len(pairs_of[p]), row) for row, p in enumerate(positions)]))
+        with accelerator.autocast():
+            first = model.first_pass(pixels.to(accelerator.device))  # once per image, shared by its pairs
+            for start in range(0, len(pairs), batch_size):
+                chunk = slice(start, start + batch_size)
+                score = model.rerank_score(first.select(rows[chunk].to(accelerator.device)),
+                                           *text_inputs(text_rows[pairs[chunk]]))
+                scored.append((pairs[chunk], score.float().cpu().numpy()))
+    scores = np.empty(len(image_rows), dtype=np.float32)
+    for pairs, values in _gather(scored, accelerator):
+        scores[pairs] = values
+    return scores
+
+
+def _ranked(queries: torch.Tensor, items: torch.Tensor, depth: int, chunk: int = 1024) -> np.ndarray:
+    """Each query's first ``depth`` items by descending cosine (ties in item order), ``chunk``
+    queries at a time: the full similarity matrix and its orders (COCO 5k: 25k × 5k, 2.5 GB
+    with both argsorts) are never held."""
+    ranked = []
+    for start in range(0, len(queries), chunk):
+        sims = queries[start : start + chunk] @ items.t()
+        ranked.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :depth].numpy())
+    return np.concatenate(ranked)
 
 
 def _rerank(order: np.ndarray, k: int, scores: np.ndarray) -> np.ndarray:
@@ -234,15 +308,18 @@ def evaluate_retrieval(
 
     Returns ``{"contrastive": recalls, "reranked": recalls (with ``rerank``), "images",
     "captions", "rerank_k", "skipped": [(path, reason)], "seconds"}``. Images that cannot be
-    read are left out with their captions, and listed. Work is split over Accelerate processes.
+    read are left out with their captions, and listed. Images are streamed from disk (embedded,
+    then decoded again image by image for re-ranking), never all held in memory, and each query
+    keeps only its first ``max(ks, rerank_k)`` candidates; work is split over Accelerate processes.
     """
     accelerator = accelerator or Accelerator(cpu=cpu_only())
     begin = time.perf_counter()
     was_training = model.training
     model.eval()
-    show = accelerator.is_local_main_process
-    pixels, kept, skipped = _load_images(model, images, batch_size, num_workers, show)
+    kept, image_emb, unreadable = _embed_images(model, [str(im.path) for im in images], batch_size, num_workers, accelerator)
+    skipped = [(str(images[position].path), reason) for position, reason in unreadable]
     kept_images = [images[i] for i in kept]
+    kept_paths = [str(im.path) for im in kept_images]
     captions = [c for im in kept_images for c in im.captions]
     caption_image = [i for i, im in enumerate(kept_images) for _ in im.captions]
     image_captions, start = [], 0
@@ -259,13 +336,11 @@ def evaluate_retrieval(
         length = int(sub_mask.sum(1).max())
         return ids[rows][:, :length].to(device), sub_mask[:, :length].to(device)
 
-    image_emb = _batched(lambda s: model.encode_image_bottom_up(pixels[s].to(device)).float().cpu(),
-                         len(kept_images), batch_size, accelerator, "embed images")
     text_emb = _batched(lambda s: model.encode_text(*text_inputs(s)).float().cpu(), len(captions), batch_size,
                         accelerator, "embed captions")
-    sims = (torch.stack(text_emb) @ torch.stack(image_emb).t()).numpy()  # [captions, images]
-    t2i = np.argsort(-sims, axis=1, kind="stable")
-    i2t = np.argsort(-sims.T, axis=1, kind="stable")
+    text_emb = torch.stack(text_emb)
+    depth = max(max(ks), rerank_k if rerank else 0)
+    t2i, i2t = _ranked(text_emb, image_emb, depth), _ranked(image_emb, text_emb, depth)
     result: dict[str, Any] = {
         "contrastive": retrieval_recalls(t2i, caption_image, i2t, image_captions, ks),
         "images": len(kept_images), "captions": len(captions), "rerank_k": rerank_k, "skipped": skipped,
@@ -277,11 +352,8 @@ def evaluate_retrieval(
             queries = np.repeat(np.arange(order.shape[0]), k)
             candidates = order[:, :k].reshape(-1)
             image_rows, text_rows = (candidates, queries) if query_is_text else (queries, candidates)
-
-            def itm(s: slice, image_rows=image_rows, text_rows=text_rows) -> list[float]:
-                return model.rerank_score(pixels[image_rows[s]].to(device), *text_inputs(text_rows[s])).float().cpu().tolist()
-
-            scores = np.asarray(_batched(itm, len(candidates), batch_size, accelerator, f"re-rank {name.upper()}"))
+            scores = _pair_scores(model, kept_paths, image_rows, text_inputs, text_rows, batch_size, num_workers,
+                                  accelerator, f"re-rank {name.upper()}")
             reranked[name] = _rerank(order, k, scores.reshape(order.shape[0], k))
         result["reranked"] = retrieval_recalls(reranked["ir"], caption_image, reranked["tr"], image_captions, ks)
     model.train(was_training)
@@ -299,11 +371,16 @@ def evaluate_model(
     num_workers: int = 2,
     rerank: bool = True,
     max_images: int | None = None,
+    format: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``evaluate_retrieval`` of a saved model on one split of a Karpathy caption file."""
+    """``evaluate_retrieval`` of a saved model on one split of a Karpathy caption file or a Hugging
+    Face caption dataset (``load_captions``: ``format`` ``karpathy``/``hf``, ``None`` to tell by the
+    name; ``columns``: the dataset's column mapping)."""
     accelerator = Accelerator(cpu=cpu_only())
     model = model if isinstance(model, AbsVLModel) else AbsVLModel.from_pretrained(model)
     model.to(accelerator.device)
-    images = load_karpathy(captions_file, [split], images_root)[:max_images]
-    check_image_root(images, "--images")
+    with accelerator.main_process_first():
+        images = load_captions(captions_file, [split], images_root, format, columns)[:max_images]
+    check_caption_images(images, "--images")
     return evaluate_retrieval(model, images, accelerator, rerank_k, batch_size, num_workers, rerank)

@@ -15,19 +15,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.answers import build_answer_vocab, load_answers
 from ..data.shapes import ShapesWorld
-from ..data.images import image_transform
-from ..data.vqa import VQACollator, VQADataset, VQAExample, holdout_split, load_vqa_hf, load_vqa_split
+from ..data.images import check_image_root, image_transform
+from ..data.vqa import (
+    SPLITS, VQACollator, VQADataset, VQAExample, VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split,
+)
 from ..metrics.vqa import evaluate_vqa, format_accuracy_table
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
 from .config import ConfigError, RunConfig, check_vision_start
-from .loop import Validation, make_loader, run_training, to_device
+from .loop import Validation, eval_loader, run_training, to_device
 
 
 @dataclass
@@ -40,17 +43,25 @@ class VQAData:
 def _load_split(config: RunConfig, split: str, require_annotations: bool) -> list[VQAExample]:
     d = config.data
     if d.format == "hf":
-        return load_vqa_hf(d.root, split)
-    return load_vqa_split(d.root, split, require_annotations=require_annotations)
+        examples = load_vqa_hf(d.root, split, columns=d.hf_columns, images_root=d.images)
+    else:
+        layout = VQAv2Layout(d.root, images_dir=d.images)
+        examples = load_vqa_split(layout, split, require_annotations=require_annotations)
+    where = (f"data.images={d.images} should hold {SPLITS[canonical_split(split)].image_folder}/" if d.images else
+             "put the images in data.root's images/<folder>/ or point data.images at the folder holding "
+             "train2014/ val2014/ test2015/")
+    check_image_root([ex.image_path for ex in examples if ex.image_data is None], where)
+    return examples
 
 
 def annotation_entry(example: VQAExample) -> dict[str, Any]:
-    """The official annotation record of an annotated example (for the metric and the vocabulary)."""
+    """The official annotation record of an annotated example (for the metric and the vocabulary);
+    types a dataset does not give (many Hugging Face ones) are ``unknown``."""
     return {
         "question_id": example.question_id,
         "image_id": example.image_id,
-        "question_type": example.question_type,
-        "answer_type": example.answer_type,
+        "question_type": example.question_type or "unknown",
+        "answer_type": example.answer_type or "unknown",
         "multiple_choice_answer": example.multiple_choice_answer,
         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(example.answers)],
     }
@@ -103,21 +114,25 @@ def build_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
 def predict_answers(
     model: AbsVLModel, loader: DataLoader, accelerator: Accelerator, answers: list[str], desc: str = "predict"
 ) -> tuple[dict[int, str], list[tuple]]:
-    """question_id → best answer for every item of ``loader`` (gathered over processes), and skipped items."""
+    """question_id → best answer for every item of ``loader`` (this process's share, see
+    ``eval_loader``), and the skipped items; both gathered from every process at the end."""
     was_training = model.training
     model.eval()
     predictions: dict[int, str] = {}
     skipped: list[tuple] = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         skipped.extend(batch.get("skipped", []))
-        batch = to_device(batch, accelerator.device)
         if len(batch["question_ids"]) == 0:
             continue
+        batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             logits = model(batch["images"], batch["input_ids"], batch["attention_mask"]).vqa_logits
-        ids, best = accelerator.gather_for_metrics((batch["question_ids"], logits.argmax(-1)))
-        predictions.update((int(q), answers[int(a)]) for q, a in zip(ids.tolist(), best.tolist()))
+        predictions.update((int(q), answers[int(a)]) for q, a in zip(batch["question_ids"].tolist(), logits.argmax(-1).tolist()))
     model.train(was_training)
+    if accelerator.num_processes > 1:
+        shares = gather_object([(predictions, skipped)])
+        predictions = {q: a for share, _ in shares for q, a in share.items()}
+        skipped = [item for _, items in shares for item in items]
     return predictions, skipped
 
 
@@ -128,11 +143,13 @@ def score_predictions(predictions: dict[int, str], examples: list[VQAExample]) -
     return evaluate_vqa(predictions, questions, annotations)
 
 
-def _eval_loader(model: AbsVLModel, examples: list[VQAExample], config: RunConfig, batch_size: int) -> DataLoader:
+def _eval_loader(
+    model: AbsVLModel, examples: list[VQAExample], config: RunConfig, batch_size: int, accelerator: Accelerator
+) -> DataLoader:
     index = {a: i for i, a in enumerate(model.answers)}
     dataset = VQADataset(examples, index, image_transform(model.image_size, train=False), drop_unanswerable=False)
     collator = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)
-    return make_loader(dataset, collator, batch_size, config.data.num_workers)
+    return eval_loader(dataset, collator, batch_size, config.data.num_workers, accelerator)
 
 
 class VQATask:
@@ -159,8 +176,7 @@ class VQATask:
         self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
         self.val_loader = None
         if data.val:
-            loader = _eval_loader(model, data.val, config, config.train.batch_size)
-            self.val_loader = accelerator.prepare_data_loader(loader)
+            self.val_loader = _eval_loader(model, data.val, config, config.train.batch_size, accelerator)
 
     def param_groups(self) -> list[dict[str, Any]]:
         t = self.config.train
@@ -188,24 +204,27 @@ class VQATask:
             return None
         predictions, skipped = predict_answers(model, self.val_loader, accelerator, self.data.answers, desc="validate")
         result = score_predictions(predictions, [ex for ex in self.data.val if ex.question_id in predictions])
-        metrics = {"val/accuracy": result["overall"], "val/skipped": len(skipped)}
+        metrics = {"val/accuracy": result["overall"], "val/scored": len(predictions), "val/skipped": len(skipped)}
         metrics.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
         d = self.config.data
-        if d.format == "vqav2" and ShapesWorld.exists(d.root) and accelerator.is_main_process:
+        if d.format == "vqav2" and not d.images and ShapesWorld.exists(d.root) and accelerator.is_main_process:
             # the Shapes world knows each question's target objects: is the top-down map on them?
             scores = shapes_attention(model, d.root, d.val_split)
             metrics.update({f"val/attention_{kind}": score for kind, score in scores.items()})
         return Validation(score=result["overall"], metrics=metrics, result=result)
 
+    def restore(self, output_dir: Path) -> None:
+        self.model = build_model(self.config, load_answers(output_dir / "answers.json"))
+
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
-        metrics = {"VQA accuracy (val)": last.result["overall"]} if last else {}
+        metrics = {"VQA accuracy (val)": last.metrics["val/accuracy"]} if last else {}
+        model.config.trained_tasks = ["vqa"]  # the ITM head was frozen: retrieval re-ranking is not trained
         model.save_pretrained(out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics})
 
 
 def shapes_attention(model: AbsVLModel, root: str | Path, split: str, limit: int = 200) -> dict[str, float]:
     """Target-attention scores (bottom-up, top-down) of ``model`` on the first ``limit`` questions
     with target objects of a Shapes world's ``split`` (see ``absvl.metrics.attention``)."""
-    from ..data.vqa import SPLITS, canonical_split
     from ..metrics.attention import attention_scores
 
     return attention_scores(model, ShapesWorld.load(root), SPLITS[canonical_split(split)].tag, limit)
@@ -229,7 +248,7 @@ def _predict_split(
     accelerator = Accelerator(cpu=cpu_only())
     model = AbsVLModel.from_pretrained(model) if not isinstance(model, AbsVLModel) else model
     examples = _load_split(config, split, require_annotations=require_annotations)
-    loader = accelerator.prepare_data_loader(_eval_loader(model, examples, config, batch_size))
+    loader = _eval_loader(model, examples, config, batch_size, accelerator)
     model.to(accelerator.device)
     predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc=split)
     return model, examples, predictions, skipped
@@ -244,7 +263,7 @@ def evaluate_model(
     if skipped:
         print(f"{len(skipped)} questions skipped (unreadable images): they score 0")
     predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)
-    return score_predictions(predictions, examples), predictions
+    return {**score_predictions(predictions, examples), "skipped": len(skipped)}, predictions
 
 
 def predict_split(model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64) -> list[dict[str, Any]]:

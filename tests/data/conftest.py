@@ -138,3 +138,15 @@ def tokenizer(tmp_path_factory):
 
     folder = build_tiny_text_encoder(tmp_path_factory.mktemp("tiny_text"), kind="roberta")
     return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 as datasets and huggingface_hub read it at import, and a fresh datasets cache."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return tmp_path / "datasets-cache"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from absvl.data.captions import CaptionCollator, CaptionedImageDataset, load_karpathy
+from absvl.data.captions import CaptionCollator, CaptionedImageDataset, load_captions, load_captions_hf, load_karpathy
 from absvl.training.data import EpochOrder
 
 
@@ -92,3 +92,120 @@ def test_dataset_draws_captions_per_epoch_and_skips_bad_images(tmp_path):
     assert batch["input_ids"].shape == (1, 3) and batch["skipped"][0][:2] == (1, str(tmp_path / "1.jpg"))
     empty = CaptionCollator(Tokenizer(), image_size=4)([bad])
     assert empty["images"].shape == (0, 3, 4, 4) and "input_ids" not in empty
+
+
+# --- Hugging Face caption datasets ---------------------------------------------------------------
+def shapes_images(shapes_root, splits=("train", "val", "test")):
+    return load_karpathy(shapes_root / "dataset_shapes.json", splits, shapes_root / "images")
+
+
+def bytes_repository(shapes_root, tmp_path):
+    """Flickr30K-style repository: one parquet file (one dataset split, "test") of rows {picture: image bytes,
+    sentences: Karpathy sentences, subset: train/validation/test, imgid: digits}, with a README naming the file."""
+    import datasets
+
+    images = shapes_images(shapes_root)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    features = datasets.Features({"picture": datasets.Image(), "sentences": [{"raw": datasets.Value("string")}],
+                                  "subset": datasets.Value("string"), "imgid": datasets.Value("string")})
+    datasets.Dataset.from_dict({
+        "picture": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
+        "sentences": [[{"raw": c} for c in im.captions] for im in images],
+        "subset": [{"val": "validation"}.get(im.split, im.split) for im in images],
+        "imgid": [str(im.image_id) for im in images],
+    }, features=features).to_parquet(repo / "data" / "all.parquet")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                    "    path: data/all.parquet\n---\n# Shapes captions\n")
+    return repo
+
+
+def test_hf_repository_with_image_bytes_loads_like_the_caption_file_and_caches_the_images(
+    shapes_root, tmp_path, offline, caplog
+):
+    repo = bytes_repository(shapes_root, tmp_path)
+    columns = {"image": "picture", "split": "subset"}  # sentences and imgid are found under their own names
+    with caplog.at_level("INFO", logger="absvl.data.captions"):
+        got = load_captions_hf(repo, ["train", "val"], columns)
+    assert "36 image(s) in" in caplog.text and "36 of them written now" in caplog.text
+    caplog.clear()
+    expected = shapes_images(shapes_root, ["train", "val"])
+    assert [(g.image_id, g.captions, g.split) for g in got] == [(e.image_id, e.captions, e.split) for e in expected]
+    assert all(g.path.read_bytes() == e.path.read_bytes() and g.path.suffix == ".jpg" for g, e in zip(got, expected))
+    assert all(g.path.is_relative_to(offline / "absvl_images") for g in got)  # next to the dataset's own cache
+
+    written = {g.path: g.path.stat().st_mtime_ns for g in got}
+    with caplog.at_level("INFO", logger="absvl.data.captions"):
+        again = load_captions(repo, ["train", "val"], columns=columns)  # not a .json file: a Hugging Face dataset
+    assert again == got and {g.path: g.path.stat().st_mtime_ns for g in again} == written
+    assert "36 image(s) in" in caplog.text and "0 of them written now" in caplog.text
+    assert not list((offline / "absvl_images").rglob(".*.tmp"))
+
+
+def test_hf_one_row_per_caption_with_image_files_and_dataset_splits(shapes_root, tmp_path, offline):
+    """COCO-style: one row per caption {image_id, caption, file: relative path}, one json file per dataset split."""
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+        rows = [{"image_id": im.image_id, "caption": c, "file": str(im.path.relative_to(shapes_root / "images"))}
+                for im in shapes_images(shapes_root, [split]) for c in im.captions]
+        (repo / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_captions_hf(repo, ["val", "test"], {"image": "file"}, images_root=shapes_root / "images")
+    assert got == shapes_images(shapes_root, ["val", "test"])  # grouped by image, files used where they are
+    assert not (offline / "absvl_images").exists()
+
+
+def test_hf_rows_without_an_id_are_grouped_by_image_and_rows_without_an_image_left_out(tmp_path, caplog):
+    import datasets
+
+    red, blue = (tmp_path / f"{c}.png" for c in ("red", "blue"))
+    Image.new("RGB", (8, 8), "red").save(red)
+    Image.new("RGB", (8, 8), "blue").save(blue)
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": red.read_bytes(), "path": None}, {"bytes": blue.read_bytes(), "path": None},
+                   {"bytes": red.read_bytes(), "path": None}, None, {"bytes": b"broken", "path": None}],
+         "text": ["a red square.", "a blue square.", "a square.", "nothing.", "a broken image."]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    with caplog.at_level("WARNING"):
+        got = load_captions_hf(datasets.DatasetDict(test=dataset), cache_dir=tmp_path / "cache")
+    assert [(g.image_id, g.captions, g.path.suffix) for g in got] == [
+        (0, ("a red square.", "a square."), ".png"), (1, ("a blue square.",), ".png"), (4, ("a broken image.",), ".img")]
+    assert "1 image(s) left out, the dataset holds no image for them" in caplog.text
+    item = CaptionedImageDataset(got, lambda im: torch.zeros(3, 4, 4))[2]  # unreadable: skipped while loading
+    assert item["index"] == 2 and "not a recognised image" in item["error"]
+
+
+def test_hf_column_mapping_and_row_errors_name_the_column(tmp_path):
+    import datasets
+
+    def load(columns=None, **rows):
+        table = {"image": ["a.jpg", "b.jpg"], "caption": ["a cat.", "a dog."], "split": ["test", "test"], **rows}
+        return load_captions_hf(datasets.Dataset.from_dict(table), ["test"], columns, cache_dir=tmp_path)
+
+    assert [im.captions for im in load()] == [("a cat.",), ("a dog.",)]
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'caption' .*the fields are image, captions, split, image_id"):
+        load({"caption": "caption"})
+    with pytest.raises(ValueError, match=r"'nope' \(for captions\) of the column mapping \(data.hf_columns\)"):
+        load({"captions": "nope"})
+    with pytest.raises(ValueError, match=r"no column for captions \(looked for captions: captions, caption.*"
+                                         r"columns: image, split, words\): name it with data.hf_columns"):
+        load_captions_hf(datasets.Dataset.from_dict({"image": ["a.jpg"], "split": ["test"], "words": ["a cat."]}))
+    with pytest.raises(ValueError, match=r"row 1, column 'caption': needs a caption or a non-empty list"):
+        load(caption=["a cat.", "  "])
+    with pytest.raises(ValueError, match=r"row 0, column 'split': 'dev2' is not a split name"):
+        load(split=["dev2", "test"])
+    with pytest.raises(ValueError, match=r"row 1, column 'imgid': must be an integer, got 'b'"):
+        load(imgid=["1", "b"])
+    with pytest.raises(ValueError, match=r"has no image in split\(s\) test \(its splits: \(unnamed\);.*"
+                                         r"data.hf_columns"):
+        load_captions_hf(datasets.Dataset.from_dict({"image": ["a.jpg"], "caption": ["a cat."]}), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown caption format 'csv'"):
+        load_captions("captions.csv", format="csv")
+    with pytest.raises(ValueError, match="applies to Hugging Face datasets"):
+        load_captions(tmp_path / "dataset_coco.json", columns={"image": "img"})
+
+
+def test_hf_hub_id_not_cached_offline_is_a_clear_error(offline):
+    with pytest.raises(FileNotFoundError, match="'absvl-test/not-cached' is neither a local path nor in the datasets "
+                                                "cache, and offline mode is on"):
+        load_captions_hf("absvl-test/not-cached")

@@ -30,8 +30,8 @@ def test_cmyk_to_rgb(image_file):
 
 def test_16bit_rescaled_not_clipped(image_file):
     path = image_file("I;16")
-    with Image.open(path) as raw:
-        assert raw.mode.startswith("I;16")
+    with Image.open(path) as raw:  # a 16-bit file (Pillow < 10.1 opens it as 32-bit "I": the same values)
+        assert raw.mode.startswith("I;16") or raw.mode == "I"
     arr = np.asarray(open_image(path)).astype(int)
     assert arr.shape == (30, 40, 3)
     assert arr[0, 0].tolist() == [0, 0, 0] and arr[0, -1].tolist() == [255, 255, 255]

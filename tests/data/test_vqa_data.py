@@ -357,3 +357,47 @@ def test_batch_feeds_the_model(vqa_root, tokenizer, tmp_path):
     out = model(images=batch["images"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 vqa_targets=batch["vqa_targets"])
     assert torch.isfinite(out.losses["vqa"])
+
+
+def _repository(root, tmp_path):
+    """A script-free dataset repository: data/{train,validation}.jsonl + README.md naming the splits, with
+    its own column names (qid, text, file) and image paths relative to the image folder."""
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    images = Path(root) / "images"
+    for split, name in (("train", "train"), ("val", "validation")):
+        rows = [{"qid": e.question_id, "image_id": e.image_id, "text": e.question, "answers": e.answers,
+                 "answer_type": e.answer_type, "file": str(Path(e.image_path).relative_to(images))}
+                for e in load_vqa_split(root, split)]
+        (repo / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train.jsonl\n"
+        "  - split: validation\n    path: data/validation.jsonl\n---\n# a tiny VQA dataset\n")
+    return repo, images
+
+
+def test_hf_dataset_repository_with_a_column_mapping_loads_offline(vqa_root, tmp_path, offline):
+    import numpy as np
+
+    repo, images = _repository(vqa_root, tmp_path)
+    columns = {"question_id": "qid", "question": "text", "image": "file"}
+    got = load_vqa_hf(repo, "train", columns=columns, images_root=images)
+    expected = load_vqa_split(vqa_root, "train")
+    _same(got, expected)
+    assert [g.image_path for g in got] == [e.image_path for e in expected]  # relative paths found under images_root
+    assert np.array_equal(np.asarray(got[0].open_image()), np.asarray(expected[0].open_image()))
+    assert len(load_vqa_hf(repo, "validation", columns=columns, images_root=images)) == len(load_vqa_split(vqa_root, "val"))
+    assert any(offline.iterdir())  # read through datasets.load_dataset, which cached it
+
+    with pytest.raises(VQAFormatError, match="missing column\\(s\\) 'question_id', 'question'.*data.hf_columns"):
+        load_vqa_hf(repo, "train", columns={"image": "file"})
+    with pytest.raises(VQAFormatError, match="'nope' \\(for question\\) of the column mapping \\(data.hf_columns\\)"):
+        load_vqa_hf(repo, "train", columns={**columns, "question": "nope"})
+    with pytest.raises(VQAFormatError, match="unknown field\\(s\\) 'questoin'"):
+        load_vqa_hf(repo, "train", columns={"questoin": "text"})
+
+
+def test_hf_hub_id_not_cached_offline_is_a_clear_error(offline):
+    with pytest.raises(FileNotFoundError, match="'absvl-test/not-cached' is neither a local path nor in the datasets "
+                                                "cache, and offline mode is on \\(HF_HUB_OFFLINE"):
+        load_vqa_hf("absvl-test/not-cached", "train")

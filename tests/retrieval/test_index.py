@@ -1,5 +1,10 @@
-"""The FAISS image index: listing, building in shards, resuming, skipping bad files, appending, factories."""
+"""The FAISS image index: listing, building in shards, resuming, skipping bad files, appending, factories,
+the write lock, crash-safe swaps, stored embeddings, rebuilds and recall."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -7,8 +12,8 @@ import pytest
 import torch
 
 from absvl.models.vl import AbsVLModel
-from absvl.retrieval import (BuildReport, ImageIndex, IndexMismatchError, add_to_index, build_index, choose_factory,
-                             list_images, model_fingerprint)
+from absvl.retrieval import (BuildReport, ImageIndex, IndexLockedError, IndexMismatchError, add_to_index, build_index,
+                             choose_factory, list_images, model_fingerprint)
 from absvl.retrieval import index as index_module
 
 
@@ -55,8 +60,10 @@ def test_build_and_load_round_trip(model, model_dir, collection, tmp_path, embed
     assert isinstance(report, BuildReport)
     assert (report.num_indexed, report.num_total, report.skipped, report.factory) == (12, 12, [], "Flat")
     assert report.out == tmp_path / "idx" and report.seconds > 0
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["index.faiss", "meta.json", "paths.jsonl", "skipped.json"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        "embeddings.npy", "index.faiss", "meta.json", "paths.jsonl", "skipped.json"]
     assert not (tmp_path / "idx.partial").exists()
+    assert report.recall_at_10 == 1.0  # Flat is exact
 
     index = ImageIndex.load(tmp_path / "idx")
     paths = list_images(collection)
@@ -68,6 +75,8 @@ def test_build_and_load_round_trip(model, model_dir, collection, tmp_path, embed
     assert rows == [{"id": i, "path": str(p)} for i, p in enumerate(paths)]
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["format"] == "absvl-index" and meta["count"] == 12 and meta["model_source"] == str(model_dir)
+    assert meta["recall_at_10"] == 1.0
+    np.testing.assert_array_equal(np.load(index.embeddings_file), _vectors(index))  # row i = id i
     with pytest.raises(KeyError, match="id 12 is not in index"):
         index.path_of(12)
 
@@ -78,7 +87,7 @@ def test_build_and_load_round_trip(model, model_dir, collection, tmp_path, embed
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     scores, ids = index.search(own[:1], k=20)
     assert (ids[0, 12:] == -1).all() and sorted(ids[0, :12].tolist()) == list(range(12))
-    with pytest.raises(ValueError, match=r"shape \[Q, 64\]"):
+    with pytest.raises(ValueError, match=r"shape \[64\] or \[Q, 64\]"):
         index.search(np.zeros((1, 5), np.float32), 3)
 
 
@@ -255,3 +264,211 @@ def test_gpu_detection(monkeypatch):
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     assert not index_module.gpu_available()
     assert index_module.to_cpu(index_module.to_gpu(faiss.IndexFlatIP(4))).d == 4  # no GPU: unchanged, on CPU
+
+
+class GpuIndexStandIn:
+    """What ``faiss.index_cpu_to_gpu`` returns, as far as absvl uses it: it searches like the index it copies."""
+
+    def __init__(self, cpu_index):
+        self.cpu_index, self.d, self.ntotal = cpu_index, cpu_index.d, cpu_index.ntotal
+
+    def search(self, queries, k):
+        return self.cpu_index.search(queries, k)
+
+
+@pytest.fixture
+def faiss_gpu(monkeypatch):
+    """Stand-ins for FAISS's GPU functions (HNSW has no GPU version, as in FAISS) and one CUDA device;
+    yields the GPU numbers indexes were copied to."""
+    copies, downcast = [], faiss.downcast_index
+
+    def cpu_to_gpu(resources, device, index):
+        if "HNSW" in type(downcast(index)).__name__:
+            raise RuntimeError("Error in index_cpu_to_gpu: this index type is not implemented on GPU")
+        copies.append(device)
+        return GpuIndexStandIn(index)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", cpu_to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index.cpu_index, raising=False)
+    monkeypatch.setattr(faiss, "downcast_index", lambda index: index if isinstance(index, GpuIndexStandIn) else downcast(index))
+    monkeypatch.setattr(index_module, "_GPU_RESOURCES", [])
+    return copies
+
+
+def _in_memory_index(factory: str = "Flat"):
+    """An ImageIndex of 64 random unit vectors (no folder written) and the vectors."""
+    vectors = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    faiss.normalize_L2(vectors)
+    index = index_module.new_faiss_index(8, factory)
+    index.add(vectors)
+    return ImageIndex(Path("memory.index"), index, {"dim": 8, "factory": factory}, [Path(f"{i}.png") for i in range(64)], []), vectors
+
+
+def test_index_placement_without_a_gpu():
+    if index_module.gpu_available():
+        pytest.skip("FAISS sees a GPU here")
+    image_index, _ = _in_memory_index()
+    cpu_index = image_index.index
+    assert image_index.to("auto").index is cpu_index and image_index.device == "cpu"
+    with pytest.raises(RuntimeError, match="cannot be held on cuda: (this FAISS build has no GPU support|no CUDA device)"):
+        image_index.to("cuda")
+    with pytest.raises(ValueError, match="'gpu' must be one of auto, cpu, cuda"):
+        image_index.to("gpu")
+    assert image_index.index is cpu_index
+
+
+def test_index_placement_on_a_gpu(faiss_gpu):
+    image_index, vectors = _in_memory_index()
+    expected = image_index.search(vectors[:5], 3)
+    assert image_index.to("auto").device == "cuda" and faiss_gpu == [0]
+    for found, want in zip(image_index.search(vectors[:5], 3), expected):
+        np.testing.assert_array_equal(found, want)
+    assert image_index.to("cuda").device == "cuda" and faiss_gpu == [0]  # already there: not copied again
+    assert image_index.to("cpu").device == "cpu" and type(image_index.index).__name__ == "IndexFlat"
+    assert image_index.to("cuda").device == "cuda" and faiss_gpu == [0, 0]
+
+
+def test_index_placement_of_an_index_without_a_gpu_version(faiss_gpu, monkeypatch):
+    image_index, _ = _in_memory_index("HNSW32")
+    assert image_index.to("auto").device == "cpu"  # auto: kept on the CPU
+    with pytest.raises(RuntimeError, match="no GPU version of its 'HNSW32' index"):
+        image_index.to("cuda")
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    with pytest.raises(RuntimeError, match="cannot be held on cuda: no CUDA device is visible"):
+        _in_memory_index()[0].to("cuda")
+    assert faiss_gpu == []
+
+
+# --------------------------------------------------------------------------- writers: lock and crash-safe swap
+def _hold_lock(lock_file):
+    """A separate process holding ``flock`` on ``lock_file`` (pid written in it) until it is killed."""
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_writer_is_refused_while_another_process_writes(model, collection, tmp_path):
+    paths = list_images(collection)
+    out = tmp_path / "idx"
+    _build(model, paths[:6], out)
+    before = (out / "index.faiss").read_bytes(), (out / "paths.jsonl").read_text()
+    holder = _hold_lock(tmp_path / "idx.lock")
+    try:
+        message = rf"index {out} is being written by another absvl process \(pid {holder.pid}\); wait for it or remove the stale lock {tmp_path / 'idx.lock'}"
+        with pytest.raises(IndexLockedError, match=message):
+            add_to_index(model, paths, out, progress=False)
+        with pytest.raises(IndexLockedError, match=message):
+            _build(model, paths, out, overwrite=True)
+        with pytest.raises(IndexLockedError):
+            index_module.rebuild_index(out, "Flat")
+        assert ((out / "index.faiss").read_bytes(), (out / "paths.jsonl").read_text()) == before
+        assert not (tmp_path / "idx.partial").exists()
+        assert len(ImageIndex.load(out)) == 6  # readers never wait
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the OS drops the lock
+        holder.wait()
+    assert (tmp_path / "idx.lock").exists()
+    assert add_to_index(model, paths, out, progress=False).index_size == 12
+
+
+def _crash_mid_swap(monkeypatch, staging, write):
+    """Run ``write()`` with the rename of ``staging`` onto the index (the swap's second rename) failing."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == staging:
+            raise OSError("simulated crash between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(index_module.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        write()
+    monkeypatch.undo()
+
+
+def test_a_swap_interrupted_between_its_renames_keeps_the_old_index(model, collection, tmp_path, monkeypatch):
+    paths, out = list_images(collection), tmp_path / "idx"
+    _build(model, paths[:4], out)
+    _crash_mid_swap(monkeypatch, tmp_path / "idx.partial", lambda: _build(model, paths, out, overwrite=True))
+    assert not out.exists() and (tmp_path / ".old-idx").is_dir()  # the state a crash leaves
+
+    index = ImageIndex.load(out)  # opening recovers: the old index is back
+    assert index.paths == paths[:4] and not (tmp_path / ".old-idx").exists()
+    embedded = _count_embedded(monkeypatch, model)
+    assert _build(model, paths, out, overwrite=True).num_indexed == 12
+    assert sum(embedded) == 0  # the finished build's shards were kept: only the swap is redone
+    assert ImageIndex.load(out).paths == paths
+
+
+def test_an_interrupted_add_or_rebuild_is_recovered_by_the_next_writer(model, collection, tmp_path, monkeypatch):
+    paths, out = list_images(collection), tmp_path / "idx"
+    _build(model, paths[:6], out)
+    _crash_mid_swap(monkeypatch, tmp_path / "idx.partial", lambda: add_to_index(model, paths, out, progress=False))
+    assert add_to_index(model, paths, out, progress=False).index_size == 12  # recovers, then appends
+    assert ImageIndex.load(out).paths == paths
+
+    _crash_mid_swap(monkeypatch, tmp_path / ".new-idx", lambda: index_module.rebuild_index(out, "HNSW8"))
+    assert ImageIndex.load(out).factory == "Flat"  # the old one
+    assert index_module.rebuild_index(out, "HNSW8").factory == "HNSW8"
+    assert not (tmp_path / ".old-idx").exists() and not (tmp_path / ".new-idx").exists()
+
+
+# --------------------------------------------------------------------------- stored embeddings, rebuild, recall
+def test_rebuild_makes_a_new_factory_from_the_stored_embeddings(model, collection, tmp_path, embed, monkeypatch):
+    paths = list_images(collection)
+    out = tmp_path / "idx"
+    _build(model, paths, out)
+    flat = ImageIndex.load(out)
+    embedded = _count_embedded(monkeypatch, model)
+    report = flat.rebuild("HNSW8")  # the API reloads the object
+    assert sum(embedded) == 0
+    assert (report.factory, report.index_size, flat.factory, len(flat)) == ("HNSW8", 12, "HNSW8", 12)
+    assert 0.0 < report.recall_at_10 <= 1.0 and flat.meta["recall_at_10"] == report.recall_at_10
+    assert flat.meta["search_params"] == {"efSearch": 64} and flat.paths == paths
+    assert flat.meta["fingerprint"] == model_fingerprint(model)
+    np.testing.assert_array_equal(np.load(flat.embeddings_file), _vectors(flat))
+    scores, ids = flat.search(embed(paths[5:6])[0], k=1)  # one [C] query → [k] arrays
+    assert ids.tolist() == [5] and scores.shape == (1,)
+
+    (out / "embeddings.npy").unlink()  # an index written before indexes kept their vectors
+    with pytest.raises(ValueError, match=r"keeps no embeddings.npy .*absvl index build --overwrite"):
+        index_module.rebuild_index(out)
+    report = add_to_index(model, [collection / "a" / "extra.jpg"], out, progress=False)
+    assert report.recall_at_10 is None and "keeps no embeddings.npy" in report.notes[0]
+
+
+def test_measure_recall_against_exact_search(tmp_path):
+    x = _clustered(3000)
+    x[100:110] = x[7]  # ties: equal vectors are not misses
+    np.save(tmp_path / "x.npy", x)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(x)
+    assert index_module.measure_recall(flat, tmp_path / "x.npy") == 1.0
+    ivf, _, _ = index_module.fill_index("IVF64,Flat", 16, [tmp_path / "x.npy"], [])
+    index_module.apply_search_params(ivf, {"nprobe": 1})
+    low = index_module.measure_recall(ivf, tmp_path / "x.npy", num_queries=300)
+    index_module.apply_search_params(ivf, {"nprobe": 64})  # every list: exact
+    assert 0.2 < low < 0.99 and index_module.measure_recall(ivf, tmp_path / "x.npy", num_queries=300) == 1.0
+
+
+def test_python_api_build_add_search_batch(model, collection, tmp_path, embed):
+    paths = list_images(collection)
+    index = ImageIndex.build(model, paths[:8], tmp_path / "idx", batch_size=4, progress=False)
+    assert isinstance(index, ImageIndex) and len(index) == 8
+    report = index.add(model, paths, batch_size=4, progress=False)
+    assert report.num_indexed == 4 and len(index) == 12 and index.paths == paths
+    queries = embed(paths)
+    scores, ids = index.search_batch(queries, k=2, batch_size=5)
+    assert scores.shape == ids.shape == (12, 2) and ids[:, 0].tolist() == list(range(12))
+    np.testing.assert_array_equal(ids, index.search(queries, k=2)[1])
+    with pytest.raises(ValueError, match=r"shape \[Q, 64\]"):
+        index.search_batch(queries[0], k=2)

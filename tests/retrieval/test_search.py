@@ -75,6 +75,22 @@ def test_rerank_reorders_the_candidates_by_top_down_itm_score(retriever, model):
     assert {h.id: h.rerank_score for h in other} != {h.id: h.rerank_score for h in reranked}  # the query steers
 
 
+def test_batched_rerank_runs_each_candidate_first_pass_once(retriever, model, monkeypatch):
+    """Queries sharing candidates share their first (bottom-up) pass; the scores are the full per-pair ones."""
+    depth, seen = 8, []
+    first_pass = model.first_pass
+    monkeypatch.setattr(model, "first_pass", lambda images, *a: seen.append(len(images)) or first_pass(images, *a))
+    reranked = retriever.search_batch(QUERIES, k=depth, rerank=depth, batch_size=5)
+    monkeypatch.undo()
+    candidates = retriever.search_batch(QUERIES, k=depth)
+    unique = {h.id for hits in candidates for h in hits}
+    assert sum(seen) == len(unique) < len(QUERIES) * depth and max(seen) <= 5
+    for query, hits in zip(QUERIES, reranked):
+        direct = _itm(model, [h.path for h in hits], query)
+        np.testing.assert_allclose([h.rerank_score for h in hits], direct, atol=1e-5)
+        assert [h.id for h in hits] == [h.id for h in retriever.search(query, k=depth, rerank=depth)]
+
+
 def test_unreadable_candidates_are_dropped_from_reranking(retriever):
     hits = retriever.search(QUERIES[2], k=5)
     hits[0].path.write_bytes(b"not an image any more")

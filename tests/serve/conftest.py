@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from absvl import AbsVLConfig, AbsVLModel
@@ -45,9 +46,9 @@ def model(model_dir):
 
 
 @pytest.fixture(scope="session")
-def index_dir(model, shapes_root, tmp_path_factory):
+def index_dir(model, model_dir, shapes_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "shapes-index"
-    build_index(model, shapes_root / "images", out, batch_size=16, progress=False)
+    build_index(model, shapes_root / "images", out, batch_size=16, progress=False, model_source=str(model_dir))
     return out
 
 
@@ -66,6 +67,11 @@ def limits():
 @pytest.fixture(scope="session")
 def app(model, index, limits):
     return create_app(model, index, limits, model_name="tiny-absvit")
+
+
+def local_client(app, **options) -> TestClient:
+    """A TestClient sending ``Host: localhost`` (its default ``testserver`` is not an allowed host)."""
+    return TestClient(app, base_url="http://localhost", **options)
 
 
 def png_of(width: int = 48, height: int = 40, seed: int = 0) -> bytes:

@@ -2,34 +2,35 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import absvl
 from absvl import AbsVLModel
-from absvl.retrieval import IndexMismatchError
+from absvl.retrieval import IndexMismatchError, Retriever
+from absvl.retrieval.index import gpu_available
 from absvl.serve import Limits, create_app
 
-from .conftest import ANSWERS, png_of, tiny_config
+from .conftest import ANSWERS, local_client, png_of, tiny_config
 
 QUESTION = "what color is the circle?"
 
 
 @pytest.fixture(scope="module")
 def client(app):
-    return TestClient(app)
+    return local_client(app)
 
 
 @pytest.fixture(scope="module")
 def bare_client(model):
     """A service without an index."""
-    return TestClient(create_app(model))
+    return local_client(create_app(model))
 
 
 def ask(client, image: bytes | None, question: str | None = QUESTION, **fields):
@@ -67,15 +68,18 @@ def metric_samples(text: str) -> dict[tuple, float]:
 def test_health_reports_model_index_and_limits(client, limits):
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["version"] == absvl.__version__
-    assert body["model"] == "tiny-absvit"
-    assert body["vqa"] is True and body["search"] is True and body["index_size"] == 40
+    assert body["model"] == body["retrieval_model"] == "tiny-absvit"
+    assert body["vqa"] is True and body["search"] is True and body["unavailable"] == {}
+    assert body["index_size"] == 40 and body["index_device"] == "cpu"
     assert body["limits"] == limits.as_dict()
 
 
 def test_health_without_an_index(bare_client):
     body = bare_client.get("/health").json()
-    assert body["search"] is False and body["index_size"] is None
+    assert body["search"] is False and body["index_size"] is None and body["index_device"] is None
     assert body["model"] == "absvit_test_patch8"  # no name given: the backbone
+    assert body["retrieval_model"] is None and list(body["unavailable"]) == ["search"]
+    assert "--index" in body["unavailable"]["search"]
 
 
 def test_openapi_lists_every_endpoint_and_docs_are_served(client):
@@ -182,21 +186,68 @@ def test_vqa_refuses_too_large_uploads(client):
 def test_vqa_without_a_vqa_head_answers_503(shapes_root, png_bytes):
     torch.manual_seed(0)
     no_head = AbsVLModel(tiny_config(shapes_root)).eval()
-    client = TestClient(create_app(no_head))
+    client = local_client(create_app(no_head))
     assert client.get("/health").json()["vqa"] is False
     assert_refused(ask(client, png_bytes), 503, None, "no VQA head")
 
 
-def test_an_index_of_another_model_is_refused(shapes_root, index):
-    torch.manual_seed(1)
+def test_an_index_of_another_model_is_refused(vqa_model, index):
+    with pytest.raises(IndexMismatchError, match="--retrieval-model"):
+        create_app(vqa_model, index)
     with pytest.raises(IndexMismatchError):
-        create_app(AbsVLModel(tiny_config(shapes_root), answers=ANSWERS).eval(), index)
+        create_app(vqa_model, index, retrieval_model=vqa_model)
+    with pytest.raises(ValueError, match="retrieval_model needs the index"):
+        create_app(vqa_model, retrieval_model=vqa_model)
+
+
+# --- two models side by side -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vqa_model(shapes_root):
+    """A VQA model other than the one that built the index (other weights, another answer order)."""
+    torch.manual_seed(1)
+    return AbsVLModel(tiny_config(shapes_root), answers=ANSWERS[::-1]).eval()
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(vqa_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqa") / "vqa-model"
+    vqa_model.save_pretrained(folder)
+    return folder
+
+
+def test_each_half_is_served_by_its_own_model(vqa_model, model, index, png_bytes):
+    client = local_client(create_app(vqa_model, index, model_name="vqa", retrieval_model=model,
+                                     retrieval_model_name="retrieval"))
+    health = client.get("/health").json()
+    assert (health["model"], health["retrieval_model"]) == ("vqa", "retrieval")
+    assert health["vqa"] and health["search"] and health["unavailable"] == {}
+    image = Image.open(io.BytesIO(png_bytes)).convert("RGB")
+    answers = ask(client, png_bytes, top_k=3).json()["answers"]
+    assert answers == absvl.pipeline("vqa", vqa_model)(image, QUESTION, top_k=3)
+    assert answers != absvl.pipeline("vqa", model)(image, QUESTION, top_k=3)
+    results = client.get("/search", params={"q": "a red circle", "k": 5}).json()["results"]
+    assert [r["id"] for r in results] == [hit.id for hit in Retriever(model, index).search("a red circle", k=5)]
+
+
+def test_a_model_finetuned_for_retrieval_does_not_claim_vqa(model, png_bytes):
+    """Retrieval training keeps the VQA head frozen while the features it reads move on: the export records
+    ``trained_tasks`` without "vqa", and such a head is not served."""
+    retrieval_tuned = copy.deepcopy(model)
+    retrieval_tuned.config.trained_tasks = ["retrieval"]
+    client = local_client(create_app(retrieval_tuned, model_name="shapes_retrieval"))
+    health = client.get("/health").json()
+    assert health["vqa"] is False and set(health["unavailable"]) == {"vqa", "search"}
+    words = ("shapes_retrieval", "finetuned for retrieval", "--retrieval-model")
+    assert all(word in health["unavailable"]["vqa"] for word in words)
+    assert_refused(ask(client, png_bytes), 503, None, *words)
+    retrieval_tuned.config.trained_tasks = ["vqa", "retrieval"]  # trained for both: served
+    assert local_client(create_app(retrieval_tuned)).get("/health").json()["vqa"] is True
 
 
 def test_busy_service_answers_503(model, png_bytes):
     app = create_app(model, limits=Limits(max_pending=1))
     app.state.service.pending = 1  # as if one model call were running
-    response = ask(TestClient(app), png_bytes)
+    response = ask(local_client(app), png_bytes)
     assert_refused(response, 503, None, "server busy")
     assert response.headers["retry-after"] == "1"
 
@@ -268,7 +319,7 @@ def test_images_never_take_a_path(client, path):
 
 # --- GET /metrics ----------------------------------------------------------------------------
 def test_metrics_count_requests_by_endpoint_and_status(model, index, png_bytes):
-    client = TestClient(create_app(model, index, Limits(max_k=5)))
+    client = local_client(create_app(model, index, Limits(max_k=5)))
     for _ in range(3):
         client.get("/health")
     client.get("/search", params={"q": "red", "k": 2})
@@ -300,27 +351,41 @@ def test_unknown_routes_are_404(client):
 
 
 # --- absvl serve -----------------------------------------------------------------------------
-def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, monkeypatch, capsys):
+def serve(monkeypatch, *argv: str) -> dict:
+    """``absvl serve ARGV`` with uvicorn.run caught: {"app": the app, **uvicorn's options}."""
     import uvicorn
 
     from absvl.cli import main
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
-    assert main(["serve", "--model", str(model_dir), "--index", str(index_dir), "--port", "8123",
-                 "--max-upload-mb", "0.5", "--max-pixels", "1000"]) == 0
+    assert main(["serve", *argv]) == 0
+    return served
+
+
+def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, monkeypatch, capsys):
+    served = serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir), "--port", "8123",
+                   "--max-upload-mb", "0.5", "--max-pixels", "1000", "--max-pending", "5", "--request-timeout", "7",
+                   "--allowed-host", "vqa.example", "--allowed-host", "vqa.internal")
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
-    assert "40 indexed images" in capsys.readouterr().out
-    client = TestClient(served["app"])
+    name = f"{model_dir.parent.name}/tiny-absvit"  # the folder's last two parts: never the server's full path
+    out = capsys.readouterr().out
+    assert f"/vqa: model {name}\n" in out and f"/search: model {name}, 40 indexed images (FAISS on cpu)" in out
+    client = local_client(served["app"])
     health = client.get("/health").json()
-    assert health["model"] == "tiny-absvit" and health["index_size"] == 40
+    assert health["model"] == health["retrieval_model"] == name and health["index_size"] == 40
     assert health["limits"]["max_upload_bytes"] == 524_288 and health["limits"]["max_pixels"] == 1000
+    assert health["limits"]["max_pending"] == 5 and health["limits"]["request_timeout_s"] == 7
+    for host, status in [("vqa.example", 200), ("vqa.internal:8123", 200), ("127.0.0.1", 200), ("evil.example", 400)]:
+        assert client.get("/health", headers={"host": host}).status_code == status, host
     assert_refused(ask(client, png_of(48, 40)), 413, "image", "1,000 pixels")
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--max-upload-mb", "0"], "--max-upload-mb must be positive"),
     (["--max-pixels", "0"], "max_pixels must be a positive integer"),
+    (["--max-pending", "0"], "max_pending must be a positive integer"),
+    (["--request-timeout", "-1"], "request_timeout_s must be a positive integer"),
 ])
 def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):
     from absvl.cli import main
@@ -328,6 +393,45 @@ def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):
     assert main(["serve", "--model", str(model_dir), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("absvl: error: ") and message in err and err.count("\n") == 1
+
+
+def test_serve_command_serves_a_vqa_model_beside_the_index_model(vqa_dir, model_dir, index_dir, monkeypatch, capsys):
+    """--retrieval-model defaults to the model the index records; --model answers the questions."""
+    for extra in ([], ["--retrieval-model", str(model_dir)]):
+        health = local_client(serve(monkeypatch, "--model", str(vqa_dir), "--index", str(index_dir), *extra)["app"]
+                              ).get("/health").json()
+        assert (health["model"], health["retrieval_model"]) == (f"{vqa_dir.parent.name}/vqa-model",
+                                                                f"{model_dir.parent.name}/tiny-absvit")
+        assert health["vqa"] and health["search"]
+        assert f"/search: model {model_dir.parent.name}/tiny-absvit, 40 indexed images" in capsys.readouterr().out
+
+
+def test_serve_command_refuses_a_retrieval_model_that_did_not_build_the_index(vqa_dir, model_dir, index_dir, capsys):
+    from absvl.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--index", str(index_dir), "--retrieval-model", str(vqa_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "was built by a different model" in err and "--retrieval-model" in err
+    assert main(["serve", "--model", str(model_dir), "--retrieval-model", str(vqa_dir)]) == 2
+    assert "give that index with --index" in capsys.readouterr().err
+
+
+def test_serve_command_places_the_index(model_dir, index_dir, monkeypatch, capsys):
+    """--index-device auto takes the GPU when FAISS can use one; cuda without one is refused, saying why
+    (the placement itself: tests/retrieval/test_index.py, with stand-ins for FAISS's GPU functions)."""
+    from absvl.cli import main
+
+    health = local_client(serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir))["app"]
+                          ).get("/health").json()
+    assert health["index_device"] == ("cuda" if gpu_available() else "cpu")
+    health = local_client(serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir),
+                                "--index-device", "cpu")["app"]).get("/health").json()
+    assert health["index_device"] == "cpu"
+    if not gpu_available():
+        capsys.readouterr()
+        assert main(["serve", "--model", str(model_dir), "--index", str(index_dir), "--index-device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("absvl: error: --index-device cuda: index ") and "use --index-device auto or cpu" in err
 
 
 def test_serve_command_refuses_a_missing_model_or_index(model_dir, tmp_path, capsys):

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from absvl import AbsVLModel
+from absvl.retrieval import ImageIndex
+from absvl.serve import create_app
+
+from .conftest import LiveServer, tiny_config
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -28,6 +34,9 @@ def page(live_server, tmp_path_factory):
         )
         try:
             tab = browser.new_page()
+            tab.console_errors = []  # CSP violations and script errors, checked last
+            tab.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
+            tab.on("pageerror", lambda error: tab.console_errors.append(str(error)))
             tab.set_default_timeout(20_000)
             tab.goto(live_server.url + "/")
             tab.get_by_text("40 indexed images").wait_for()  # /health answered
@@ -94,3 +103,33 @@ def test_ask_error_is_shown(page, tmp_path):
     alert.wait_for(state="visible")
     assert "not a recognised image format" in alert.inner_text() and "HTTP 415" in alert.inner_text()
     assert page.locator("#vqa-result").is_hidden()
+
+
+def test_only_the_served_halves_are_shown(page, model, index_dir, shapes_root):
+    """A service whose --model cannot answer questions shows only the search box, one without an index only the
+    question form; each lists why the other half is not served."""
+    no_head = AbsVLModel(tiny_config(shapes_root)).eval()
+    for app, shown, hidden, reason in [
+        (create_app(no_head, ImageIndex.load(index_dir), model_name="no-head", retrieval_model=model),
+         "#search-section", "#vqa-section", "model no-head has no VQA head"),
+        (create_app(model), "#vqa-section", "#search-section", "no image index is loaded"),
+    ]:
+        with LiveServer(app) as server:
+            page.goto(server.url + "/")
+            page.locator("#unavailable li").wait_for()
+            assert page.locator(shown).is_visible() and page.locator(hidden).is_hidden()
+            assert reason in page.locator("#unavailable").inner_text()
+
+
+def test_page_runs_under_its_csp_without_errors(page, live_server):
+    """Runs last on the shared page: everything above went through without a CSP violation."""
+    response = page.goto(live_server.url + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    page.get_by_text("40 indexed images").wait_for()
+    page.evaluate("document.body.setAttribute('onclick', 'window.inlineRan = true'); document.body.click()")
+    assert page.evaluate("window.inlineRan === undefined")  # inline handlers are blocked
+    violations = [text for text in page.console_errors if "Content Security Policy" in text]
+    assert len(violations) == 1 and "script-src" in violations[0]  # only the handler injected here
+    others = [text for text in page.console_errors if text not in violations]
+    assert all(text.startswith("Failed to load resource: the server responded with a status of 4") for text in others)

@@ -79,3 +79,23 @@ def test_resume_errors_are_clear(tmp_path):
     model, optimizer, scheduler = _parts()
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         load_checkpoint(Accelerator(cpu=True), broken, model, optimizer, scheduler)
+
+
+def test_cuda_rng_states_are_saved_and_restored(monkeypatch):
+    # no GPU here: a stand-in torch.cuda with two devices records what is restored
+    devices = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    state = rng_state()
+    assert [s.tolist() for s in state["cuda"]] == [[1, 2], [3, 4]]
+    set_rng_state(state)
+    assert {k: v.tolist() for k, v in restored.items()} == {0: [1, 2], 1: [3, 4]}
+    # resumed where fewer devices are: the ones there are restored, and a warning says the rest differ
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    restored.clear()
+    with pytest.warns(UserWarning, match="RNG states of 2 CUDA devices and this machine has 1"):
+        set_rng_state(state)
+    assert list(restored) == [0]

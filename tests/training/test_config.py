@@ -103,3 +103,11 @@ def test_training_refuses_a_scratch_paper_size_backbone_before_any_work(tmp_path
     with pytest.raises(ConfigError, match="paper-size vision backbone"):
         train_vqa(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_yaml_words_yes_no_on_off_stay_words():
+    """YAML 1.2 booleans: ``mixed_precision=no`` is Accelerate's "no", not False; a flag wants true/false."""
+    config = load_config("configs/shapes_absvit_tiny.yaml", ["train.mixed_precision=no", "data.randaugment=True"])
+    assert config.train.mixed_precision == "no" and config.data.randaugment is True
+    with pytest.raises(ConfigError, match="data.randaugment='yes' in the command line is invalid: expected true or false"):
+        load_config("configs/shapes_absvit_tiny.yaml", ["data.randaugment=yes"])

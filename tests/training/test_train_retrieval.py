@@ -4,13 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from absvl.cli import main
 from absvl.data.captions import load_karpathy
 from absvl.models.vl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
-from absvl.training.retrieval import _rerank, evaluate_retrieval, sample_negatives, train_retrieval
+from absvl.training.retrieval import _rerank, evaluate_model, evaluate_retrieval, sample_negatives, train_retrieval
 
 
 
@@ -52,6 +53,7 @@ def test_training_exports_a_model_and_validates_with_recall(trained):
     assert val["images"] > 0 and val["captions"] == 5 * val["images"]
     model = AbsVLModel.from_pretrained(trained["export"])
     assert model.answers == [] and model.vqa_head is None
+    assert model.config.trained_tasks == ["retrieval"]  # a served model claims only what it was trained for
 
 
 def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root, tmp_path, capsys):
@@ -108,6 +110,34 @@ def test_evaluation_leaves_out_unreadable_images_and_lists_them(trained, shapes_
     result = evaluate_retrieval(model, images, rerank_k=2, batch_size=4)
     assert result["images"] == 3 and result["captions"] == 15
     assert result["skipped"] == [(str(broken), result["skipped"][0][1])]
+
+
+def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(trained, shapes_root, monkeypatch):
+    from collections import Counter
+
+    from absvl.data.images import ImageFiles
+    from absvl.training.retrieval import _pair_scores
+
+    model = AbsVLModel.from_pretrained(trained["export"])
+    images = load_karpathy(shapes_root / "dataset_shapes.json", ["val", "test"], shapes_root / "images")
+    decoded = Counter()
+    read = ImageFiles.__getitem__
+    monkeypatch.setattr(ImageFiles, "__getitem__", lambda self, i: decoded.update([self.paths[i]]) or read(self, i))
+    evaluate_retrieval(model, images, rerank_k=3, batch_size=2)
+    # embedded once, then decoded once per re-ranking direction: no image set held in memory
+    assert set(decoded.values()) == {3} and len(decoded) == len(images)
+
+    # the pair scores, visited image by image, are the model's scores of those pairs
+    paths = [str(im.path) for im in images]
+    texts = model.tokenizer(["a red circle.", "a blue square on the left.", "two green triangles."], padding=True,
+                            return_tensors="pt")
+    image_rows, text_rows = np.array([3, 0, 3, 1, 7, 0]), np.array([0, 1, 2, 2, 1, 0])
+    scores = _pair_scores(model.eval(), paths, image_rows, lambda rows: (texts["input_ids"][rows], texts["attention_mask"][rows]),
+                          text_rows, batch_size=4, num_workers=0, accelerator=Accelerator(cpu=True), desc="test")
+    pixels = torch.stack([read(ImageFiles(paths, model.image_size), i)[1] for i in image_rows])
+    with torch.no_grad():
+        expected = model.rerank_score(pixels, texts["input_ids"][text_rows], texts["attention_mask"][text_rows])
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_eval_command_names_a_wrong_image_root(trained, shapes_root, capsys):
@@ -176,8 +206,64 @@ def test_an_epoch_of_only_unreadable_images_stops_the_run(shapes_root, tiny_mode
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(b"truncated")
     overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 50), f"data.images={images}", "data.val_split=null"]
-    with pytest.raises(ValueError, match="every item of epoch 0 was unreadable"):
+    with pytest.raises(ValueError, match="none of the 32 training items could be read"):
         train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
     with pytest.raises(FileNotFoundError, match="data.images"):
         train_retrieval(load_config("configs/shapes_retrieval.yaml", [*overrides, f"data.images={tmp_path}"],
                                     RetrievalConfig))
+
+
+def test_hard_negatives_are_mined_in_eval_mode(shapes_root):
+    """No dropout and no BatchNorm update in the mining pass; the model's mode is restored."""
+    torch.manual_seed(0)
+    config = AbsVLConfig(backbone="tdam_resnet_test", text_encoder=str(shapes_root / "text_encoder"),
+                         fusion_hidden_size=32, fusion_layers=1, fusion_heads=2)
+    model = AbsVLModel(config).train()
+    seen = []
+    encode = model.encode_image_bottom_up
+    model.encode_image_bottom_up = lambda images: seen.append(model.training) or encode(images)
+    statistics = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    assert statistics  # the TDAM backbone has BatchNorm statistics
+    texts = [f"a {c} circle." for c in ("red", "blue", "green")]
+    batch = model.processor(images=[np.full((32, 32, 3), 50 * i, np.uint8) for i in range(3)], text=texts)
+    sample_negatives(model, batch["images"], batch["input_ids"], batch["attention_mask"], hard=True)
+    assert seen == [False] and model.training
+    assert all(torch.equal(b, statistics[n]) for n, b in model.named_buffers() if n in statistics)
+
+
+def test_training_and_evaluation_on_a_hugging_face_dataset(shapes_root, tiny_model_overrides, tmp_path, monkeypatch,
+                                                           capsys):
+    """A folder of split-named parquet files {img: image bytes, caption: [5 captions], cocoid}: a few training steps,
+    then `absvl eval retrieval` on it scores exactly as on the Karpathy caption file with the same images."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    repo = tmp_path / "shapes-hf"
+    repo.mkdir()
+    features = datasets.Features({"img": datasets.Image(), "caption": [datasets.Value("string")],
+                                  "cocoid": datasets.Value("int64")})
+    for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+        images = load_karpathy(shapes_root / "dataset_shapes.json", [split], shapes_root / "images")
+        datasets.Dataset.from_dict({"img": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
+                                    "caption": [list(im.captions) for im in images],
+                                    "cocoid": [im.image_id for im in images]},
+                                   features=features).to_parquet(repo / f"{name}-00000-of-00001.parquet")
+    overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 4), "data.format=hf",
+                 f"data.captions={repo}", "data.images=null", "data.hf_columns={image: img}"]
+    summary = train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
+    assert summary["step"] == 4 and summary["val"]["images"] == 4 and summary["val"]["captions"] == 20
+
+    out = tmp_path / "recall.json"
+    assert main(["eval", "retrieval", "--model", summary["export"], "--data", str(repo), "--column", "image=img",
+                 "--split", "test", "--k", "2", "--num-workers", "0", "--out", str(out)]) == 0
+    assert f"of {repo} [test]" in capsys.readouterr().out
+    hf = json.loads(out.read_text())
+    karpathy = evaluate_model(summary["export"], shapes_root / "dataset_shapes.json", "test", shapes_root / "images",
+                              rerank_k=2, num_workers=0)
+    assert (hf["images"], hf["captions"]) == (4, 20)
+    assert hf["contrastive"] == karpathy["contrastive"] and hf["reranked"] == karpathy["reranked"]
+
+    with pytest.raises(ConfigError, match="data.format"):
+        load_config("configs/shapes_retrieval.yaml", ["data.format=csv"], RetrievalConfig)
+    with pytest.raises(ConfigError, match="data.hf_columns"):
+        load_config("configs/shapes_retrieval.yaml", ["data.hf_columns={image: img}"], RetrievalConfig)

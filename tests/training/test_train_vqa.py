@@ -51,6 +51,7 @@ def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
     assert "checkpoint-00000012" in names and len(names) <= 2
     model = AbsVLModel.from_pretrained(run / "final")
     assert model.answers == json.loads((run / "answers.json").read_text())
+    assert model.config.trained_tasks == ["vqa"]
     assert (run / "final" / "README.md").read_text().count("VQA accuracy") >= 1
 
 
@@ -141,7 +142,7 @@ def test_eval_and_predict_commands(tiny_overrides, shapes_root, tmp_path, capsys
     out = tmp_path / "val.json"
     assert main(["eval", "vqa", "--model", export, "--data", str(shapes_root), "--split", "val", "--out", str(out), "--batch-size", "16"]) == 0
     scores = json.loads(out.read_text())
-    assert set(scores) == {"overall", "perAnswerType", "perQuestionType"}
+    assert set(scores) == {"overall", "perAnswerType", "perQuestionType", "skipped"} and scores["skipped"] == 0
     assert "overall" in capsys.readouterr().out.lower()
 
     submission = tmp_path / "test-dev.json"
@@ -161,3 +162,61 @@ def test_bad_config_is_one_clear_line(capsys):
     assert main(["train", "vqa", "--config", CONFIG, "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("absvl: error: unknown config key 'train.lrr'") and "Traceback" not in err
+
+
+def test_eval_counts_the_questions_whose_image_is_unreadable(shapes_root, tiny_overrides, tmp_path, capsys):
+    export = train_vqa(load_config(CONFIG, [*tiny_overrides, "train.max_steps=2", "data.val_split=null"]))["export"]
+    world = tmp_path / "world"
+    shutil.copytree(shapes_root, world)
+    victim = sorted((world / "images" / "val2014").iterdir())[0]
+    victim.write_bytes(b"not a jpeg")
+    questions = json.loads((world / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    unreadable = sum(victim.name == f"COCO_val2014_{q['image_id']:012d}.jpg" for q in questions)
+    out = tmp_path / "val.json"
+    assert main(["eval", "vqa", "--model", export, "--data", str(world), "--split", "val", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["skipped"] == unreadable > 0
+    assert f"{unreadable} questions skipped (unreadable images): they score 0" in capsys.readouterr().out
+
+
+def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_overrides, tmp_path, capsys):
+    world, coco = tmp_path / "world", tmp_path / "coco"  # coco/ holds train2014/ val2014/ test2015/
+    shutil.copytree(shapes_root, world, ignore=shutil.ignore_patterns("images"))
+    shutil.copytree(shapes_root / "images", coco)
+    overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2"]
+    with pytest.raises(FileNotFoundError, match="none of the first 20 images exists .*point data.images at the folder"):
+        train_vqa(load_config(CONFIG, overrides))
+    summary = train_vqa(load_config(CONFIG, [*overrides, f"data.images={coco}"]))
+    assert summary["step"] == 2 and summary["skipped"] == 0
+
+    assert main(["data", "check", str(world), "--images", str(coco)]) == 0
+    assert main(["data", "check", str(world)]) == 1
+    capsys.readouterr()
+    out = tmp_path / "val.json"
+    assert main(["eval", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(coco), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["skipped"] == 0
+    submission = tmp_path / "test-dev.json"
+    assert main(["predict", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(coco),
+                 "--out", str(submission)]) == 0
+    assert len(json.loads(submission.read_text())) > 0
+    assert main(["eval", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(tmp_path / "nowhere")]) == 2
+    assert f"data.images={tmp_path / 'nowhere'} should hold val2014/" in capsys.readouterr().err
+
+
+def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(shapes_root, tiny_overrides, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for split, tag in (("train", "train2014"), ("validation", "val2014")):
+        questions = json.loads((shapes_root / f"v2_OpenEnded_mscoco_{tag}_questions.json").read_text())["questions"]
+        answers = {a["question_id"]: a for a in json.loads((shapes_root / f"v2_mscoco_{tag}_annotations.json").read_text())["annotations"]}
+        rows = [{"id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
+                 "answers": [a["answer"] for a in answers[q["question_id"]]["answers"]],
+                 "file": f"{tag}/COCO_{tag}_{q['image_id']:012d}.jpg"} for q in questions]
+        (repo / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "README.md").write_text("# Shapes questions, Hub layout (data/<split>.jsonl)\n")
+    overrides = [*tiny_overrides, "data.format=hf", f"data.root={repo}", f"data.images={shapes_root / 'images'}",
+                 "data.hf_columns={question_id: id, image: file}", "train.max_steps=2"]
+    summary = train_vqa(load_config(CONFIG, overrides))
+    assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0

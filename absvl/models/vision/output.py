@@ -1,7 +1,7 @@
 """The one output type every vision backbone returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,6 +31,8 @@ class BackboneOutput:
         prior_mask: ``[B, N, 1]`` the prior gate ``clamp(cos(ξ, z_i), 0, 1)`` on the first-pass
             tokens (AbSViT Eq. 8, before the scale α), for backbones whose top-down pass reads a
             prior; None otherwise (and with ``bottom_up_only``).
+        embedded: ``[B, N, C]`` the first pass's input tokens in_0 (patch + position embedding), from
+            which a ViT's top-down pass restarts; None for CNNs.
     """
 
     tokens: torch.Tensor
@@ -44,6 +46,35 @@ class BackboneOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     prior_mask: torch.Tensor | None = None
+    embedded: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> BackboneOutput:
+        """The rows ``index`` of every per-sample tensor, e.g. a first pass repeated for several priors.
+
+        Tensors shared between fields stay shared; ``aux_losses`` (batch means) are left out.
+        """
+        picked: dict[int, torch.Tensor] = {}
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in picked:
+                picked[id(t)] = t[index]
+            return picked[id(t)]
+
+        return replace(
+            self,
+            tokens=pick(self.tokens),
+            pooled=pick(self.pooled),
+            bottom_up_tokens=pick(self.bottom_up_tokens),
+            bottom_up_pooled=pick(self.bottom_up_pooled),
+            logits=pick(self.logits),
+            bottom_up_logits=pick(self.bottom_up_logits),
+            aux_losses={},
+            maps={k: pick(v) for k, v in self.maps.items()},
+            prior_mask=pick(self.prior_mask),
+            embedded=pick(self.embedded),
+        )
 
     @property
     def patch_tokens(self) -> torch.Tensor:

@@ -95,6 +95,7 @@ class _TopDownBlock(nn.Module):
             raise ValueError(f"m={m} must be in 1..{self.num_layers} for {type(self).__name__}")
         self.steps, self.m = steps, m
         self.first_recomputed = self.num_layers - m
+        self.searchlight_map: torch.Tensor | None = None  # the last forward's a [B, h, w] (the top-down map)
         if steps > 1:
             bottom = getattr(self, f"conv{self.first_recomputed + 1}").in_channels
             top = getattr(self, f"conv{self.num_layers}").out_channels
@@ -125,7 +126,7 @@ class _TopDownBlock(nn.Module):
         bottom = x
         for t in range(self.steps):
             if t:
-                bottom, _ = self.tdam(bottom, top)
+                bottom, self.searchlight_map = self.tdam(bottom, top)
             top = bottom
             for i in range(self.first_recomputed, self.num_layers):
                 top = self.layer(i, top, t)
@@ -228,15 +229,10 @@ class ResNetBackbone(ResNet):
         top-down signal comes from each block's own top layers, inside the one pass, so
         ``bottom_up_only`` changes nothing)."""
         maps: dict[str, torch.Tensor] = {}
+        features = self.forward_features(images)
         last = next((b for b in reversed(self.tdam_blocks()) if b.steps > 1), None)
-        hook = None
         if return_maps and last is not None:
-            hook = last.tdam.register_forward_hook(lambda _m, _i, out: maps.__setitem__("top_down", out[1]))
-        try:
-            features = self.forward_features(images)
-        finally:
-            if hook is not None:
-                hook.remove()
+            maps["top_down"] = last.searchlight_map
         grid = (features.shape[-2], features.shape[-1])
         pooled = self.global_pool(features)
         tokens = torch.cat([pooled.unsqueeze(1), features.flatten(2).transpose(1, 2)], dim=1)
@@ -258,6 +254,10 @@ class ResNetBackbone(ResNet):
             bottom_up_logits=logits,
             maps=maps,
         )
+
+    def top_down(self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
+        """``first``: TDAM's top-down signal is inside the one pass and ξ is ignored (the ViT interface)."""
+        return first
 
 
 # --- registered architectures --------------------------------------------------------

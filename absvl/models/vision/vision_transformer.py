@@ -19,6 +19,7 @@ as in the authors' checkpoints.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -353,7 +354,7 @@ class VisionTransformer(nn.Module):
         return_maps: bool = False,
         bottom_up_only: bool = False,
     ) -> BackboneOutput:
-        """Run the backbone.
+        """Run the backbone: the first (bottom-up) pass, then :meth:`top_down`.
 
         Args:
             images: ``[B, 3, H, W]``, H and W divisible by the patch size.
@@ -365,44 +366,59 @@ class VisionTransformer(nn.Module):
                 the bottom-up ones.
         """
         x0, grid = self.embed(images)
-        z, _, bu_map_tokens = self.run_blocks(x0, grid)
-        bottom_up_pooled = self.pool(z)
-        tokens, aux, maps, gate = z, {}, {}, None
-        if return_maps:
-            maps["bottom_up"] = token_norm_map(bu_map_tokens, self.num_prefix_tokens, grid)
-
-        if self.topdown != "none" and not bottom_up_only:
-            if self.topdown in _MODES_WITH_PRIOR:
-                prior = self.prompt if xi is None else xi
-                gate = prior_mask(z, prior.to(z.dtype))
-                mask = self.alpha * gate
-            if self.topdown == "perceiver":
-                tokens = z * mask
-                td_map_tokens = bu_map_tokens * mask  # the same block as the bottom-up map, masked
-            else:
-                td = value_mask = None
-                if self.topdown == "maskatt":
-                    value_mask = mask
-                else:
-                    td = self.feedback(z if self.topdown == "feedback" else z * mask)
-                with_var = self.training and self.variational_loss and self.topdown in _MODES_WITH_DECODERS
-                tokens, var_loss, td_map_tokens = self.run_blocks(x0, grid, td, value_mask, with_var_loss=with_var)
-                if var_loss is not None:
-                    aux["var"] = var_loss
-            if return_maps:
-                maps["top_down"] = token_norm_map(td_map_tokens, self.num_prefix_tokens, grid)
-
-        pooled = bottom_up_pooled if tokens is z else self.pool(tokens)
-        has_head = self.num_classes > 0
-        return BackboneOutput(
-            tokens=tokens,
+        z, _, map_tokens = self.run_blocks(x0, grid)
+        pooled = self.pool(z)
+        first = BackboneOutput(
+            tokens=z,
             pooled=pooled,
             bottom_up_tokens=z,
-            bottom_up_pooled=bottom_up_pooled,
+            bottom_up_pooled=pooled,
             grid_size=grid,
             num_prefix_tokens=self.num_prefix_tokens,
-            logits=self.head(pooled) if has_head else None,
-            bottom_up_logits=(self.head(bottom_up_pooled) if pooled is not bottom_up_pooled else None) if has_head else None,
+            logits=self.head(pooled) if self.num_classes > 0 else None,
+            maps={"bottom_up": token_norm_map(map_tokens, self.num_prefix_tokens, grid)} if return_maps else {},
+            embedded=x0,
+        )
+        return first if bottom_up_only else self.top_down(first, xi, return_maps)
+
+    def top_down(self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
+        """Prior modulation, feedback and second pass (AbSViT Eq. 8-10) from a first pass.
+
+        ``first`` is ``forward(images, bottom_up_only=True, return_maps=return_maps)``: it depends on
+        the images only, so one first pass serves any number of priors (``first.select(rows)`` pairs
+        its rows with the rows of ``xi``). Without a top-down path ``first`` is the output.
+        """
+        if self.topdown == "none":
+            return first
+        z, x0, grid, prefix = first.bottom_up_tokens, first.embedded, first.grid_size, self.num_prefix_tokens
+        aux, maps, gate = {}, dict(first.maps), None
+        if self.topdown in _MODES_WITH_PRIOR:
+            prior = self.prompt if xi is None else xi
+            gate = prior_mask(z, prior.to(z.dtype))
+            mask = self.alpha * gate
+        if self.topdown == "perceiver":
+            tokens = z * mask
+            if return_maps:  # the bottom-up map (the same block) with its tokens masked
+                maps["top_down"] = first.maps["bottom_up"] * mask[:, prefix:, 0].reshape(z.shape[0], *grid)
+        else:
+            td = value_mask = None
+            if self.topdown == "maskatt":
+                value_mask = mask
+            else:
+                td = self.feedback(z if self.topdown == "feedback" else z * mask)
+            with_var = self.training and self.variational_loss and self.topdown in _MODES_WITH_DECODERS
+            tokens, var_loss, td_map_tokens = self.run_blocks(x0, grid, td, value_mask, with_var_loss=with_var)
+            if var_loss is not None:
+                aux["var"] = var_loss
+            if return_maps:
+                maps["top_down"] = token_norm_map(td_map_tokens, prefix, grid)
+        pooled = self.pool(tokens)
+        return replace(
+            first,
+            tokens=tokens,
+            pooled=pooled,
+            logits=self.head(pooled) if self.num_classes > 0 else None,
+            bottom_up_logits=first.logits,
             aux_losses=aux,
             maps=maps,
             prior_mask=gate,

@@ -6,6 +6,7 @@ from typing import Any
 
 PRIOR_POOLINGS = ("cls", "mean")
 PRIOR_VISUALS = ("bottom_up", "top_down", "both")
+TASKS = ("vqa", "retrieval")
 # keys written to config.json for humans and tools, not constructor fields
 _META_KEYS = ("model_type", "absvl_version")
 
@@ -17,6 +18,9 @@ class AbsVLConfig:
     Attributes:
         backbone: registered vision backbone name (``absvl backbones`` lists them).
         backbone_kwargs: constructor overrides for the backbone (``alpha`` excepted: use ``alpha``).
+        backbone_weights: where the backbone's starting weights came from (``timm:<name>``, a file or
+            a folder), recorded when the model is built with ``pretrained``/``pretrained_path`` in
+            ``backbone_kwargs`` (which are then dropped): the model card's ``base_model``.
         alpha: prior modulation scale ``α·clamp(cos(ξ, z), 0, 1)·z`` (AbSViT Eq. 8; 10 for VL in
             the paper), given to ViT-family backbones; CNN backbones have none.
         image_size: input resolution; ``None`` takes the backbone's own (``patch_embed.img_size``
@@ -49,10 +53,14 @@ class AbsVLConfig:
         gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
             over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
             need it open (0: off).
+        trained_tasks: the tasks whose heads fit the current weights, recorded at export by the
+            training task (``["vqa"]``; ``["retrieval"]``: the VQA head was frozen while the rest
+            changed, so it no longer fits); ``None`` for a model built in code or saved before.
     """
 
     backbone: str = "absvit_base_patch16_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
     alpha: float = 10.0
     image_size: int | None = None
     text_encoder: str = "roberta-base"
@@ -74,8 +82,12 @@ class AbsVLConfig:
     prior_loss_weight: float = 1.0
     itm_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
+    trained_tasks: list[str] | None = None
 
     def __post_init__(self) -> None:
+        unknown_tasks = set(self.trained_tasks or ()) - set(TASKS)
+        if unknown_tasks:
+            raise ValueError(f"trained_tasks has unknown task(s) {sorted(unknown_tasks)}; known: {', '.join(TASKS)}")
         if self.prior_pooling not in PRIOR_POOLINGS:
             raise ValueError(f"prior_pooling={self.prior_pooling!r} must be one of {', '.join(PRIOR_POOLINGS)}")
         if self.prior_visual not in PRIOR_VISUALS:

@@ -7,8 +7,11 @@ import torch.nn.functional as F
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits on soft VQA scores, mean over batch and answers × #answers (METER/ViLT)."""
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype)) * targets.shape[1]
+    """BCE-with-logits on soft VQA scores, mean over batch and answers × #answers (METER/ViLT).
+
+    In fp32 whatever the logits' dtype: soft targets such as 0.3 are not representable in bf16.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -45,14 +48,27 @@ def contrastive_loss(
     ``logits = s · t̂ îᵀ`` over the batch gathered from all processes; the loss is the mean of the
     text→image and image→text cross-entropies with the diagonal as targets. Rows are normalised
     here. ``valid`` (``[B]`` bool) drops rows that are not matching pairs (e.g. ITM negatives).
+    Computed in fp32, autocast or not: at a logit scale up to 100 a bf16 matmul's rounding error
+    (≈ 0.4 on a logit) would change the loss.
     """
+    with torch.autocast(text.device.type, enabled=False):
+        return _contrastive_loss(text.float(), image.float(), logit_scale.float(), valid)
+
+
+def _contrastive_loss(
+    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
     text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
     text, image = gather_with_grad(text), gather_with_grad(image)
-    if valid is not None:  # boolean indexing syncs with the GPU and breaks torch.compile graphs: only when needed
-        valid = gather_with_grad(valid.long()).bool()
-        text, image = text[valid], image[valid]
-        if text.shape[0] == 0:  # no matching pair anywhere: nothing to contrast
-            return logit_scale * 0.0
     logits = logit_scale * text @ image.t()
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    if valid is None:
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    # Masks, not boolean indexing (a data-dependent shape: a GPU sync and a torch.compile graph
+    # break): a non-matching row is nobody's negative (-inf) and its own term weighs 0 (its
+    # diagonal stays finite so that the term is too).
+    valid = gather_with_grad(valid.long()).bool()
+    outside = ~(valid[:, None] & valid[None, :]) & ~torch.eye(len(valid), dtype=torch.bool, device=valid.device)
+    logits = logits.masked_fill(outside, float("-inf"))
+    terms = F.cross_entropy(logits, targets, reduction="none") + F.cross_entropy(logits.t(), targets, reduction="none")
+    return (terms * valid).sum() / (2 * valid.sum().clamp(min=1))

@@ -1,9 +1,12 @@
 """The generated ``README.md`` model card of a saved :class:`AbsVLModel`."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..vision import backbone_family
 
@@ -24,26 +27,76 @@ _CITATIONS = """```bibtex
 ```"""
 
 
+# the card's inputs a saved folder keeps (model_card.json), so that a loaded model renders the same card
+CARD_DATA_NAME = "model_card.json"
+CARD_DATA_KEYS = ("training_data", "metrics", "datasets", "task")
+PIPELINE_TAG = "visual-question-answering"
+
+
+def hub_model_id(source: str | None) -> str | None:
+    """``source`` as a Hub model id (``timm:<name>`` → ``timm/<name>``), None for local paths."""
+    if not source:
+        return None
+    if source.startswith("timm:"):
+        return f"timm/{source[len('timm:'):]}"
+    if Path(source).exists():
+        return None
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return None
+    return source
+
+
 def render_model_card(
     model: AbsVLModel,
     repo_id: str | None = None,
     training_data: str | Sequence[str] | None = None,
     metrics: dict[str, float] | None = None,
+    datasets: Sequence[str] | None = None,
+    task: str = PIPELINE_TAG,
 ) -> ModelCard:
-    """Card with architecture, training data, metrics (when known) and a usage snippet.
+    """Card with architecture, training data, metrics (when known) and a usage snippet; its YAML
+    metadata holds ``base_model`` (the text encoder and the backbone weights that are Hub ids),
+    ``datasets`` and the metrics as ``model-index`` results.
 
     Args:
         repo_id: where the model is published; the usage snippet loads from it.
         training_data: a description or a list of data sets the model was trained on.
-        metrics: ``{name: value}``, e.g. ``{"VQAv2 test-dev accuracy": 68.72}``.
+        metrics: ``{name: value}``, e.g. ``{"VQA accuracy (val)": 68.72}``.
+        datasets: Hub ids of the training data sets.
+        task: Hub task id of the metrics (``model-index``).
     """
     cfg, text_cfg = model.config, model.config.text_config or {}
     family = backbone_family(cfg.backbone)
+    if training_data is None:
+        trained_on = "Not recorded."
+    elif isinstance(training_data, str):
+        trained_on = training_data
+    else:
+        trained_on = "\n".join(f"- {d}" for d in training_data)
+    described = training_data if isinstance(training_data, str) else ", ".join(training_data or datasets or [])
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=datasets[0] if datasets else "custom",
+            dataset_name=described or "not recorded",
+            metric_type=re.sub(r"[^a-z0-9@]+", "_", name.lower()).strip("_"),
+            metric_name=name,
+            metric_value=value,
+        )
+        for name, value in (metrics or {}).items()
+    ]
+    base_models = [m for m in map(hub_model_id, (cfg.text_encoder, cfg.backbone_weights)) if m]
     data = ModelCardData(
         library_name="absvl",
         license="apache-2.0",
-        pipeline_tag="visual-question-answering",
-        tags=sorted({"absvl", "vision-language", "top-down-attention", "visual-question-answering", family}),
+        pipeline_tag=PIPELINE_TAG,
+        tags=sorted({"absvl", "vision-language", "top-down-attention", PIPELINE_TAG, family}),
+        base_model=base_models or None,
+        datasets=list(datasets) if datasets else None,
+        model_name=repo_id.split("/")[-1] if repo_id else f"absvl-{cfg.backbone}",
+        eval_results=eval_results or None,
     )
     overrides = ", ".join(f"`{k}={v!r}`" for k, v in cfg.backbone_kwargs.items()) or "none"
     prior = f"Linear of the text {'[cls] state' if cfg.prior_pooling == 'cls' else 'masked token mean'} → ξ"
@@ -51,7 +104,8 @@ def render_model_card(
         prior += ", with the authors' rank-1 channel projection 5·h·(ξξᵀ)"
     width = model.backbone.num_features
     rows = [
-        ("Vision backbone", f"`{cfg.backbone}` ({family}, width {width}, overrides: {overrides})"),
+        ("Vision backbone", f"`{cfg.backbone}` ({family}, width {width}, overrides: {overrides})"
+         + (f", initialised from `{cfg.backbone_weights}`" if cfg.backbone_weights else "")),
         ("Image size", f"{model.image_size} px"),
         ("Text encoder", f"{text_cfg.get('model_type', '?')} (hidden {text_cfg.get('hidden_size', '?')}, "
          f"{text_cfg.get('num_hidden_layers', '?')} layers), initialised from `{cfg.text_encoder}`"),
@@ -62,12 +116,6 @@ def render_model_card(
         ("Parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    if training_data is None:
-        trained_on = "Not recorded."
-    elif isinstance(training_data, str):
-        trained_on = training_data
-    else:
-        trained_on = "\n".join(f"- {d}" for d in training_data)
     if metrics:
         results = "| Metric | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
     else:

@@ -13,31 +13,34 @@ with the same loss on the bottom-up tokens pooled by the top-down map; L_gate th
 
 Saving goes through ``huggingface_hub.ModelHubMixin``: ``save_pretrained``/``push_to_hub`` write
 ``model.safetensors``, ``config.json`` (with the text encoder's config), the tokenizer files,
-``answers.json`` and a generated ``README.md``; ``from_pretrained`` needs nothing else.
+``answers.json``, ``model_card.json`` (the card's training data and metrics) and a generated
+``README.md``; ``from_pretrained`` needs nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 import transformers
-from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelHubMixin, snapshot_download
 from safetensors.torch import load_model, save_model
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ..vision import BackboneOutput, backbone_family, create_backbone
 from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
 from .heads import ContrastiveHead, ITMHead, VQAHead
 from .losses import contrastive_loss, vqa_loss
-from .model_card import render_model_card
-from .processing import AbsVLProcessor, backbone_image_size
+from .model_card import CARD_DATA_KEYS, CARD_DATA_NAME, render_model_card
+from .processing import AbsVLProcessor, ImageInput, backbone_image_size
 from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
 
 WEIGHTS_NAME = "model.safetensors"
@@ -49,13 +52,17 @@ LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 # families built on VisionTransformer, which takes the modulation scale ``alpha``
 _VIT_FAMILIES = ("vit", "absvit", "vars")
 
-# SPEC §5: encoders (vision, text) lr, fusion ×5, heads ×50, AbSViT decoders ×3
-LR_MULTIPLIERS = {"vision": 1.0, "text": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
+# SPEC §5: encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3; ``encoders`` is the default of the
+# two encoder groups, each settable alone (a pretrained text encoder with a differently pretrained backbone)
+LR_MULTIPLIERS = {"encoders": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
+ENCODER_GROUPS = ("backbone", "text_encoder")
+# the encoder groups' names in configs written before the split (runs/, configs/)
+_LR_ALIASES = {"vision": "backbone", "text": "text_encoder"}
 # first matching prefix wins; the prior projection and the temperature are new layers: heads
 _GROUP_PREFIXES = (
     ("backbone.decoders.", "decoders"),
-    ("backbone.", "vision"),
-    ("text_encoder.", "text"),
+    ("backbone.", "backbone"),
+    ("text_encoder.", "text_encoder"),
     ("fusion.", "fusion"),
     ("prior.", "heads"),
     ("vqa_head.", "heads"),
@@ -65,8 +72,9 @@ _GROUP_PREFIXES = (
 
 
 @dataclass
-class AbsVLOutput:
-    """What :meth:`AbsVLModel.forward` computed.
+class AbsVLOutput(ModelOutput):
+    """What :meth:`AbsVLModel.forward` computed: a transformers ``ModelOutput`` (attribute, key and
+    tuple access; fields that are None are left out of the keys and the tuple).
 
     Attributes:
         loss: weighted total, when a loss was asked for (labels given or ``return_loss=True``).
@@ -82,17 +90,17 @@ class AbsVLOutput:
         vision: the backbone's full output (tokens, bottom-up tokens, maps, ...).
     """
 
-    loss: torch.Tensor | None
-    losses: dict[str, torch.Tensor]
-    vqa_logits: torch.Tensor | None
-    itm_logits: torch.Tensor
-    pooled: torch.Tensor
-    text_tokens: torch.Tensor
-    image_tokens: torch.Tensor
-    xi: torch.Tensor
-    text_embeds: torch.Tensor
-    image_embeds: torch.Tensor
-    vision: BackboneOutput = field(repr=False)
+    loss: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    vqa_logits: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+    xi: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    vision: BackboneOutput | None = field(default=None, repr=False)
 
 
 class AbsVLModel(
@@ -129,6 +137,8 @@ class AbsVLModel(
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(config.text_encoder)
         self.config = config
         self.answers = list(answers or [])
+        # what the model card records about training (see save_pretrained)
+        self.card_data: dict[str, Any] = {}
 
         overrides = dict(config.backbone_kwargs)
         if backbone_family(config.backbone) in _VIT_FAMILIES:
@@ -138,7 +148,8 @@ class AbsVLModel(
             # the weights are the model's own from now on: keep only the architecture options (with
             # those a converted folder set, e.g. td_bias) so saved configs rebuild without the file
             arch = {k: v for k, v in self.backbone.backbone_config.items() if k not in ("name", "alpha")}
-            self.config = config = replace(config, backbone_kwargs=arch)
+            source = self.backbone.pretrained_report.source
+            self.config = config = replace(config, backbone_kwargs=arch, backbone_weights=source)
         if config.prior_channel_projection and not hasattr(self.backbone, "decoders"):
             raise ValueError(f"prior_channel_projection=True needs a backbone with decoders, not {config.backbone!r}")
         if isinstance(getattr(self.backbone, "prompt", None), nn.Parameter):
@@ -174,16 +185,37 @@ class AbsVLModel(
         """Image/text preprocessing matching this model (size, tokenizer, max text length)."""
         return AbsVLProcessor(self.tokenizer, self.image_size, self.config.max_text_len)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.parameters()).device
+
+    def prepare_inputs(
+        self, images: ImageInput | Sequence[ImageInput] | None = None, text: str | Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:attr:`processor` outputs on the model's device: how every inference entry point (pipelines,
+        retrieval, attention metrics and figures) gets its inputs."""
+        return {k: v.to(self.device) for k, v in self.processor(images=images, text=text).items()}
+
     def encode_prior(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(text hidden states ``[B, T, D]``, prior ξ ``[B, C]``)."""
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden, self.prior(hidden, attention_mask)
 
-    def encode_vision(self, images: torch.Tensor, xi: torch.Tensor, return_maps: bool = False) -> BackboneOutput:
-        """The backbone steered by ξ (with the authors' channel projection when configured)."""
+    def first_pass(self, images: torch.Tensor, return_maps: bool = False) -> BackboneOutput:
+        """The backbone's bottom-up pass: it depends on the images only, so one serves every text
+        (``first.select(rows)`` repeats rows to pair them with texts; see :meth:`encode_vision`)."""
+        return self.backbone(images, return_maps=return_maps, bottom_up_only=True)
+
+    def encode_vision(
+        self, images: torch.Tensor | BackboneOutput, xi: torch.Tensor, return_maps: bool = False
+    ) -> BackboneOutput:
+        """The backbone steered by ξ (with the authors' channel projection when configured): the
+        first pass (or ``images`` given as their :meth:`first_pass`), then the top-down pass."""
+        first = images if isinstance(images, BackboneOutput) else self.first_pass(images, return_maps)
         projected = self.config.prior_channel_projection
         with channel_projection(self.backbone, xi) if projected else contextlib.nullcontext():
-            return self.backbone(images, xi=xi, return_maps=return_maps)
+            return self.backbone.top_down(first, xi, return_maps)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised ξ ``[B, C]``: the text side of the retrieval space."""
@@ -192,13 +224,13 @@ class AbsVLModel(
     def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` image side of the prior loss from the bottom-up tokens (see ``ContrastiveHead``):
         query-independent, indexable once."""
-        vision = self.backbone(images, bottom_up_only=True)
+        vision = self.first_pass(images)
         return self.contrastive(vision.bottom_up_tokens, vision.num_prefix_tokens)
 
     # --- forward ----------------------------------------------------------------------
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | BackboneOutput,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         vqa_targets: torch.Tensor | None = None,
@@ -208,7 +240,8 @@ class AbsVLModel(
     ) -> AbsVLOutput:
         """
         Args:
-            images: ``[B, 3, S, S]`` normalised images (see :attr:`processor`).
+            images: ``[B, 3, S, S]`` normalised images (see :meth:`prepare_inputs`), or their
+                :meth:`first_pass` (computed with ``return_maps`` when maps are asked for).
             input_ids, attention_mask: ``[B, T]`` tokenised texts (mask defaults to all ones).
             vqa_targets: ``[B, num_answers]`` soft VQA scores → ``losses["vqa"]``.
             itm_labels: ``[B]`` 1 for matching pairs, 0 otherwise → ``losses["itm"]``; only matching
@@ -275,13 +308,16 @@ class AbsVLModel(
         """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
         return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
 
-    def rerank_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def rerank_score(
+        self, images: torch.Tensor | BackboneOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(ξ, image embedding).
 
         The ITM term comes from a forward pass whose top-down pass the text steers; the second is
         the contrastive logit of the prior loss. Their sum is the log-product of the two matching
         models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
-        the contrastive order.
+        the contrastive order. ``images`` may be their :meth:`first_pass`, computed once per image
+        and paired with many texts by ``first.select(rows)``.
         """
         out = self(images, input_ids, attention_mask)
         log_odds = out.itm_logits[:, 1] - out.itm_logits[:, 0]
@@ -302,19 +338,25 @@ class AbsVLModel(
     def parameter_groups(
         self, lr: float, weight_decay: float = 0.01, lr_multipliers: dict[str, float] | None = None
     ) -> list[dict[str, Any]]:
-        """AdamW parameter groups (SPEC §5): encoders lr (``vision`` and ``text``, apart so that a
-        pretrained encoder can be finetuned more gently than a fresh one), fusion ×5, heads ×50,
-        AbSViT decoders ×3.
+        """AdamW parameter groups (SPEC §5): encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3.
+
+        ``lr_multipliers`` overrides :data:`LR_MULTIPLIERS`; ``encoders`` sets both the ``backbone``
+        and the ``text_encoder`` group, which a key of their own overrides (``vision`` and ``text``
+        are read as ``backbone`` and ``text_encoder``), e.g. ``{"encoders": 0.5, "backbone": 0.1}``.
 
         No weight decay on biases, norm weights, the logit scale (all ≤ 1-D) and the backbone's
         ``no_weight_decay()`` embeddings (pos_embed, cls_token, prompt) and the token-type
         embeddings. Every trainable parameter lands in exactly one group; otherwise a
         ``ValueError`` names it. Each group carries ``name`` and ``lr_scale`` for schedulers.
         """
-        multipliers = {**LR_MULTIPLIERS, **(lr_multipliers or {})}
-        unknown = set(multipliers) - set(LR_MULTIPLIERS)
+        given = {_LR_ALIASES.get(k, k): v for k, v in (lr_multipliers or {}).items()}
+        known = [*LR_MULTIPLIERS, *ENCODER_GROUPS]
+        unknown = set(given) - set(known)
         if unknown:
-            raise ValueError(f"unknown lr_multipliers key(s) {sorted(unknown)}; known: {sorted(LR_MULTIPLIERS)}")
+            raise ValueError(f"unknown lr_multipliers key(s) {sorted(unknown)}; known: {sorted(known)}")
+        multipliers = {**LR_MULTIPLIERS, **given}
+        for group in ENCODER_GROUPS:
+            multipliers.setdefault(group, multipliers["encoders"])
         backbone_no_decay = getattr(self.backbone, "no_weight_decay", lambda: set())()
         no_decay_names = {f"backbone.{n}" for n in backbone_no_decay} | {"fusion.token_type_embeddings.weight"}
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -344,22 +386,64 @@ class AbsVLModel(
         return groups
 
     # --- Hub ----------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        model_card_kwargs: dict[str, Any] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
+    ) -> CommitInfo | None:
+        """The mixin's. The card's ``training_data``, ``metrics``, ``datasets`` and ``task`` (see
+        :func:`render_model_card`) are kept in :attr:`card_data` and ``model_card.json``: a model
+        loaded from the folder renders the same card, e.g. when pushed. ``push_to_hub=True`` then
+        pushes to ``repo_id`` (default: the folder's name) with :meth:`push_to_hub`'s ``push_kwargs``."""
+        card_kwargs = dict(model_card_kwargs or {})
+        self.card_data.update({k: card_kwargs.pop(k) for k in CARD_DATA_KEYS if k in card_kwargs})
+        super().save_pretrained(save_directory, model_card_kwargs=card_kwargs)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=card_kwargs, **push_kwargs)
+        return None
+
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Weights (safetensors), config, tokenizer, answers; the mixin then writes the model card."""
+        """Weights (safetensors), config, tokenizer, answers, card data; the mixin then writes the card."""
         save_model(self, str(save_directory / WEIGHTS_NAME))
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
         (save_directory / ANSWERS_NAME).write_text(json.dumps(self.answers, ensure_ascii=False, indent=0) + "\n")
+        (save_directory / CARD_DATA_NAME).write_text(json.dumps(self.card_data, ensure_ascii=False, indent=2) + "\n")
         self.tokenizer.save_pretrained(save_directory)
         (save_directory / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card: regenerate
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """``README.md``; keyword arguments (``model_card_kwargs``): repo_id, training_data, metrics."""
-        return render_model_card(self, *args, **kwargs)
+        """``README.md`` from :attr:`card_data` and the keyword arguments of :func:`render_model_card`."""
+        return render_model_card(self, *args, **{**self.card_data, **kwargs})
 
-    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:
-        """Upload to the Hub (the mixin's), with the usage snippet of the card pointing at ``repo_id``."""
-        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
-        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        branch: str | None = None,
+        commit_message: str = "Upload AbsVLModel",
+        create_pr: bool | None = None,
+        token: str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+    ) -> CommitInfo:
+        """Upload the :meth:`save_pretrained` folder in one commit, creating the repository and
+        ``branch`` when missing; the card's usage snippet loads from ``repo_id``.
+
+        ``token`` defaults to huggingface_hub's: ``HF_TOKEN``, else ``hf auth login``'s. Returns the
+        commit (``.commit_url``, ``.oid``).
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                     revision=branch, create_pr=create_pr)
 
     @classmethod
     def from_pretrained(
@@ -403,6 +487,8 @@ class AbsVLModel(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=text_config)
         model = cls(config, answers=answers, tokenizer=tokenizer)
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        if (folder / CARD_DATA_NAME).is_file():  # absent in folders saved by older versions
+            model.card_data = json.loads((folder / CARD_DATA_NAME).read_text())
         return model.eval()
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 import transformers
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
 # authors' released VL code: ``x = x @ (p pᵀ) * 5`` between the modulation and the feedback path
 CHANNEL_PROJECTION_SCALE = 5.0
@@ -24,9 +25,18 @@ def _without_pooler(model: nn.Module) -> nn.Module:
     return model
 
 
+def _encoder_class(config: Any) -> Any:
+    """``AutoModelForTextEncoding`` where it knows the model type (for encoder-decoders such as
+    T5, mT5, UMT5 it is the encoder alone: ``AutoModel`` would also run the decoder), else ``AutoModel``."""
+    if config.model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES:
+        return transformers.AutoModelForTextEncoding
+    return transformers.AutoModel
+
+
 def load_text_encoder(name_or_path: str) -> tuple[nn.Module, Any]:
     """Pretrained encoder and tokenizer from a hub name or a local folder (``AutoModel``/``AutoTokenizer``)."""
-    model = transformers.AutoModel.from_pretrained(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    model = _encoder_class(config).from_pretrained(name_or_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
     return _without_pooler(model), tokenizer
 
@@ -36,7 +46,7 @@ def text_encoder_from_config(text_config: dict[str, Any]) -> nn.Module:
     if "model_type" not in text_config:
         raise ValueError("text_config has no 'model_type': it must be a transformers config dict")
     config = transformers.AutoConfig.for_model(**text_config)
-    return _without_pooler(transformers.AutoModel.from_config(config))
+    return _without_pooler(_encoder_class(config).from_config(config))
 
 
 def text_config_dict(model: nn.Module) -> dict[str, Any]:

@@ -23,8 +23,22 @@ async function loadHealth() {
     const response = await fetch("/health");
     const health = await response.json();
     limits = health.limits;
-    const index = health.search ? `${health.index_size} indexed images` : "no search index";
-    $("status").textContent = `model ${health.model} · ${index}${health.vqa ? "" : " · no VQA head"}`;
+    // Only the halves the service can do are shown; the others are listed with the reason.
+    const served = [];
+    if (health.search) {
+      const gpu = health.index_device === "cuda" ? " (on the GPU)" : "";
+      served.push(`search: model ${health.retrieval_model}, ${health.index_size} indexed images${gpu}`);
+    }
+    if (health.vqa) served.push(`questions: model ${health.model}`);
+    $("status").textContent = served.join(" · ") || "Nothing is served.";
+    $("search-section").hidden = !health.search;
+    $("vqa-section").hidden = !health.vqa;
+    $("unavailable").replaceChildren(...Object.values(health.unavailable).map((reason) => {
+      const item = document.createElement("li");
+      item.textContent = reason;
+      return item;
+    }));
+    $("unavailable").hidden = !$("unavailable").childElementCount;
     $("search-k").max = limits.max_k;
     $("search-rerank").max = limits.max_rerank;
     $("vqa-top-k").max = limits.max_top_k;

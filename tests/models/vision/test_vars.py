@@ -284,3 +284,26 @@ def test_vit_weights_load_into_vars_d():
     report = model.load_state_dict(vit.state_dict(), strict=False)
     assert report.unexpected_keys == []
     assert report.missing_keys == [f"blocks.{i}.attn.random_matrix" for i in range(4)]
+
+
+def test_ista_iterating_l_times_u_equals_eq_12():
+    """The iterate w = L·u (one softshrink per step) gives Eq. 12's u and its gradients, per-problem L included."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.rand(2, 3, 50, 24, generator=g)
+    gram, rhs = atoms.transpose(-2, -1) @ atoms, torch.randn(2, 3, 24, 8, generator=g)
+    L = gram.abs().sum(-1).amax(-1)[..., None, None] + 1
+
+    def eq_12(rhs, gram, lam):
+        shrink = lambda x, t: x.sign() * (x.abs() - t).clamp(min=0)  # noqa: E731
+        u = shrink(rhs, lam)
+        for _ in range(3):
+            u = shrink(u - (gram @ u - rhs) / L, lam / L)
+        return u
+
+    for lam in (0.3, torch.tensor(0.3)):
+        ours, ref = (rhs.clone().requires_grad_() for _ in range(2))
+        out, expected = ista(ours, gram, lam, L, 3), eq_12(ref, gram, lam)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)

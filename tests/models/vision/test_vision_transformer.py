@@ -187,6 +187,33 @@ def test_every_topdown_mode_runs_forward_and_backward(mode):
         assert model.prompt.grad is not None
 
 
+@pytest.mark.parametrize("mode", TOPDOWN_MODES)
+def test_one_first_pass_serves_many_priors(mode):
+    """top_down(first pass rows, ξ) is the full forward of those images under ξ (re-ranking reuses it)."""
+    torch.manual_seed(0)
+    model = create_backbone("vit_test_patch8", topdown=mode, num_classes=3).eval()
+    images, rows = _images(3), torch.tensor([2, 0, 2, 1, 0])
+    xi = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = model(images, return_maps=True, bottom_up_only=True)
+        reused = model.top_down(first.select(rows), xi, return_maps=True)
+        full = model(images[rows], xi, return_maps=True)
+    for name in ("tokens", "pooled", "bottom_up_tokens", "bottom_up_pooled", "logits"):
+        torch.testing.assert_close(getattr(reused, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+    assert reused.maps.keys() == full.maps.keys()
+    for kind in full.maps:
+        torch.testing.assert_close(reused.maps[kind], full.maps[kind], rtol=1e-5, atol=1e-5)
+    assert (reused.tokens is reused.bottom_up_tokens) == (mode == "none")
+
+
+def test_select_keeps_shared_tensors_shared():
+    torch.manual_seed(0)
+    first = create_backbone("absvit_test_patch8").eval()(_images(3), bottom_up_only=True)
+    picked = first.select(torch.tensor([1, 1]))
+    assert picked.tokens is picked.bottom_up_tokens and picked.pooled is picked.bottom_up_pooled
+    torch.testing.assert_close(picked.embedded, first.embedded[[1, 1]])
+
+
 def test_perceiver_output_is_the_masked_first_pass():
     torch.manual_seed(0)
     model = create_backbone("vit_test_patch8", topdown="perceiver", alpha=2.0).eval()

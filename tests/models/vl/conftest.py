@@ -1,8 +1,15 @@
-"""Tiny text encoders (built locally, loaded from temp dirs) and tiny AbSViT-VL models."""
+"""Tiny text encoders (built locally, loaded from temp dirs), tiny AbSViT-VL models, and ``hub``: the
+local stand-in of the Hub API (tests/hub_stand_in.py)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from absvl.models.vl import AbsVLConfig, AbsVLModel, build_tiny_text_encoder
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # tests/ (pytest runs with --import-mode=importlib)
+from hub_stand_in import hub  # noqa: E402,F401
 
 ANSWERS = ["yes", "no", "red", "blue", "circle", "square", "2", "3"]
 QUESTIONS = ["what color is the circle?", "is there a blue square?", "how many triangles?", "what shape is red?"]

@@ -1,16 +1,21 @@
-"""save_pretrained / from_pretrained / push_to_hub: self-contained folders, exact outputs, no token leaks."""
+"""save_pretrained / from_pretrained / push_to_hub: self-contained folders, exact outputs, no token leaks;
+the Hub side is the local stand-in of tests/hub_stand_in.py (no network)."""
 import json
 import logging
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError
 
+import absvl
 from absvl import AbsVLModel
 from absvl.models.vl import build_tiny_text_encoder
+from absvl.models.vl.model_card import render_model_card
 
-BASE_FILES = {"model.safetensors", "config.json", "answers.json", "README.md"}
+BASE_FILES = {"model.safetensors", "config.json", "answers.json", "model_card.json", "README.md"}
 
 
 def _tokenizer_files(model, tmp_path):
@@ -62,6 +67,7 @@ def test_save_pretrained_roundtrip_is_exact_and_self_contained(make_model, make_
     saved_again = tmp_path / "saved_again"
     loaded.save_pretrained(saved_again)
     assert json.loads((saved_again / "config.json").read_text()) == config
+    assert (saved_again / "README.md").read_text() == card  # the card's training data and metrics are kept
 
 
 def test_from_pretrained_names_bad_folders_and_keys(make_model, tmp_path):
@@ -77,32 +83,84 @@ def test_from_pretrained_names_bad_folders_and_keys(make_model, tmp_path):
         AbsVLModel.from_pretrained(saved)
 
 
-def test_push_to_hub_uploads_the_saved_folder_and_never_the_token(make_model, tmp_path, monkeypatch, caplog, capsys):
+def test_push_to_hub_uploads_the_saved_folder_and_never_the_token(make_model, tmp_path, hub, caplog, capsys):
     token = "hf_NOT_A_REAL_TOKEN_1234567890"
     model = make_model("absvit_test_patch8")
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = (repo_id, self.token)
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls["upload"] = {p.name: p.read_bytes() for p in folder_path.iterdir()}
-        calls["upload_kwargs"] = dict(kwargs, repo_id=repo_id)
-        return f"https://huggingface.co/{repo_id}/commit/0000"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     caplog.set_level(logging.DEBUG)
-    url = model.push_to_hub("someone/absvl-tiny", token=token, model_card_kwargs={"training_data": ["Shapes"]})
+    commit = model.push_to_hub("someone/absvl-tiny", token=token, private=True,
+                               model_card_kwargs={"training_data": ["Shapes"]})
 
-    assert url == "https://huggingface.co/someone/absvl-tiny/commit/0000"
-    assert calls["create_repo"] == ("someone/absvl-tiny", token)  # the token only goes to the API client
-    assert set(calls["upload"]) == BASE_FILES | _tokenizer_files(model, tmp_path)
-    card = calls["upload"]["README.md"].decode()
+    repo = hub.repos["someone/absvl-tiny"]
+    assert repo.private and commit.commit_url == f"{hub.url}/someone/absvl-tiny/commit/{commit.oid}"
+    assert repo.branches["main"] == commit.oid
+    files = repo.files("main")
+    assert set(files) == BASE_FILES | _tokenizer_files(model, tmp_path) | {".gitattributes"}
+    card = files["README.md"].decode()
     assert 'absvl.pipeline("vqa", model="someone/absvl-tiny")' in card and "- Shapes" in card
+    assert {auth for _, _, auth in hub.requests if auth} == {f"Bearer {token}"}  # the token only goes to the API
     captured = capsys.readouterr()
-    for name, content in calls["upload"].items():
+    for name, content in files.items():
         assert token.encode() not in content, name
     assert token not in caplog.text and token not in captured.out and token not in captured.err
-    assert token not in repr(calls["upload_kwargs"])
+
+    model.save_pretrained(tmp_path / "absvl-copy", push_to_hub=True, token=token)  # the mixin's route, too
+    assert b'model="user/absvl-copy"' in hub.repos["user/absvl-copy"].files("main")["README.md"]
+
+
+def test_push_to_hub_keeps_the_exported_card_and_its_metadata(make_model, tmp_path, hub, monkeypatch):
+    """The card written at export (training data, metrics) survives from_pretrained + push_to_hub, with
+    model-index results and datasets in its metadata."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    exported = tmp_path / "final"
+    card_kwargs = {"training_data": "VQAv2 train2014", "metrics": {"VQA accuracy (val)": 61.25},
+                   "datasets": ["HuggingFaceM4/VQAv2"]}
+    make_model("absvit_test_patch8").save_pretrained(exported, model_card_kwargs=card_kwargs)
+
+    AbsVLModel.from_pretrained(exported).push_to_hub("me/vqa", branch="v1")
+    repo = hub.repos["me/vqa"]
+    assert set(repo.files("main")) == {".gitattributes"}  # the branch was made from main, main untouched
+    card = ModelCard(repo.files("v1")["README.md"].decode())
+    assert "| VQA accuracy (val) | 61.25 |" in card.text and "VQAv2 train2014" in card.text
+    assert card.data.datasets == ["HuggingFaceM4/VQAv2"] and card.data.library_name == "absvl"
+    (result,) = card.data.eval_results
+    assert (result.metric_name, result.metric_value, result.dataset_type, result.task_type) == \
+        ("VQA accuracy (val)", 61.25, "HuggingFaceM4/VQAv2", "visual-question-answering")
+    assert card.data.model_name == "vqa"
+
+
+def test_model_card_base_model_names_hub_sources_only(make_model, roberta_dir):
+    model = make_model("absvit_test_patch8")
+    assert render_model_card(model).data.base_model is None  # a local text encoder, no backbone weights
+    model.config = replace(model.config, text_encoder="FacebookAI/roberta-base",
+                           backbone_weights="timm:deit_tiny_patch16_224.fb_in1k")
+    assert render_model_card(model).data.base_model == ["FacebookAI/roberta-base", "timm/deit_tiny_patch16_224.fb_in1k"]
+    model.config = replace(model.config, text_encoder=str(roberta_dir), backbone_weights="/weights/absvit.pth")
+    assert render_model_card(model).data.base_model is None
+
+
+def test_backbone_weights_source_is_recorded(make_model, tmp_path):
+    backbone = absvl.create_backbone("absvit_test_patch8")
+    path = tmp_path / "absvit.pth"
+    torch.save(backbone.state_dict(), path)
+    model = make_model("absvit_test_patch8", backbone_kwargs={"pretrained_path": str(path)})
+    assert model.config.backbone_weights == str(path) and model.config.backbone_kwargs.get("pretrained_path") is None
+
+
+def test_from_pretrained_by_hub_id(make_model, make_batch, tmp_path, hub, monkeypatch):
+    model = make_model("absvit_test_patch8").eval()
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    model.push_to_hub("org/absvl-tiny", private=True)
+    model.push_to_hub("org/absvl-tiny", branch="dev", model_card_kwargs={"metrics": {"acc": 1.0}})
+    batch = make_batch(model)
+
+    loaded = AbsVLModel.from_pretrained("org/absvl-tiny")
+    for a, b in zip(_outputs(model, batch), _outputs(loaded, batch)):
+        assert torch.equal(a, b)
+    assert AbsVLModel.from_pretrained("org/absvl-tiny", revision="dev").card_data["metrics"] == {"acc": 1.0}
+    image = torch.rand(20, 24, 3).numpy()
+    assert absvl.pipeline("vqa", model="org/absvl-tiny")(image, "is it red?") == \
+        absvl.pipeline("vqa", model=model)(image, "is it red?")
+
+    monkeypatch.delenv("HF_TOKEN")  # private: without a token the repository is not there
+    with pytest.raises(RepositoryNotFoundError):
+        AbsVLModel.from_pretrained("org/absvl-tiny", cache_dir=tmp_path / "empty_cache")

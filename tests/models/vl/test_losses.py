@@ -93,3 +93,19 @@ def test_infonce_gathers_negatives_across_processes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_losses_under_bf16_autocast_equal_the_fp32_ones():
+    """Logits at scale 100 and soft targets such as 0.3 lose digits in bf16: both losses run in fp32."""
+    g = torch.Generator().manual_seed(0)
+    text, image = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+    scale = torch.tensor(100.0)
+    logits = torch.randn(4, 10, generator=g).bfloat16()  # what a head returns under autocast
+    targets = torch.zeros(4, 10)
+    targets[:, :3] = torch.tensor([0.3, 0.6, 0.9])
+    prior, vqa = contrastive_loss(text, image, scale), vqa_loss(logits.float(), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prior_bf16, vqa_bf16 = contrastive_loss(text, image, scale), vqa_loss(logits, targets)
+    assert prior_bf16.dtype == vqa_bf16.dtype == torch.float32
+    torch.testing.assert_close(prior_bf16, prior, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vqa_bf16, vqa, rtol=1e-6, atol=1e-6)

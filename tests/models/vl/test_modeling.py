@@ -113,6 +113,22 @@ def test_encoders_for_retrieval(make_model, make_batch):
     assert "top_down" not in model.backbone(batch["images"], bottom_up_only=True, return_maps=True).maps
 
 
+@pytest.mark.parametrize(
+    "backbone, options",
+    [("absvit_test_patch8", {}), ("absvit_test_patch8", {"prior_channel_projection": True}), ("tdam_resnet_test", {})],
+)
+def test_rerank_score_from_one_first_pass_per_image(make_model, make_batch, backbone, options):
+    """Pairs sharing an image share its first pass: the scores equal a full forward per pair."""
+    model = make_model(backbone, **options).eval()
+    batch = make_batch(model)
+    rows = torch.tensor([0, 0, 1, 0])  # texts 0-3 paired with images 0, 0, 1, 0
+    with torch.no_grad():
+        first = model.first_pass(batch["images"][:2])
+        reused = model.rerank_score(first.select(rows), batch["input_ids"], batch["attention_mask"])
+        full = model.rerank_score(batch["images"][rows], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+
+
 def test_return_loss_without_labels_and_itm_negatives_leave_the_prior_loss(make_model, make_batch):
     model = make_model("absvit_test_patch8").train()
     batch = make_batch(model)
@@ -141,14 +157,15 @@ def test_parameter_groups(make_model):
     def group_of(name):
         return by_name[name]["name"].split("/")[0]
 
-    assert group_of("backbone.blocks.0.attn.qkv.weight") == "vision"
-    assert group_of("text_encoder.encoder.layer.0.attention.self.query.weight") == "text"
+    assert group_of("backbone.blocks.0.attn.qkv.weight") == "backbone"
+    assert group_of("text_encoder.encoder.layer.0.attention.self.query.weight") == "text_encoder"
     assert group_of("backbone.decoders.0.linear.weight") == "decoders"
     assert group_of("fusion.text_layers.0.cross_attn.q.weight") == "fusion"
     for head in ("vqa_head.fc2.weight", "itm_head.fc.weight", "contrastive.logit_scale", "prior.proj.weight"):
         assert group_of(head) == "heads"
+    multipliers = {**LR_MULTIPLIERS, "backbone": LR_MULTIPLIERS["encoders"], "text_encoder": LR_MULTIPLIERS["encoders"]}
     for g in groups:
-        assert g["lr"] == pytest.approx(lr * LR_MULTIPLIERS[g["name"].split("/")[0]])
+        assert g["lr"] == pytest.approx(lr * multipliers[g["name"].split("/")[0]])
     assert {g["lr_scale"] for g in groups} == {1.0, 3.0, 5.0, 50.0}
     no_decay = {n for n, g in by_name.items() if g["weight_decay"] == 0.0}
     decay = set(by_name) - no_decay
@@ -160,6 +177,35 @@ def test_parameter_groups(make_model):
     for name in embeddings + ("contrastive.logit_scale",):
         assert name in no_decay
     assert "fusion.text_layers.0.ffn.fc1.weight" in decay and "backbone.decoders.0.linear.weight" in decay
+
+
+@pytest.mark.parametrize("given, backbone, text_encoder", [
+    ({"encoders": 0.5}, 0.5, 0.5),  # the default of both encoders
+    ({"backbone": 0.1}, 0.1, 1.0),
+    ({"encoders": 0.5, "text_encoder": 0.2}, 0.5, 0.2),
+    ({"vision": 0.1, "text": 0.3}, 0.1, 0.3),  # the names of configs written before the split
+])
+def test_encoder_lr_multipliers(make_model, given, backbone, text_encoder):
+    groups = make_model("absvit_test_patch8").parameter_groups(lr=1.0, lr_multipliers={**given, "fusion": 2.0})
+    scales = {g["name"].split("/")[0]: g["lr_scale"] for g in groups}
+    assert scales == {"backbone": backbone, "text_encoder": text_encoder, "decoders": 3.0, "fusion": 2.0, "heads": 50.0}
+    assert all(g["lr"] == g["lr_scale"] for g in groups)
+
+
+def test_output_is_a_transformers_model_output(make_model, make_batch):
+    from transformers.utils import ModelOutput
+
+    model = make_model("absvit_test_patch8").eval()
+    batch = make_batch(model)
+    with torch.no_grad():
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        trained = model(**batch)
+    assert isinstance(out, ModelOutput) and out.loss is None and "loss" not in out
+    assert out["vqa_logits"] is out.vqa_logits and out[1] is out.vqa_logits  # None fields are skipped
+    assert list(out.keys())[:3] == ["losses", "vqa_logits", "itm_logits"] and len(out.to_tuple()) == len(out.keys())
+    loss, losses, vqa_logits = trained[:3]
+    assert loss is trained.loss and losses is trained.losses and vqa_logits is trained.vqa_logits
+    assert trained["vision"].tokens.shape[0] == batch["images"].shape[0]
 
 
 def test_parameter_groups_name_a_parameter_they_would_drop(make_model):
