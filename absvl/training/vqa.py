@@ -137,7 +137,10 @@ def predict_answers(
 
 
 def score_predictions(predictions: dict[int, str], examples: list[VQAExample]) -> dict[str, Any]:
-    """The official VQA accuracy of ``predictions`` on annotated ``examples``."""
+    """The official VQA accuracy of ``predictions`` on annotated ``examples``; a question without a
+    prediction (its image was unreadable) is answered "" and scores 0, in validation as in
+    ``absvl eval vqa``: leaving it out would raise the score."""
+    predictions = {**{ex.question_id: "" for ex in examples}, **predictions}
     questions = [question_entry(ex) for ex in examples]
     annotations = [annotation_entry(ex) for ex in examples]
     return evaluate_vqa(predictions, questions, annotations)
@@ -203,7 +206,7 @@ class VQATask:
         if self.val_loader is None:
             return None
         predictions, skipped = predict_answers(model, self.val_loader, accelerator, self.data.answers, desc="validate")
-        result = score_predictions(predictions, [ex for ex in self.data.val if ex.question_id in predictions])
+        result = score_predictions(predictions, self.data.val)
         metrics = {"val/accuracy": result["overall"], "val/scored": len(predictions), "val/skipped": len(skipped)}
         metrics.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
         d = self.config.data
@@ -262,7 +265,7 @@ def evaluate_model(
     _, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=True)
     if skipped:
         print(f"{len(skipped)} questions skipped (unreadable images): they score 0")
-    predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)
+    predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)  # returned too
     return {**score_predictions(predictions, examples), "skipped": len(skipped)}, predictions
 
 

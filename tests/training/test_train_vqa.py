@@ -220,3 +220,15 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(shapes_root
                  "data.hf_columns={question_id: id, image: file}", "train.max_steps=2"]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
+
+
+def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(shapes_root):
+    from absvl.data.vqa import load_vqa_split
+    from absvl.training.vqa import score_predictions
+
+    examples = load_vqa_split(shapes_root, "val")
+    perfect = {ex.question_id: ex.answers[0] for ex in examples}
+    everything = score_predictions(perfect, examples)["overall"]
+    one_unreadable = dict(list(perfect.items())[1:])  # the first question's image could not be read
+    assert score_predictions(one_unreadable, examples)["overall"] < everything
+    assert score_predictions(one_unreadable, examples) == score_predictions({**one_unreadable, examples[0].question_id: ""}, examples)
