@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from .io import __version__
 from .runtime import is_main_process
 from .retrieval.commands import add_commands as add_retrieval_commands
 from .serve.commands import add_commands as add_serve_commands

@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 
-from .. import __version__
+from ..io import __version__
 from ..data.images import BadImageError, open_image
 from ..models.vl import AbsVLModel
 from ..pipelines import pipeline
