@@ -24,6 +24,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/absvl demo
 
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # The oldest versions pyproject.toml allows (constraints-lowest.txt, its lower bounds), in their own venv.
