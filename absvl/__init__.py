@@ -5,4 +5,12 @@ from .models.vision import BackboneOutput, create_backbone, list_backbones
 from .models.vl import AbsVLConfig, AbsVLModel
 from .pipelines import pipeline
 
-__all__ = ["AbsVLConfig", "AbsVLModel", "BackboneOutput", "__version__", "create_backbone", "list_backbones", "pipeline"]
+__all__ = [
+    "AbsVLConfig",
+    "AbsVLModel",
+    "BackboneOutput",
+    "__version__",
+    "create_backbone",
+    "list_backbones",
+    "pipeline",
+]

@@ -1,4 +1,5 @@
 """The ``absvl`` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,8 @@ import os
 import sys
 
 from .io import __version__
-from .runtime import is_main_process
 from .retrieval.commands import add_commands as add_retrieval_commands
+from .runtime import is_main_process
 from .serve.commands import add_commands as add_serve_commands
 
 
@@ -59,8 +60,9 @@ def _run_config(args: argparse.Namespace, run_class: type | None = None):
         if (run / STATE_NAME).is_file():  # a checkpoint: its run is the folder above
             run = run.parent
         elif not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {resume}: neither a run folder (with config.yaml) nor a checkpoint "
-                                    f"(with {STATE_NAME})")
+            raise FileNotFoundError(
+                f"--resume {resume}: neither a run folder (with config.yaml) nor a checkpoint (with {STATE_NAME})"
+            )
         else:
             resume = "latest"
         config = config or run / "config.yaml"
@@ -75,7 +77,7 @@ def _run_config(args: argparse.Namespace, run_class: type | None = None):
 def _cmd_train_vqa(args: argparse.Namespace) -> int:
     from .training.vqa import train_vqa
 
-    summary = train_vqa(_run_config(args))
+    summary = train_vqa(_run_config(args), notify=print)
     return _report_training(summary, lambda val: f"validation accuracy {val['overall']:.2f}")
 
 
@@ -83,9 +85,14 @@ def _cmd_train_retrieval(args: argparse.Namespace) -> int:
     from .training.config import RetrievalConfig
     from .training.retrieval import train_retrieval
 
-    summary = train_retrieval(_run_config(args, RetrievalConfig))
-    return _report_training(summary, lambda val: f"validation recall (re-ranked): R mean {val['reranked']['r_mean']:.2f}, "
-                                                 f"IR@1 {val['reranked']['ir@1']:.2f}, TR@1 {val['reranked']['tr@1']:.2f}")
+    summary = train_retrieval(_run_config(args, RetrievalConfig), notify=print)
+    return _report_training(
+        summary,
+        lambda val: (
+            f"validation recall (re-ranked): R mean {val['reranked']['r_mean']:.2f}, "
+            f"IR@1 {val['reranked']['ir@1']:.2f}, TR@1 {val['reranked']['tr@1']:.2f}"
+        ),
+    )
 
 
 def _report_training(summary: dict, describe_val) -> int:
@@ -99,24 +106,27 @@ def _report_training(summary: dict, describe_val) -> int:
 
 
 def _write_json(path: str | None, payload) -> None:
-    import json
     from pathlib import Path
+
+    from .io import write_json
 
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(path, payload)
         print(f"wrote {path}")
 
 
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
-    from .metrics.vqa import DEFAULT_REVISION, evaluate_vqa_files, format_accuracy_table
+    from .data.answer_processing import DEFAULT_REVISION
+    from .metrics.vqa import evaluate_vqa_files, format_accuracy_table
 
     if args.predictions:
         if not (args.questions and args.annotations):
             print("--predictions needs --questions and --annotations", file=sys.stderr)
             return 2
-        result = evaluate_vqa_files(args.predictions, args.questions, args.annotations,
-                                    revision=args.metric_revision or DEFAULT_REVISION)
+        result = evaluate_vqa_files(
+            args.predictions, args.questions, args.annotations, revision=args.metric_revision or DEFAULT_REVISION
+        )
     else:
         if args.metric_revision not in (None, DEFAULT_REVISION):
             print("--metric-revision applies to --predictions only", file=sys.stderr)
@@ -128,8 +138,12 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
 
         config = _run_config(args)
         result, _ = evaluate_model(args.model, config, args.split, batch_size=args.batch_size)
+        if result["skipped"]:
+            print(f"{result['skipped']} questions skipped (unreadable images): they score 0")
     print(format_accuracy_table(result))
-    _write_json(args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType", "skipped")})
+    _write_json(
+        args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType", "skipped")}
+    )
     return 0
 
 
@@ -144,17 +158,29 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from .metrics.retrieval import format_recall_table
     from .training.retrieval import evaluate_model
 
-    result = evaluate_model(args.model, args.data, args.split, args.images, rerank_k=args.k, batch_size=args.batch_size,
-                            num_workers=args.num_workers, rerank=not args.no_rerank, max_images=args.max_images,
-                            format=args.format, columns=dict(args.column))
+    result = evaluate_model(
+        args.model,
+        args.data,
+        args.split,
+        args.images,
+        rerank_k=args.k,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        rerank=not args.no_rerank,
+        max_images=args.max_images,
+        format=args.format,
+        columns=dict(args.column),
+    )
     if not is_main_process():
         return 0
     rows = {"contrastive": result["contrastive"]}
     if "reranked" in result:
         rows[f"re-ranked top-{args.k} (ITM, top-down)"] = result["reranked"]
     print(format_recall_table(rows))
-    print(f"{result['images']} images, {result['captions']} captions of {args.data} [{args.split}] "
-          f"in {result['seconds']:.1f} s; {len(result['skipped'])} unreadable images left out")
+    print(
+        f"{result['images']} images, {result['captions']} captions of {args.data} [{args.split}] "
+        f"in {result['seconds']:.1f} s; {len(result['skipped'])} unreadable images left out"
+    )
     for path, reason in result["skipped"][:10]:
         print(f"  skipped {path}: {reason}")
     _write_json(args.out, result)
@@ -168,7 +194,9 @@ def _cmd_attend(args: argparse.Namespace) -> int:
     model = AbsVLModel.from_pretrained(args.model)
     _, maps = attention_figure(model, args.image, args.text, args.out, size=args.size)
     answers = f"; answers: {', '.join(maps['answers'])}" if maps["answers"] else ""
-    print(f"wrote {args.out}: {args.image}, its bottom-up map and the top-down map for {len(args.text)} text(s){answers}")
+    print(
+        f"wrote {args.out}: {args.image}, its bottom-up map and the top-down map for {len(args.text)} text(s){answers}"
+    )
     return 0
 
 
@@ -178,24 +206,37 @@ def _cmd_train_classify(args: argparse.Namespace) -> int:
 
     if args.backbone:
         args.overrides = [f"model.backbone={args.backbone}", *args.overrides]
-    summary = train_classifier(_run_config(args, ClassifyConfig))
+    summary = train_classifier(_run_config(args, ClassifyConfig), notify=print)
     return _report_training(summary, lambda val: f"validation top-1 {val['top1']:.2f} %, top-5 {val['top5']:.2f} %")
 
 
 def _cmd_eval_classify(args: argparse.Namespace) -> int:
     from .training.classify import evaluate_classifier
 
-    result = evaluate_classifier(args.model, args.data, args.split, batch_size=args.batch_size, num_workers=args.num_workers)
-    print(f"top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  "
-          f"({result['images']} images of {args.data}/{args.split}, {result['skipped']} unreadable)")
+    result = evaluate_classifier(
+        args.model, args.data, args.split, batch_size=args.batch_size, num_workers=args.num_workers
+    )
+    unreadable = result.pop("unreadable")
+    if unreadable:
+        print(f"{len(unreadable)} images skipped (unreadable): they count as wrong")
+        for path, reason in unreadable[:10]:
+            print(f"  {path}: {reason}")
+    print(
+        f"top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  "
+        f"({result['images']} images of {args.data}/{args.split}, {result['skipped']} unreadable)"
+    )
     _write_json(args.out, result)
     return 0
 
 
 def _cmd_predict_vqa(args: argparse.Namespace) -> int:
-    from .training.vqa import predict_split
+    from .training.vqa import predict_submission
 
-    submission = predict_split(args.model, _run_config(args), args.split, batch_size=args.batch_size)
+    submission, unreadable, fallback = predict_submission(
+        args.model, _run_config(args), args.split, batch_size=args.batch_size
+    )
+    if unreadable:
+        print(f"{unreadable} questions had unreadable images: answered {fallback!r}")
     _write_json(args.out, submission)
     return 0
 
@@ -208,8 +249,10 @@ def _cmd_predict_vqa_file(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vqa = pipeline("vqa", model=args.model, device=device, batch_size=args.batch_size)
     summary = answer_file(vqa, args.input, args.out)
-    print(f"wrote {args.out}: {summary['answered']} questions of {args.input} answered, "
-          f"{len(summary['skipped'])} left out (unreadable images)")
+    print(
+        f"wrote {args.out}: {summary['answered']} questions of {args.input} answered, "
+        f"{len(summary['skipped'])} left out (unreadable images)"
+    )
     for path, reason in summary["skipped"][:10]:
         print(f"  skipped {path}: {reason}")
     return 0
@@ -237,21 +280,31 @@ def _cmd_push(args: argparse.Namespace) -> int:
     except HfHubHTTPError as err:
         print(f"absvl: error: pushing to {args.repo_id} failed: {err}", file=sys.stderr)
         return 1
-    print(f"pushed {folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: {commit.commit_url}")
+    print(
+        f"pushed {folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: {commit.commit_url}"
+    )
     return 0
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from .data.check import main_check
+    from .data.check import check_vqa
 
-    return main_check(args.path, args.splits, args.answers, images=args.images)
+    try:
+        report = check_vqa(args.path, splits=args.splits, answers=args.answers, progress=True, images=args.images)
+    except ValueError as exc:  # an unknown split name
+        print(f"absvl data check: {exc}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> int:
     from .data.shapes import generate_shapes
 
     world = generate_shapes(args.out, num_images=args.images, seed=args.seed)
-    splits = ", ".join(f"{split}: {n} images / {world.num_questions[split]} questions" for split, n in world.splits.items())
+    splits = ", ".join(
+        f"{split}: {n} images / {world.num_questions[split]} questions" for split, n in world.splits.items()
+    )
     print(f"wrote the Shapes world to {world.root} ({splits}); text encoder in {world.text_encoder_dir}")
     return 0
 
@@ -262,8 +315,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert_checkpoint(args.checkpoint, args.arch, args.out, overwrite=args.overwrite)
     model = load_backbone(out)  # proves the folder loads back
     extra = {k: v for k, v in model.backbone_config.items() if k != "name"}
-    print(f"converted {args.checkpoint} -> {out} ({args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, options {extra}); load it with create_backbone({args.arch!r}, pretrained_path={str(out)!r})")
+    print(
+        f"converted {args.checkpoint} -> {out} ({args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, options {extra}); load it with create_backbone({args.arch!r}, pretrained_path={str(out)!r})"
+    )
     return 0
 
 
@@ -271,8 +326,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .training.export import export_run_checkpoint
 
     task = export_run_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
-    load = (f"absvl eval classify --model {args.out}" if task == "classify"
-            else f"AbsVLModel.from_pretrained({args.out!r})")
+    load = (
+        f"absvl eval classify --model {args.out}" if task == "classify" else f"AbsVLModel.from_pretrained({args.out!r})"
+    )
     print(f"exported {args.checkpoint} ({task}) to {args.out}; load it with {load}")
     return 0
 
@@ -280,16 +336,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (its data section is used)")
     p.add_argument("--data", help="dataset root (sets data.root)")
-    p.add_argument("--images", dest="data_images", metavar="DIR",
-                   help="image folder holding train2014/ val2014/ test2015/ when not under the dataset root "
-                        "(sets data.images)")
+    p.add_argument(
+        "--images",
+        dest="data_images",
+        metavar="DIR",
+        help="image folder holding train2014/ val2014/ test2015/ when not under the dataset root (sets data.images)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.format=hf")
 
 
 def _add_resume(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
-                   help="continue the latest checkpoint of train.output_dir, or of RUN (a run folder or a "
-                        "checkpoint; its config.yaml is used when --config is not given)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN",
+        help="continue the latest checkpoint of train.output_dir, or of RUN (a run folder or a "
+        "checkpoint; its config.yaml is used when --config is not given)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,12 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.rerank_k=256")
     p.set_defaults(func=_cmd_train_retrieval, needs_config=True)
     p = train.add_parser("classify", help="train or finetune a backbone as an image (or patch) classifier")
-    p.add_argument("--data", help="dataset root (sets data.root): an ImageFolder DATA/train/<class>/*.jpg, "
-                                  "DATA/val/<class>/*.jpg, or patch labels with data.format=patches")
+    p.add_argument(
+        "--data",
+        help="dataset root (sets data.root): an ImageFolder DATA/train/<class>/*.jpg, "
+        "DATA/val/<class>/*.jpg, or patch labels with data.format=patches",
+    )
     p.add_argument("--backbone", help="registered backbone (sets model.backbone; see `absvl backbones`)")
     p.add_argument("--config", help="run config YAML (model/data/train sections; optional)")
     _add_resume(p)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.mixup=0 train.epochs=30")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.mixup=0 train.epochs=30"
+    )
     p.set_defaults(func=_cmd_train_classify)
 
     evaluate = sub.add_parser("eval", help="evaluate").add_subparsers(dest="task", metavar="TASK", required=True)
@@ -331,9 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="results file [{question_id, answer}] to score instead of a model")
     p.add_argument("--questions", help="official questions JSON (with --predictions)")
     p.add_argument("--annotations", help="official annotations JSON (with --predictions)")
-    p.add_argument("--metric-revision", choices=("07aecec", "master"),
-                   help="revision of the official vqaEval.py to reproduce (with --predictions; "
-                        "default: the specification's, 07aecec)")
+    p.add_argument(
+        "--metric-revision",
+        choices=("07aecec", "master"),
+        help="revision of the official vqaEval.py to reproduce (with --predictions; "
+        "default: the specification's, 07aecec)",
+    )
     p.add_argument("--out", help="write the accuracies as JSON here")
     _add_data_args(p)
     p.set_defaults(func=_cmd_eval_vqa)
@@ -345,20 +417,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--out", help="write the accuracies as JSON here")
     p.set_defaults(func=_cmd_eval_classify, overrides=[])
-    p = evaluate.add_parser("retrieval", help="IR@1/5/10, TR@1/5/10 on a Karpathy caption file or a Hugging Face caption "
-                                              "dataset (top-k re-ranked by ITM)")
+    p = evaluate.add_parser(
+        "retrieval",
+        help="IR@1/5/10, TR@1/5/10 on a Karpathy caption file or a Hugging Face caption "
+        "dataset (top-k re-ranked by ITM)",
+    )
     p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
-    p.add_argument("--data", required=True, help="Karpathy caption file (dataset_flickr30k.json, dataset_coco.json, ...), "
-                                                 "or a Hugging Face dataset: Hub id or local folder")
-    p.add_argument("--format", choices=("karpathy", "hf"),
-                   help="format of --data (default: karpathy for a .json file, else hf)")
-    p.add_argument("--column", type=_field_column, action="append", default=[], metavar="FIELD=COLUMN",
-                   help="hf: the dataset's column for a field (image, captions, split, image_id), e.g. "
-                        "--column captions=sentences; repeatable")
-    p.add_argument("--images", help="image root (default: the caption file's folder; hf: where relative image paths "
-                                    "are looked up first)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Karpathy caption file (dataset_flickr30k.json, dataset_coco.json, ...), "
+        "or a Hugging Face dataset: Hub id or local folder",
+    )
+    p.add_argument(
+        "--format", choices=("karpathy", "hf"), help="format of --data (default: karpathy for a .json file, else hf)"
+    )
+    p.add_argument(
+        "--column",
+        type=_field_column,
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="hf: the dataset's column for a field (image, captions, split, image_id), e.g. "
+        "--column captions=sentences; repeatable",
+    )
+    p.add_argument(
+        "--images",
+        help="image root (default: the caption file's folder; hf: where relative image paths are looked up first)",
+    )
     p.add_argument("--split", default="test", help="split (default test)")
-    p.add_argument("--k", type=int, default=128, help="contrastive candidates re-ranked per query (default 128; COCO: 256)")
+    p.add_argument(
+        "--k", type=int, default=128, help="contrastive candidates re-ranked per query (default 128; COCO: 256)"
+    )
     p.add_argument("--no-rerank", action="store_true", help="contrastive ranking only")
     p.add_argument("--max-images", type=int, help="evaluate on the first N images of the split")
     p.add_argument("--batch-size", type=int, default=64)
@@ -366,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the recalls as JSON here")
     p.set_defaults(func=_cmd_eval_retrieval, overrides=[])
 
-    predict = sub.add_parser("predict", help="write predictions").add_subparsers(dest="task", metavar="TASK", required=True)
+    predict = sub.add_parser("predict", help="write predictions").add_subparsers(
+        dest="task", metavar="TASK", required=True
+    )
     p = predict.add_parser("vqa", help="answers for a split in submission format")
     p.add_argument("--model", required=True, help="a save_pretrained folder")
     p.add_argument("--split", default="test-dev", help="split (default test-dev)")
@@ -376,8 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict_vqa)
     p = predict.add_parser("vqa-file", help="answer a JSONL/CSV file of (image, question) pairs")
     p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
-    p.add_argument("--input", required=True, help="JSONL or CSV with 'image' and 'question' (image paths relative to "
-                                                  "the file's folder; other fields are kept)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="JSONL or CSV with 'image' and 'question' (image paths relative to "
+        "the file's folder; other fields are kept)",
+    )
     p.add_argument("--out", required=True, help="answers to write: JSONL, or CSV for a .csv name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -388,8 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="dataset root")
     p.add_argument("--splits", nargs="*", help="splits to check (default: all present)")
     p.add_argument("--answers", help="answers.json of a model: report answers outside it")
-    p.add_argument("--images", metavar="DIR", help="image folder holding train2014/ val2014/ test2015/ when not "
-                                                   "under the dataset root (as data.images)")
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="image folder holding train2014/ val2014/ test2015/ when not under the dataset root (as data.images)",
+    )
     p.set_defaults(func=_cmd_data_check)
     p = data.add_parser("shapes", help="generate the Shapes world (VQAv2 + Karpathy formats, tiny text encoder)")
     p.add_argument("--out", required=True, help="output folder")
@@ -398,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_shapes)
 
     p = sub.add_parser("convert", help="convert the authors' AbSViT / TDAM checkpoints to absvl backbone folders")
-    p.add_argument("checkpoint", help="the authors' checkpoint (.pth/.pt/.bin/.safetensors; read with weights_only=True)")
+    p.add_argument(
+        "checkpoint", help="the authors' checkpoint (.pth/.pt/.bin/.safetensors; read with weights_only=True)"
+    )
     p.add_argument("--arch", required=True, help="backbone it holds, e.g. absvit_base_patch16_224 or tdam_resnet50")
     p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -406,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="turn a training checkpoint into a from_pretrained folder")
     p.add_argument("checkpoint", help="a checkpoint folder of a run (RUN/checkpoint-XXXXXXXX)")
-    p.add_argument("--out", required=True, help="folder to write (VQA/retrieval: save_pretrained; classify: backbone folder)")
+    p.add_argument(
+        "--out", required=True, help="folder to write (VQA/retrieval: save_pretrained; classify: backbone folder)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_export)
 
@@ -419,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attend", help="PNG of an image, its bottom-up and its text-steered top-down attention map")
     p.add_argument("image", help="image file")
-    p.add_argument("--text", required=True, action="append", help="question or query steering the top-down pass (repeatable)")
+    p.add_argument(
+        "--text", required=True, action="append", help="question or query steering the top-down pass (repeatable)"
+    )
     p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--size", type=int, default=224, help="panel side in pixels (default 224)")
@@ -428,8 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieval_commands(sub)  # index build|add, search
     add_serve_commands(sub)  # serve
 
-    p = sub.add_parser("demo", help="offline CPU demo: Shapes world, VQA and retrieval training, evaluation, "
-                                    "attention maps, index and search")
+    p = sub.add_parser(
+        "demo",
+        help="offline CPU demo: Shapes world, VQA and retrieval training, evaluation, attention maps, index and search",
+    )
     p.add_argument("--config", default="configs/shapes_absvit_tiny.yaml", help="run config (default: the demo's)")
     p.add_argument("--out", default="outputs/demo", help="folder for the demo's report and PNG (default outputs/demo)")
     p.add_argument("--skip-retrieval", action="store_true", help="VQA only (no retrieval finetuning, index, search)")
@@ -450,11 +557,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [f"data.images={args.data_images}", *args.overrides]
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
         if os.environ.get("ABSVL_DEBUG"):
             raise
         print(f"absvl: error: {err}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

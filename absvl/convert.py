@@ -1,44 +1,24 @@
 """``absvl convert``: the authors' released AbSViT and TDAM checkpoints → absvl backbone folders.
 
-AbSViT (SPEC §2): a dict with a ``model`` entry holding timm ViT keys plus
-``decoders.{i}.linear.weight`` (A_i), ``decoders.{i}.linear2.weight`` (B_i) and ``prompt`` (ξ).
-Names are ours already; the conversion builds the model with ``td_bias=True`` (the authors'
-code adds the value bias to the top-down tokens too) and the checkpoint's number of classes.
-
-TDAM (SPEC §4): a timm trainer file with a ``state_dict`` entry (maybe ``module.``-prefixed):
-timm ResNet keys, per TDAM block ``layer{3,4}.{i}.RA_block.*`` (renamed as in ``tdam.py``)
-and the per-step BatchNorms ``bn3_1`` etc. (same names). Mode (joint/top), stages, steps,
-feedback distance m and reduction are read off the keys and shapes.
-
-The conversion is verified key for key: every source key must be mapped onto a model key
-(and consumed), every model key filled, every shape equal; anything else is an error that
-lists the offending keys. The result is ``DIR/model.safetensors`` + ``DIR/config.json``
-(``{"format": "absvl-backbone", "name": arch, "overrides": {...}, "source": file}``), written
-atomically; ``load_backbone(DIR)`` or ``create_backbone(arch, pretrained_path=DIR)`` (also
-through ``AbsVLConfig.backbone_kwargs``) load it.
+AbSViT files keep their key names (built with ``td_bias=True``, as the authors' code adds the
+value bias to the top-down tokens); TDAM files have their ``RA_block`` keys renamed and their
+options read off the keys and shapes. Every key is checked (:func:`map_verified`); the folder
+format is :mod:`absvl.io`'s. Details in docs/backbones.md.
 """
+
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .models.vision import backbone_family, create_backbone, list_backbones
-from .models.vision.pretrained import (
-    BACKBONE_FORMAT,
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    extract_state_dict,
-    read_checkpoint,
-    read_folder_config,
-)
+from .io import preview, read_backbone_folder, write_backbone_folder
+from .models.vision import backbone_family, create_backbone
+from .models.vision.pretrained import extract_state_dict, read_checkpoint
 
 _TDAM_RENAMES = {
     "joint": {"Ug_top_mlp.0": "top_proj", "Ug_bottom_mlp.0": "bottom_proj", "Ug_mlp.0": "searchlight"},
@@ -50,12 +30,8 @@ _STEP_BN_KEY = re.compile(r"^layer(\d+)\.(\d+)\.bn(\d+)_(\d+)\.")
 
 def load_backbone(folder: str | Path, **overrides: Any) -> nn.Module:
     """Build the backbone of a folder written by ``absvl convert`` and load its weights."""
-    config = read_folder_config(folder)
+    config = read_backbone_folder(folder)
     return create_backbone(config["name"], pretrained_path=folder, **overrides)
-
-
-def _list(keys: list[str], n: int = 12) -> str:
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def map_verified(
@@ -83,13 +59,13 @@ def map_verified(
     missing = [k for k in target if k not in mapped and k not in mismatched and not k.endswith("num_batches_tracked")]
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} checkpoint key(s) with no place in the model: {_list(unknown)}")
+        problems.append(f"{len(unknown)} checkpoint key(s) with no place in the model: {preview(unknown, 12)}")
     if collisions:
-        problems.append(f"keys mapped twice: {_list(collisions)}")
+        problems.append(f"keys mapped twice: {preview(collisions, 12)}")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): {_list(shapes, 8)}")
+        problems.append(f"{len(shapes)} shape mismatch(es): {preview(shapes)}")
     if missing:
-        problems.append(f"{len(missing)} model key(s) the checkpoint does not fill: {_list(missing)}")
+        problems.append(f"{len(missing)} model key(s) the checkpoint does not fill: {preview(missing, 12)}")
     if problems:
         raise ValueError(f"{source} does not convert to {model.backbone_config['name']!r}: " + "; ".join(problems))
     for key in target:
@@ -117,7 +93,7 @@ def _tdam_overrides(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if mode != "joint":
         overrides["mode"] = mode
-    stages = tuple(sorted({int(m.group(1).split(".")[0][len("layer"):]) for m in ra}))
+    stages = tuple(sorted({int(m.group(1).split(".")[0][len("layer") :]) for m in ra}))
     if stages != (3, 4):
         overrides["stages"] = stages
     steps = 1 + max((int(m.group(4)) for k in state if (m := _STEP_BN_KEY.match(k))), default=1)
@@ -128,8 +104,13 @@ def _tdam_overrides(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     hidden, top = int(w1.shape[0]), int(w1.shape[1])
     if top % hidden == 0 and top // hidden != 16:
         overrides["reduction"] = top // hidden
-    overrides["_m"] = len({int(m.group(3)) for k in state if (m := _STEP_BN_KEY.match(k))
-                           and f"layer{m.group(1)}.{m.group(2)}" == first and m.group(4) == "1"})
+    overrides["_m"] = len(
+        {
+            int(m.group(3))
+            for k in state
+            if (m := _STEP_BN_KEY.match(k)) and f"layer{m.group(1)}.{m.group(2)}" == first and m.group(4) == "1"
+        }
+    )
     if "fc.weight" in state:
         overrides["num_classes"] = int(state["fc.weight"].shape[0])
     return overrides
@@ -150,9 +131,7 @@ def _tdam_rename(mode: str) -> Callable[[str], str | None]:
 
 def convert_state_dict(state: dict[str, torch.Tensor], arch: str, source: str = "checkpoint") -> nn.Module:
     """Build ``arch`` with the options the authors' checkpoint implies and load it, verified."""
-    if arch not in list_backbones():
-        create_backbone(arch)  # raises the registry's "unknown backbone ... did you mean" error
-    family = backbone_family(arch)
+    family = backbone_family(arch)  # raises the registry's "unknown backbone ... did you mean" error
     is_tdam = any(_RA_KEY.match(k) for k in state)
     if family == "absvit":
         if is_tdam:
@@ -183,37 +162,11 @@ def convert_state_dict(state: dict[str, torch.Tensor], arch: str, source: str = 
 
 
 def convert_checkpoint(checkpoint: str | Path, arch: str, out: str | Path, overwrite: bool = False) -> Path:
-    """Convert an authors' checkpoint file into ``out/model.safetensors`` + ``out/config.json``."""
-    from safetensors.torch import save_file
-
-    from . import __version__
-
+    """Convert an authors' checkpoint file into the backbone folder ``out`` (written atomically)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     state = extract_state_dict(read_checkpoint(checkpoint), str(checkpoint))
     model = convert_state_dict(state, arch, checkpoint.name)
-    config = {
-        "format": BACKBONE_FORMAT,
-        "name": arch,
-        "overrides": {k: v for k, v in model.backbone_config.items() if k != "name"},
-        "source": checkpoint.name,
-        "absvl_version": __version__,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f"{tmp.name}.old"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    overrides = {k: v for k, v in model.backbone_config.items() if k != "name"}
+    return write_backbone_folder(out, model.state_dict(), arch, overrides, source=checkpoint.name)

@@ -16,21 +16,24 @@
    with the caption steering the encoder), index the test images with FAISS and run a query.
 Everything lands in ``OUT/demo.json``.
 """
+
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .data.shapes import PATCH_LABELS_DIR, ShapesWorld, ensure_shapes, target_mask
+from .data.shapes import ensure_shapes
+from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld, target_mask
+from .io import atomic_file, read_json, write_json
 from .metrics.attention import attention_scores, target_attention_ratio
+from .metrics.retrieval import format_recall_table
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLModel
-from .metrics.retrieval import format_recall_table
 from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
 from .training.config import ClassifyConfig, RetrievalConfig, dump_config, load_config
@@ -55,6 +58,7 @@ def question_pairs(world: ShapesWorld, split: str, count: int = 1) -> list[tuple
     steer by: questions that name only a shape ("what color is the triangle?") get one and the same ξ
     from the tiny text encoder, and the gate stays shut for them (the demo's per-type table shows it).
     """
+
     def ask(objects: list[dict]) -> list[tuple[str, int]]:
         return [(f"what shape is the {o['color']} object?", o["index"]) for o in objects]
 
@@ -77,18 +81,34 @@ def question_pairs(world: ShapesWorld, split: str, count: int = 1) -> list[tuple
 
 def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out_dir: Path) -> dict[str, Any]:
     """Finetune the VQA model for retrieval, evaluate on the test captions, index the test images, search."""
-    config = load_config(RETRIEVAL_CONFIG, [f"train.init_from={vqa_export}", f"train.epochs={RETRIEVAL_EPOCHS}",
-                                            *overrides], RetrievalConfig)
-    export = train_retrieval(config)["export"]
+    config = load_config(
+        RETRIEVAL_CONFIG,
+        [f"train.init_from={vqa_export}", f"train.epochs={RETRIEVAL_EPOCHS}", *overrides],
+        RetrievalConfig,
+    )
+    export = train_retrieval(config, notify=print)["export"]
     d = config.data
     images_root = Path(d.images) if d.images else Path(d.captions).parent
-    result = evaluate_retrieval_model(export, d.captions, "test", images_root, rerank_k=config.train.rerank_k,
-                                      num_workers=d.num_workers)
+    result = evaluate_retrieval_model(
+        export, d.captions, "test", images_root, rerank_k=config.train.rerank_k, num_workers=d.num_workers
+    )
     print(f"\n== Shapes test retrieval ({result['images']} images, {result['captions']} captions) ==")
-    print(format_recall_table({"contrastive": result["contrastive"],
-                               f"re-ranked top-{config.train.rerank_k} (ITM, top-down)": result["reranked"]}))
-    report = build_index(AbsVLModel.from_pretrained(export), images_root / "test2015", out_dir / "index",
-                         overwrite=True, model_source=export, progress=False)
+    print(
+        format_recall_table(
+            {
+                "contrastive": result["contrastive"],
+                f"re-ranked top-{config.train.rerank_k} (ITM, top-down)": result["reranked"],
+            }
+        )
+    )
+    report = build_index(
+        AbsVLModel.from_pretrained(export),
+        images_root / "test2015",
+        out_dir / "index",
+        overwrite=True,
+        model_source=export,
+        progress=False,
+    )
     print(f"indexed {report.num_indexed} test images with FAISS ({report.factory}) in {out_dir / 'index'}")
     retriever = Retriever(AbsVLModel.from_pretrained(export), report.out)
     query = "a red circle left of a blue square."
@@ -96,8 +116,13 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
     print(f"search {query!r} (top-20 re-ranked with the query steering the encoder):")
     for hit in hits:
         print(f"  {hit.rank}. {hit.path.name}  re-rank score {hit.rerank_score:.3f}  cosine {hit.score:.3f}")
-    return {"export": export, "recall": {k: result[k] for k in ("contrastive", "reranked")},
-            "index": str(report.out), "query": query, "hits": [str(h.path) for h in hits]}
+    return {
+        "export": export,
+        "recall": {k: result[k] for k in ("contrastive", "reranked")},
+        "index": str(report.out),
+        "query": query,
+        "hits": [str(h.path) for h in hits],
+    }
 
 
 def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> str:
@@ -106,16 +131,18 @@ def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> str:
     folder's ``config.yaml`` equals this one and the export exists); returns the export folder."""
     if vqa_config.data.shapes:
         ensure_shapes(vqa_config.data.root, **vqa_config.data.shapes)
-    config = load_config(PRETRAIN_CONFIG, [f"data.root={Path(vqa_config.data.root) / PATCH_LABELS_DIR}", *overrides],
-                         ClassifyConfig)
+    config = load_config(
+        PRETRAIN_CONFIG, [f"data.root={Path(vqa_config.data.root) / PATCH_LABELS_DIR}", *overrides], ClassifyConfig
+    )
     out = Path(config.train.output_dir)
     export = out / "final"
     saved = out / "config.yaml"
-    if (export / "model.safetensors").is_file() and saved.is_file() and saved.read_text() == dump_config(config):
+    unchanged = saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(config)
+    if (export / "model.safetensors").is_file() and unchanged:
         print(f"stage 1 (vision pretraining): reusing {export} (delete it to pretrain again)")
         return str(export)
     print("stage 1 (vision pretraining): every patch of the Shapes training images classified, AbSViT's learned prior")
-    summary = train_classifier(config)
+    summary = train_classifier(config, notify=print)
     if summary["val"]:
         print(f"patch classification, val top-1 {summary['val']['top1']:.2f} %")
     return summary["export"]
@@ -127,7 +154,9 @@ def map_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(a / max(a.sum(), 1e-12) - b / max(b.sum(), 1e-12)).sum())
 
 
-def example_maps(model: AbsVLModel, world: ShapesWorld, split: str, png: Path, count: int = EXAMPLES) -> list[dict[str, Any]]:
+def example_maps(
+    model: AbsVLModel, world: ShapesWorld, split: str, png: Path, count: int = EXAMPLES
+) -> list[dict[str, Any]]:
     """The picture, one row per image (the first ``count`` test images with two objects of unique
     colours, ``question_pairs``): the image, its bottom-up map and the top-down maps of a question
     about each of the two objects; and what it shows in numbers: each top-down map's target attention on its own
@@ -140,7 +169,9 @@ def example_maps(model: AbsVLModel, world: ShapesWorld, split: str, png: Path, c
         masks = [target_mask(world, {"image_id": image_id, "target_objects": [i]}) for _, i in asked]
         bottom_up, top_down = maps["bottom_up"], maps["top_down"]
         report = {
-            "image": image_path.name, "questions": [q for q, _ in asked], "answers": maps["answers"],
+            "image": image_path.name,
+            "questions": [q for q, _ in asked],
+            "answers": maps["answers"],
             "bottom_up_on_object": [target_attention_ratio(bottom_up, m) for m in masks],
             "top_down_on_own_object": [target_attention_ratio(t, m) for t, m in zip(top_down, masks)],
             "top_down_on_other_object": [target_attention_ratio(t, m) for t, m in zip(top_down, masks[::-1])],
@@ -151,16 +182,21 @@ def example_maps(model: AbsVLModel, world: ShapesWorld, split: str, png: Path, c
         print(f"  {image_path.name}: distance between the two top-down maps {report['distance_between_top_down']:.3f}")
         for k, question in enumerate(report["questions"]):
             answer = f" -> {report['answers'][k]}" if report["answers"] else ""
-            print(f"    {question!r}{answer}: top-down map on its object {report['top_down_on_own_object'][k]:.2f}, "
-                  f"on the other one {report['top_down_on_other_object'][k]:.2f} (bottom-up "
-                  f"{report['bottom_up_on_object'][k]:.2f}); distance to the bottom-up map {report['distance_to_bottom_up'][k]:.3f}")
+            print(
+                f"    {question!r}{answer}: top-down map on its object {report['top_down_on_own_object'][k]:.2f}, "
+                f"on the other one {report['top_down_on_other_object'][k]:.2f} (bottom-up "
+                f"{report['bottom_up_on_object'][k]:.2f}); distance to the bottom-up map {report['distance_to_bottom_up'][k]:.3f}"
+            )
     picture = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     for k, row in enumerate(rows):
         picture.paste(row, (0, sum(r.height for r in rows[:k])))
     png.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(png)
-    print(f"wrote {png}: per row an image, its bottom-up map and the top-down maps of two questions "
-          "(distances: total variation of the maps as distributions, 0 = the same map, 1 = disjoint)")
+    with atomic_file(png) as tmp:
+        picture.save(tmp)
+    print(
+        f"wrote {png}: per row an image, its bottom-up map and the top-down maps of two questions "
+        "(distances: total variation of the maps as distributions, 0 = the same map, 1 = disjoint)"
+    )
     return reports
 
 
@@ -191,16 +227,16 @@ def run(
     config = load_config(config_path, [*overrides, f"model.backbone_kwargs.pretrained_path={backbone}"])
     pretrained_s = time.perf_counter() - started
     print("stage 2 (VQA finetuning): the question's ξ steers the pretrained backbone's second pass")
-    summary = train_vqa(config)
+    summary = train_vqa(config, notify=print)
     model = AbsVLModel.from_pretrained(summary["export"])
     world = ShapesWorld.load(config.data.root)
 
     split = "test-dev2015"
     predictions = predict_split(model, config, "test-dev")
-    questions = json.loads(world.questions_path(split).read_text())
-    private = json.loads((world.root / "shapes_test-dev2015_annotations.json").read_text())
+    questions = read_json(world.questions_path(split))
+    private = read_json(world.root / "shapes_test-dev2015_annotations.json")
     result = evaluate_vqa(predictions, questions, private)
-    train_annotations = json.loads(world.annotations_path("train2014").read_text())
+    train_annotations = read_json(world.annotations_path("train2014"))
     baseline = majority_answer_baseline(train_annotations, private)
 
     print("\n== Shapes test-dev, official VQA accuracy ==")
@@ -222,17 +258,27 @@ def run(
     examples = example_maps(model, world, split, out_dir / "attention.png")
     print(f"model saved with save_pretrained in {summary['export']}")
     report = {
-        "accuracy": result["overall"], "per_answer_type": result["perAnswerType"],
-        "per_question_type": result["perQuestionType"], "majority_baseline": baseline["overall"],
-        "attention": scores, "attention_ratio": ratio, "examples": examples, "export": summary["export"],
-        "pretrained_backbone": backbone, "png": str(out_dir / "attention.png"),
+        "accuracy": result["overall"],
+        "per_answer_type": result["perAnswerType"],
+        "per_question_type": result["perQuestionType"],
+        "majority_baseline": baseline["overall"],
+        "attention": scores,
+        "attention_ratio": ratio,
+        "examples": examples,
+        "export": summary["export"],
+        "pretrained_backbone": backbone,
+        "png": str(out_dir / "attention.png"),
     }
     if retrieval_overrides is not None:
         report["retrieval"] = retrieval_stage(summary["export"], retrieval_overrides, out_dir)
-        print(f"\nweb page (questions: the VQA model; search: the index's retrieval model): "
-              f"absvl serve --model {summary['export']} --index {report['retrieval']['index']}")
+        print(
+            f"\nweb page (questions: the VQA model; search: the index's retrieval model): "
+            f"absvl serve --model {summary['export']} --index {report['retrieval']['index']}"
+        )
     report["minutes"] = {"pretraining (incl. world)": pretrained_s / 60, "total": (time.perf_counter() - started) / 60}
-    (out_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ndemo took {report['minutes']['total']:.1f} min (world + stage 1: {pretrained_s / 60:.1f} min); "
-          f"report in {out_dir / 'demo.json'}")
+    write_json(out_dir / "demo.json", report)
+    print(
+        f"\ndemo took {report['minutes']['total']:.1f} min (world + stage 1: {pretrained_s / 60:.1f} min); "
+        f"report in {out_dir / 'demo.json'}"
+    )
     return report

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 __version__ = "0.2.0"  # stamped into every config absvl writes (``absvl_version``)
 
@@ -42,10 +43,11 @@ def _fsync(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block ends without an error the file is
-    flushed to disk and renamed onto ``path``, otherwise it is removed."""
+    """Yield a temporary path beside ``path`` (one per process, so writers of the same file never
+    share it); when the block ends without an error the file is flushed to disk and renamed onto
+    ``path``, otherwise it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         yield tmp
         _fsync(tmp)
@@ -124,13 +126,20 @@ def publish_folder(staging: str | Path, folder: str | Path, overwrite: bool = Tr
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_folder(folder: str | Path, overwrite: bool = True, clean_stale: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder beside ``folder``; when the block ends without an error it is
-    published as ``folder`` (:func:`publish_folder`), otherwise it is removed."""
+    published as ``folder`` (:func:`publish_folder`), otherwise it is removed.
+
+    ``clean_stale``: first remove the staging folders that killed runs left beside ``folder`` (only
+    for a caller that is the folder's one writer, e.g. under a lock).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists: pass --overwrite (overwrite=True) to replace it")
+    if clean_stale:
+        for stale in folder.parent.glob(f".tmp-{folder.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary folder

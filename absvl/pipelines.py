@@ -9,19 +9,22 @@ pipeline's, or the call's). Lists are a list of images with an equal-length list
 with a list of texts, or a list of ``{"image", "question"}`` (``{"image", "text"}``) dicts.
 :func:`answer_file` answers a JSONL / CSV file of (image, question) pairs (``absvl predict vqa-file``).
 """
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data.images import BadImageError
+from .images import BadImageError
+from .io import atomic_file
 from .models.vl import AbsVLModel
 from .models.vl.processing import ImageInput, load_image
 
@@ -170,7 +173,7 @@ def answer_file(
                 answered += [{**row, **top[0]} for (row, _), top in zip(batch, results)]
             bar.update(len(rows[start : start + size]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as f:
+    with atomic_file(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         if out.suffix.lower() == ".csv":
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in answered for k in row)))
             writer.writeheader()

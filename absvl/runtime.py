@@ -1,4 +1,5 @@
 """Process-level settings: CPU allocator tuning, device choice, the process's rank."""
+
 from __future__ import annotations
 
 import ctypes
@@ -38,9 +39,7 @@ def cpu_only() -> bool:
 
     xpu = getattr(torch, "xpu", None)
     return not (
-        torch.cuda.is_available()
-        or (xpu is not None and xpu.is_available())
-        or torch.backends.mps.is_available()
+        torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
     )
 
 

@@ -2,16 +2,19 @@
 
 Used by ``absvl attend``, the demo, the web service and the comparison script.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .io import atomic_file
 from .models.vl.processing import ImageInput, load_image
 
 LABEL_HEIGHT = 34
@@ -90,5 +93,6 @@ def attention_figure(
     figure = side_by_side(panels, size)
     if out_png is not None:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        figure.save(out_png)
+        with atomic_file(out_png) as tmp:
+            figure.save(tmp)  # the format follows the suffix, which tmp keeps
     return figure, {"bottom_up": bottom_up, "top_down": top_down, "answers": answers}

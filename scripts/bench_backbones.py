@@ -9,6 +9,7 @@ linear, as the authors compute it, would cost ~2.4x), VARS-D <= 1.3x ViT, TDAM-R
     python scripts/bench_backbones.py --size tiny --batch 16            # CPU
     python scripts/bench_backbones.py --size base --batch 64 --device cuda --dtype bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
@@ -111,11 +112,15 @@ def main() -> None:
         f"# backbones, {args.size} / resnet{args.resnet_depth}, batch {args.batch}, {args.img_size}px, {args.dtype}, "
         f"{args.device} ({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, {allocator}"
     )
-    print(f"{'model':34s} {'GMACs':>6s} {'train ms':>9s} {'train img/s':>11s} {'x base':>7s} {'infer img/s':>11s} {'thr x base':>10s}")
+    print(
+        f"{'model':34s} {'GMACs':>6s} {'train ms':>9s} {'train img/s':>11s} {'x base':>7s} {'infer img/s':>11s} {'thr x base':>10s}"
+    )
     results = measure(rows, args)
     for label, _, _, base in rows:
         r, b = results[label], results[base or label]
-        r.update(train_time_ratio=r["train_s"] / b["train_s"], infer_throughput_ratio=r["infer_img_s"] / b["infer_img_s"])
+        r.update(
+            train_time_ratio=r["train_s"] / b["train_s"], infer_throughput_ratio=r["infer_img_s"] / b["infer_img_s"]
+        )
         print(
             f"{label:34s} {r['gmacs']:6.2f} {r['train_s'] * 1e3:9.1f} {r['train_img_s']:11.1f} "
             f"{r['train_time_ratio']:7.2f} {r['infer_img_s']:11.1f} {r['infer_throughput_ratio']:10.2f}"

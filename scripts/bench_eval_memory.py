@@ -9,6 +9,7 @@ re-ranking the top ``--k``.
 
     python scripts/bench_eval_memory.py --images 5000 --size 224 --k 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from absvl.training.retrieval import evaluate_retrieval
 class PeakRSS:
     """The largest resident set size (MiB) of this process while the block runs, sampled every 5 ms."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.process, self.peak, self.running = psutil.Process(), 0.0, True
         self.start = self.process.memory_info().rss / 2**20
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -67,8 +68,15 @@ def main() -> None:
     parser.add_argument("--text-encoder", default="data/shapes/text_encoder", help="a local tiny text encoder")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": args.size}, image_size=args.size,
-                         text_encoder=args.text_encoder, fusion_hidden_size=32, fusion_layers=1, fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": args.size},
+        image_size=args.size,
+        text_encoder=args.text_encoder,
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         images = write_images(Path(tmp), args.images, args.size)
@@ -77,9 +85,11 @@ def main() -> None:
             with PeakRSS() as rss:
                 result = evaluate_retrieval(model, images[:count], rerank_k=args.k, batch_size=args.batch_size)
             held = count * 3 * args.size * args.size * 4 / 2**20
-            print(f"{result['images']} images at {args.size} px, {result['captions']} captions, re-ranked top-{args.k}: "
-                  f"{time.perf_counter() - begin:.0f} s, RSS {rss.start:.0f} MiB at the start, peak {rss.peak:.0f} MiB "
-                  f"(+{rss.peak - rss.start:.0f} MiB); every image tensor held would be {held:.0f} MiB")
+            print(
+                f"{result['images']} images at {args.size} px, {result['captions']} captions, re-ranked top-{args.k}: "
+                f"{time.perf_counter() - begin:.0f} s, RSS {rss.start:.0f} MiB at the start, peak {rss.peak:.0f} MiB "
+                f"(+{rss.peak - rss.start:.0f} MiB); every image tensor held would be {held:.0f} MiB"
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ is timed against the per-pair baseline (``per_pair_rerank``: a full two-pass for
 (query, candidate) pair, as ``Retriever`` did before it shared each image's first pass), one query
 at a time and for a batch of ``--e2e-batch`` queries through ``search_batch``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from absvl.retrieval.index import ivf_nlist, new_faiss_index
+from absvl.retrieval.faiss_backend import ivf_nlist, new_faiss_index
 
 
-def clustered_embeddings(n: int, centres: np.ndarray, weights: np.ndarray, noise: float, rng: np.random.Generator,
-                         chunk: int = 100_000) -> np.ndarray:
+def clustered_embeddings(
+    n: int, centres: np.ndarray, weights: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 100_000
+) -> np.ndarray:
     """``n`` L2-normalised samples of the mixture (generated in chunks to bound temporary memory)."""
     dim = centres.shape[1]
     out = np.empty((n, dim), dtype=np.float32)
@@ -102,9 +104,13 @@ def add_with_progress(index: faiss.Index, database: np.ndarray, label: str, chun
 
 
 def bench_ann(args: argparse.Namespace) -> list[dict]:
-    print(f"generating {args.n:,} × {args.dim} clustered embeddings ({args.groups} topics, {args.centres} centres, "
-          f"spread {args.spread}, noise {args.noise}) "
-          f"and {args.queries:,} queries ...", file=sys.stderr, flush=True)
+    print(
+        f"generating {args.n:,} × {args.dim} clustered embeddings ({args.groups} topics, {args.centres} centres, "
+        f"spread {args.spread}, noise {args.noise}) "
+        f"and {args.queries:,} queries ...",
+        file=sys.stderr,
+        flush=True,
+    )
     database, queries = make_data(args)
     rows = []
 
@@ -136,9 +142,20 @@ def bench_ann(args: argparse.Namespace) -> list[dict]:
                     continue
                 ivf.nprobe = nprobe
                 ids, qps = timed_search(index, queries, args.k)
-                rows.append({"config": f"{factory} nprobe={nprobe}", "build_s": build, "bytes": size, "qps": qps,
-                             "recall": recall_at_k(ids, truth, args.k)})
-                print(f"  {rows[-1]['config']}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f}", file=sys.stderr, flush=True)
+                rows.append(
+                    {
+                        "config": f"{factory} nprobe={nprobe}",
+                        "build_s": build,
+                        "bytes": size,
+                        "qps": qps,
+                        "recall": recall_at_k(ids, truth, args.k),
+                    }
+                )
+                print(
+                    f"  {rows[-1]['config']}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             del index
 
     for m in args.hnsw_m:
@@ -152,35 +169,54 @@ def bench_ann(args: argparse.Namespace) -> list[dict]:
         for ef in args.ef_search:
             index.hnsw.efSearch = ef
             ids, qps = timed_search(index, queries, args.k)
-            rows.append({"config": f"{factory} efC={args.ef_construction} efSearch={ef}", "build_s": build, "bytes": size,
-                         "qps": qps, "recall": recall_at_k(ids, truth, args.k)})
-            print(f"  {rows[-1]['config']}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f}", file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "config": f"{factory} efC={args.ef_construction} efSearch={ef}",
+                    "build_s": build,
+                    "bytes": size,
+                    "qps": qps,
+                    "recall": recall_at_k(ids, truth, args.k),
+                }
+            )
+            print(
+                f"  {rows[-1]['config']}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f}", file=sys.stderr, flush=True
+            )
         del index
     return rows
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     base = rows[0]
-    print(f"\n{args.n:,} vectors × {args.dim}, {args.queries:,} queries, k={args.k}, "
-          f"{faiss.omp_get_max_threads()} threads, faiss {faiss.__version__}, {platform.processor() or platform.machine()}")
-    header = (f"{'configuration':34s} {'build s':>8s} {'×':>6s} {'MB':>8s} {'×':>5s} {'queries/s':>10s} {'×':>7s} "
-              f"{'recall@' + str(args.k):>10s}  goal")
+    print(
+        f"\n{args.n:,} vectors × {args.dim}, {args.queries:,} queries, k={args.k}, "
+        f"{faiss.omp_get_max_threads()} threads, faiss {faiss.__version__}, {platform.processor() or platform.machine()}"
+    )
+    header = (
+        f"{'configuration':34s} {'build s':>8s} {'×':>6s} {'MB':>8s} {'×':>5s} {'queries/s':>10s} {'×':>7s} "
+        f"{'recall@' + str(args.k):>10s}  goal"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         ok = r["qps"] >= args.goal_qps and r["recall"] >= args.goal_recall
-        print(f"{r['config']:34s} {r['build_s']:8.1f} {r['build_s'] / base['build_s']:6.1f} {r['bytes'] / 2**20:8.1f} "
-              f"{r['bytes'] / base['bytes']:5.2f} {r['qps']:10,.0f} {r['qps'] / base['qps']:7.1f} {r['recall']:10.3f}  "
-              f"{'yes' if ok else ''}")
+        print(
+            f"{r['config']:34s} {r['build_s']:8.1f} {r['build_s'] / base['build_s']:6.1f} {r['bytes'] / 2**20:8.1f} "
+            f"{r['bytes'] / base['bytes']:5.2f} {r['qps']:10,.0f} {r['qps'] / base['qps']:7.1f} {r['recall']:10.3f}  "
+            f"{'yes' if ok else ''}"
+        )
     meeting = [r for r in rows if r["qps"] >= args.goal_qps and r["recall"] >= args.goal_recall]
     goal = f"≥ {args.goal_qps:,} queries/s at recall@{args.k} ≥ {args.goal_recall}"
     if meeting:
         best = max(meeting, key=lambda r: r["qps"])
-        print(f"\ngoal {goal}: met by {len(meeting)} configuration(s); fastest: {best['config']} "
-              f"({best['qps']:,.0f} q/s, recall {best['recall']:.3f}, {best['bytes'] / 2**20:.0f} MB, build {best['build_s']:.0f} s)")
+        print(
+            f"\ngoal {goal}: met by {len(meeting)} configuration(s); fastest: {best['config']} "
+            f"({best['qps']:,.0f} q/s, recall {best['recall']:.3f}, {best['bytes'] / 2**20:.0f} MB, build {best['build_s']:.0f} s)"
+        )
     else:
         best = max(rows[1:] or rows, key=lambda r: (r["recall"] >= args.goal_recall, r["qps"]))
-        print(f"\ngoal {goal}: not met at N={args.n:,}; closest: {best['config']} ({best['qps']:,.0f} q/s, recall {best['recall']:.3f})")
+        print(
+            f"\ngoal {goal}: not met at N={args.n:,}; closest: {best['config']} ({best['qps']:,.0f} q/s, recall {best['recall']:.3f})"
+        )
     if args.n != 1_000_000:
         print("(the goal is stated for N = 1,000,000: run with --n 1000000 for the verdict)")
 
@@ -215,9 +251,7 @@ def interleaved_latencies(runs: list, calls: list) -> list[tuple[float, float, f
             start = time.perf_counter()
             run(call)
             times.append(1000 * (time.perf_counter() - start))
-    return [
-        (statistics.median(t), sorted(t)[int(0.95 * (len(t) - 1))], 1000 / statistics.mean(t)) for t in latencies
-    ]
+    return [(statistics.median(t), sorted(t)[int(0.95 * (len(t) - 1))], 1000 / statistics.mean(t)) for t in latencies]
 
 
 def bench_e2e(args: argparse.Namespace) -> dict:
@@ -231,30 +265,57 @@ def bench_e2e(args: argparse.Namespace) -> dict:
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        world = ensure_shapes(Path(tmp) / "world", num_images=args.e2e_images, seed=0, image_size=64, questions_per_image=1)
+        world = ensure_shapes(
+            Path(tmp) / "world", num_images=args.e2e_images, seed=0, image_size=64, questions_per_image=1
+        )
         torch.manual_seed(0)
-        config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 64},
-                             text_encoder=str(world.text_encoder_dir), fusion_hidden_size=64, fusion_layers=2,
-                             fusion_heads=2, max_text_len=24)
+        config = AbsVLConfig(
+            backbone="absvit_test_patch8",
+            backbone_kwargs={"img_size": 64},
+            text_encoder=str(world.text_encoder_dir),
+            fusion_hidden_size=64,
+            fusion_layers=2,
+            fusion_heads=2,
+            max_text_len=24,
+        )
         model = AbsVLModel(config).eval()
         report = build_index(model, world.root / "images", Path(tmp) / "index", batch_size=64, progress=False)
         captions = [s["raw"] for im in json.loads(world.karpathy_path.read_text())["images"] for s in im["sentences"]]
         queries = captions[: args.e2e_queries]
         retriever = Retriever(model, report.out)
-        print(f"\nend to end: {report.num_indexed} Shapes images (64 px), tiny untrained absvit_test_patch8 model, "
-              f"index {report.factory} built in {report.seconds:.1f} s ({report.images_per_second:.0f} images/s); "
-              f"{len(queries)} caption queries, one at a time, k=10")
+        print(
+            f"\nend to end: {report.num_indexed} Shapes images (64 px), tiny untrained absvit_test_patch8 model, "
+            f"index {report.factory} built in {report.seconds:.1f} s ({report.images_per_second:.0f} images/s); "
+            f"{len(queries)} caption queries, one at a time, k=10"
+        )
         print(f"{'mode':34s} {'median ms':>10s} {'p95 ms':>8s} {'queries/s':>10s} {'× baseline':>10s}", flush=True)
         batches = [queries[i : i + args.e2e_batch] for i in range(0, len(queries), args.e2e_batch)]
         n = args.e2e_batch
         groups = [(queries, 0, [("ξ search only", lambda q: retriever.search(q, k=10))])]
         for r in (10, 50):  # (calls, re-ranking depth, [(label, run)]): the baseline first, then ours
-            groups.append((queries, r, [(f"rerank={r} per pair (baseline)", lambda q, r=r: per_pair_rerank(retriever, [q], r)),
-                                        (f"rerank={r}", lambda q, r=r: retriever.search(q, k=10, rerank=r))]))
-            groups.append((batches, r, [
-                (f"rerank={r} per pair, {n} queries", lambda b, r=r: per_pair_rerank(retriever, b, r)),
-                (f"rerank={r} search_batch, {n} queries", lambda b, r=r: retriever.search_batch(b, k=10, rerank=r)),
-            ]))
+            groups.append(
+                (
+                    queries,
+                    r,
+                    [
+                        (f"rerank={r} per pair (baseline)", lambda q, r=r: per_pair_rerank(retriever, [q], r)),
+                        (f"rerank={r}", lambda q, r=r: retriever.search(q, k=10, rerank=r)),
+                    ],
+                )
+            )
+            groups.append(
+                (
+                    batches,
+                    r,
+                    [
+                        (f"rerank={r} per pair, {n} queries", lambda b, r=r: per_pair_rerank(retriever, b, r)),
+                        (
+                            f"rerank={r} search_batch, {n} queries",
+                            lambda b, r=r: retriever.search_batch(b, k=10, rerank=r),
+                        ),
+                    ],
+                )
+            )
         for calls, depth, group in groups:
             timings = interleaved_latencies([run for _, run in group], calls)
             per_call = len(calls[0]) if calls is batches else 1

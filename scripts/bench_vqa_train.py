@@ -32,6 +32,7 @@ backward ≈ 2 × forward).
     python scripts/bench_vqa_train.py --device cuda --batch 64 --precision bf16 --compile \\
         --num-workers 8 --steps 30 --warmup 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,11 +105,16 @@ def write_coco_standins(
     import numpy as np
     from PIL import Image
 
-    from absvl.data.shapes import annotations_filename, image_folder, questions_filename
+    from absvl.data.shapes_world import annotations_filename, image_folder, questions_filename
 
     marker = out / "standins.json"
-    key = {"world": str(world.resolve()), "size": list(size), "quality": quality, "noise": noise,
-           "mtime": (world / "shapes_meta.json").stat().st_mtime_ns}
+    key = {
+        "world": str(world.resolve()),
+        "size": list(size),
+        "quality": quality,
+        "noise": noise,
+        "mtime": (world / "shapes_meta.json").stat().st_mtime_ns,
+    }
     if marker.is_file() and json.loads(marker.read_text()) == key:
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -279,7 +285,7 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import get_scheduler
 
-    from absvl.data.vqa import VQADataset
+    from absvl.data.vqa_dataset import VQADataset
     from absvl.models.vision import count_params, estimate_macs
     from absvl.training.data import EpochOrder
     from absvl.training.loop import make_loader, to_device, train_step
@@ -294,17 +300,23 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
     params = count_params(model)
     fused = {"auto": cuda, "on": True, "off": False}[args.fused_adamw]
     optimizer = torch.optim.AdamW(
-        model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+        model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
         fused=fused or None,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     total = 10 * (args.steps + args.warmup + 2)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=int(t.warmup_ratio * total), num_training_steps=total
+    )
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
         # the trainer's own step (absvl.training.loop.train_step), then the scheduler as run_training does
-        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, lambda: fixed)
-        scheduler.step()
+        # (the names are deleted only after the last step: ruff cannot see it)
+        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, lambda: fixed)  # noqa: F821
+        scheduler.step()  # noqa: F821
         return loss
 
     def mark(batch: dict[str, Any]) -> dict[str, Any]:
@@ -481,23 +493,33 @@ def print_report(results: dict[str, Any]) -> None:
             f"{_pct(r['data_loading_overhead']):>8s} {_pct(r['data_wait_fraction']):>6s} "
             f"{r['achieved_tflops_full']:8.3f} {_pct(r.get('mfu_full')):>6s}"
         )
-    print("# step times (s), mean ± std [min, median, max]; data ovh = 1 - median model-only / median full step, "
-          "wait = mean time in next(loader) / mean full step")
+    print(
+        "# step times (s), mean ± std [min, median, max]; data ovh = 1 - median model-only / median full step, "
+        "wait = mean time in next(loader) / mean full step"
+    )
     for r in results["models"]:
         for mode in ("model_only", "full"):
             s = r[mode]
-            print(f"#   {r['model']:26s} {mode:10s} {s['step_s_mean']:8.3f} ± {s['step_s_std']:.3f} "
-                  f"[{s['step_s_min']:.3f}, {s['step_s_median']:.3f}, {s['step_s_max']:.3f}]")
+            print(
+                f"#   {r['model']:26s} {mode:10s} {s['step_s_mean']:8.3f} ± {s['step_s_std']:.3f} "
+                f"[{s['step_s_min']:.3f}, {s['step_s_median']:.3f}, {s['step_s_max']:.3f}]"
+            )
     print("# backbone training FLOPs per sample: counted (fwd+bwd) vs 3 x 2 x estimate_macs:")
     for r in results["models"]:
         counted, analytic = r["backbone_train_flops_per_sample"], r["backbone_analytic_train_flops_per_sample"]
         ratio = f"{counted / analytic:.2f}" if counted else "-"
         counted_s = f"{counted / 1e9:.3g}" if counted else "-"
-        print(f"#   {r['model']:26s} counted {counted_s} G, analytic {analytic / 1e9:.3g} G "
-              f"(MACs {r['backbone_macs_per_sample'] / 1e9:.2f} G), counted/analytic {ratio}")
-    print("# SDPA kernels (forward calls per step): " + "; ".join(
-        f"{r['model']}: " + (", ".join(f"{k} {v}" for k, v in sorted(r["sdpa_kernels"].items())) or "none seen")
-        for r in results["models"]))
+        print(
+            f"#   {r['model']:26s} counted {counted_s} G, analytic {analytic / 1e9:.3g} G "
+            f"(MACs {r['backbone_macs_per_sample'] / 1e9:.2f} G), counted/analytic {ratio}"
+        )
+    print(
+        "# SDPA kernels (forward calls per step): "
+        + "; ".join(
+            f"{r['model']}: " + (", ".join(f"{k} {v}" for k, v in sorted(r["sdpa_kernels"].items())) or "none seen")
+            for r in results["models"]
+        )
+    )
     for pair, ratio in results["ratios"].items():
         print(
             f"# {pair}: model-only throughput x{ratio['model_only_samples_per_s']:.3f} "
@@ -510,8 +532,10 @@ def print_report(results: dict[str, Any]) -> None:
             mfu, ovh = r.get("mfu_full"), r["data_loading_overhead"]
             ok_mfu = "?" if mfu is None else ("met" if mfu >= GOAL_MFU else "NOT met")
             ok_data = "met" if ovh <= GOAL_DATA_OVERHEAD else "NOT met"
-            print(f"# goal {r['model']}: MFU >= {GOAL_MFU:.0%} {ok_mfu} ({_pct(mfu).strip()}), "
-                  f"data loading <= {GOAL_DATA_OVERHEAD:.0%} {ok_data} ({_pct(ovh).strip()})")
+            print(
+                f"# goal {r['model']}: MFU >= {GOAL_MFU:.0%} {ok_mfu} ({_pct(mfu).strip()}), "
+                f"data loading <= {GOAL_DATA_OVERHEAD:.0%} {ok_data} ({_pct(ovh).strip()})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,8 +564,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (in place)")
     p.add_argument("--fused-adamw", choices=["auto", "on", "off"], default="auto", help="auto: fused on CUDA")
     p.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full precision on CUDA")
-    p.add_argument("--images", choices=["coco", "shapes"], default="coco",
-                   help="generated data: COCO-sized 640x480 JPEG stand-ins, or the Shapes world's own images")
+    p.add_argument(
+        "--images",
+        choices=["coco", "shapes"],
+        default="coco",
+        help="generated data: COCO-sized 640x480 JPEG stand-ins, or the Shapes world's own images",
+    )
     p.add_argument("--source-size", type=int, help="Shapes image size (default: max(224, --image-size))")
     p.add_argument("--num-images", type=int, default=64, help="distinct images generated (the loader cycles over them)")
     p.add_argument("--data-root", help="an existing VQAv2-format folder (e.g. real VQAv2) instead of generated data")
@@ -564,8 +592,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from absvl.data.answers import build_answer_vocab
-    from absvl.data.images import image_transform
-    from absvl.data.vqa import VQACollator, load_vqa_split
+    from absvl.data.vqa import load_vqa_split
+    from absvl.data.vqa_dataset import VQACollator
+    from absvl.images import image_transform
     from absvl.runtime import keep_freed_memory
     from absvl.training.config import RunConfig
     from absvl.training.vqa import annotation_entry

@@ -28,6 +28,7 @@ does (``absvl.demo.pretrain_stage``, cached; before parallel invocations run one
 on one CPU core. Run disjoint ``--variants`` lists in parallel into the same ``--out`` (with
 ``OMP_NUM_THREADS=1``), then once more without new runs to collect the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,10 @@ VARIANTS = {
         Variant("maskatt", "MaskAtt", "absvit_test_patch8", {"topdown": "maskatt"}),
         Variant("absvit_qkv", "AbSViT-QKV", "absvit_test_patch8", {"topdown": "qkv"}),
         Variant(
-            "absvit_no_var", "AbSViT w/o L_var", "absvit_test_patch8", {"variational_loss": False},
+            "absvit_no_var",
+            "AbSViT w/o L_var",
+            "absvit_test_patch8",
+            {"variational_loss": False},
             ("model.var_loss_weight=0",),
         ),
         Variant("absvit", "AbSViT", "absvit_test_patch8", {}),
@@ -138,15 +142,22 @@ def pretrained_backbone(args: argparse.Namespace) -> str | None:
     if args.quick:
         kwargs.pop("map_block", None)
         flow = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in kwargs.items()) + "}"
-        stage1 = [f"model.backbone_kwargs={flow}", f"train.output_dir={Path(args.work) / 'pretrain'}",
-                  "train.max_steps=2", "train.batch_size=8", "train.trackers=[]"]
+        stage1 = [
+            f"model.backbone_kwargs={flow}",
+            f"train.output_dir={Path(args.work) / 'pretrain'}",
+            "train.max_steps=2",
+            "train.batch_size=8",
+            "train.trackers=[]",
+        ]
     return pretrain_stage(load_config(args.config, data), stage1)
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two runs of a variant and seed comparable (a stored run is reused only if equal)."""
     return {
-        "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT) else str(args.config),
+        "config": str(Path(args.config).resolve().relative_to(ROOT))
+        if Path(args.config).resolve().is_relative_to(ROOT)
+        else str(args.config),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "attention_questions": args.attention_questions,
@@ -164,7 +175,7 @@ def _diagnostics(model: Any, world: Any, questions: list[dict], batch_size: int 
     import torch
     from PIL import Image
 
-    from absvl.data.shapes import target_mask
+    from absvl.data.shapes_world import target_mask
     from absvl.metrics.attention import mean_ratio, target_attention_ratio
     from absvl.models.vision.topdown import prior_mask
 
@@ -196,7 +207,7 @@ def _diagnostics(model: Any, world: Any, questions: list[dict], batch_size: int 
 
 def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Train (the real trainer), score test-dev and the attention maps; returns the run record."""
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
     from absvl.metrics.attention import mean_ratio, target_attention_ratios, target_questions
     from absvl.metrics.vqa import evaluate_vqa
     from absvl.models.vl import AbsVLModel
@@ -209,7 +220,7 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
     overrides = run_overrides(variant, seed, args, run_dir)
     config = load_config(args.config, overrides)
     t0 = time.perf_counter()
-    summary = train_vqa(config)
+    summary = train_vqa(config, notify=print)
     train_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -284,17 +295,24 @@ def aggregate(runs: list[dict[str, Any]], variants: list[Variant]) -> list[dict[
         td = [r["attention"]["top_down"] for r in mine]
         row["top_down"] = _mean_std(td) if all(t is not None for t in td) else None
         row["td_minus_bu"] = (
-            _mean_std([r["attention"]["top_down"] - r["attention"]["bottom_up"] for r in mine]) if row["top_down"] else None
+            _mean_std([r["attention"]["top_down"] - r["attention"]["bottom_up"] for r in mine])
+            if row["top_down"]
+            else None
         )
         pm = [r.get("prior_mask_score") for r in mine]
         other = [r.get("attention_other_block") for r in mine]
         row["other_td_minus_bu"] = (
             _mean_std([x["top_down"] - x["bottom_up"] for x in other])
-            if all(x is not None and x.get("top_down") is not None for x in other) else None
+            if all(x is not None and x.get("top_down") is not None for x in other)
+            else None
         )
-        row["other_bottom_up"] = _mean_std([x["bottom_up"] for x in other]) if all(x is not None for x in other) else None
+        row["other_bottom_up"] = (
+            _mean_std([x["bottom_up"] for x in other]) if all(x is not None for x in other) else None
+        )
         row["other_top_down"] = (
-            _mean_std([x["top_down"] for x in other]) if all(x is not None and x.get("top_down") is not None for x in other) else None
+            _mean_std([x["top_down"] for x in other])
+            if all(x is not None and x.get("top_down") is not None for x in other)
+            else None
         )
         row["prior_mask"] = _mean_std(pm) if all(p is not None for p in pm) else None
         mm = [r.get("prior_mask_mean") for r in mine]
@@ -372,13 +390,25 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- pictures
-def _bar_panel(draw: Any, box: tuple[int, int, int, int], title: str, labels: list[str], series: list[dict[str, Any]],
-               ref: float | None, ref_label: str) -> None:
+def _bar_panel(
+    draw: Any,
+    box: tuple[int, int, int, int],
+    title: str,
+    labels: list[str],
+    series: list[dict[str, Any]],
+    ref: float | None,
+    ref_label: str,
+) -> None:
     """Grouped bars with std whiskers inside ``box`` (PIL only: no plotting dependency)."""
     x0, y0, x1, y1 = box
     draw.text((x0 + 4, y0), title, fill="black")
     top, bottom, left = y0 + 34, y1 - 60, x0 + 44
-    values = [m + (s if not math.isnan(s) else 0) for ser in series for (m, s) in ser["values"] if m is not None and not math.isnan(m)]
+    values = [
+        m + (s if not math.isnan(s) else 0)
+        for ser in series
+        for (m, s) in ser["values"]
+        if m is not None and not math.isnan(m)
+    ]
     vmax = max(values + ([ref] if ref is not None else []) + [1e-6]) * 1.1
     scale = lambda v: bottom - (bottom - top) * (v / vmax)  # noqa: E731
     draw.line((left, top, left, bottom), fill="black")
@@ -422,15 +452,29 @@ def plot(rows: list[dict[str, Any]], majority: float, path: Path) -> None:
     canvas = Image.new("RGB", (width, 760), "white")
     draw = ImageDraw.Draw(canvas)
     labels = [r["label"] for r in rows]
-    _bar_panel(draw, (10, 10, width - 10, 370), "Shapes test-dev VQA accuracy (mean ± std over seeds)", labels,
-               [{"name": "accuracy", "color": (70, 110, 200), "values": [r["accuracy"] for r in rows]}],
-               majority, f"majority baseline {majority:.1f}")
+    _bar_panel(
+        draw,
+        (10, 10, width - 10, 370),
+        "Shapes test-dev VQA accuracy (mean ± std over seeds)",
+        labels,
+        [{"name": "accuracy", "color": (70, 110, 200), "values": [r["accuracy"] for r in rows]}],
+        majority,
+        f"majority baseline {majority:.1f}",
+    )
     nan = (float("nan"), float("nan"))
-    _bar_panel(draw, (10, 390, width - 10, 750), "Target-attention score (1.0 = no preference)", labels, [
-        {"name": "bottom-up map", "color": (150, 150, 150), "values": [r["bottom_up"] for r in rows]},
-        {"name": "top-down map", "color": (230, 130, 30), "values": [r["top_down"] or nan for r in rows]},
-        {"name": "prior mask", "color": (90, 170, 90), "values": [r["prior_mask"] or nan for r in rows]},
-    ], 1.0, "1.0 = no preference")
+    _bar_panel(
+        draw,
+        (10, 390, width - 10, 750),
+        "Target-attention score (1.0 = no preference)",
+        labels,
+        [
+            {"name": "bottom-up map", "color": (150, 150, 150), "values": [r["bottom_up"] for r in rows]},
+            {"name": "top-down map", "color": (230, 130, 30), "values": [r["top_down"] or nan for r in rows]},
+            {"name": "prior mask", "color": (90, 170, 90), "values": [r["prior_mask"] or nan for r in rows]},
+        ],
+        1.0,
+        "1.0 = no preference",
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
@@ -447,22 +491,51 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="docs/results/compare_topdown", help="results folder (results.md/.json, PNGs, runs/)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", default="docs/results/compare_topdown", help="results folder (results.md/.json, PNGs, runs/)"
+    )
     p.add_argument("--work", default=None, help="training run folders (default: runs/compare_topdown, quick: OUT/work)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base VL recipe shared by every variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=parse_seeds, default=None, help="a count (3 → 0,1,2) or a list (0,5); default 3")
-    p.add_argument("--steps", "--budget", dest="steps", type=int, default=None, help="optimizer steps per run (default 500, the demo's)")
+    p.add_argument(
+        "--steps",
+        "--budget",
+        dest="steps",
+        type=int,
+        default=None,
+        help="optimizer steps per run (default 500, the demo's)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="questions per step (default 64)")
-    p.add_argument("--attention-questions", type=int, default=None, help="test-dev questions scored for attention (default 200)")
-    p.add_argument("--image-size", type=int, default=None, help="input size in px (default: the config's, 64: 8x8 maps)")
-    p.add_argument("--map-block", type=int, default=None,
-                   help="backbone map_block for the token-norm maps (default: the backbone's, 3/4 of the depth)")
-    p.add_argument("--extra-map-block", type=lambda v: None if v.lower() == "none" else int(v), default=0,
-                   help="also score the maps after this block (default 0: the first block); 'none' to skip")
-    p.add_argument("--data-root", default=None, help="use this existing Shapes world (with its text_encoder/) instead of the config's")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run")
+    p.add_argument(
+        "--attention-questions", type=int, default=None, help="test-dev questions scored for attention (default 200)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input size in px (default: the config's, 64: 8x8 maps)"
+    )
+    p.add_argument(
+        "--map-block",
+        type=int,
+        default=None,
+        help="backbone map_block for the token-norm maps (default: the backbone's, 3/4 of the depth)",
+    )
+    p.add_argument(
+        "--extra-map-block",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=0,
+        help="also score the maps after this block (default 0: the first block); 'none' to skip",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="use this existing Shapes world (with its text_encoder/) instead of the config's",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run"
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: a few seconds per run (2 steps, batch 8, 32 px)")
     p.add_argument("--force", action="store_true", help="re-run runs whose results exist")
     args = p.parse_args(argv)
@@ -501,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     import os
 
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
     from absvl.demo import question_pairs
     from absvl.metrics.vqa import majority_answer_baseline
     from absvl.training.config import load_config
@@ -541,18 +614,28 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             flush=True,
         )
 
-    config = load_config(args.config, run_overrides(args.variant_list[0], args.seeds[0], args, Path(args.work) / "probe"))
+    config = load_config(
+        args.config, run_overrides(args.variant_list[0], args.seeds[0], args, Path(args.work) / "probe")
+    )
     world = ShapesWorld.load(config.data.root)
     private = json.loads((world.root / f"shapes_{TEST_SPLIT}_annotations.json").read_text())
     train_annotations = json.loads(world.annotations_path("train2014").read_text())
     majority = majority_answer_baseline(train_annotations, private)["overall"]
     rows = aggregate(runs, args.variant_list)
     meta = {
-        "steps": args.steps, "batch_size": args.batch_size, "seeds": args.seeds, "config": my_budget["config"],
-        "set": list(args.set), "attention_questions": args.attention_questions, "majority": majority,
-        "test_questions": len(private["annotations"]), "wall_minutes": (time.perf_counter() - start) / 60,
-        "runs_done": done, "runs_skipped": skipped,
-        "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / 60, "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "config": my_budget["config"],
+        "set": list(args.set),
+        "attention_questions": args.attention_questions,
+        "majority": majority,
+        "test_questions": len(private["annotations"]),
+        "wall_minutes": (time.perf_counter() - start) / 60,
+        "runs_done": done,
+        "runs_skipped": skipped,
+        "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / 60,
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
         "command": "python scripts/compare_topdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "map_block": args.map_block,
         "extra_map_block": args.extra_map_block,
@@ -575,13 +658,18 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         model = AbsVLModel.from_pretrained(best["export"]).eval()
         attention_figure(model, image_path, texts, out / "attention.png")
         meta["attention_png"] = {
-            "run": f"{best['variant']}_seed{best['seed']}", "accuracy": best["accuracy"],
-            "topdown_change": best.get("topdown_change"), "image": image_path.name, "texts": texts,
+            "run": f"{best['variant']}_seed{best['seed']}",
+            "accuracy": best["accuracy"],
+            "topdown_change": best.get("topdown_change"),
+            "image": image_path.name,
+            "texts": texts,
         }
         (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
     else:
-        print(f"{out / 'attention.png'} not drawn: no AbSViT run of this invocation has its model on disk "
-              "(run AbSViT in this invocation, or keep its run folders under the runs root)")
+        print(
+            f"{out / 'attention.png'} not drawn: no AbSViT run of this invocation has its model on disk "
+            "(run AbSViT in this invocation, or keep its run folders under the runs root)"
+        )
     print((out / "results.md").read_text())
     return {"meta": meta, "summary": rows, "runs": runs}
 

@@ -25,6 +25,7 @@ answered 503 with ``Retry-After``; uploads that wait longer than the request tim
     python scripts/drill_uploads.py --model runs/shapes_absvit_tiny/final            # 40 x 25 MP, 16-bit
     python scripts/drill_uploads.py --model DIR --uploads 8 --side 2000 --max-pending 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,19 @@ def start_server(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
     """``absvl serve`` in a child process, returned once ``/health`` answers."""
     import httpx
 
-    command = [sys.executable, "-m", "absvl.cli", "serve", "--model", str(model), "--port", str(port),
-               "--log-level", "warning", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "absvl.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -100,8 +112,11 @@ def upload_all(url: str, image: bytes, count: int) -> list[tuple[int, str | None
     import httpx
 
     def one(client: httpx.Client) -> tuple[int, str | None]:
-        response = client.post("/vqa", files={"image": ("drill.png", image, "image/png")},
-                               data={"question": "what is in the picture?", "top_k": "1"})
+        response = client.post(
+            "/vqa",
+            files={"image": ("drill.png", image, "image/png")},
+            data={"question": "what is in the picture?", "top_k": "1"},
+        )
         return response.status_code, response.headers.get("retry-after")
 
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
@@ -133,13 +148,18 @@ def run_drill(model: Path, uploads: int = 40, side: int = 5000, server_args: tup
         server.wait(timeout=30)
     bound = peak_one + uploads * PER_UPLOAD
     return {
-        "uploads": uploads, "side": side, "megapixels": side * side / 1e6, "upload_mib": round(len(image) / MIB, 2),
+        "uploads": uploads,
+        "side": side,
+        "megapixels": side * side / 1e6,
+        "upload_mib": round(len(image) / MIB, 2),
         "one_at_a_time": dict(Counter(status for status, _ in one)),
         "statuses": dict(Counter(status for status, _ in burst)),
         "retry_after": sorted({after for status, after in burst if status == 503 and after}),
         "burst_seconds": round(seconds, 1),
-        "idle_rss_mib": round(idle / MIB, 1), "peak_one_at_a_time_mib": round(peak_one / MIB, 1),
-        "peak_burst_mib": round(peak_burst / MIB, 1), "bound_mib": round(bound / MIB, 1),
+        "idle_rss_mib": round(idle / MIB, 1),
+        "peak_one_at_a_time_mib": round(peak_one / MIB, 1),
+        "peak_burst_mib": round(peak_burst / MIB, 1),
+        "bound_mib": round(bound / MIB, 1),
         "within_bound": peak_burst <= bound,
     }
 
@@ -154,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.uploads < 1 or args.side < 1:
         parser.error("--uploads and --side must be positive")
-    server_args = [item for flag in ("max_pending", "request_timeout") if getattr(args, flag)
-                   for item in (f"--{flag.replace('_', '-')}", getattr(args, flag))]
+    server_args = [
+        item
+        for flag in ("max_pending", "request_timeout")
+        if getattr(args, flag)
+        for item in (f"--{flag.replace('_', '-')}", getattr(args, flag))
+    ]
     report = run_drill(args.model, args.uploads, args.side, tuple(server_args))
     print(json.dumps(report, indent=2))
     return report

@@ -1,4 +1,5 @@
 """A tiny Shapes world and a run config small enough to train in seconds."""
+
 import pytest
 
 from absvl.data.shapes import ensure_shapes

@@ -3,6 +3,7 @@ repository and a branch, validate a README's metadata, commit files (all uploade
 mode: no LFS), and to download a snapshot (repo info, tree listing, resolve). Writes need a token;
 private repositories are invisible without one. The ``hub`` fixture points huggingface_hub at it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,7 +17,6 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
-
 
 USER = "user"  # whose namespace a repository created without one goes to
 
@@ -48,8 +48,11 @@ def _metadata_errors(readme: str) -> list[str]:
         for result in model.get("results", []):
             if not (result.get("task", {}).get("type") and {"type", "name"} <= set(result.get("dataset", {}))):
                 errors.append(f"model-index result without task type or dataset type/name: {result}")
-            errors += [f"metric without type or value: {m}" for m in result.get("metrics", [])
-                       if not ({"type", "value"} <= set(m))]
+            errors += [
+                f"metric without type or value: {m}"
+                for m in result.get("metrics", [])
+                if not ({"type", "value"} <= set(m))
+            ]
     return errors
 
 
@@ -81,7 +84,9 @@ class HubStandIn:
                 tree.pop(path, None)
             else:
                 tree[path] = content
-        oid = _sha1(json.dumps({p: _sha1(c) for p, c in sorted(tree.items())}).encode() + str(len(repo.commits)).encode())
+        oid = _sha1(
+            json.dumps({p: _sha1(c) for p, c in sorted(tree.items())}).encode() + str(len(repo.commits)).encode()
+        )
         repo.commits[oid] = tree
         repo.branches[branch] = oid
         return oid
@@ -135,8 +140,12 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 payload = json.loads(self._body())
                 repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
                 if repo_id in hub.repos:
-                    return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
-                hub.repos[repo_id] = Repo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
+                    return self._reply(
+                        409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                    )
+                hub.repos[repo_id] = Repo(
+                    private=payload.get("visibility") == "private" or bool(payload.get("private"))
+                )
                 hub.commit(repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
                 return self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
             if parts == ["validate-yaml"]:
@@ -152,12 +161,21 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             if action != "branch" and files is None:
                 return self._reply(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             if action == "revision":
-                return self._reply(200, {"id": repo_id, "modelId": repo_id, "private": repo.private,
-                                         "sha": repo.branches.get(revision, revision),
-                                         "siblings": [{"rfilename": p} for p in sorted(files)]})
+                return self._reply(
+                    200,
+                    {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "private": repo.private,
+                        "sha": repo.branches.get(revision, revision),
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    },
+                )
             if action == "tree":
-                return self._reply(200, [{"type": "file", "oid": _sha1(c), "size": len(c), "path": p}
-                                         for p, c in sorted(files.items())])
+                return self._reply(
+                    200,
+                    [{"type": "file", "oid": _sha1(c), "size": len(c), "path": p} for p, c in sorted(files.items())],
+                )
             if action == "branch" and self.command == "POST":
                 if revision in repo.branches:
                     return self._reply(409, {"error": "Reference already exists"})
@@ -165,8 +183,9 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 return self._reply(200, {})
             if action == "preupload":
                 paths = [f["path"] for f in json.loads(self._body())["files"]]
-                return self._reply(200, {"files": [{"path": p, "uploadMode": "regular", "shouldIgnore": False}
-                                                   for p in paths]})
+                return self._reply(
+                    200, {"files": [{"path": p, "uploadMode": "regular", "shouldIgnore": False} for p in paths]}
+                )
             if action == "commit":
                 changes: dict[str, bytes | None] = {}
                 for line in self._body().splitlines():
@@ -206,7 +225,9 @@ def hub(tmp_path, monkeypatch):
     with HubStandIn() as stand_in:
         monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
         monkeypatch.setattr(constants, "ENDPOINT", stand_in.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", stand_in.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", stand_in.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))

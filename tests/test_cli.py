@@ -51,8 +51,9 @@ def test_resuming_a_run_needs_only_its_folder(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     # the run's config names its folder relative to where it was started
-    (run / "config.yaml").write_text(dump_config(load_config("configs/shapes_absvit_tiny.yaml",
-                                                             ["train.output_dir=runs/x", "train.lr=3e-4"])))
+    (run / "config.yaml").write_text(
+        dump_config(load_config("configs/shapes_absvit_tiny.yaml", ["train.output_dir=runs/x", "train.lr=3e-4"]))
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -1,5 +1,6 @@
 """``absvl convert``: synthetic checkpoints with the authors' exact key names and shapes (SPEC §2, §4),
 converted and checked against forward passes computed directly from the original tensors."""
+
 import argparse
 import json
 
@@ -26,21 +27,42 @@ def absvit_checkpoint(seed=0, gap=False):
     g = _gen(seed)
     r = lambda *shape, s=0.05: torch.randn(*shape, generator=g) * s  # noqa: E731
     C, N = WIDTH, (IMG // PATCH) ** 2 + 1
-    sd = {"cls_token": r(1, 1, C, s=0.5), "pos_embed": r(1, N, C, s=0.5),
-          "patch_embed.proj.weight": r(C, 3, PATCH, PATCH), "patch_embed.proj.bias": r(C)}
+    sd = {
+        "cls_token": r(1, 1, C, s=0.5),
+        "pos_embed": r(1, N, C, s=0.5),
+        "patch_embed.proj.weight": r(C, 3, PATCH, PATCH),
+        "patch_embed.proj.bias": r(C),
+    }
     for i in range(DEPTH):
         p = f"blocks.{i}."
-        sd.update({p + "norm1.weight": 1 + r(C), p + "norm1.bias": r(C),
-                   p + "attn.qkv.weight": r(3 * C, C, s=0.15), p + "attn.qkv.bias": r(3 * C, s=0.3),
-                   p + "attn.proj.weight": r(C, C, s=0.1), p + "attn.proj.bias": r(C),
-                   p + "norm2.weight": 1 + r(C), p + "norm2.bias": r(C),
-                   p + "mlp.fc1.weight": r(4 * C, C, s=0.1), p + "mlp.fc1.bias": r(4 * C),
-                   p + "mlp.fc2.weight": r(C, 4 * C, s=0.1), p + "mlp.fc2.bias": r(C)})
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(C),
+                p + "norm1.bias": r(C),
+                p + "attn.qkv.weight": r(3 * C, C, s=0.15),
+                p + "attn.qkv.bias": r(3 * C, s=0.3),
+                p + "attn.proj.weight": r(C, C, s=0.1),
+                p + "attn.proj.bias": r(C),
+                p + "norm2.weight": 1 + r(C),
+                p + "norm2.bias": r(C),
+                p + "mlp.fc1.weight": r(4 * C, C, s=0.1),
+                p + "mlp.fc1.bias": r(4 * C),
+                p + "mlp.fc2.weight": r(C, 4 * C, s=0.1),
+                p + "mlp.fc2.bias": r(C),
+            }
+        )
         sd[f"decoders.{i}.linear.weight"] = r(C, C, s=0.2)
         sd[f"decoders.{i}.linear2.weight"] = r(C, C, s=0.2)
     norm = "fc_norm" if gap else "norm"
-    sd.update({f"{norm}.weight": 1 + r(C), f"{norm}.bias": r(C), "head.weight": r(CLASSES, C, s=0.2),
-               "head.bias": r(CLASSES), "prompt": r(C, s=1.0)})
+    sd.update(
+        {
+            f"{norm}.weight": 1 + r(C),
+            f"{norm}.bias": r(C),
+            "head.weight": r(CLASSES, C, s=0.2),
+            "head.bias": r(CLASSES),
+            "prompt": r(C, s=1.0),
+        }
+    )
     return sd
 
 
@@ -125,7 +147,10 @@ def test_absvit_conversion_errors(tmp_path):
         convert({**sd, "blocks.0.attn.extra.weight": torch.zeros(2)}, name="extra")
     with pytest.raises(ValueError, match=r"does not fill: decoders\.2\.linear2\.weight"):
         convert({k: v for k, v in sd.items() if k != "decoders.2.linear2.weight"}, name="missing")
-    with pytest.raises(ValueError, match=r"shape mismatch.*blocks\.3\.mlp\.fc1\.weight: checkpoint \(128, 64\), model blocks\.3\.mlp\.fc1\.weight \(256, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch.*blocks\.3\.mlp\.fc1\.weight: checkpoint \(128, 64\), model blocks\.3\.mlp\.fc1\.weight \(256, 64\)",
+    ):
         convert({**sd, "blocks.3.mlp.fc1.weight": torch.zeros(128, 64)}, name="shape")
     with pytest.raises(ValueError, match="convert handles the authors' AbSViT"):
         convert(sd, arch="vit_test_patch8", name="vit")
@@ -177,15 +202,21 @@ def tdam_checkpoint(block, seed=0, mode="joint"):
                 bn = conv.replace("conv", "bn")
                 for suffix in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                     base = sd[f"{p}{bn}.{suffix}"]
-                    sd[f"{p}{bn}_1.{suffix}"] = base.clone() if suffix == "num_batches_tracked" else (
-                        base + torch.rand(base.shape, generator=g) * 0.2)
+                    sd[f"{p}{bn}_1.{suffix}"] = (
+                        base.clone()
+                        if suffix == "num_batches_tracked"
+                        else (base + torch.rand(base.shape, generator=g) * 0.2)
+                    )
     return sd
 
 
 def reference_tdam(sd, x, bottleneck):
     """TDAM ResNet forward (T = 2, joint, layer3+4) in plain torch ops on the checkpoint (eval)."""
+
     def bn(x, p):
-        return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"], False, 0.0, 1e-5)
+        return F.batch_norm(
+            x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"], False, 0.0, 1e-5
+        )
 
     def conv(x, p, stride=1):
         w = sd[p + ".weight"]
@@ -205,7 +236,12 @@ def reference_tdam(sd, x, bottleneck):
             if tdam:
                 top = bn(conv(searchlight(p, bottom, top), p + ".conv3"), p + ".bn3_1")
         else:
-            layers = lambda inp, t: bn(conv(F.relu(bn(conv(inp, p + ".conv1", stride), p + ".bn1" + t)), p + ".conv2"), p + ".bn2" + t)  # noqa: E731
+
+            def layers(inp, t):
+                return bn(
+                    conv(F.relu(bn(conv(inp, p + ".conv1", stride), p + ".bn1" + t)), p + ".conv2"), p + ".bn2" + t
+                )
+
             top = layers(x, "")
             if tdam:
                 top = layers(searchlight(p, x, top), "_1")
@@ -224,8 +260,10 @@ def reference_tdam(sd, x, bottleneck):
 
 def _manual_tdam_map(key, mode="joint"):
     """The SPEC §4 renaming, written out independently of absvl.convert."""
-    table = {"joint": {"Ug_top_mlp.0": "top_proj", "Ug_bottom_mlp.0": "bottom_proj", "Ug_mlp.0": "searchlight"},
-             "top": {"Ug_mlp.0": "top_proj", "Ug_mlp.2": "searchlight"}}[mode]
+    table = {
+        "joint": {"Ug_top_mlp.0": "top_proj", "Ug_bottom_mlp.0": "bottom_proj", "Ug_mlp.0": "searchlight"},
+        "top": {"Ug_mlp.0": "top_proj", "Ug_mlp.2": "searchlight"},
+    }[mode]
     for old, new in table.items():
         key = key.replace(f".RA_block.{old}.", f".tdam.{new}.")
     return key
@@ -296,8 +334,14 @@ def test_converted_folder_in_the_vl_model(tmp_path):
     torch.save({"model": sd}, ckpt)
     out = convert_checkpoint(ckpt, "absvit_test_patch8", tmp_path / "converted")
     text = build_tiny_text_encoder(tmp_path / "text", kind="roberta")
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"pretrained_path": str(out)},
-                         text_encoder=str(text), fusion_hidden_size=32, fusion_layers=1, fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"pretrained_path": str(out)},
+        text_encoder=str(text),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config, answers=["yes", "no"])
     assert model.backbone.blocks[0].attn.td_bias
     assert torch.equal(model.backbone.blocks[2].attn.qkv.weight, sd["blocks.2.attn.qkv.weight"])

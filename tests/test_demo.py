@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-
 from PIL import Image
 
 from absvl import demo
@@ -10,13 +9,26 @@ from absvl.models.vl import AbsVLModel
 
 def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_path, capsys):
     retrieval = [
-        f"data.captions={shapes_root / 'dataset_shapes.json'}", f"data.images={shapes_root / 'images'}",
-        "data.shapes=null", "data.num_workers=0", f"train.output_dir={tmp_path / 'retrieval'}",
-        "train.max_steps=3", "train.batch_size=8", "train.trackers=[]", "train.rerank_k=2",
+        f"data.captions={shapes_root / 'dataset_shapes.json'}",
+        f"data.images={shapes_root / 'images'}",
+        "data.shapes=null",
+        "data.num_workers=0",
+        f"train.output_dir={tmp_path / 'retrieval'}",
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.trackers=[]",
+        "train.rerank_k=2",
     ]
-    pretrain = ["model.backbone_kwargs={img_size: 32}", f"train.output_dir={tmp_path / 'pretrain'}", "train.max_steps=2",
-                "train.batch_size=8", "train.trackers=[]"]
-    report = demo.run(demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=4"], tmp_path / "out", retrieval, pretrain)
+    pretrain = [
+        "model.backbone_kwargs={img_size: 32}",
+        f"train.output_dir={tmp_path / 'pretrain'}",
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.trackers=[]",
+    ]
+    report = demo.run(
+        demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=4"], tmp_path / "out", retrieval, pretrain
+    )
     printed = capsys.readouterr().out
     assert "majority-answer baseline" in printed and "target attention" in printed
     assert "stage 1 (vision pretraining)" in printed and "distance between the two top-down maps" in printed
@@ -29,11 +41,22 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
     # a second run reuses the pretrained backbone instead of training it again
     again = demo.run(demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=1"], tmp_path / "out2", None, pretrain)
     assert "reusing" in capsys.readouterr().out and again["pretrained_backbone"] == report["pretrained_backbone"]
-    assert "| re-ranked top-2 (ITM, top-down) |" in printed and "search 'a red circle left of a blue square.'" in printed
+    assert (
+        "| re-ranked top-2 (ITM, top-down) |" in printed and "search 'a red circle left of a blue square.'" in printed
+    )
     assert len(report["retrieval"]["hits"]) == 4  # the 4 test images of the tiny world, all re-ranked
-    assert AbsVLModel.from_pretrained(report["retrieval"]["export"]).answers == AbsVLModel.from_pretrained(report["export"]).answers
+    assert (
+        AbsVLModel.from_pretrained(report["retrieval"]["export"]).answers
+        == AbsVLModel.from_pretrained(report["export"]).answers
+    )
     assert 0 <= report["accuracy"] <= 100 and 0 <= report["majority_baseline"] <= 100
-    assert set(report["attention"]) == {"bottom_up", "top_down", "bottom_up_others", "top_down_others", "per_question_type"}
+    assert set(report["attention"]) == {
+        "bottom_up",
+        "top_down",
+        "bottom_up_others",
+        "top_down_others",
+        "per_question_type",
+    }
     # every test-dev question that names objects is scored, per question type too (table printed)
     per_type = report["attention"]["per_question_type"]
     assert set(per_type) <= {"what color is the", "what shape is the", "is there a", "how many", "is the"}

@@ -5,6 +5,7 @@ on the CPU raises ("Tensor on device cpu is not on the expected device meta") ju
 given CPU inputs does. ``MetaReadout`` lets the results be read back to the host (as zeros), so
 the entry points run to the end.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import absvl
-from absvl.data.shapes import ShapesWorld
+from absvl.data.shapes_world import ShapesWorld
 from absvl.metrics.attention import target_attention_ratios, target_questions
 from absvl.models.vl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import Retriever, build_index
@@ -36,9 +37,15 @@ class MetaReadout(TorchDispatchMode):
 @pytest.fixture
 def model(shapes_root):
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
-                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
-                         fusion_heads=2, max_text_len=16)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+        max_text_len=16,
+    )
     return AbsVLModel(config, answers=["yes", "no", "red"]).eval()
 
 
@@ -57,7 +64,9 @@ def test_a_cpu_input_on_a_meta_model_raises(model, image):
 def test_prepare_inputs_puts_tensors_on_the_model_device(model, image):
     inputs = model.to("meta").prepare_inputs(images=[image], text=["is it red?"])
     assert model.device == torch.device("meta")
-    assert {k: v.device.type for k, v in inputs.items()} == dict.fromkeys(("images", "input_ids", "attention_mask"), "meta")
+    assert {k: v.device.type for k, v in inputs.items()} == dict.fromkeys(
+        ("images", "input_ids", "attention_mask"), "meta"
+    )
 
 
 def test_pipelines_run_on_the_model_device(model, image):

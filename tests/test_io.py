@@ -77,7 +77,10 @@ def test_backbone_folder_round_trip(tmp_path):
     folder = io.write_backbone_folder(tmp_path / "bb", tensors, "vit_test_patch8", {"td_bias": True}, source="x.pth")
     config = io.read_backbone_folder(folder)
     assert config == {
-        "format": io.BACKBONE_FORMAT, "name": "vit_test_patch8", "overrides": {"td_bias": True}, "source": "x.pth",
+        "format": io.BACKBONE_FORMAT,
+        "name": "vit_test_patch8",
+        "overrides": {"td_bias": True},
+        "source": "x.pth",
         "absvl_version": io.__version__,
     }
     from safetensors.torch import load_file

@@ -1,5 +1,6 @@
 """The declared dependency bounds: pyproject's lower bounds are what constraints-lowest.txt pins (and
 `make test-lowest` tests), and the versions CI pins in constraints.txt satisfy pyproject."""
+
 import importlib
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ def test_lower_bounds_are_the_lowest_constraints():
         assert len(bounds) == 1, f"pyproject.toml: {requirement} needs one '>=' lower bound"
         assert lowest[name] == bounds[0], (
             f"pyproject.toml declares {requirement} but constraints-lowest.txt pins {name}=={lowest[name]}: "
-            "change both together (and run `make test-lowest`)")
+            "change both together (and run `make test-lowest`)"
+        )
 
 
 def test_ci_pins_satisfy_the_declared_ranges():
@@ -56,7 +58,8 @@ def test_ci_pins_satisfy_the_declared_ranges():
     for name, requirement in _declared().items():
         if name in pinned:
             assert requirement.specifier.contains(pinned[name], prereleases=True), (
-                f"constraints.txt pins {name}=={pinned[name]}, outside pyproject.toml's {requirement}")
+                f"constraints.txt pins {name}=={pinned[name]}, outside pyproject.toml's {requirement}"
+            )
 
 
 def test_faiss_comes_from_exactly_one_extra():
@@ -64,17 +67,23 @@ def test_faiss_comes_from_exactly_one_extra():
     and the Makefile's installs (`make demo`, `make test`, `make test-lowest`) take the CPU one."""
     project = _project()
     faiss_of = {
-        extra: sorted(canonicalize_name(Requirement(r).name) for r in requirements
-                      if canonicalize_name(Requirement(r).name).startswith("faiss"))
+        extra: sorted(
+            canonicalize_name(Requirement(r).name)
+            for r in requirements
+            if canonicalize_name(Requirement(r).name).startswith("faiss")
+        )
         for extra, requirements in {"": project["dependencies"], **project["optional-dependencies"]}.items()
     }
-    assert {extra: names for extra, names in faiss_of.items() if names} == {"cpu": ["faiss-cpu"], "gpu": ["faiss-gpu-cu12"]}
+    assert {extra: names for extra, names in faiss_of.items() if names} == {
+        "cpu": ["faiss-cpu"],
+        "gpu": ["faiss-gpu-cu12"],
+    }
     installs = [line.strip() for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines() if " -e " in line]
     assert installs and all("-e '.[cpu" in line for line in installs), installs
 
 
 def test_without_faiss_the_index_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if `pip install absvl` had been run without an extra
-    monkeypatch.delitem(sys.modules, "absvl.retrieval.index", raising=False)
+    monkeypatch.delitem(sys.modules, "absvl.retrieval.faiss_backend", raising=False)
     with pytest.raises(ImportError, match=r"needs FAISS: pip install 'absvl\[cpu\]' \(faiss-cpu\) or 'absvl\[gpu\]'"):
-        importlib.import_module("absvl.retrieval.index")
+        importlib.import_module("absvl.retrieval.faiss_backend")

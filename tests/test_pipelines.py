@@ -1,5 +1,6 @@
 """``absvl.pipeline``: VQA answers and attention maps from PIL images, paths and arrays, one or a
 list at a time; ``absvl predict vqa-file``."""
+
 import csv
 import json
 
@@ -20,8 +21,13 @@ ANSWERS = ["yes", "no", "red", "blue", "circle", "square"]
 def model(tmp_path_factory):
     text_dir = build_tiny_text_encoder(tmp_path_factory.mktemp("text"))
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", text_encoder=str(text_dir),
-                         fusion_hidden_size=32, fusion_layers=1, fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        text_encoder=str(text_dir),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config, answers=ANSWERS)
     with torch.no_grad():  # a feedback path strong enough for visible top-down effects
         for p in model.backbone.decoders.parameters():
@@ -79,9 +85,12 @@ def test_vqa_pipeline_batches_lists_like_transformers(model, image, monkeypatch)
         assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
     del sizes[:]
     as_dicts = vqa([{"image": image, "question": q} for q in questions], top_k=2, batch_size=4)
-    assert sizes == [4, 1] and [[r["answer"] for r in x] for x in as_dicts] == [[r["answer"] for r in x] for x in batched]
-    assert [r["answer"] for r in vqa({"image": image, "question": questions[0]}, top_k=2)] == \
-        [r["answer"] for r in as_dicts[0]]
+    assert sizes == [4, 1] and [[r["answer"] for r in x] for x in as_dicts] == [
+        [r["answer"] for r in x] for x in batched
+    ]
+    assert [r["answer"] for r in vqa({"image": image, "question": questions[0]}, top_k=2)] == [
+        r["answer"] for r in as_dicts[0]
+    ]
     with pytest.raises(ValueError, match="batch_size=0"):
         absvl.pipeline("vqa", model=model, batch_size=0)
     with pytest.raises(ValueError, match="'question'"):
@@ -104,15 +113,34 @@ def test_predict_vqa_file_answers_jsonl_and_csv(model, image, tmp_path, capsys):
     images.mkdir(parents=True)
     image.save(images / "a.png")
     (images / "broken.png").write_bytes(b"not a png")
-    rows = [{"image": "images/a.png", "question": "what color is the circle?", "question_id": 7},
-            {"image": "images/broken.png", "question": "is it red?", "question_id": 8},
-            {"image": "images/missing.png", "question": "is it red?", "question_id": 9},
-            {"image": str(images / "a.png"), "question": "is there a square?", "question_id": 10}]
+    rows = [
+        {"image": "images/a.png", "question": "what color is the circle?", "question_id": 7},
+        {"image": "images/broken.png", "question": "is it red?", "question_id": 8},
+        {"image": "images/missing.png", "question": "is it red?", "question_id": 9},
+        {"image": str(images / "a.png"), "question": "is there a square?", "question_id": 10},
+    ]
     pairs = tmp_path / "pairs" / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
-    assert main(["predict", "vqa-file", "--model", str(tmp_path / "model"), "--input", str(pairs), "--out", str(out),
-                 "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "vqa-file",
+                "--model",
+                str(tmp_path / "model"),
+                "--input",
+                str(pairs),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
     printed = capsys.readouterr()
     assert "2 questions of" in printed.out and "2 left out (unreadable images)" in printed.out
@@ -129,15 +157,48 @@ def test_predict_vqa_file_answers_jsonl_and_csv(model, image, tmp_path, capsys):
         writer.writeheader()
         writer.writerows({"image": r["image"], "question": r["question"]} for r in rows)
     out_csv = tmp_path / "answers.csv"
-    assert main(["predict", "vqa-file", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "pairs" / "pairs.csv"),
-                 "--out", str(out_csv), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "vqa-file",
+                "--model",
+                str(tmp_path / "model"),
+                "--input",
+                str(tmp_path / "pairs" / "pairs.csv"),
+                "--out",
+                str(out_csv),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with out_csv.open() as f:
         table = list(csv.DictReader(f))
-    assert [r["answer"] for r in table] == [a["answer"] for a in answers] and set(table[0]) == {"image", "question", "answer", "score"}
+    assert [r["answer"] for r in table] == [a["answer"] for a in answers] and set(table[0]) == {
+        "image",
+        "question",
+        "answer",
+        "score",
+    }
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "images/a.png"}) + "\n")
-    assert main(["predict", "vqa-file", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bad.jsonl"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "vqa-file",
+                "--model",
+                str(tmp_path / "model"),
+                "--input",
+                str(tmp_path / "bad.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "row 1 needs an 'image' and a 'question'" in capsys.readouterr().err
 
 

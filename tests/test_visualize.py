@@ -1,4 +1,5 @@
 """Attention pictures: overlays, the Fig. 4/6 layout, and `absvl attend`."""
+
 import numpy as np
 import pytest
 import torch
@@ -30,9 +31,14 @@ def test_side_by_side_lays_out_labelled_square_panels():
 @pytest.fixture(scope="module")
 def saved_model(shapes_root, tmp_path_factory):
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
-                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
-                         fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config, answers=["red", "blue", "yes"])
     with torch.no_grad():  # a feedback path strong enough for the text to change the top-down map
         for p in model.backbone.decoders.parameters():
@@ -45,8 +51,9 @@ def saved_model(shapes_root, tmp_path_factory):
 def test_attention_figure_has_one_top_down_map_per_text(saved_model, shapes_root, tmp_path):
     model = AbsVLModel.from_pretrained(saved_model)
     image = next((shapes_root / "images").rglob("*.jpg"))
-    figure, maps = attention_figure(model, image, ["what color is the circle?", "is there a square?"], tmp_path / "a.png",
-                                    size=64)
+    figure, maps = attention_figure(
+        model, image, ["what color is the circle?", "is there a square?"], tmp_path / "a.png", size=64
+    )
     assert figure.size == (4 * 64, 64 + 34) and Image.open(tmp_path / "a.png").size == figure.size
     assert maps["bottom_up"].shape == (4, 4) and len(maps["top_down"]) == 2
     assert not np.allclose(maps["top_down"][0], maps["top_down"][1])  # the text steers the top-down map
@@ -58,8 +65,21 @@ def test_attention_figure_has_one_top_down_map_per_text(saved_model, shapes_root
 def test_attend_command_writes_the_png(saved_model, shapes_root, tmp_path, capsys):
     image = next((shapes_root / "images").rglob("*.jpg"))
     out = tmp_path / "attend.png"
-    assert main(["attend", str(image), "--text", "what color is the circle?", "--model", str(saved_model),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "attend",
+                str(image),
+                "--text",
+                "what color is the circle?",
+                "--model",
+                str(saved_model),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (3 * 224, 224 + 34)  # image | bottom-up | top-down
     assert "answers:" in capsys.readouterr().out
     broken = tmp_path / "broken.jpg"

@@ -1,22 +1,19 @@
-"""VQA answers: normalisation, the answer vocabulary and soft training targets.
+"""VQA answers: the answer vocabulary and soft training targets, both over the official evaluator's normalisation
+(:func:`absvl.data.answer_processing.normalize_answer`), so a class is exactly a string the evaluator compares."""
 
-The normalisation is the official evaluator's (:func:`absvl.metrics.vqa.normalize_answer`,
-re-exported here), so a class of the vocabulary is exactly a string the evaluator compares.
-"""
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..metrics.vqa import load_json, normalize_answer
+from ..io import read_json, write_json
+from .answer_processing import normalize_answer
 
 __all__ = [
     "build_answer_vocab",
     "load_answers",
-    "normalize_answer",
     "save_answers",
     "soft_score",
     "soft_targets",
@@ -37,16 +34,14 @@ def build_answer_vocab(annotations: Iterable[Mapping[str, Any]], min_count: int 
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if isinstance(annotations, Mapping):
         if "annotations" not in annotations:
-            raise ValueError("annotations: expected annotation entries or an object with an "
-                             "'annotations' list")
+            raise ValueError("annotations: expected annotation entries or an object with an 'annotations' list")
         annotations = annotations["annotations"]
     counts: Counter[str] = Counter()
     for i, ann in enumerate(annotations):
         answer = ann.get("multiple_choice_answer") if isinstance(ann, Mapping) else None
         if not isinstance(answer, str):
             qid = ann.get("question_id") if isinstance(ann, Mapping) else None
-            raise ValueError(f"annotation {i} (question_id {qid}): 'multiple_choice_answer' is "
-                             "missing or not a string")
+            raise ValueError(f"annotation {i} (question_id {qid}): 'multiple_choice_answer' is missing or not a string")
         counts[normalize_answer(answer)] += 1
     kept = [(answer, n) for answer, n in counts.items() if n >= min_count]
     kept.sort(key=lambda item: (-item[1], item[0]))
@@ -75,8 +70,7 @@ def soft_score(n: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[n] if n < 4 else 1.0
 
 
-def soft_targets(answers: Sequence[str | Mapping[str, Any]],
-                 answer_to_index: Mapping[str, int]) -> dict[int, float]:
+def soft_targets(answers: Sequence[str | Mapping[str, Any]], answer_to_index: Mapping[str, int]) -> dict[int, float]:
     """Soft targets ``{answer index: score}`` from a question's human answers.
 
     ``answers`` are the (usually 10) human answers, as strings or as official answer objects
@@ -89,8 +83,7 @@ def soft_targets(answers: Sequence[str | Mapping[str, Any]],
     for i, item in enumerate(answers):
         text = item.get("answer") if isinstance(item, Mapping) else item
         if not isinstance(text, str):
-            raise ValueError(f"answers[{i}] must be a string or an object with a string 'answer', "
-                             f"got {item!r}")
+            raise ValueError(f"answers[{i}] must be a string or an object with a string 'answer', got {item!r}")
         counts[normalize_answer(text)] += 1
     return {answer_to_index[a]: soft_score(n) for a, n in counts.items() if a in answer_to_index}
 
@@ -99,9 +92,7 @@ def save_answers(path: str | os.PathLike, answers: Sequence[str]) -> None:
     """Write the vocabulary as a JSON array of strings (index = position)."""
     answers = list(answers)
     _check_answers(answers, f"answers to save to {os.fspath(path)}")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(answers, f, ensure_ascii=False, indent=0)
-        f.write("\n")
+    write_json(path, answers, indent=0)
 
 
 def load_answers(path: str | os.PathLike) -> list[str]:
@@ -112,10 +103,9 @@ def load_answers(path: str | os.PathLike) -> list[str]:
         ValueError: not JSON, not an array, a non-string entry or a duplicate (naming the file).
     """
     path = os.fspath(path)
-    data = load_json(path, "answer vocabulary", expected=object)
+    data = read_json(path, what="an answer vocabulary")
     if not isinstance(data, list):
-        raise ValueError(f"answer vocabulary file {path} must hold a JSON array of strings, "
-                         f"got {type(data).__name__}")
+        raise ValueError(f"answer vocabulary file {path} must hold a JSON array of strings, got {type(data).__name__}")
     _check_answers(data, f"answer vocabulary file {path}")
     return data
 

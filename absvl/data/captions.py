@@ -17,23 +17,26 @@ caption file.
 Datasets never raise on an unreadable image: the item carries the error and the collator drops
 it and lists it in ``batch["skipped"]``, as for VQA.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
-import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from .vqa import HFImageRef, Issues, _hf_from_path, _hf_images, _hf_map_columns, _is_int, _read_json, _top_list
+from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from ..io import atomic_file
+from . import hf
+from .hf import HFImageRef
+from .problems import Issues, is_int, read_dataset_json, top_list
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +51,15 @@ HF_CAPTION_COLUMNS = {
     "image_id": ("image_id", "imgid", "img_id", "cocoid"),
 }
 # the Karpathy split each dataset split name (or ``split`` column value) stands for
-_HF_SPLITS = {"train": "train", "restval": "restval", "val": "val", "validation": "val", "valid": "val", "dev": "val",
-              "test": "test"}
+_HF_SPLITS = {
+    "train": "train",
+    "restval": "restval",
+    "val": "val",
+    "validation": "val",
+    "valid": "val",
+    "dev": "val",
+    "test": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ def load_karpathy(
     path = Path(captions_file)
     _check_splits(splits)
     root = Path(images_root) if images_root is not None else path.parent
-    entries = _top_list(path, _read_json(path, "Karpathy captions"), "images")
+    entries = top_list(path, read_dataset_json(path, "Karpathy captions"), "images")
     issues, images, seen = Issues(), [], set()
     for i, entry in enumerate(entries):
         where = f"images[{i}]"
@@ -102,7 +112,9 @@ def load_karpathy(
             continue
         missing = [k for k in ("filename", "imgid", "split", "sentences") if k not in entry]
         if missing:
-            issues.add(("missing", tuple(missing)), f"{path}: {where} is missing field(s) {', '.join(map(repr, missing))}")
+            issues.add(
+                ("missing", tuple(missing)), f"{path}: {where} is missing field(s) {', '.join(map(repr, missing))}"
+            )
             continue
         if entry["split"] not in KARPATHY_SPLITS:
             issues.add("split", f"{path}: {where}, field 'split': {entry['split']!r} is not one of {KARPATHY_SPLITS}")
@@ -116,8 +128,11 @@ def load_karpathy(
         seen.add(entry["imgid"])
         captions = _caption_list(entry["sentences"]) if isinstance(entry["sentences"], list) else None
         if captions is None:
-            issues.add("sentences", f"{path}: {where}, field 'sentences': needs a non-empty list of "
-                                    "{\"raw\": <non-empty caption>} objects")
+            issues.add(
+                "sentences",
+                f"{path}: {where}, field 'sentences': needs a non-empty list of "
+                '{"raw": <non-empty caption>} objects',
+            )
             continue
         if entry["split"] not in splits:
             continue
@@ -184,7 +199,7 @@ def load_captions_hf(
     roots = [Path(images_root).expanduser()] if images_root is not None else []
     if isinstance(path_or_dataset, (str, Path)):
         base, source = Path(path_or_dataset).expanduser(), str(path_or_dataset)
-        loaded = _hf_from_path(base, None)
+        loaded = hf.dataset_at(base, None)
         if base.exists():
             roots.append(base if base.is_dir() else base.parent)
     else:
@@ -210,13 +225,19 @@ def load_captions_hf(
                 images.append(CaptionedImage(ids[row], written.get(row, Path(path)), tuple(captions), split))
     issues.raise_if_any(f"the caption dataset {source}")
     if no_image:
-        logger.warning("%s: %d image(s) left out, the dataset holds no image for them (first: %s)", source,
-                       len(no_image), no_image[0])
+        logger.warning(
+            "%s: %d image(s) left out, the dataset holds no image for them (first: %s)",
+            source,
+            len(no_image),
+            no_image[0],
+        )
     if not images:
         named = ", ".join(n or "(unnamed)" for n in parts)
-        raise ValueError(f"{source} has no image in split(s) {', '.join(splits)} (its splits: {named}; a "
-                         "row's split is its split column's value, else the dataset split holding it: name the split "
-                         "column with data.hf_columns, e.g. {split: subset})")
+        raise ValueError(
+            f"{source} has no image in split(s) {', '.join(splits)} (its splits: {named}; a "
+            "row's split is its split column's value, else the dataset split holding it: name the split "
+            "column with data.hf_columns, e.g. {split: subset})"
+        )
     return images
 
 
@@ -229,12 +250,14 @@ def _hf_caption_columns(dataset: Any, columns: Mapping[str, str], source: str) -
         column = next((c for c in candidates if c in found and c not in names.values()), None)
         names.setdefault(name, column)
     names = {name: column for name, column in names.items() if column is not None}
-    dataset = _hf_map_columns(dataset, names, source, tuple(HF_CAPTION_COLUMNS))
+    dataset = hf.map_columns(dataset, names, source, tuple(HF_CAPTION_COLUMNS))
     missing = [f for f in ("image", "captions") if f not in names]
     if missing:
         looked = "; ".join(f"{f}: {', '.join(HF_CAPTION_COLUMNS[f])}" for f in missing)
-        raise ValueError(f"{source}: no column for {' or '.join(missing)} (looked for {looked}; columns: "
-                         f"{', '.join(found)}): name it with data.hf_columns, e.g. {{captions: sentences, image: img}}")
+        raise ValueError(
+            f"{source}: no column for {' or '.join(missing)} (looked for {looked}; columns: "
+            f"{', '.join(found)}): name it with data.hf_columns, e.g. {{captions: sentences, image: img}}"
+        )
     return dataset, names
 
 
@@ -243,24 +266,31 @@ def _hf_caption_rows(
 ) -> tuple[list[tuple[int, str | None, tuple[str, ...], Any]], list[tuple[str, Any]], Sequence[int]]:
     """``(row, split, captions, image key)`` of every well-formed row (the others recorded in
     ``issues``), every row's image ``(path or description, HFImageRef | None | b"")`` (see
-    ``_hf_images``) and its image id. Rows are keyed by image id, else by image path or bytes."""
+    ``hf.image_refs``) and its image id. Rows are keyed by image id, else by image path or bytes."""
     meta = dataset.select_columns([f for f in ("captions", "split", "image_id") if f in names]).to_dict()
-    ids = [int(v) if isinstance(v, str) and v.strip().isdigit() else v
-           for v in meta.get("image_id", range(len(dataset)))]
-    files = _hf_images(dataset, "image", roots, source, ids, "image_id")
+    ids = [
+        int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in meta.get("image_id", range(len(dataset)))
+    ]
+    files = hf.image_refs(dataset, "image", roots, source, ids, "image_id")
     rows = []
     for row, (path, data) in enumerate(files):
         where = f"{source} row {row}"
         captions = _caption_list(meta["captions"][row])
         split = _HF_SPLITS.get(str(meta["split"][row]).strip().lower()) if "split" in meta else part_split
         if captions is None:
-            issues.add("captions", f"{where}, column {names['captions']!r}: needs a caption or a non-empty list of "
-                                   f"captions (strings or {{\"raw\": str}} objects), got {meta['captions'][row]!r:.80}")
-        elif not _is_int(ids[row]):
+            issues.add(
+                "captions",
+                f"{where}, column {names['captions']!r}: needs a caption or a non-empty list of "
+                f'captions (strings or {{"raw": str}} objects), got {meta["captions"][row]!r:.80}',
+            )
+        elif not is_int(ids[row]):
             issues.add("image_id", f"{where}, column {names['image_id']!r}: must be an integer, got {ids[row]!r}")
         elif "split" in meta and split is None:
-            issues.add("split", f"{where}, column {names['split']!r}: {meta['split'][row]!r} is not a split name "
-                                f"({', '.join(_HF_SPLITS)})")
+            issues.add(
+                "split",
+                f"{where}, column {names['split']!r}: {meta['split'][row]!r} is not a split name "
+                f"({', '.join(_HF_SPLITS)})",
+            )
         elif "image_id" in meta:
             rows.append((row, split, captions, ids[row]))
         elif isinstance(data, HFImageRef):
@@ -288,9 +318,8 @@ def _cache_images(stored: Mapping[int, HFImageRef], folder: Path, source: str) -
         if out[row] is None:
             data = _image_bytes(ref)
             out[row] = folder / f"{row}{_suffix(data)}"
-            tmp = folder / f".{out[row].name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, out[row])
+            with atomic_file(out[row]) as tmp:
+                tmp.write_bytes(data)
             written += 1
     logger.info("%s: %d image(s) in %s, %d of them written now", source, len(out), folder, written)
     return out
@@ -310,7 +339,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     the draw is a function of (seed, epoch, item), so every epoch sees other captions and a
     resumed run sees the same ones. An item is ``{"image", "caption", "index"}`` or, for an
     unreadable image, ``{"error", "index", "image_path"}``. (Images alone, for evaluation and
-    indexing: ``absvl.data.images.ImageFiles``.)
+    indexing: ``absvl.data.image_files.ImageFiles``.)
     """
 
     def __init__(
@@ -355,7 +384,12 @@ class CaptionCollator:
             batch["images"] = torch.zeros(0, 3, self.image_size, self.image_size)
             return batch
         batch["images"] = torch.stack([it["image"] for it in good])
-        encoded = self.tokenizer([it["caption"] for it in good], padding="longest", truncation=True,
-                                 max_length=self.max_text_len, return_tensors="pt")
+        encoded = self.tokenizer(
+            [it["caption"] for it in good],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+        )
         batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
         return batch

@@ -1,31 +1,29 @@
-"""``absvl data check``: validate a VQAv2-format dataset before training on it.
+"""``absvl data check``: a VQAv2-format dataset (official layout or Hugging Face) read as training reads it, every
+problem collected into a ``CheckReport`` instead of stopping at the first, every referenced image decoded.
 
-``check_vqa`` reads every split present (or the ones asked for) with the same parser as the
-training loader, but collects the problems instead of stopping at the first one, then opens every
-referenced image with ``open_image`` (full decode, decompression-bomb guard). Errors (the dataset
-cannot be used as is): missing/invalid files, malformed entries, non-integer or duplicate ids,
-empty questions, questions without annotations and the reverse, image_id disagreements, missing or
-unreadable images. Warnings (usable, but worth knowing): answers outside the answer vocabulary
-(with their share: those questions are dropped from training), annotations without 10 answers or
-with an unknown ``answer_type``, question ids shared by train and val.
-
-A Hugging Face dataset (``save_to_disk`` folder, parquet/arrow files) is checked too: its
-per-row problems come as one error, its images are checked the same way.
+Errors mean the dataset cannot be used as is; warnings (answers outside the vocabulary, annotations without 10
+answers or with an unknown ``answer_type``, ids shared by train and val) that it can, but worth knowing.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from .images import DEFAULT_MAX_PIXELS, BadImageError
-from .vqa import ANSWER_TYPES, VQAExample, VQAFormatError, VQAv2Layout, canonical_split, load_vqa_hf, read_split
+from ..images import DEFAULT_MAX_PIXELS, BadImageError
+from ..io import preview
+from .answer_processing import normalize_answer
+from .answers import load_answers, soft_targets
+from .problems import VQAFormatError
+from .vqa import ANSWER_TYPES, VQAv2Layout, canonical_split, load_vqa_hf, read_split
+from .vqa_examples import VQAExample
 
-__all__ = ["CheckReport", "check_vqa", "main_check"]
+__all__ = ["CheckReport", "check_vqa"]
 
 MAX_LISTED = 10  # paths listed per kind of image problem
 COLUMNS = ("questions", "annotations", "examples", "images", "checked", "missing", "unreadable", "unanswerable")
@@ -118,36 +116,40 @@ def _check_images(
     counts["checked"], counts["missing"], counts["unreadable"] = len(keys), len(missing), len(unreadable)
     if missing:
         n_q = sum(len(by_image[k]) for k in missing)
-        shown = "\n".join(missing[:MAX_LISTED])
-        shown += f"\n... ({len(missing):,} in all)" if len(missing) > MAX_LISTED else ""
-        report.errors.append(f"{split}: {len(missing):,} of {len(keys):,} images are missing "
-                             f"({n_q:,} question(s) use them):\n{shown}")
+        shown = preview(missing, MAX_LISTED, sep="\n")
+        report.errors.append(
+            f"{split}: {len(missing):,} of {len(keys):,} images are missing ({n_q:,} question(s) use them):\n{shown}"
+        )
     if unreadable:
         n_q = sum(len(by_image[k]) for k, _ in unreadable)
-        shown = "\n".join(f"{k}: {r}" for k, r in unreadable[:MAX_LISTED])
-        shown += f"\n... ({len(unreadable):,} in all)" if len(unreadable) > MAX_LISTED else ""
-        report.errors.append(f"{split}: {len(unreadable):,} of {len(keys):,} images cannot be read "
-                             f"({n_q:,} question(s) use them):\n{shown}")
+        shown = preview((f"{k}: {r}" for k, r in unreadable), MAX_LISTED, sep="\n")
+        report.errors.append(
+            f"{split}: {len(unreadable):,} of {len(keys):,} images cannot be read "
+            f"({n_q:,} question(s) use them):\n{shown}"
+        )
 
 
-def _check_answers(split: str, examples: Sequence[VQAExample], report: CheckReport,
-                   answer_to_index: dict[str, int] | None) -> None:
+def _check_answers(
+    split: str, examples: Sequence[VQAExample], report: CheckReport, answer_to_index: dict[str, int] | None
+) -> None:
     annotated = [ex for ex in examples if ex.answers is not None]
     if not annotated:
         return
     not_ten = sum(len(ex.answers) != 10 for ex in annotated)
     if not_ten:
         sizes = Counter(len(ex.answers) for ex in annotated if len(ex.answers) != 10)
-        report.warnings.append(f"{split}: {not_ten:,} annotation(s) do not have 10 answers "
-                               f"(counts seen: {dict(sorted(sizes.items()))}); the official metric expects 10")
+        report.warnings.append(
+            f"{split}: {not_ten:,} annotation(s) do not have 10 answers "
+            f"(counts seen: {dict(sorted(sizes.items()))}); the official metric expects 10"
+        )
     odd_types = Counter(ex.answer_type for ex in annotated if ex.answer_type not in ANSWER_TYPES)
     if odd_types:
-        report.warnings.append(f"{split}: {sum(odd_types.values()):,} annotation(s) have an answer_type outside "
-                               f"{', '.join(ANSWER_TYPES)} (seen: {', '.join(repr(t) for t in odd_types)})")
+        report.warnings.append(
+            f"{split}: {sum(odd_types.values()):,} annotation(s) have an answer_type outside "
+            f"{', '.join(ANSWER_TYPES)} (seen: {', '.join(repr(t) for t in odd_types)})"
+        )
     if answer_to_index is None:
         return
-    from .answers import normalize_answer, soft_targets
-
     unanswerable = [ex.question_id for ex in annotated if not soft_targets(ex.answers, answer_to_index)]
     report.counts[split]["unanswerable"] = len(unanswerable)
     total_answers = sum(len(ex.answers) for ex in annotated)
@@ -157,8 +159,11 @@ def _check_answers(split: str, examples: Sequence[VQAExample], report: CheckRepo
             f"{split}: {outside:,} of {total_answers:,} human answers ({outside / total_answers:.2%}) are outside the "
             f"{len(answer_to_index):,}-answer vocabulary; {len(unanswerable):,} of {len(annotated):,} questions "
             f"({len(unanswerable) / len(annotated):.2%}) have no answer in it (dropped from training"
-            + (f"; question_id {', '.join(map(str, unanswerable[:5]))}{', ...' if len(unanswerable) > 5 else ''})"
-               if unanswerable else ")")
+            + (
+                f"; question_id {', '.join(map(str, unanswerable[:5]))}{', ...' if len(unanswerable) > 5 else ''})"
+                if unanswerable
+                else ")"
+            )
         )
 
 
@@ -198,8 +203,6 @@ def check_vqa(
     answer_to_index = None
     if answers is not None:
         if isinstance(answers, (str, Path)):
-            from .answers import load_answers
-
             try:
                 answers = load_answers(answers)
             except (FileNotFoundError, ValueError) as exc:
@@ -217,8 +220,10 @@ def check_vqa(
         splits = ["train", "val"] if hf else layout.available_splits()
         if not splits:
             searched = ", ".join(str(p.parent) for p in layout.questions_candidates("train"))
-            report.errors.append(f"no VQAv2 questions file (v2_OpenEnded_mscoco_<split>_questions.json) in {searched}, "
-                                 "and not a Hugging Face dataset")
+            report.errors.append(
+                f"no VQAv2 questions file (v2_OpenEnded_mscoco_<split>_questions.json) in {searched}, "
+                "and not a Hugging Face dataset"
+            )
             return report
 
     loaded: dict[str, list[VQAExample]] = {}
@@ -253,24 +258,8 @@ def check_vqa(
     if "train" in loaded and "val" in loaded:
         shared = {ex.question_id for ex in loaded["train"]} & {ex.question_id for ex in loaded["val"]}
         if shared:
-            report.warnings.append(f"{len(shared):,} question_id(s) appear in both train and val "
-                                   f"(e.g. {', '.join(map(str, sorted(shared)[:5]))}): ids should be unique")
+            report.warnings.append(
+                f"{len(shared):,} question_id(s) appear in both train and val "
+                f"(e.g. {', '.join(map(str, sorted(shared)[:5]))}): ids should be unique"
+            )
     return report
-
-
-def main_check(
-    path: str | Path,
-    splits: Sequence[str] | str | None = None,
-    answers_path: str | Path | None = None,
-    max_images: int | None = None,
-    images: str | Path | None = None,
-) -> int:
-    """``absvl data check PATH``: print the report; exit code 0 when OK, 1 on errors, 2 on bad arguments."""
-    try:
-        report = check_vqa(path, splits=splits, answers=answers_path, max_images=max_images, progress=True,
-                           images=images)
-    except ValueError as exc:  # unknown split name
-        print(f"absvl data check: {exc}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0 if report.ok else 1

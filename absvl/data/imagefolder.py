@@ -5,15 +5,17 @@ those classes (a folder naming an unknown class is an error). Images are decoded
 ``open_image``: an unreadable file never raises inside a data loader, its item is an error marker
 that ``ClassifyCollator`` drops from the batch and reports in ``batch["skipped"]``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from .images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -28,8 +30,11 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 

@@ -12,20 +12,22 @@ labels teach a small ViT trained from scratch where things are far more slowly: 
 one label, here it gives one per patch, and the tokens of an object learn to carry its class,
 which is what a top-down prior ξ is compared with (SPEC §2, Eq. 8).
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderError
-from .images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 
 CLASSES_FILE = "classes.json"
 IGNORE_LABEL = 255  # pixels of this value in a label map are not labelled
@@ -58,12 +60,16 @@ def list_labelled(root: str | Path, split: str) -> list[tuple[str, str]]:
                 f"{d} does not exist: a patch-labelled split has {folder}/images/<name> and {folder}/labels/<name>.png "
                 "(set data.val_split=null to train without validation)"
             )
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    images = sorted(
+        p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not images:
         raise ImageFolderError(f"{images_dir} holds no images")
     missing = [p.name for p in images if not (labels_dir / f"{p.stem}.png").is_file()]
     if missing:
-        raise ImageFolderError(f"{len(missing)} image(s) of {images_dir} have no label map in {labels_dir}, e.g. {missing[0]}")
+        raise ImageFolderError(
+            f"{len(missing)} image(s) of {images_dir} have no label map in {labels_dir}, e.g. {missing[0]}"
+        )
     return [(str(p), str(labels_dir / f"{p.stem}.png")) for p in images]
 
 

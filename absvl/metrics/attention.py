@@ -4,11 +4,17 @@
 and ``attention_scores`` run a VL model over the questions of a Shapes world split (whose
 questions record their target objects) and score its bottom-up and top-down maps.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+from ..data.shapes_world import target_mask
+from ..images import BadImageError, open_image
+from ..io import read_json
 
 MAP_KINDS = ("bottom_up", "top_down")
 # each map scored on the question's targets (the kind's name) and, as a control, on the image's other
@@ -44,9 +50,7 @@ def target_attention_ratio(attention: np.ndarray, target: np.ndarray) -> float:
 
 def target_questions(world: Any, split: str, limit: int | None = 200) -> list[dict[str, Any]]:
     """The first ``limit`` questions of ``split`` (file order) that name target objects."""
-    import json
-
-    questions = json.loads(world.questions_path(split).read_text())["questions"]
+    questions = read_json(world.questions_path(split))["questions"]
     questions = [q for q in questions if q.get("target_objects")]
     return questions if limit is None else questions[:limit]
 
@@ -60,9 +64,6 @@ def target_attention_ratios(
     question order; NaN where the mask is empty or the image unreadable. Runs in eval mode,
     without gradients; the batch size does not change the result."""
     import torch
-
-    from ..data.images import BadImageError, open_image
-    from ..data.shapes import target_mask
 
     def readable(q: dict[str, Any]) -> Any:
         try:
@@ -80,7 +81,9 @@ def target_attention_ratios(
             pictures = [(q, readable(q)) for q in questions[start : start + batch_size]]
             chunk = [(q, image) for q, image in pictures if image is not None]
             if chunk:
-                inputs = model.prepare_inputs(images=[image for _, image in chunk], text=[q["question"] for q, _ in chunk])
+                inputs = model.prepare_inputs(
+                    images=[image for _, image in chunk], text=[q["question"] for q, _ in chunk]
+                )
                 with torch.no_grad():
                     maps = model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
             row = {id(q): i for i, (q, _) in enumerate(chunk)}
@@ -128,10 +131,21 @@ def attention_scores(
         for i, q in enumerate(questions):
             groups.setdefault(question_types.get(q["question_id"], "unknown"), []).append(i)
         scores["per_question_type"] = {
-            qtype: {"questions": len(rows), **{kind: mean_ratio([values[i] for i in rows]) for kind, values in ratios.items()}}
+            qtype: {
+                "questions": len(rows),
+                **{kind: mean_ratio([values[i] for i in rows]) for kind, values in ratios.items()},
+            }
             for qtype, rows in sorted(groups.items())
         }
     return scores
 
 
-__all__ = ["MAP_KINDS", "SCORE_KEYS", "attention_scores", "mean_ratio", "target_attention_ratio", "target_attention_ratios", "target_questions"]
+__all__ = [
+    "MAP_KINDS",
+    "SCORE_KEYS",
+    "attention_scores",
+    "mean_ratio",
+    "target_attention_ratio",
+    "target_attention_ratios",
+    "target_questions",
+]

@@ -4,9 +4,10 @@ IR@k: share of captions whose image is among their first k retrieved images; TR@
 images with at least one of their captions among the first k retrieved captions; ``r_mean`` is
 the mean of the six. Values are percentages.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,8 +48,10 @@ def retrieval_recalls(
 def format_recall_table(results: dict[str, dict[str, float]]) -> str:
     """A Markdown table, one row per ranking (e.g. ``contrastive``, ``re-ranked``)."""
     columns = [k for k in next(iter(results.values()))]
-    lines = ["| ranking | " + " | ".join(c.upper() if c != "r_mean" else "R mean" for c in columns) + " |",
-             "| --- |" + " ---: |" * len(columns)]
+    lines = [
+        "| ranking | " + " | ".join(c.upper() if c != "r_mean" else "R mean" for c in columns) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
     return "\n".join(lines)

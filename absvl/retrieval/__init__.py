@@ -1,12 +1,17 @@
 """Text → image retrieval: a FAISS index of bottom-up image embeddings, searched with the text
 prior ξ and re-ranked with the query steering the vision encoder top-down (SPEC §1, §5)."""
+
 import importlib
 from typing import Any
 
 # Imported on first use (PEP 562): FAISS loads only for the commands that search or index.
 _HOMES = {
-    **dict.fromkeys(["BuildReport", "ImageIndex", "IndexLockedError", "IndexMismatchError", "add_to_index", "build_index",
-                     "choose_factory", "list_images", "measure_recall", "model_fingerprint", "rebuild_index"], "index"),
+    **dict.fromkeys(["BuildReport", "add_to_index", "build_index", "list_images", "rebuild_index"], "build"),
+    "ImageIndex": "index",
+    "IndexLockedError": "lock",
+    **dict.fromkeys(["IndexMismatchError", "model_fingerprint"], "identity"),
+    "choose_factory": "faiss_backend",
+    "measure_recall": "vectors",
     **dict.fromkeys(["Retriever", "SearchHit"], "search"),
 }
 

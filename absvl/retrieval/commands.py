@@ -1,4 +1,5 @@
 """CLI: ``absvl index build|add|rebuild`` and ``absvl search``."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,23 +38,35 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 def _print_report(verb: str, report) -> None:
-    print(f"{verb} {report.num_indexed} images into {report.out} ({len(report.skipped)} skipped, "
-          f"factory {report.factory}, {report.index_size} in the index, {report.seconds:.1f} s, "
-          f"{report.images_per_second:.1f} images/s)")
+    print(
+        f"{verb} {report.num_indexed} images into {report.out} ({len(report.skipped)} skipped, "
+        f"factory {report.factory}, {report.index_size} in the index, {report.seconds:.1f} s, "
+        f"{report.images_per_second:.1f} images/s)"
+    )
     if report.recall_at_10 is not None:
-        print(f"  recall@10 against exact search (up to 1,000 of the index's own vectors as queries): {report.recall_at_10:.4f}")
+        print(
+            f"  recall@10 against exact search (up to 1,000 of the index's own vectors as queries): {report.recall_at_10:.4f}"
+        )
     for note in report.notes:
         print(f"  note: {note}")
     _print_skipped(report.skipped)
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
-    from .index import build_index
+    from .build import build_index
 
     report = build_index(
-        _load_model(args.model), args.images, args.out, batch_size=args.batch_size, factory=args.factory,
-        resume=not args.no_resume, num_workers=args.num_workers, device=_device(args), overwrite=args.overwrite,
-        model_source=args.model, shard_size=args.shard_size,
+        _load_model(args.model),
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        factory=args.factory,
+        resume=not args.no_resume,
+        num_workers=args.num_workers,
+        device=_device(args),
+        overwrite=args.overwrite,
+        model_source=args.model,
+        shard_size=args.shard_size,
     )
     if is_main_process():
         _print_report("indexed", report)
@@ -61,23 +74,33 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from .index import ImageIndex, add_to_index
+    from .build import add_to_index
+    from .index import ImageIndex
 
     model_source = args.model or ImageIndex.load(args.index).model_source()
-    report = add_to_index(_load_model(model_source), args.images, args.index, batch_size=args.batch_size,
-                          resume=not args.no_resume, num_workers=args.num_workers, device=_device(args),
-                          shard_size=args.shard_size)
+    report = add_to_index(
+        _load_model(model_source),
+        args.images,
+        args.index,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        num_workers=args.num_workers,
+        device=_device(args),
+        shard_size=args.shard_size,
+    )
     if is_main_process():
         _print_report("added", report)
     return 0
 
 
 def _cmd_index_rebuild(args: argparse.Namespace) -> int:
-    from .index import rebuild_index
+    from .build import rebuild_index
 
     report = rebuild_index(args.index, args.factory)
-    print(f"rebuilt {report.out} as {report.factory} from its stored embeddings ({report.index_size} vectors, "
-          f"{report.seconds:.1f} s); recall@10 against exact search: {report.recall_at_10:.4f}")
+    print(
+        f"rebuilt {report.out} as {report.factory} from its stored embeddings ({report.index_size} vectors, "
+        f"{report.seconds:.1f} s); recall@10 against exact search: {report.recall_at_10:.4f}"
+    )
     for note in report.notes:
         print(f"  note: {note}")
     return 0
@@ -93,7 +116,8 @@ def format_hits(hits) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .index import ImageIndex, gpu_available
+    from .faiss_backend import gpu_available
+    from .index import ImageIndex
     from .search import Retriever
 
     index = ImageIndex.load(args.index, gpu=gpu_available())
@@ -104,8 +128,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     retriever = Retriever(_load_model(model_source), index, device=_device(args))
     hits = retriever.search(args.query, k=args.k, rerank=args.rerank)
     if args.json:
-        print(json.dumps({"query": args.query, "k": args.k, "rerank": args.rerank,
-                          "dropped": retriever.num_dropped, "hits": [h.to_dict() for h in hits]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "query": args.query,
+                    "k": args.k,
+                    "rerank": args.rerank,
+                    "dropped": retriever.num_dropped,
+                    "hits": [h.to_dict() for h in hits],
+                },
+                indent=2,
+            )
+        )
         return 0
     print(format_hits(hits))
     if retriever.num_dropped:
@@ -132,15 +166,22 @@ def _add_embedding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default 64)")
     p.add_argument("--num-workers", type=_non_negative, default=0, help="image-decoding processes (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--no-resume", action="store_true", help="discard an interrupted build's shards instead of continuing")
-    p.add_argument("--shard-size", type=_positive, default=4096,
-                   help="images per embedding shard: the unit of resumption and of multi-process work (default 4096)")
+    p.add_argument(
+        "--no-resume", action="store_true", help="discard an interrupted build's shards instead of continuing"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=4096,
+        help="images per embedding shard: the unit of resumption and of multi-process work (default 4096)",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the retrieval commands on the top-level sub-parsers."""
     index = sub.add_parser("index", help="FAISS image index for text → image search").add_subparsers(
-        dest="task", metavar="TASK", required=True)
+        dest="task", metavar="TASK", required=True
+    )
     p = index.add_parser("build", help="embed an image collection and write an index folder")
     p.add_argument("--model", required=True, help="a save_pretrained folder (or hub name)")
     p.add_argument("--out", required=True, help="index folder to write")
@@ -163,9 +204,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
     p.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
     p.add_argument("-k", "--k", type=_positive, default=10, help="number of results (default 10)")
-    p.add_argument("--rerank", type=_non_negative, default=0, metavar="K",
-                   help="re-rank the top K candidates with the query steering the vision encoder (default 0: off)")
-    p.add_argument("--nprobe", type=_positive, help="IVF lists visited per query (default: the index's; more = slower, higher recall)")
+    p.add_argument(
+        "--rerank",
+        type=_non_negative,
+        default=0,
+        metavar="K",
+        help="re-rank the top K candidates with the query steering the vision encoder (default 0: off)",
+    )
+    p.add_argument(
+        "--nprobe",
+        type=_positive,
+        help="IVF lists visited per query (default: the index's; more = slower, higher recall)",
+    )
     p.add_argument("--ef-search", type=_positive, help="HNSW search breadth (default: the index's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")

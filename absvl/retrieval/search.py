@@ -1,26 +1,22 @@
-"""Text → image search: ξ of the query against the bottom-up image index, then top-down re-ranking.
+"""Text → image search: the query's ξ against the index of bottom-up image embeddings (cosine), then
+optionally the top K re-ranked with the query as the top-down prior (ITM score; ALBEF/BLIP, SPEC §5).
+The bottom-up first pass depends on the image only: it runs once per candidate image and call."""
 
-Stage 1 (fast, query-independent images): the query's L2-normalised prior ξ is searched in the
-FAISS index of bottom-up image embeddings (cosine similarity).
-Stage 2 (``rerank=K``, optional): the top K candidates are run through the full model with the
-query as the top-down prior — ξ modulates the AbSViT output tokens, the feedback path steers the
-second pass, the fusion encoder and ITM head score the pair — and re-sorted by the ITM match
-probability (ties: by the stage-1 score). This is the ALBEF/BLIP recipe (SPEC §5). The bottom-up
-first pass depends on the image only: each candidate image is read and run through it once per
-``search_batch`` call, whatever the number of queries it is a candidate of.
-"""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..data.images import BadImageError
-from .index import ImageIndex, check_fingerprint, gpu_available, model_fingerprint
+from ..images import BadImageError
+from .faiss_backend import gpu_available
+from .identity import check_fingerprint, model_fingerprint
+from .index import ImageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +47,9 @@ class SearchHit:
 class Retriever:
     """Searches an :class:`ImageIndex` with text queries encoded by the model that built it."""
 
-    def __init__(self, model: torch.nn.Module, index: ImageIndex | str | Path, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, index: ImageIndex | str | Path, device: str | torch.device | None = None
+    ) -> None:
         """
         Args:
             model: the :class:`~absvl.models.vl.AbsVLModel` whose image embeddings the index holds.
@@ -65,7 +63,9 @@ class Retriever:
             index = ImageIndex.load(index, gpu=gpu_available())
         check_fingerprint(index.fingerprint, model_fingerprint(model), index.folder)
         param = next(model.parameters(), None)
-        self.device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        )
         self.model = model.to(self.device).eval()
         self.index = index
         self.num_dropped = 0  # candidates dropped from re-ranking because their image was unreadable
@@ -83,7 +83,9 @@ class Retriever:
         """The ``k`` best images for ``query`` (``rerank=K``: the top K re-ranked top-down, k ≤ K)."""
         return self.search_batch([query], k=k, rerank=rerank, batch_size=batch_size)[0]
 
-    def search_batch(self, queries: Sequence[str], k: int = 10, rerank: int = 0, batch_size: int = 32) -> list[list[SearchHit]]:
+    def search_batch(
+        self, queries: Sequence[str], k: int = 10, rerank: int = 0, batch_size: int = 32
+    ) -> list[list[SearchHit]]:
         """:meth:`search` for many queries: batched text encoding and one FAISS call."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings (use search() for one query)")
@@ -115,7 +117,9 @@ class Retriever:
         return results
 
     @torch.no_grad()
-    def rerank(self, queries: Sequence[str], candidates: list[list[SearchHit]], batch_size: int) -> list[list[SearchHit]]:
+    def rerank(
+        self, queries: Sequence[str], candidates: list[list[SearchHit]], batch_size: int
+    ) -> list[list[SearchHit]]:
         """Score each query's candidates with ``rerank_score`` (the ITM head under the query's top-down
         prior); best first. Unreadable images are dropped.
 
@@ -144,7 +148,9 @@ class Retriever:
                 chunk = pairs[i : i + batch_size]
                 texts = torch.tensor([q for q, _ in chunk], device=self.device)
                 rows = torch.tensor([row[hit.id] for _, hit in chunk], device=self.device)
-                scores = self.model.rerank_score(first.select(rows), text["input_ids"][texts], text["attention_mask"][texts])
+                scores = self.model.rerank_score(
+                    first.select(rows), text["input_ids"][texts], text["attention_mask"][texts]
+                )
                 for (_, hit), value in zip(chunk, scores.float().cpu().tolist()):
                     hit.rerank_score = value
         self.num_dropped += sum(hit.id not in readable for hits in candidates for hit in hits)

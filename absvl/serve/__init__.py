@@ -3,6 +3,7 @@
 ``create_app(model, index=None, limits=Limits())`` builds the FastAPI application; it is imported
 lazily so that ``import absvl.serve`` (and the CLI) stays light.
 """
+
 from __future__ import annotations
 
 from typing import Any

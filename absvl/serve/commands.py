@@ -1,4 +1,5 @@
 """CLI: ``absvl serve`` — the HTTP service and its web page (FastAPI + uvicorn)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..models.vl import AbsVLModel
-    from .app import LOCAL_HOSTS, create_app
+    from .app import create_app
+    from .hardening import LOCAL_HOSTS
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.retrieval_model and not args.index:
         raise ValueError("--retrieval-model serves /search over the index it built: give that index with --index")
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                    max_pending=args.max_pending, request_timeout_s=args.request_timeout)
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_pending=args.max_pending,
+        request_timeout_s=args.request_timeout,
+    )
     index = source = None
     if args.index:  # first: a wrong path or an impossible --index-device fails before the (slower) model load
-        from ..retrieval.index import ImageIndex, resolve_model_source
+        from ..retrieval import ImageIndex
+        from ..retrieval.identity import resolve_model_source
 
         index = ImageIndex.load(args.index)
         try:
@@ -34,13 +41,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model = AbsVLModel.from_pretrained(args.model).to(args.device)
     retrieval_model = AbsVLModel.from_pretrained(source).to(args.device) if source else None
     name = _model_name(args.model)
-    app = create_app(model, index, limits, model_name=name, allowed_hosts=(*LOCAL_HOSTS, args.host, *args.allowed_host),
-                     retrieval_model=retrieval_model, retrieval_model_name=_model_name(source) if source else None)
+    app = create_app(
+        model,
+        index,
+        limits,
+        model_name=name,
+        allowed_hosts=(*LOCAL_HOSTS, args.host, *args.allowed_host),
+        retrieval_model=retrieval_model,
+        retrieval_model_name=_model_name(source) if source else None,
+    )
     service = app.state.service
     print(f"absvl serve on http://{args.host}:{args.port}/", flush=True)
     print(f"  /vqa: model {name}" if service.vqa else f"  {service.unavailable['vqa']}")
-    print(f"  /search: model {_model_name(source or args.model)}, {len(index)} indexed images (FAISS on {index.device})"
-          if index is not None else f"  {service.unavailable['search']}", flush=True)
+    print(
+        f"  /search: model {_model_name(source or args.model)}, {len(index)} indexed images (FAISS on {index.device})"
+        if index is not None
+        else f"  {service.unavailable['search']}",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -64,29 +82,61 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``serve`` on the top-level sub-parsers."""
     defaults = Limits()
     p = sub.add_parser("serve", help="HTTP service and web page: VQA with attention maps, text-to-image search")
-    p.add_argument("--model", required=True,
-                   help="a save_pretrained folder or Hub id answering /vqa (and searching --index if it built it)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a save_pretrained folder or Hub id answering /vqa (and searching --index if it built it)",
+    )
     p.add_argument("--index", help="an image index folder (`absvl index build`); without it /search answers 503")
-    p.add_argument("--retrieval-model", metavar="MODEL",
-                   help="the model that built --index, searching it beside --model (default: the model the index "
-                   "records, else --model)")
-    p.add_argument("--index-device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where FAISS holds and searches the index: cuda needs a FAISS GPU build (absvl[gpu]) and a "
-                   "CUDA device; auto (default) takes the GPU when there is one")
+    p.add_argument(
+        "--retrieval-model",
+        metavar="MODEL",
+        help="the model that built --index, searching it beside --model (default: the model the index "
+        "records, else --model)",
+    )
+    p.add_argument(
+        "--index-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where FAISS holds and searches the index: cuda needs a FAISS GPU build (absvl[gpu]) and a "
+        "CUDA device; auto (default) takes the GPU when there is one",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="also serve requests whose Host header is NAME, e.g. the server's public name; repeatable; "
-                   "'*': any (localhost, 127.0.0.1, ::1 and --host are always served; others get 400, "
-                   "against DNS rebinding)")
-    p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / (1024 * 1024),
-                   help="largest image upload in MB (default %(default)g)")
-    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                   help="largest uploaded image in pixels, width x height (default %(default)d)")
-    p.add_argument("--max-pending", type=int, default=defaults.max_pending,
-                   help="requests queued for the model before /vqa and /search answer 503 (default %(default)d)")
-    p.add_argument("--request-timeout", type=int, default=defaults.request_timeout_s, metavar="SECONDS",
-                   help="a request waiting for and using the model longer gets 504 (default %(default)d)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also serve requests whose Host header is NAME, e.g. the server's public name; repeatable; "
+        "'*': any (localhost, 127.0.0.1, ::1 and --host are always served; others get 400, "
+        "against DNS rebinding)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / (1024 * 1024),
+        help="largest image upload in MB (default %(default)g)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help="largest uploaded image in pixels, width x height (default %(default)d)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=defaults.max_pending,
+        help="requests queued for the model before /vqa and /search answer 503 (default %(default)d)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=int,
+        default=defaults.request_timeout_s,
+        metavar="SECONDS",
+        help="a request waiting for and using the model longer gets 504 (default %(default)d)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_cmd_serve)

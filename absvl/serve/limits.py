@@ -1,4 +1,5 @@
 """Request limits of the HTTP service (kept free of heavy imports: the CLI reads the defaults)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,20 +1,13 @@
 """Training checkpoints: complete (everything a bit-exact resume needs), atomic, rotated.
 
-A checkpoint is a folder ``checkpoint-{step:08d}`` holding
-
-    model.safetensors      the model's weights (safetensors: nothing is unpickled)
-    optimizer.pt, scheduler.pt, scaler.pt (fp16 only)   state dicts, read with weights_only=True
-    rng-{rank}.pt          every process's torch (CPU and CUDA) / numpy / python RNG states
-    trainer_state.json     step, epoch, position in the epoch, best metric, skipped items, ...
-
-It is written into ``.tmp-checkpoint-*`` and renamed into place only when complete, so a
-run killed at any moment leaves either the previous checkpoints or the new one, never a
-half-written folder that looks valid.
+A checkpoint is a folder ``checkpoint-{step:08d}``: ``model.safetensors``, the optimizer's, scheduler's
+and (fp16) scaler's state dicts (read with weights_only=True), every process's RNG states
+(``rng-{rank}.pt``) and ``trainer_state.json``. All processes write into one staging folder, which
+the main process publishes only when complete (``absvl.io.publish_folder``).
 """
+
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from ..io import backup_of, publish_folder, read_json, recover_folder, write_json
 
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -38,7 +33,13 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }
 
@@ -48,8 +49,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda", [])  # absent in checkpoints written before CUDA states were saved
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if len(cuda) > here:
-        warnings.warn(f"the checkpoint holds the RNG states of {len(cuda)} CUDA devices and this machine has {here}: "
-                      "the resumed run's random draws on the GPU differ from an uninterrupted run's", stacklevel=2)
+        warnings.warn(
+            f"the checkpoint holds the RNG states of {len(cuda)} CUDA devices and this machine has {here}: "
+            "the resumed run's random draws on the GPU differ from an uninterrupted run's",
+            stacklevel=2,
+        )
     for device, device_state in enumerate(cuda[:here]):
         torch.cuda.set_rng_state(device_state, device)
     n = state["numpy"]
@@ -63,7 +67,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -76,32 +84,35 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
 ) -> Path:
-    """Write ``checkpoint-{step}`` atomically (all processes call this; rank 0 writes the shared files)."""
+    """Write ``checkpoint-{step}`` atomically (all processes call this; rank 0 writes the shared files).
+
+    The staging folder has a fixed name, ``.tmp-checkpoint-{step}``, so that every process finds it."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:08d}"
-    tmp = output_dir / f".tmp-checkpoint-{step:08d}"
+    staging = output_dir / f".tmp-checkpoint-{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    torch.save(rng_state(), staging / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_model(accelerator.unwrap_model(model), str(staging / "model.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            torch.save(scaler.state_dict(), staging / "scaler.pt")
+        write_json(staging / STATE_NAME, trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for f in tmp.iterdir():  # data reaches the disk before the rename makes it visible
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_folder(staging, final, overwrite=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint (step, epoch, validation, run shape, ...)."""
+    return read_json(Path(checkpoint) / STATE_NAME, what="a training checkpoint's trainer state")
 
 
 def load_checkpoint(
@@ -129,12 +140,15 @@ def load_checkpoint(
             "resume with the same number of processes"
         )
     set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((checkpoint / STATE_NAME).read_text())
+    return read_trainer_state(checkpoint)
 
 
 def rotate_checkpoints(output_dir: str | Path, keep_last: int, best: str | None) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints and the best one; clear stale temp folders."""
+    """Delete all but the newest ``keep_last`` checkpoints and the best one; clear stale staging folders
+    and undo a replacement of a checkpoint that a crash interrupted (main process only)."""
     output_dir = Path(output_dir)
+    for backup in output_dir.glob(backup_of(output_dir / "checkpoint-*").name):
+        recover_folder(output_dir / f"checkpoint-{backup.name.rsplit('-', 1)[-1]}")
     checkpoints = list_checkpoints(output_dir)
     keep = set(checkpoints[-keep_last:] if keep_last > 0 else [])
     if best:

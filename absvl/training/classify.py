@@ -1,26 +1,13 @@
-"""Supervised image classification (training, finetuning, evaluation) of any registered backbone.
-
-``absvl train classify --data IMAGEFOLDER --backbone NAME`` runs ``ClassifyTask`` on the shared
-loop of ``absvl.training.loop`` (Accelerate, gradient accumulation, warmup + linear decay, atomic
-checkpoints, exact resume, trackers). The defaults follow the DeiT recipe (timm's ImageNet ViT training):
-
-* timm's training transform (random-resized crop, flip, RandAugment ``rand-m9-mstd0.5-inc1``)
-  and evaluation transform (resize + centre crop) at the backbone's input size;
-* timm's ``Mixup`` (mixup 0.8 / cutmix 1.0) with ``SoftTargetCrossEntropy``, else cross-entropy,
-  both with label smoothing 0.1;
-* AdamW (weight decay 0.05; none on biases, norms and the backbone's ``no_weight_decay()``);
-* backbones with a feedback path (AbSViT): the loss is the mean cross-entropy of the bottom-up
-  (first-pass) and top-down (second-pass) logits plus ``var_weight``·L_var (0.1); inference uses
-  the second pass.
-
-The export (``final/``) is a backbone folder in the ``absvl convert`` format — ``model.safetensors``
-+ ``config.json`` ``{"format": "absvl-backbone", "name", "overrides": {..., "num_classes"},
-"classes", "data_config"}`` — so ``create_backbone(name, pretrained_path=DIR)`` loads it (e.g. to
-finetune it further or to start a VL model from it) and ``absvl eval classify --model DIR`` scores it.
+"""Supervised image (or patch) classification of any registered backbone: ``ClassifyTask`` on the shared
+loop of ``absvl.training.loop``, with DeiT's recipe by default (timm's transforms, RandAugment, Mixup/CutMix,
+label smoothing 0.1, AdamW 0.05). Backbones with a feedback path (AbSViT) average the cross-entropy of
+both passes and add ``var_weight``·L_var. The export is a backbone folder (``absvl.io``), which
+``create_backbone(name, pretrained_path=DIR)`` and ``absvl eval classify --model DIR`` load.
 """
+
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,10 +23,10 @@ from tqdm.auto import tqdm
 
 from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
 from ..data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, read_classes
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_backbone_folder, read_json, write_backbone_folder, write_json
 from ..models.vision import create_backbone
 from ..models.vision.output import BackboneOutput
 from ..models.vision.topdown import topdown_health
-from ..models.vision.pretrained import BACKBONE_FORMAT, CONFIG_NAME, WEIGHTS_NAME, read_folder_config
 from ..runtime import cpu_only
 from .config import ClassifyConfig, ConfigError
 from .loop import Validation, eval_loader, run_training, to_device
@@ -64,7 +51,9 @@ def build_classifier(config: ClassifyConfig, classes: list[str]) -> nn.Module:
     return create_backbone(config.model.backbone, num_classes=len(classes), **kwargs)
 
 
-def resolve_image_config(model: nn.Module, image_size: int | None = None, crop_pct: float | None = None) -> dict[str, Any]:
+def resolve_image_config(
+    model: nn.Module, image_size: int | None = None, crop_pct: float | None = None
+) -> dict[str, Any]:
     """timm's data config (input size, interpolation, mean, std, crop_pct) for ``model``."""
     from timm.data import resolve_data_config
 
@@ -75,8 +64,13 @@ def resolve_image_config(model: nn.Module, image_size: int | None = None, crop_p
     if crop_pct:
         args["crop_pct"] = crop_pct
     cfg = resolve_data_config(args, model=model)
-    return {"input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"], "mean": list(cfg["mean"]),
-            "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"]}
+    return {
+        "input_size": list(cfg["input_size"]),
+        "interpolation": cfg["interpolation"],
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "crop_pct": cfg["crop_pct"],
+    }
 
 
 def eval_transform(image_config: dict[str, Any]):
@@ -84,8 +78,14 @@ def eval_transform(image_config: dict[str, Any]):
     from timm.data import create_transform
 
     c = image_config
-    return create_transform(tuple(c["input_size"]), is_training=False, interpolation=c["interpolation"],
-                            mean=tuple(c["mean"]), std=tuple(c["std"]), crop_pct=c["crop_pct"])
+    return create_transform(
+        tuple(c["input_size"]),
+        is_training=False,
+        interpolation=c["interpolation"],
+        mean=tuple(c["mean"]),
+        std=tuple(c["std"]),
+        crop_pct=c["crop_pct"],
+    )
 
 
 def patch_tensor_transform(image_config: dict[str, Any]):
@@ -101,9 +101,15 @@ def train_transform(image_config: dict[str, Any], config: ClassifyConfig):
 
     c, d = image_config, config.data
     return create_transform(
-        tuple(c["input_size"]), is_training=True, scale=tuple(d.crop_scale), hflip=d.hflip,
-        color_jitter=d.color_jitter or None, auto_augment=d.randaugment or None,
-        interpolation=c["interpolation"], mean=tuple(c["mean"]), std=tuple(c["std"]),
+        tuple(c["input_size"]),
+        is_training=True,
+        scale=tuple(d.crop_scale),
+        hflip=d.hflip,
+        color_jitter=d.color_jitter or None,
+        auto_augment=d.randaugment or None,
+        interpolation=c["interpolation"],
+        mean=tuple(c["mean"]),
+        std=tuple(c["std"]),
     )
 
 
@@ -129,7 +135,10 @@ def patch_logits(model: nn.Module, tokens: torch.Tensor, num_prefix_tokens: int)
 
 
 def patch_classification_loss(
-    model: nn.Module, output: BackboneOutput, targets: torch.Tensor, label_smoothing: float = 0.0,
+    model: nn.Module,
+    output: BackboneOutput,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
     var_weight: float = 0.1,
 ) -> torch.Tensor:
     """``classification_loss`` for patch labels: cross-entropy of every labelled patch token (``[B, h·w]``
@@ -138,8 +147,12 @@ def patch_classification_loss(
     if output.bottom_up_tokens is not output.tokens:
         passes.append(output.bottom_up_tokens)
     loss = sum(
-        F.cross_entropy(patch_logits(model, tokens, output.num_prefix_tokens).flatten(0, 1).float(), targets.flatten(),
-                        ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        F.cross_entropy(
+            patch_logits(model, tokens, output.num_prefix_tokens).flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=label_smoothing,
+        )
         for tokens in passes
     ) / len(passes)
     var = output.aux_losses.get("var")
@@ -157,7 +170,9 @@ def classifier_param_groups(
     multipliers = {"backbone": 1.0, "head": 1.0, **(lr_multipliers or {})}
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     head_names = {
-        f"{attr}.{n}" for attr in ("head", "fc") if isinstance(getattr(model, attr, None), nn.Module)
+        f"{attr}.{n}"
+        for attr in ("head", "fc")
+        if isinstance(getattr(model, attr, None), nn.Module)
         for n, _ in getattr(model, attr).named_parameters()
     }
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -167,8 +182,13 @@ def classifier_param_groups(
         decay = param.ndim > 1 and name not in no_decay and not name.endswith(".bias")
         buckets.setdefault(("head" if name in head_names else "backbone", decay), []).append(param)
     groups = [
-        {"name": f"{part}/{'decay' if decay else 'no_decay'}", "params": params, "lr": lr * multipliers[part],
-         "lr_scale": multipliers[part], "weight_decay": weight_decay if decay else 0.0}
+        {
+            "name": f"{part}/{'decay' if decay else 'no_decay'}",
+            "params": params,
+            "lr": lr * multipliers[part],
+            "lr_scale": multipliers[part],
+            "weight_decay": weight_decay if decay else 0.0,
+        }
         for (part, decay), params in buckets.items()
     ]
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
@@ -177,7 +197,9 @@ def classifier_param_groups(
 
 # --- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
-def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate") -> dict[str, Any]:
+def predict_topk(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate"
+) -> dict[str, Any]:
     """Top-1 / top-5 hits of the second-pass logits on every item of ``loader`` (gathered over
     processes at the end; ``loader`` holds this process's share, see ``eval_loader``):
     ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``. With patch labels
@@ -209,8 +231,12 @@ def predict_topk(model: nn.Module, loader: DataLoader, accelerator: Accelerator,
     shares = [(correct1, correct5, images, skipped)]
     if accelerator.num_processes > 1:
         shares = gather_object(shares)
-    return {"correct1": sum(s[0] for s in shares), "correct5": sum(s[1] for s in shares),
-            "images": sum(s[2] for s in shares), "skipped": [item for s in shares for item in s[3]]}
+    return {
+        "correct1": sum(s[0] for s in shares),
+        "correct5": sum(s[1] for s in shares),
+        "images": sum(s[2] for s in shares),
+        "skipped": [item for s in shares for item in s[3]],
+    }
 
 
 def _accuracy(counts: dict[str, Any], total: int) -> dict[str, Any]:
@@ -225,7 +251,7 @@ def _accuracy(counts: dict[str, Any], total: int) -> dict[str, Any]:
 def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The classifier exported by ``absvl train classify`` (eval mode) and its ``config.json``."""
     folder = Path(folder)
-    info = read_folder_config(folder)
+    info = read_backbone_folder(folder)
     if "classes" not in info:
         raise ValueError(f"{folder / CONFIG_NAME} has no class list: not a classifier exported by absvl train classify")
     model = create_backbone(info["name"], **info.get("overrides", {}))
@@ -242,8 +268,12 @@ def patch_dataset(
     if patch is None or not hasattr(model, "fc_norm"):
         raise ConfigError(f"patch labels need a ViT-family backbone (patch tokens), not {type(model).__name__}")
     return PatchLabelDataset(
-        list_labelled(root, split), patch_tensor_transform(image_config), image_size=image_config["input_size"][-1],
-        patch=patch[0], num_classes=len(classes), background=classes.index("background") if "background" in classes else None,
+        list_labelled(root, split),
+        patch_tensor_transform(image_config),
+        image_size=image_config["input_size"][-1],
+        patch=patch[0],
+        num_classes=len(classes),
+        background=classes.index("background") if "background" in classes else None,
         hflip=hflip,
     )
 
@@ -254,7 +284,8 @@ def evaluate_classifier(
     """Top-1 / top-5 accuracy (%) of an exported classifier on ``data_root/split`` (of every labelled
     patch for a classifier trained on patch labels).
 
-    Unreadable images are counted, reported and scored wrong (patch labels: left out)."""
+    Unreadable images are counted (``skipped``; ``unreadable``: their ``(path, reason)``) and scored
+    wrong (patch labels: left out)."""
     model, info = load_classifier(model_dir)
     image_config = info.get("data_config") or resolve_image_config(model)
     if info.get("labels") == "patch":
@@ -266,12 +297,13 @@ def evaluate_classifier(
     loader = eval_loader(dataset, collator, batch_size, num_workers, accelerator)
     model.to(accelerator.device)
     counts = predict_topk(model, loader, accelerator, desc=split)
-    if counts["skipped"]:
-        print(f"{len(counts['skipped'])} images skipped (unreadable): they count as wrong")
-        for path, reason in counts["skipped"][:10]:
-            print(f"  {path}: {reason}")
     scored = counts["images"] + (0 if info.get("labels") == "patch" else len(counts["skipped"]))
-    return {**_accuracy(counts, scored), "split": split, "classes": len(info["classes"])}
+    return {
+        **_accuracy(counts, scored),
+        "split": split,
+        "classes": len(info["classes"]),
+        "unreadable": counts["skipped"],
+    }
 
 
 # --- the task --------------------------------------------------------------------------------
@@ -290,31 +322,40 @@ class ClassifyTask:
         self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
 
     def restore(self, output_dir: Path) -> None:
-        classes_file = output_dir / "classes.json"
-        if not classes_file.is_file():
-            raise FileNotFoundError(f"{classes_file} not found: the run folder of a classifier holds it")
-        self._build(json.loads(classes_file.read_text()))
+        self._build(
+            read_json(
+                output_dir / "classes.json",
+                what="a classifier's class list",
+                fix="the run folder of a classifier holds it",
+            )
+        )
 
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
         config, d = self.config, self.config.data
         classes = read_classes(d.root) if d.format == "patches" else find_classes(d.root, d.train_split)
         classes_file = output_dir / "classes.json"
         if checkpoint is not None and classes_file.is_file():
-            before = json.loads(classes_file.read_text())
+            before = read_json(classes_file, what="a classifier's class list")
             if before != classes:
                 raise ConfigError(f"the classes of {d.root}/{d.train_split} changed since {checkpoint} was written")
         if accelerator.is_main_process:
-            classes_file.write_text(json.dumps(classes) + "\n")
+            write_json(classes_file, classes, indent=None)
         self._build(classes)
         size = self.image_config["input_size"][-1]
         if self.patches:
             train_set = patch_dataset(self.model, d.root, d.train_split, self.classes, self.image_config, d.hflip)
-            val_set = patch_dataset(self.model, d.root, d.val_split, self.classes, self.image_config) if d.val_split else None
+            val_set = (
+                patch_dataset(self.model, d.root, d.val_split, self.classes, self.image_config) if d.val_split else None
+            )
         else:
-            train_set = ImageFolderDataset(list_samples(d.root, d.train_split, self.classes),
-                                           train_transform(self.image_config, config))
-            val_set = (ImageFolderDataset(list_samples(d.root, d.val_split, self.classes), eval_transform(self.image_config))
-                       if d.val_split else None)
+            train_set = ImageFolderDataset(
+                list_samples(d.root, d.train_split, self.classes), train_transform(self.image_config, config)
+            )
+            val_set = (
+                ImageFolderDataset(list_samples(d.root, d.val_split, self.classes), eval_transform(self.image_config))
+                if d.val_split
+                else None
+            )
         self.train_set = train_set
         self.collator = ClassifyCollator(size)
         self.val_loader = None
@@ -325,8 +366,9 @@ class ClassifyTask:
         if d.mixup > 0 or d.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing, num_classes=num_classes
+            )
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         else:
             self.criterion = nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
@@ -337,8 +379,10 @@ class ClassifyTask:
 
     def describe(self) -> str:
         labels = "patch-labelled " if self.patches else ""
-        return (f"training on {len(self.train_set)} {labels}images of {len(self.classes)} classes, "
-                f"{self.num_val} validation images")
+        return (
+            f"training on {len(self.train_set)} {labels}images of {len(self.classes)} classes, "
+            f"{self.num_val} validation images"
+        )
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         return len(batch["labels"])
@@ -367,8 +411,9 @@ class ClassifyTask:
         output = model(images)
         self.last_forward = (output, None)  # read only at log steps (diagnostics)
         if self.patches:
-            return patch_classification_loss(model, output, targets, self.config.data.label_smoothing,
-                                             self.config.model.var_weight)
+            return patch_classification_loss(
+                model, output, targets, self.config.data.label_smoothing, self.config.model.var_weight
+            )
         return classification_loss(output, targets, self.criterion, self.config.model.var_weight)
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
@@ -383,27 +428,31 @@ class ClassifyTask:
         return Validation(score=result["top1"], metrics=metrics, result=result)
 
     def export(self, model: nn.Module, out_dir: Path, last: Validation | None) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(out_dir / WEIGHTS_NAME))
         built = getattr(model, "backbone_config", {"name": self.config.model.backbone})
-        info = {
-            "format": BACKBONE_FORMAT,
-            "name": built["name"],
-            "overrides": {k: v for k, v in built.items() if k != "name" and k not in _WEIGHT_SOURCES},
-            "classes": self.classes,
-            "labels": "patch" if self.patches else "image",
-            "data_config": self.image_config,
-            "metrics": {k: last.metrics[f"val/{k}"] for k in ("top1", "top5")} if last else {},
-        }
-        (out_dir / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        write_backbone_folder(
+            out_dir,
+            model.state_dict(),
+            built["name"],
+            {k: v for k, v in built.items() if k != "name" and k not in _WEIGHT_SOURCES},
+            classes=self.classes,
+            labels="patch" if self.patches else "image",
+            data_config=self.image_config,
+            metrics={k: last.metrics[f"val/{k}"] for k in ("top1", "top5")} if last else {},
+        )
 
 
-def train_classifier(config: ClassifyConfig) -> dict[str, Any]:
-    """Run a classification job; returns the loop's summary (``val`` holds top1/top5 in %)."""
-    return run_training(config, ClassifyTask(config))
+def train_classifier(config: ClassifyConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run a classification job; returns the loop's summary (``val`` holds top1/top5 in %).
+    ``notify`` receives the run's messages (see ``run_training``)."""
+    return run_training(config, ClassifyTask(config), notify)
 
 
 __all__ = [
-    "ClassifyTask", "build_classifier", "classification_loss", "classifier_param_groups", "evaluate_classifier",
-    "load_classifier", "train_classifier",
+    "ClassifyTask",
+    "build_classifier",
+    "classification_loss",
+    "classifier_param_groups",
+    "evaluate_classifier",
+    "load_classifier",
+    "train_classifier",
 ]

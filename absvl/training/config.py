@@ -1,19 +1,10 @@
-"""Run configuration: a YAML file of three sections plus ``key=value`` overrides.
+"""Run configuration: a YAML file of sections (``model``, ``data``, ``train``) plus ``key=value`` overrides.
 
-```yaml
-model: {backbone: absvit_base_patch16_224, alpha: 10, ...}   # AbsVLConfig fields
-data:  {root: data/vqav2, train_splits: [train], ...}         # DataConfig
-train: {lr: 1.0e-5, epochs: 10, batch_size: 32, ...}          # TrainConfig
-```
-
-``absvl train vqa --config FILE train.lr=2e-5 model.alpha=1`` overrides any leaf; values are
-parsed as YAML (numbers, booleans, lists). Every unknown key is an error naming the key,
-the file and the closest known key.
-
-The same machinery reads every task's run config: a run config is a dataclass whose fields are
-its sections (``RunConfig`` for VQA, ``ClassifyConfig`` for image classification), and
-``load_config(path, overrides, ClassifyConfig)`` reads one of those.
+A run config is a dataclass whose fields are its sections (``RunConfig`` for VQA, ``RetrievalConfig``,
+``ClassifyConfig``); ``load_config(path, overrides, run_class)`` reads any of them. Override values are
+parsed as YAML; an unknown key is an error naming the key, the file and the closest known key.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -265,14 +256,20 @@ class ClassifyConfig(_RunConfigBase):
             (bool(m.backbone), "model.backbone", "a backbone name"),
             (m.var_weight >= 0, "model.var_weight", ">= 0"),
             (d.format in ("imagefolder", "patches"), "data.format", "imagefolder or patches"),
-            (d.format == "imagefolder" or (d.mixup == 0 and d.cutmix == 0 and not d.randaugment), "data.format",
-             "imagefolder for mixup, cutmix and randaugment (they would move pixels away from their patch labels): "
-             "set data.mixup=0 data.cutmix=0 data.randaugment=null with patches"),
+            (
+                d.format == "imagefolder" or (d.mixup == 0 and d.cutmix == 0 and not d.randaugment),
+                "data.format",
+                "imagefolder for mixup, cutmix and randaugment (they would move pixels away from their patch labels): "
+                "set data.mixup=0 data.cutmix=0 data.randaugment=null with patches",
+            ),
             (d.mixup >= 0, "data.mixup", ">= 0"),
             (d.cutmix >= 0, "data.cutmix", ">= 0"),
             (0 <= d.label_smoothing < 1, "data.label_smoothing", "in [0, 1)"),
-            (len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
-             "[min, max] with 0 < min <= max <= 1"),
+            (
+                len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+                "data.crop_scale",
+                "[min, max] with 0 < min <= max <= 1",
+            ),
             (set(self.train.lr_multipliers) <= {"head"}, "train.lr_multipliers", "only the key 'head'"),
         ]
 
@@ -354,10 +351,16 @@ class RetrievalConfig(_RunConfigBase):
             (d.format == "hf" or not d.hf_columns, "data.hf_columns", "empty unless data.format=hf"),
             (d.format == "karpathy" or not d.shapes, "data.shapes", "null with data.format=hf"),
             (self.train.rerank_k >= 1, "train.rerank_k", ">= 1"),
-            (m.prior_visual in ("bottom_up", "both"), "model.prior_visual",
-             "bottom_up or both (images are embedded once, before any query, for the index)"),
-            (m.prior_loss_weight > 0 or m.itm_loss_weight > 0, "model.prior_loss_weight",
-             "> 0 (or model.itm_loss_weight > 0): retrieval trains the prior and/or ITM loss"),
+            (
+                m.prior_visual in ("bottom_up", "both"),
+                "model.prior_visual",
+                "bottom_up or both (images are embedded once, before any query, for the index)",
+            ),
+            (
+                m.prior_loss_weight > 0 or m.itm_loss_weight > 0,
+                "model.prior_loss_weight",
+                "> 0 (or model.itm_loss_weight > 0): retrieval trains the prior and/or ITM loss",
+            ),
         ]
 
 
@@ -367,8 +370,13 @@ def check_vision_start(config: Any) -> None:
     for random weights (``train.vision_from_scratch``). Raises ``ConfigError`` naming the keys."""
     model, train = config.model, config.train
     kwargs = model.backbone_kwargs
-    if ("_test" in model.backbone or kwargs.get("pretrained") or kwargs.get("pretrained_path") or train.init_from
-            or train.vision_from_scratch):
+    if (
+        "_test" in model.backbone
+        or kwargs.get("pretrained")
+        or kwargs.get("pretrained_path")
+        or train.init_from
+        or train.vision_from_scratch
+    ):
         return
     raise ConfigError(
         f"model.backbone_kwargs={kwargs!r} gives no pretrained weights for the paper-size vision backbone "
@@ -384,7 +392,6 @@ def _sections(run_class: type) -> dict[str, type]:
     return {f.name: f.default_factory for f in fields(run_class)}  # type: ignore[misc]
 
 
-
 def _get(tree: dict[str, Any], path: list[str]) -> Any:
     for part in path:
         tree = tree[part]
@@ -397,7 +404,9 @@ def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def _build_section(name: str, cls: type, values: Any, source: str, from_command_line: frozenset[str] = frozenset()) -> Any:
+def _build_section(
+    name: str, cls: type, values: Any, source: str, from_command_line: frozenset[str] = frozenset()
+) -> Any:
     """The section dataclass from its values; ``from_command_line``: the ``section.key`` names set
     by overrides, whose errors name the command line instead of ``source``."""
     if not isinstance(values, dict):
@@ -424,6 +433,7 @@ def _typed(key: str, value: Any, hint: Any, source: str) -> Any:
     becomes an int where one is expected, a number becomes a string where one is expected, and a
     single item where a list is expected becomes a list of one (``train.trackers=wandb``).
     """
+
     def wrong(expected: str) -> ConfigError:
         return ConfigError(f"config value {key}={value!r} in {source} is invalid: expected {expected}")
 
@@ -476,7 +486,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _load_yaml(text: str) -> Any:
@@ -506,7 +518,9 @@ def apply_override(tree: dict[str, Any], override: str, run_class: type = RunCon
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from err
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), run_class: type = RunConfig) -> Any:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), run_class: type = RunConfig
+) -> Any:
     """Read a YAML run config, apply ``key=value`` overrides, validate every key and value.
 
     ``run_class`` is the run config dataclass (its fields are the sections): ``RunConfig`` (VQA,
@@ -531,11 +545,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for override in overrides:
         apply_override(tree, override, run_class)
     overridden = frozenset(".".join(o.split("=", 1)[0].strip().split(".")[:2]) for o in overrides)
-    config = run_class(**{name: _build_section(name, cls, tree.get(name, {}), source, overridden) for name, cls in sections.items()})
+    config = run_class(
+        **{name: _build_section(name, cls, tree.get(name, {}), source, overridden) for name, cls in sections.items()}
+    )
     config.validate()
     return config
 
 
 def dump_config(config: Any) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-

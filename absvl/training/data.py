@@ -1,5 +1,6 @@
 """Deterministic per-epoch data order and augmentation, so a resumed run sees what an
 uninterrupted one would have seen."""
+
 from __future__ import annotations
 
 import hashlib

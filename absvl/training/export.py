@@ -1,12 +1,10 @@
 """``absvl export CHECKPOINT --out DIR``: any training checkpoint as a ``from_pretrained`` folder.
 
-A checkpoint (``RUN/checkpoint-XXXXXXXX``: ``model.safetensors`` + ``trainer_state.json``) lives
-in its run folder, which holds the run's ``config.yaml`` and what the task wrote there
-(``answers.json`` for VQA, ``classes.json`` for classification). The task is told by those
-files, its model is rebuilt from them without reading the data, and the task's own export
-writes the folder: ``save_pretrained`` for VQA and retrieval, the backbone-folder format of
-``absvl train classify`` for classifiers.
+The task is told by what its run folder holds (``answers.json``: VQA, ``classes.json``: classification,
+``data.captions`` in ``config.yaml``: retrieval); its model is rebuilt without reading the data and the
+task's own export writes the folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +37,10 @@ def run_task(run: str | Path) -> tuple[str, Any]:
         from .retrieval import RetrievalTask
 
         return "retrieval", RetrievalTask(load_config(config_file, (), RetrievalConfig))
-    raise ValueError(f"cannot tell the task of the run {run}: it has no answers.json (VQA), no classes.json "
-                     "(classification) and its config.yaml has no data.captions (retrieval)")
+    raise ValueError(
+        f"cannot tell the task of the run {run}: it has no answers.json (VQA), no classes.json "
+        "(classification) and its config.yaml has no data.captions (retrieval)"
+    )
 
 
 def export_run_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> str:

@@ -1,31 +1,23 @@
-"""The one training loop every task runs on (VQA finetuning, image classification).
+"""The one training loop every task runs on (VQA finetuning, retrieval, image classification).
 
-``run_training(config, task)`` owns everything that is not about the task: Hugging Face
-Accelerate (one process, ``accelerate launch`` or ``torchrun``; bf16/fp16), gradient accumulation,
-clipping, AdamW with linear warmup + linear decay, the deterministic per-epoch data order
-(``EpochOrder``), exact mid-epoch resume (``skip_first_batches``), atomic rotated checkpoints
-with the best one kept, validation (every ``eval_every`` steps or at each epoch end, and at the
-final step), the JSONL log, trackers, the progress bar, and unreadable images (skipped, counted
-once per run over all processes and listed in ``skipped.json``; a batch whose images were all
-unreadable takes a zero-weighted step on a stand-in batch, so every process runs the same
-collectives). A resume is refused when the run's shape (batch size, accumulation, processes,
-step budget, data) differs from the checkpoint's, unless ``train.force_resume``. The run ends by
-exporting the last step as ``final/`` and the best validated checkpoint as ``best/``;
-``export_checkpoint`` exports any checkpoint the same way (``absvl export``).
-
-A task is a small object (see ``Task``) that builds its data and model and says how to compute
-the loss, how to validate and how to export.
+``run_training(config, task)`` owns everything that is not about the task: Accelerate (one process or
+``accelerate launch`` / ``torchrun``; bf16/fp16), accumulation, clipping, AdamW with warmup + linear decay,
+the deterministic data order, exact mid-epoch resume (refused when the run's shape changed, unless
+``train.force_resume``), rotated atomic checkpoints, validation, logs and trackers, unreadable images
+(skipped, listed in ``skipped.json``), and the ``final/`` and ``best/`` exports. A task (``Task``) builds
+its data and model and says how to compute the loss, validate and export.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -35,10 +27,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..io import atomic_folder, write_json, write_text
 from ..models.vision.topdown import shut_gate_warning
 from ..runtime import cpu_only, keep_freed_memory
 from .checkpoint import (
-    STATE_NAME, list_checkpoints, load_checkpoint, resolve_resume, rotate_checkpoints, save_checkpoint,
+    STATE_NAME,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    rotate_checkpoints,
+    save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, dump_config
 from .data import EpochOrder
@@ -77,7 +76,7 @@ class Task(Protocol):
         """AdamW parameter groups of ``model`` (every trainable parameter in exactly one)."""
 
     def describe(self) -> str:
-        """One line on the data, printed before training ("training on ... images")."""
+        """One line on the data, reported before training ("training on ... images")."""
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         """Number of samples in ``batch`` (0: every item was unreadable)."""
@@ -139,8 +138,13 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def train_step(
-    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-    batch: dict[str, Any], max_grad_norm: float, stand_in: Callable[[], dict[str, Any]],
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    batch: dict[str, Any],
+    max_grad_norm: float,
+    stand_in: Callable[[], dict[str, Any]],
 ) -> torch.Tensor:
     """One micro-step: loss, backward, clipping and the optimizer step when gradients sync.
 
@@ -226,7 +230,7 @@ def merge_skipped(accelerator: Accelerator, skipped: list[list[Any]]) -> list[li
 
 
 def describe_skipped(skipped: list[list[Any]]) -> str:
-    """"N items (M unreadable images)": entries end with (image path, reason)."""
+    """ "N items (M unreadable images)": entries end with (image path, reason)."""
     images = len({str(item[-2]) for item in skipped})
     return f"{len(skipped)} items ({images} unreadable images)"
 
@@ -240,16 +244,25 @@ def run_shape(config: Any, num_processes: int, total_steps: int, train_items: in
     items: loader processes and the validation set)."""
     t = config.train
     data = {k: v for k, v in config.to_dict().get("data", {}).items() if k not in _NOT_TRAINING_DATA}
-    return {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "processes": num_processes,
-            "steps": total_steps, "train items": train_items, **{f"data.{k}": v for k, v in data.items()}}
+    return {
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "processes": num_processes,
+        "steps": total_steps,
+        "train items": train_items,
+        **{f"data.{k}": v for k, v in data.items()},
+    }
 
 
 def check_resume(checkpoint: Path, saved: dict[str, Any] | None, now: dict[str, Any], force: bool) -> None:
     """Refuse a resume whose run shape differs from the checkpoint's (see ``run_shape``)."""
     if saved is None:  # written before the shape was recorded
         return
-    changed = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
+    changed = [
+        f"{k} was {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if changed and not force:
         raise ConfigError(
             f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". Resume with the checkpoint's settings, "
@@ -263,24 +276,18 @@ def write_run_config(out: Path, text: str, step: int) -> str | None:
     settings) is kept as ``config-before-step-{step}.yaml``. Returns that file's name, if any."""
     path = out / "config.yaml"
     kept = None
-    if path.is_file() and path.read_text() != text:
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
         kept = f"config-before-step-{step:08d}.yaml"
         os.replace(path, out / kept)
-    path.write_text(text)
+    write_text(path, text)
     return kept
 
 
-def export_atomically(task: Task, model: torch.nn.Module, export: Path, last: "Validation | None") -> None:
-    """``task.export`` into a temporary folder renamed into place when complete: a run killed
-    while exporting leaves the previous ``final/`` (or none), never a half-written one."""
-    tmp, old = export.with_name(f".tmp-{export.name}"), export.with_name(f".old-{export.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    task.export(model, tmp, last)
-    if export.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(export, old)
-    os.replace(tmp, export)
-    shutil.rmtree(old, ignore_errors=True)
+def export_atomically(task: Task, model: torch.nn.Module, export: Path, last: Validation | None) -> None:
+    """``task.export`` into an (existing, empty) staging folder published as ``export`` when complete:
+    a run killed while exporting leaves the previous ``final/`` (or none), never a half-written one."""
+    with atomic_folder(export, clean_stale=True) as staging:  # runs on the main process only
+        task.export(model, staging, last)
 
 
 def export_checkpoint(task: Task, model: torch.nn.Module, checkpoint: Path, out_dir: Path) -> None:
@@ -291,7 +298,7 @@ def export_checkpoint(task: Task, model: torch.nn.Module, checkpoint: Path, out_
         if not (checkpoint / name).is_file():
             raise FileNotFoundError(f"{checkpoint} has no {name}: not a complete absvl training checkpoint")
     load_model(model, str(checkpoint / "model.safetensors"), strict=True)
-    state = json.loads((checkpoint / STATE_NAME).read_text())
+    state = read_trainer_state(checkpoint)
     val = state.get("validation")
     last = Validation(val["score"], val["metrics"]) if val and val["step"] == state["step"] else None
     export_atomically(task, model, out_dir, last)
@@ -307,9 +314,12 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def run_training(config: Any, task: Task) -> dict[str, Any]:
+def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Train ``task`` as ``config.train`` says; returns a summary (final step, best/last
     validation result, export folders, checkpoints, number of skipped items).
+
+    ``notify`` (e.g. ``print``) receives the run's messages on the main process: what it trains on,
+    a resume, changed settings, skipped items, a prior gate that stayed shut.
 
     The run ends with two exports: ``final/`` (the last step) and, when validation picked a best
     checkpoint, ``best/`` (its weights, which the task's model holds afterwards).
@@ -328,6 +338,11 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
         project_dir=str(out),
     )
     main = accelerator.is_main_process
+
+    def say(message: str) -> None:
+        if main and notify is not None:
+            notify(message)
+
     if main:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(t.seed)
@@ -344,10 +359,13 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     if accelerator.num_processes > 1:
         frozen = freeze_unreached(task, stand_in(), accelerator.device)
         if frozen:
-            accelerator.print(f"{len(frozen)} parameters get no gradient in this run and are frozen: "
-                              f"{', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}")
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                  fused=accelerator.device.type == "cuda")
+            say(
+                f"{len(frozen)} parameters get no gradient in this run and are frozen: "
+                f"{', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''}"
+            )
+    optimizer = torch.optim.AdamW(
+        task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=accelerator.device.type == "cuda"
+    )
     model, optimizer = accelerator.prepare(task.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -358,26 +376,29 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
         "linear", optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
     )
     state: dict[str, Any] = {
-        "step": 0, "epoch": 0, "batches_in_epoch": 0, "best_checkpoint": None, "best_accuracy": None,
-        "skipped": [], "samples": 0,
+        "step": 0,
+        "epoch": 0,
+        "batches_in_epoch": 0,
+        "best_checkpoint": None,
+        "best_accuracy": None,
+        "skipped": [],
+        "samples": 0,
     }
     shape = run_shape(config, accelerator.num_processes, total_steps, len(train_set))
     if checkpoint is not None:
-        saved = json.loads((checkpoint / STATE_NAME).read_text()).get("run") if (checkpoint / STATE_NAME).is_file() else None
+        saved = read_trainer_state(checkpoint).get("run") if (checkpoint / STATE_NAME).is_file() else None
         check_resume(checkpoint, saved, shape, t.force_resume)
         state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+        say(f"resumed from {checkpoint} at step {state['step']}")
     state["run"] = shape
     if main:
         kept = write_run_config(out, dump_config(config), state["step"])
         if kept:
-            accelerator.print(f"the run's settings changed since its config.yaml: the old one is kept as {out / kept}")
+            say(f"the run's settings changed since its config.yaml: the old one is kept as {out / kept}")
     if t.trackers:
         accelerator.init_trackers("absvl", config=flatten_config(config.to_dict()))
     log = JsonLog(out / "log.jsonl", main)
-    accelerator.print(
-        f"{task.describe()}; {total_steps} steps of {t.batch_size * accelerator.num_processes * t.grad_accum} samples"
-    )
+    say(f"{task.describe()}; {total_steps} steps of {t.batch_size * accelerator.num_processes * t.grad_accum} samples")
 
     def validate() -> Validation | None:
         result = task.validate(unwrapped, accelerator)
@@ -401,7 +422,9 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     def score(result: Validation | None) -> float | None:
         return result.score if result is not None else None
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True
+    )
     window_start, window_samples, last_result = time.perf_counter(), 0, None
     last_stats: dict[str, float] = {}  # the last logged diagnostics (the gate's health)
     model.train()
@@ -426,8 +449,11 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {
-                    "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
                 }
                 if task.batch_size(batch):  # a zero step ran no forward: nothing new to report
                     last_stats = {k: float(v) for k, v in task.diagnostics().items()}
@@ -453,25 +479,29 @@ def run_training(config: Any, task: Task) -> dict[str, Any]:
     bar.close()
     shut = shut_gate_warning(last_stats)  # the gate may close for a while and re-open: judged at the end
     if shut:
-        accelerator.print(f"warning: {shut}")
+        say(f"warning: {shut}")
     export = out / "final"
     best = out / Path(state["best_checkpoint"]).name if state["best_checkpoint"] else None  # by name: the run may move
     best = best if best is not None and best.is_dir() else None
     state["skipped"] = merge_skipped(accelerator, state["skipped"])
     if main:
         if state["skipped"]:
-            accelerator.print(f"{describe_skipped(state['skipped'])} were skipped, listed in {out / 'skipped.json'}")
-            (out / "skipped.json").write_text(json.dumps(state["skipped"], indent=1) + "\n")
+            say(f"{describe_skipped(state['skipped'])} were skipped, listed in {out / 'skipped.json'}")
+            write_json(out / "skipped.json", state["skipped"], indent=1)
         export_atomically(task, unwrapped, export, last_result)
         if best is not None:  # the model holds the best weights from here on
             export_checkpoint(task, unwrapped, best, out / "best")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {
-        "step": state["step"], "export": str(export), "best_export": str(out / "best") if best else None,
+        "step": state["step"],
+        "export": str(export),
+        "best_export": str(out / "best") if best else None,
         "val": last_result.result if last_result else None,
-        "val_score": score(last_result), "best_checkpoint": state["best_checkpoint"],
-        "skipped": len(state["skipped"]), "checkpoints": [str(p) for p in list_checkpoints(out)],
+        "val_score": score(last_result),
+        "best_checkpoint": state["best_checkpoint"],
+        "skipped": len(state["skipped"]),
+        "checkpoints": [str(p) for p in list_checkpoints(out)],
     }
 
 

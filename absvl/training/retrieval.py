@@ -1,32 +1,17 @@
-"""Image-text retrieval: training (contrastive prior loss + ITM with hard negatives) and the
-Flickr30K / COCO evaluation (contrastive top-k re-ranked by ITM with the query as top-down prior).
-
-Training (``absvl train retrieval``) runs ``RetrievalTask`` on the shared loop of
-``absvl.training.loop``. One step, ALBEF/BLIP style:
-
-1. without gradients, embed the batch's captions (ξ) and images (bottom-up, one backbone pass)
-   and draw for every caption a negative image and for every image a negative caption with
-   probability ∝ softmax(similarity / τ) over the other items of the batch (hard negatives);
-2. one forward pass over the B matching pairs and the 2B negative pairs, each image's top-down
-   pass steered by its caption: ITM cross-entropy over the 3B pairs, the prior loss L_prior
-   (AbSViT Eq. 15, in-batch negatives gathered over processes) on the B matching pairs, and
-   L_var.
-
-One forward per step keeps DistributedDataParallel happy (a second forward before backward
-would mark parameters ready twice).
-
-Evaluation never scores the full image × caption product (METER's ~1.5 GPU-days on COCO): the
-query-independent bottom-up image embeddings and the caption embeddings give a contrastive
-ranking, and its top ``k`` per query (SPEC §5: 128 on Flickr30K, 256 on COCO) are re-ranked by
-``AbsVLModel.rerank_score``: the ITM log-odds of a forward pass in which the caption steers the
-image encoder, plus the contrastive logit.
+"""Image-text retrieval: training (``RetrievalTask`` on the shared loop: prior loss + ITM on in-batch hard
+negatives, ALBEF/BLIP style, all 3B pairs in one forward so that DDP marks each parameter ready once) and the
+Flickr30K / COCO evaluation: a contrastive ranking of bottom-up image and caption embeddings whose top ``k``
+per query (SPEC §5: 128 Flickr30K, 256 COCO) is re-ranked by ``AbsVLModel.rerank_score`` (ITM with the
+caption steering the image encoder), never the full image × caption product.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +21,14 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from ..data.captions import CaptionCollator, CaptionedImage, CaptionedImageDataset, load_captions
-from ..data.images import ImageFiles, check_image_root, collate_image_files, image_transform
+from ..data.image_files import ImageFiles, check_image_root, collate_image_files
+from ..images import image_transform
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
 from .config import ConfigError, RetrievalConfig, check_vision_start
 from .loop import Validation, make_loader, process_share, run_training
-
 
 RETRIEVAL_CARD_TASK = "image-feature-extraction"  # the Hub's task id for what the index embeds
 
@@ -57,7 +42,9 @@ def _ensure_data(config: RetrievalConfig) -> None:
 
 def check_caption_images(images: Sequence[CaptionedImage], key: str = "data.images") -> None:
     """``check_image_root`` on the images of a caption file."""
-    check_image_root([im.path for im in images[:20]], f"point {key} at the folder holding the caption file's filepath/filename")
+    check_image_root(
+        [im.path for im in images[:20]], f"point {key} at the folder holding the caption file's filepath/filename"
+    )
 
 
 def build_model(config: RetrievalConfig) -> AbsVLModel:
@@ -65,8 +52,10 @@ def build_model(config: RetrievalConfig) -> AbsVLModel:
     if config.train.init_from:
         model = AbsVLModel.from_pretrained(config.train.init_from).train()
         if model.config.prior_visual == "top_down":
-            raise ConfigError(f"train.init_from={config.train.init_from!r} contrasts only the top-down image output "
-                              "(prior_visual=top_down): retrieval indexes bottom-up embeddings")
+            raise ConfigError(
+                f"train.init_from={config.train.init_from!r} contrasts only the top-down image output "
+                "(prior_visual=top_down): retrieval indexes bottom-up embeddings"
+            )
     else:
         model_config = config.model
         if config.data.image_size is not None:
@@ -94,7 +83,11 @@ def sample_negatives(
         was_training = model.training
         model.eval()
         try:
-            sims = model.contrastive.scale() * model.encode_text(input_ids, attention_mask) @ model.encode_image_bottom_up(images).t()
+            sims = (
+                model.contrastive.scale()
+                * model.encode_text(input_ids, attention_mask)
+                @ model.encode_image_bottom_up(images).t()
+            )
         finally:
             model.train(was_training)
     else:
@@ -132,8 +125,10 @@ class RetrievalTask:
 
     def describe(self) -> str:
         captions = sum(len(im.captions) for im in self.train_images)
-        return (f"training on {len(self.train_images)} images ({captions} captions, one drawn per image and epoch), "
-                f"{len(self.val_images)} validation images")
+        return (
+            f"training on {len(self.train_images)} images ({captions} captions, one drawn per image and epoch), "
+            f"{len(self.val_images)} validation images"
+        )
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         return len(batch["indices"])
@@ -161,8 +156,14 @@ class RetrievalTask:
         if not self.val_images:
             return None
         t = self.config.train
-        result = evaluate_retrieval(model, self.val_images, accelerator, rerank_k=t.rerank_k,
-                                    batch_size=t.batch_size, num_workers=self.config.data.num_workers)
+        result = evaluate_retrieval(
+            model,
+            self.val_images,
+            accelerator,
+            rerank_k=t.rerank_k,
+            batch_size=t.batch_size,
+            num_workers=self.config.data.num_workers,
+        )
         best = result["reranked"]
         metrics = {f"val/{k}": v for k, v in best.items()}
         metrics.update({f"val/contrastive_{k}": v for k, v in result["contrastive"].items()})
@@ -176,30 +177,46 @@ class RetrievalTask:
         d = self.config.data
         metrics = {}
         if last:  # the re-ranked recalls (val/ir@1, ..., val/r_mean)
-            metrics = {f"{k[4:].upper()} (val)": round(v, 2) for k, v in last.metrics.items()
-                       if k.startswith(("val/ir@", "val/tr@")) or k == "val/r_mean"}
+            metrics = {
+                f"{k[4:].upper()} (val)": round(v, 2)
+                for k, v in last.metrics.items()
+                if k.startswith(("val/ir@", "val/tr@")) or k == "val/r_mean"
+            }
         data = "the generated Shapes world" if d.shapes else f"captions {d.captions}"
         model.config.trained_tasks = ["retrieval"]  # the VQA head was frozen while the rest changed: it no longer fits
-        model.save_pretrained(out_dir, model_card_kwargs={
-            "training_data": f"{data}, splits {', '.join(d.train_splits)} (image-text retrieval)", "metrics": metrics,
-            "task": RETRIEVAL_CARD_TASK,
-        })
+        model.save_pretrained(
+            out_dir,
+            model_card_kwargs={
+                "training_data": f"{data}, splits {', '.join(d.train_splits)} (image-text retrieval)",
+                "metrics": metrics,
+                "task": RETRIEVAL_CARD_TASK,
+            },
+        )
 
 
-def train_retrieval(config: RetrievalConfig) -> dict[str, Any]:
-    """Run a retrieval training job; returns the loop's summary (step, validation, export folder)."""
+def train_retrieval(config: RetrievalConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run a retrieval training job; returns the loop's summary (step, validation, export folder).
+    ``notify`` receives the run's messages (see ``run_training``)."""
     check_vision_start(config)
-    return run_training(config, RetrievalTask(config))
+    return run_training(config, RetrievalTask(config), notify)
 
 
 # --- evaluation ------------------------------------------------------------------------
 def _image_batches(
-    paths: Sequence[str], positions: Sequence[int], image_size: int, batch_size: int, num_workers: int, desc: str, show: bool
+    paths: Sequence[str],
+    positions: Sequence[int],
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    desc: str,
+    show: bool,
 ) -> Any:
     """``(positions read, pixels [B, 3, S, S] or None, [(position, reason)] unreadable)`` batches of
     the images at ``positions`` of ``paths``, decoded as they are needed (never all held at once)."""
     dataset = Subset(ImageFiles(list(paths), image_size), list(positions))
-    return tqdm(make_loader(dataset, collate_image_files, batch_size, num_workers), desc=desc, disable=not show, leave=False)
+    return tqdm(
+        make_loader(dataset, collate_image_files, batch_size, num_workers), desc=desc, disable=not show, leave=False
+    )
 
 
 def _gather(parts: list[Any], accelerator: Accelerator) -> list[Any]:
@@ -213,8 +230,15 @@ def _embed_images(
     """Bottom-up embeddings ``[I, C]`` of every readable image (split over processes), their
     positions in ``paths``, and ``(position, reason)`` of the unreadable ones."""
     kept, embeddings, bad = [], [], []
-    batches = _image_batches(paths, process_share(len(paths), accelerator), model.image_size, batch_size, num_workers,
-                             "embed images", accelerator.is_local_main_process)
+    batches = _image_batches(
+        paths,
+        process_share(len(paths), accelerator),
+        model.image_size,
+        batch_size,
+        num_workers,
+        "embed images",
+        accelerator.is_local_main_process,
+    )
     for positions, pixels, unreadable in batches:
         bad.extend(unreadable)
         if pixels is not None:
@@ -225,7 +249,9 @@ def _embed_images(
     kept = [p for part in parts for p in part[0]]
     if not kept:
         bad = [b for part in parts for b in part[2]]
-        raise ValueError(f"none of the {len(paths)} evaluation images could be read (first: {paths[bad[0][0]]}: {bad[0][1]})")
+        raise ValueError(
+            f"none of the {len(paths)} evaluation images could be read (first: {paths[bad[0][0]]}: {bad[0][1]})"
+        )
     return kept, torch.cat([part[1] for part in parts if part[1] is not None]), [b for part in parts for b in part[2]]
 
 
@@ -242,8 +268,15 @@ def _batched(fn, n: int, batch_size: int, accelerator: Accelerator, desc: str) -
 
 @torch.no_grad()
 def _pair_scores(
-    model: AbsVLModel, paths: Sequence[str], image_rows: np.ndarray, text_inputs: Any, text_rows: np.ndarray,
-    batch_size: int, num_workers: int, accelerator: Accelerator, desc: str,
+    model: AbsVLModel,
+    paths: Sequence[str],
+    image_rows: np.ndarray,
+    text_inputs: Any,
+    text_rows: np.ndarray,
+    batch_size: int,
+    num_workers: int,
+    accelerator: Accelerator,
+    desc: str,
 ) -> np.ndarray:
     """``model.rerank_score`` of the pairs (image ``paths[image_rows[i]]``, caption ``text_rows[i]``).
 
@@ -255,7 +288,9 @@ def _pair_scores(
     pairs_of = dict(zip(images.tolist(), np.split(by_image, first[1:])))
     mine = images[list(process_share(len(images), accelerator))]
     scored: list[tuple[np.ndarray, np.ndarray]] = []
-    batches = _image_batches(paths, mine, model.image_size, batch_size, num_workers, desc, accelerator.is_local_main_process)
+    batches = _image_batches(
+        paths, mine, model.image_size, batch_size, num_workers, desc, accelerator.is_local_main_process
+    )
     for positions, pixels, unreadable in batches:
         if unreadable:
             position, reason = unreadable[0]
@@ -266,8 +301,9 @@ def _pair_scores(
             first = model.first_pass(pixels.to(accelerator.device))  # once per image, shared by its pairs
             for start in range(0, len(pairs), batch_size):
                 chunk = slice(start, start + batch_size)
-                score = model.rerank_score(first.select(rows[chunk].to(accelerator.device)),
-                                           *text_inputs(text_rows[pairs[chunk]]))
+                score = model.rerank_score(
+                    first.select(rows[chunk].to(accelerator.device)), *text_inputs(text_rows[pairs[chunk]])
+                )
                 scored.append((pairs[chunk], score.float().cpu().numpy()))
     scores = np.empty(len(image_rows), dtype=np.float32)
     for pairs, values in _gather(scored, accelerator):
@@ -316,7 +352,9 @@ def evaluate_retrieval(
     begin = time.perf_counter()
     was_training = model.training
     model.eval()
-    kept, image_emb, unreadable = _embed_images(model, [str(im.path) for im in images], batch_size, num_workers, accelerator)
+    kept, image_emb, unreadable = _embed_images(
+        model, [str(im.path) for im in images], batch_size, num_workers, accelerator
+    )
     skipped = [(str(images[position].path), reason) for position, reason in unreadable]
     kept_images = [images[i] for i in kept]
     kept_paths = [str(im.path) for im in kept_images]
@@ -326,8 +364,9 @@ def evaluate_retrieval(
     for im in kept_images:
         image_captions.append(frozenset(range(start, start + len(im.captions))))
         start += len(im.captions)
-    encoded = model.tokenizer(captions, padding="longest", truncation=True, max_length=model.config.max_text_len,
-                              return_tensors="pt")
+    encoded = model.tokenizer(
+        captions, padding="longest", truncation=True, max_length=model.config.max_text_len, return_tensors="pt"
+    )
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     device = accelerator.device
 
@@ -336,14 +375,22 @@ def evaluate_retrieval(
         length = int(sub_mask.sum(1).max())
         return ids[rows][:, :length].to(device), sub_mask[:, :length].to(device)
 
-    text_emb = _batched(lambda s: model.encode_text(*text_inputs(s)).float().cpu(), len(captions), batch_size,
-                        accelerator, "embed captions")
+    text_emb = _batched(
+        lambda s: model.encode_text(*text_inputs(s)).float().cpu(),
+        len(captions),
+        batch_size,
+        accelerator,
+        "embed captions",
+    )
     text_emb = torch.stack(text_emb)
     depth = max(max(ks), rerank_k if rerank else 0)
     t2i, i2t = _ranked(text_emb, image_emb, depth), _ranked(image_emb, text_emb, depth)
     result: dict[str, Any] = {
         "contrastive": retrieval_recalls(t2i, caption_image, i2t, image_captions, ks),
-        "images": len(kept_images), "captions": len(captions), "rerank_k": rerank_k, "skipped": skipped,
+        "images": len(kept_images),
+        "captions": len(captions),
+        "rerank_k": rerank_k,
+        "skipped": skipped,
     }
     if rerank:
         reranked = {}
@@ -352,8 +399,17 @@ def evaluate_retrieval(
             queries = np.repeat(np.arange(order.shape[0]), k)
             candidates = order[:, :k].reshape(-1)
             image_rows, text_rows = (candidates, queries) if query_is_text else (queries, candidates)
-            scores = _pair_scores(model, kept_paths, image_rows, text_inputs, text_rows, batch_size, num_workers,
-                                  accelerator, f"re-rank {name.upper()}")
+            scores = _pair_scores(
+                model,
+                kept_paths,
+                image_rows,
+                text_inputs,
+                text_rows,
+                batch_size,
+                num_workers,
+                accelerator,
+                f"re-rank {name.upper()}",
+            )
             reranked[name] = _rerank(order, k, scores.reshape(order.shape[0], k))
         result["reranked"] = retrieval_recalls(reranked["ir"], caption_image, reranked["tr"], image_captions, ks)
     model.train(was_training)

@@ -1,14 +1,10 @@
-"""VQAv2 finetuning, evaluation and prediction with Hugging Face Accelerate.
-
-One process (``absvl train vqa``) or many (``accelerate launch -m absvl.cli train vqa`` /
-``torchrun --nproc_per_node N -m absvl.cli train vqa``), bf16/fp16, gradient accumulation,
-clipping, AdamW with warmup + linear decay over the model's parameter groups, periodic
-validation with the official VQA accuracy, atomic checkpoints and exact resume: the shared loop
-of ``absvl.training.loop`` running ``VQATask``.
+"""VQAv2 finetuning (``VQATask`` on the shared loop of ``absvl.training.loop``), evaluation with the
+official VQA accuracy, and prediction in the submission format.
 """
+
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,11 +16,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.answers import build_answer_vocab, load_answers
-from ..data.shapes import ShapesWorld
-from ..data.images import check_image_root, image_transform
-from ..data.vqa import (
-    SPLITS, VQACollator, VQADataset, VQAExample, VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split,
-)
+from ..data.image_files import check_image_root
+from ..data.shapes_world import ShapesWorld
+from ..data.vqa import SPLITS, VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split
+from ..data.vqa_dataset import VQACollator, VQADataset
+from ..data.vqa_examples import VQAExample
+from ..images import image_transform
+from ..io import write_json
 from ..metrics.vqa import evaluate_vqa, format_accuracy_table
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
@@ -47,9 +45,12 @@ def _load_split(config: RunConfig, split: str, require_annotations: bool) -> lis
     else:
         layout = VQAv2Layout(d.root, images_dir=d.images)
         examples = load_vqa_split(layout, split, require_annotations=require_annotations)
-    where = (f"data.images={d.images} should hold {SPLITS[canonical_split(split)].image_folder}/" if d.images else
-             "put the images in data.root's images/<folder>/ or point data.images at the folder holding "
-             "train2014/ val2014/ test2015/")
+    where = (
+        f"data.images={d.images} should hold {SPLITS[canonical_split(split)].image_folder}/"
+        if d.images
+        else "put the images in data.root's images/<folder>/ or point data.images at the folder holding "
+        "train2014/ val2014/ test2015/"
+    )
     check_image_root([ex.image_path for ex in examples if ex.image_data is None], where)
     return examples
 
@@ -63,7 +64,9 @@ def annotation_entry(example: VQAExample) -> dict[str, Any]:
         "question_type": example.question_type or "unknown",
         "answer_type": example.answer_type or "unknown",
         "multiple_choice_answer": example.multiple_choice_answer,
-        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(example.answers)],
+        "answers": [
+            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(example.answers)
+        ],
     }
 
 
@@ -93,7 +96,9 @@ def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData
     if answers is None:
         answers = build_answer_vocab([annotation_entry(ex) for ex in train], d.answers_min_count)
     if not answers:
-        raise ConfigError(f"no answer occurs {d.answers_min_count}+ times in {d.train_splits}: lower data.answers_min_count")
+        raise ConfigError(
+            f"no answer occurs {d.answers_min_count}+ times in {d.train_splits}: lower data.answers_min_count"
+        )
     return VQAData(answers=answers, train=train, val=val)
 
 
@@ -127,7 +132,9 @@ def predict_answers(
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             logits = model(batch["images"], batch["input_ids"], batch["attention_mask"]).vqa_logits
-        predictions.update((int(q), answers[int(a)]) for q, a in zip(batch["question_ids"].tolist(), logits.argmax(-1).tolist()))
+        predictions.update(
+            (int(q), answers[int(a)]) for q, a in zip(batch["question_ids"].tolist(), logits.argmax(-1).tolist())
+        )
     model.train(was_training)
     if accelerator.num_processes > 1:
         shares = gather_object([(predictions, skipped)])
@@ -168,7 +175,7 @@ class VQATask:
         answers = load_answers(answers_file) if checkpoint and answers_file.is_file() else None
         self.data = data = prepare_data(config, answers)
         if accelerator.is_main_process:
-            answers_file.write_text(json.dumps(data.answers) + "\n")
+            write_json(answers_file, data.answers, indent=None)
         model = build_model(config, data.answers)
         model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
         self.model = model
@@ -222,7 +229,9 @@ class VQATask:
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
         metrics = {"VQA accuracy (val)": last.metrics["val/accuracy"]} if last else {}
         model.config.trained_tasks = ["vqa"]  # the ITM head was frozen: retrieval re-ranking is not trained
-        model.save_pretrained(out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics})
+        model.save_pretrained(
+            out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics}
+        )
 
 
 def shapes_attention(model: AbsVLModel, root: str | Path, split: str, limit: int = 200) -> dict[str, float]:
@@ -233,10 +242,11 @@ def shapes_attention(model: AbsVLModel, root: str | Path, split: str, limit: int
     return attention_scores(model, ShapesWorld.load(root), SPLITS[canonical_split(split)].tag, limit)
 
 
-def train_vqa(config: RunConfig) -> dict[str, Any]:
-    """Run a finetuning job; returns a summary (final step, best/last validation, export folder)."""
+def train_vqa(config: RunConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run a finetuning job; returns a summary (final step, best/last validation, export folder).
+    ``notify`` receives the run's messages (see ``run_training``)."""
     check_vision_start(config)
-    return run_training(config, VQATask(config))
+    return run_training(config, VQATask(config), notify)
 
 
 def _describe_data(config: RunConfig) -> str:
@@ -261,21 +271,34 @@ def evaluate_model(
     model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64
 ) -> tuple[dict[str, Any], dict[int, str]]:
     """Official VQA accuracy of a saved model on an annotated split, and its predictions.
-    Questions whose image is unreadable are counted, reported and score 0."""
+    Questions whose image is unreadable are answered "" and score 0; the result's ``skipped`` counts them."""
     _, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=True)
-    if skipped:
-        print(f"{len(skipped)} questions skipped (unreadable images): they score 0")
     predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)  # returned too
     return {**score_predictions(predictions, examples), "skipped": len(skipped)}, predictions
+
+
+def predict_submission(
+    model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64
+) -> tuple[list[dict[str, Any]], int, str]:
+    """``predict_split``'s answers, the number of questions whose image was unreadable, and the
+    answer they got (the first, most frequent one)."""
+    model, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=False)
+    fallback = model.answers[0]
+    answers = [{"question_id": ex.question_id, "answer": predictions.get(ex.question_id, fallback)} for ex in examples]
+    return answers, len(skipped), fallback
 
 
 def predict_split(model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64) -> list[dict[str, Any]]:
     """Submission-format answers ``[{"question_id", "answer"}]`` for every question of ``split``;
     a question whose image is unreadable gets the first (most frequent) answer."""
-    model, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=False)
-    if skipped:
-        print(f"{len(skipped)} questions had unreadable images: answered {model.answers[0]!r}")
-    return [{"question_id": ex.question_id, "answer": predictions.get(ex.question_id, model.answers[0])} for ex in examples]
+    return predict_submission(model, config, split, batch_size)[0]
 
 
-__all__ = ["evaluate_model", "format_accuracy_table", "predict_split", "prepare_data", "train_vqa"]
+__all__ = [
+    "evaluate_model",
+    "format_accuracy_table",
+    "predict_split",
+    "predict_submission",
+    "prepare_data",
+    "train_vqa",
+]

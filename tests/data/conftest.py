@@ -1,4 +1,5 @@
 """Tiny VQAv2 datasets in the official layout, written to temp folders, and image-file helpers."""
+
 import json
 from pathlib import Path
 
@@ -69,8 +70,12 @@ def build_vqa(root, layout="images", splits=("train", "val", "test-dev", "test")
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tags = {"train": ("train2014", "train2014", TRAIN_IMAGES), "val": ("val2014", "val2014", VAL_IMAGES),
-            "test-dev": ("test-dev2015", "test2015", {21: "RGB"}), "test": ("test2015", "test2015", TEST_IMAGES)}
+    tags = {
+        "train": ("train2014", "train2014", TRAIN_IMAGES),
+        "val": ("val2014", "val2014", VAL_IMAGES),
+        "test-dev": ("test-dev2015", "test2015", {21: "RGB"}),
+        "test": ("test2015", "test2015", TEST_IMAGES),
+    }
     for split in splits:
         tag, folder, images = tags[split]
         image_dir = root / "images" / folder if layout == "images" else root / folder
@@ -83,17 +88,34 @@ def build_vqa(root, layout="images", splits=("train", "val", "test-dev", "test")
                 answers = _answers(qid)
                 if image_id == 4:
                     answers = [dict(a, answer="zebra") for a in answers]
-                annotations.append({
-                    "question_id": qid, "image_id": image_id, "question_type": "what is",
-                    "answer_type": "yes/no" if answers[0]["answer"] in ("yes", "no") else "other",
-                    "multiple_choice_answer": answers[0]["answer"], "answers": answers,
-                })
-        (root / f"v2_OpenEnded_mscoco_{tag}_questions.json").write_text(json.dumps(
-            {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": tag,
-             "license": {}, "questions": questions}))
+                annotations.append(
+                    {
+                        "question_id": qid,
+                        "image_id": image_id,
+                        "question_type": "what is",
+                        "answer_type": "yes/no" if answers[0]["answer"] in ("yes", "no") else "other",
+                        "multiple_choice_answer": answers[0]["answer"],
+                        "answers": answers,
+                    }
+                )
+        (root / f"v2_OpenEnded_mscoco_{tag}_questions.json").write_text(
+            json.dumps(
+                {
+                    "info": {},
+                    "task_type": "Open-Ended",
+                    "data_type": "mscoco",
+                    "data_subtype": tag,
+                    "license": {},
+                    "questions": questions,
+                }
+            )
+        )
         if split in ("train", "val"):
-            (root / f"v2_mscoco_{tag}_annotations.json").write_text(json.dumps(
-                {"info": {}, "data_type": "mscoco", "data_subtype": tag, "license": {}, "annotations": annotations}))
+            (root / f"v2_mscoco_{tag}_annotations.json").write_text(
+                json.dumps(
+                    {"info": {}, "data_type": "mscoco", "data_subtype": tag, "license": {}, "annotations": annotations}
+                )
+            )
     return root
 
 

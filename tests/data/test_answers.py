@@ -1,15 +1,17 @@
 """Answer normalisation, vocabulary, soft targets and vocabulary files."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from absvl.data import answer_processing
 from absvl.data import answers as answers_module
+from absvl.data.answer_processing import normalize_answer
 from absvl.data.answers import (
     build_answer_vocab,
     load_answers,
-    normalize_answer,
     save_answers,
     soft_score,
     soft_targets,
@@ -18,14 +20,14 @@ from absvl.metrics import vqa as vqa_metric
 
 
 def test_one_normalisation_shared_with_the_metric():
-    assert answers_module.normalize_answer is vqa_metric.normalize_answer
+    assert answers_module.normalize_answer is vqa_metric.normalize_answer is answer_processing.normalize_answer
     assert normalize_answer("Two dogs.") == "2 dogs"
 
 
 def test_normalisation_is_the_default_metric_revision():
-    # The vocabulary uses the prediction processing of vqa_metric.DEFAULT_REVISION ("07aecec"):
+    # The vocabulary uses the prediction processing of answer_processing.DEFAULT_REVISION ("07aecec"):
     # typographic contractions, the apostrophe and the colon are punctuation.
-    assert vqa_metric.DEFAULT_REVISION == "07aecec"
+    assert answer_processing.DEFAULT_REVISION == "07aecec"
     assert normalize_answer("dont") == "don\u2019t"
     assert normalize_answer("it's") == "it s"
     assert normalize_answer("10:30") == "10 30"
@@ -49,7 +51,7 @@ def test_vocab_order_and_min_count():
     assert build_answer_vocab(annotations, min_count=4) == ["2", "no", "yes"]
     assert build_answer_vocab(annotations, min_count=1) == ["2", "no", "yes", "red"]
     assert build_answer_vocab(annotations, min_count=5) == []
-    assert build_answer_vocab(annotations) == []          # default min_count = 9
+    assert build_answer_vocab(annotations) == []  # default min_count = 9
     assert build_answer_vocab(annotations * 3) == ["2", "no", "yes"]  # 12 each >= 9, red 3
     # official dict and chained iterables are accepted
     assert build_answer_vocab({"annotations": annotations}, min_count=4) == ["2", "no", "yes"]
@@ -85,7 +87,10 @@ def test_soft_targets():
     assert soft_targets(humans, vocab) == {0: 1.0, 1: 0.6, 2: 0.9}
     # official answer objects work too
     assert soft_targets([{"answer": a, "answer_id": i} for i, a in enumerate(humans)], vocab) == {
-        0: 1.0, 1: 0.6, 2: 0.9}
+        0: 1.0,
+        1: 0.6,
+        2: 0.9,
+    }
     # nothing in the vocabulary -> empty (the loader drops such questions)
     assert soft_targets(["maybe"] * 10, vocab) == {}
     with pytest.raises(ValueError, match=r"answers\[1\]"):
@@ -100,12 +105,15 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == vocab
 
 
-@pytest.mark.parametrize("content, message", [
-    ('["yes", "no"', "is not valid JSON"),
-    ('{"yes": 0}', "must hold a JSON array of strings, got dict"),
-    ('["yes", 2]', "entry 1 is not a string"),
-    ('["yes", "no", "yes"]', "duplicate answer 'yes' at entry 2"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('["yes", "no"', "is not valid JSON"),
+        ('{"yes": 0}', "must hold a JSON array of strings, got dict"),
+        ('["yes", 2]', "entry 1 is not a string"),
+        ('["yes", "no", "yes"]', "duplicate answer 'yes' at entry 2"),
+    ],
+)
 def test_load_answers_malformed(tmp_path, content, message):
     path = tmp_path / "vocab.json"
     path.write_text(content, encoding="utf-8")
@@ -115,7 +123,7 @@ def test_load_answers_malformed(tmp_path, content, message):
 
 
 def test_load_answers_missing_and_save_checks(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"answer vocabulary file not found: .*none\.json"):
+    with pytest.raises(FileNotFoundError, match=r"none\.json \(an answer vocabulary\) does not exist"):
         load_answers(tmp_path / "none.json")
     with pytest.raises(ValueError, match="duplicate answer 'a'"):
         save_answers(tmp_path / "x.json", ["a", "a"])

@@ -1,4 +1,5 @@
 """Karpathy caption files: parsing, image paths, errors naming the entry, the caption dataset."""
+
 import json
 
 import numpy as np
@@ -16,15 +17,22 @@ def write(path, images):
 
 
 def entry(i, split="test", filepath=None, captions=("a red circle.", "a circle.")):
-    e = {"filename": f"{i}.jpg", "imgid": i, "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+    e = {
+        "filename": f"{i}.jpg",
+        "imgid": i,
+        "split": split,
+        "sentences": [{"raw": c, "tokens": c.split()} for c in captions],
+    }
     if filepath:
         e["filepath"] = filepath
     return e
 
 
 def test_paths_splits_and_captions(tmp_path):
-    f = write(tmp_path / "dataset_coco.json", [entry(0, "train", "train2014"), entry(1, "restval", "val2014"),
-                                              entry(2, "test", "val2014"), entry(3, "val")])
+    f = write(
+        tmp_path / "dataset_coco.json",
+        [entry(0, "train", "train2014"), entry(1, "restval", "val2014"), entry(2, "test", "val2014"), entry(3, "val")],
+    )
     train = load_karpathy(f, ["train", "restval"], images_root="/coco")
     assert [(im.image_id, str(im.path)) for im in train] == [(0, "/coco/train2014/0.jpg"), (1, "/coco/val2014/1.jpg")]
     (val,) = load_karpathy(f, ["val"])
@@ -57,7 +65,7 @@ def test_malformed_entries_are_named(tmp_path, bad, message):
 
 
 def test_file_level_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="captions file not found"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.json \(a Karpathy captions file\) does not exist"):
         load_karpathy(tmp_path / "missing.json")
     (tmp_path / "cut.json").write_text('{"images": [')
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -79,13 +87,18 @@ def test_dataset_draws_captions_per_epoch_and_skips_bad_images(tmp_path):
     dataset = CaptionedImageDataset(images, lambda im: torch.zeros(3, 4, 4))
     drawn = {EpochOrder(dataset, seed=0, epoch=e, shuffle=False)[0]["caption"] for e in range(12)}
     assert drawn <= set(captions) and len(drawn) > 1  # other captions in other epochs
-    assert EpochOrder(dataset, 0, 3, shuffle=False)[0]["caption"] == EpochOrder(dataset, 0, 3, shuffle=False)[0]["caption"]
+    assert (
+        EpochOrder(dataset, 0, 3, shuffle=False)[0]["caption"] == EpochOrder(dataset, 0, 3, shuffle=False)[0]["caption"]
+    )
     bad = dataset[1]
     assert bad["index"] == 1 and "not a recognised image" in bad["error"]
 
     class Tokenizer:
         def __call__(self, texts, **kwargs):
-            return {"input_ids": torch.ones(len(texts), 3, dtype=torch.long), "attention_mask": torch.ones(len(texts), 3)}
+            return {
+                "input_ids": torch.ones(len(texts), 3, dtype=torch.long),
+                "attention_mask": torch.ones(len(texts), 3),
+            }
 
     batch = CaptionCollator(Tokenizer(), image_size=4)([dataset[0], bad])
     assert batch["images"].shape == (1, 3, 4, 4) and batch["indices"].tolist() == [0]
@@ -107,16 +120,27 @@ def bytes_repository(shapes_root, tmp_path):
     images = shapes_images(shapes_root)
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
-    features = datasets.Features({"picture": datasets.Image(), "sentences": [{"raw": datasets.Value("string")}],
-                                  "subset": datasets.Value("string"), "imgid": datasets.Value("string")})
-    datasets.Dataset.from_dict({
-        "picture": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
-        "sentences": [[{"raw": c} for c in im.captions] for im in images],
-        "subset": [{"val": "validation"}.get(im.split, im.split) for im in images],
-        "imgid": [str(im.image_id) for im in images],
-    }, features=features).to_parquet(repo / "data" / "all.parquet")
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
-                                    "    path: data/all.parquet\n---\n# Shapes captions\n")
+    features = datasets.Features(
+        {
+            "picture": datasets.Image(),
+            "sentences": [{"raw": datasets.Value("string")}],
+            "subset": datasets.Value("string"),
+            "imgid": datasets.Value("string"),
+        }
+    )
+    datasets.Dataset.from_dict(
+        {
+            "picture": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
+            "sentences": [[{"raw": c} for c in im.captions] for im in images],
+            "subset": [{"val": "validation"}.get(im.split, im.split) for im in images],
+            "imgid": [str(im.image_id) for im in images],
+        },
+        features=features,
+    ).to_parquet(repo / "data" / "all.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+        "    path: data/all.parquet\n---\n# Shapes captions\n"
+    )
     return repo
 
 
@@ -147,8 +171,11 @@ def test_hf_one_row_per_caption_with_image_files_and_dataset_splits(shapes_root,
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
-        rows = [{"image_id": im.image_id, "caption": c, "file": str(im.path.relative_to(shapes_root / "images"))}
-                for im in shapes_images(shapes_root, [split]) for c in im.captions]
+        rows = [
+            {"image_id": im.image_id, "caption": c, "file": str(im.path.relative_to(shapes_root / "images"))}
+            for im in shapes_images(shapes_root, [split])
+            for c in im.captions
+        ]
         (repo / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_captions_hf(repo, ["val", "test"], {"image": "file"}, images_root=shapes_root / "images")
     assert got == shapes_images(shapes_root, ["val", "test"])  # grouped by image, files used where they are
@@ -162,14 +189,25 @@ def test_hf_rows_without_an_id_are_grouped_by_image_and_rows_without_an_image_le
     Image.new("RGB", (8, 8), "red").save(red)
     Image.new("RGB", (8, 8), "blue").save(blue)
     dataset = datasets.Dataset.from_dict(
-        {"image": [{"bytes": red.read_bytes(), "path": None}, {"bytes": blue.read_bytes(), "path": None},
-                   {"bytes": red.read_bytes(), "path": None}, None, {"bytes": b"broken", "path": None}],
-         "text": ["a red square.", "a blue square.", "a square.", "nothing.", "a broken image."]},
-        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+        {
+            "image": [
+                {"bytes": red.read_bytes(), "path": None},
+                {"bytes": blue.read_bytes(), "path": None},
+                {"bytes": red.read_bytes(), "path": None},
+                None,
+                {"bytes": b"broken", "path": None},
+            ],
+            "text": ["a red square.", "a blue square.", "a square.", "nothing.", "a broken image."],
+        },
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
     with caplog.at_level("WARNING"):
         got = load_captions_hf(datasets.DatasetDict(test=dataset), cache_dir=tmp_path / "cache")
     assert [(g.image_id, g.captions, g.path.suffix) for g in got] == [
-        (0, ("a red square.", "a square."), ".png"), (1, ("a blue square.",), ".png"), (4, ("a broken image.",), ".img")]
+        (0, ("a red square.", "a square."), ".png"),
+        (1, ("a blue square.",), ".png"),
+        (4, ("a broken image.",), ".img"),
+    ]
     assert "1 image(s) left out, the dataset holds no image for them" in caplog.text
     item = CaptionedImageDataset(got, lambda im: torch.zeros(3, 4, 4))[2]  # unreadable: skipped while loading
     assert item["index"] == 2 and "not a recognised image" in item["error"]
@@ -183,12 +221,17 @@ def test_hf_column_mapping_and_row_errors_name_the_column(tmp_path):
         return load_captions_hf(datasets.Dataset.from_dict(table), ["test"], columns, cache_dir=tmp_path)
 
     assert [im.captions for im in load()] == [("a cat.",), ("a dog.",)]
-    with pytest.raises(ValueError, match=r"unknown field\(s\) 'caption' .*the fields are image, captions, split, image_id"):
+    with pytest.raises(
+        ValueError, match=r"unknown field\(s\) 'caption' .*the fields are image, captions, split, image_id"
+    ):
         load({"caption": "caption"})
     with pytest.raises(ValueError, match=r"'nope' \(for captions\) of the column mapping \(data.hf_columns\)"):
         load({"captions": "nope"})
-    with pytest.raises(ValueError, match=r"no column for captions \(looked for captions: captions, caption.*"
-                                         r"columns: image, split, words\): name it with data.hf_columns"):
+    with pytest.raises(
+        ValueError,
+        match=r"no column for captions \(looked for captions: captions, caption.*"
+        r"columns: image, split, words\): name it with data.hf_columns",
+    ):
         load_captions_hf(datasets.Dataset.from_dict({"image": ["a.jpg"], "split": ["test"], "words": ["a cat."]}))
     with pytest.raises(ValueError, match=r"row 1, column 'caption': needs a caption or a non-empty list"):
         load(caption=["a cat.", "  "])
@@ -196,8 +239,11 @@ def test_hf_column_mapping_and_row_errors_name_the_column(tmp_path):
         load(split=["dev2", "test"])
     with pytest.raises(ValueError, match=r"row 1, column 'imgid': must be an integer, got 'b'"):
         load(imgid=["1", "b"])
-    with pytest.raises(ValueError, match=r"has no image in split\(s\) test \(its splits: \(unnamed\);.*"
-                                         r"data.hf_columns"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no image in split\(s\) test \(its splits: \(unnamed\);.*"
+        r"data.hf_columns",
+    ):
         load_captions_hf(datasets.Dataset.from_dict({"image": ["a.jpg"], "caption": ["a cat."]}), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown caption format 'csv'"):
         load_captions("captions.csv", format="csv")
@@ -206,6 +252,8 @@ def test_hf_column_mapping_and_row_errors_name_the_column(tmp_path):
 
 
 def test_hf_hub_id_not_cached_offline_is_a_clear_error(offline):
-    with pytest.raises(FileNotFoundError, match="'absvl-test/not-cached' is neither a local path nor in the datasets "
-                                                "cache, and offline mode is on"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="'absvl-test/not-cached' is neither a local path nor in the datasets cache, and offline mode is on",
+    ):
         load_captions_hf("absvl-test/not-cached")

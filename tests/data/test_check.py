@@ -1,12 +1,19 @@
 """``absvl data check``: the report on clean and broken datasets, and the exit code."""
+
 import json
 from pathlib import Path
 
-from absvl.data.check import check_vqa, main_check
+from absvl.cli import main
+from absvl.data.check import check_vqa
 
 ANSWERS = ["yes", "no", "red", "blue", "2", "circle"]
 QFILE = "v2_OpenEnded_mscoco_train2014_questions.json"
 AFILE = "v2_mscoco_train2014_annotations.json"
+
+
+def data_check(*args):
+    """``absvl data check ARGS``: its exit code (the report is printed)."""
+    return main(["data", "check", *map(str, args)])
 
 
 def _edit(path, fn):
@@ -19,8 +26,9 @@ def test_clean_dataset_ok(vqa_root, capsys):
     report = check_vqa(vqa_root, answers=ANSWERS, progress=False)
     assert report.ok, report.format()
     assert list(report.counts) == ["train", "val", "test-dev", "test"]
-    assert report.counts["train"] == dict(questions=8, annotations=8, examples=8, images=4, checked=4, missing=0,
-                                          unreadable=0, unanswerable=2)
+    assert report.counts["train"] == dict(
+        questions=8, annotations=8, examples=8, images=4, checked=4, missing=0, unreadable=0, unanswerable=2
+    )
     assert report.counts["test"]["annotations"] is None and report.counts["test"]["images"] == 2
     # 2 questions of image 4 answered "zebra" only (20 answers); the 6 others have one "Zebra!" each
     (vocab_warning,) = [w for w in report.warnings if w.startswith("train:")]
@@ -28,7 +36,7 @@ def test_clean_dataset_ok(vqa_root, capsys):
     assert "question_id 40, 41" in vocab_warning
     text = report.format()
     assert "result: OK" in text and "train" in text
-    assert main_check(vqa_root, None, None) == 0
+    assert data_check(vqa_root) == 0
     out = capsys.readouterr().out
     assert "result: OK" in out and "answers outside the vocabulary not checked" in out
 
@@ -58,12 +66,19 @@ def test_every_kind_of_problem(vqa_root, truncate, capsys):
     expected = [
         "field 'question': empty question",
         "questions[8]: duplicate question_id 11",
-        "question(s) of", "have no annotation", "question_id 41",
-        "annotation(s) of", "have no question", "question_id 99",
+        "question(s) of",
+        "have no annotation",
+        "question_id 41",
+        "annotation(s) of",
+        "have no question",
+        "question_id 99",
         "question_id 40: image_id 4 vs 1",
-        "1 of 3 images are missing", "COCO_train2014_000000000003.jpg",
-        "1 of 3 images cannot be read", "COCO_train2014_000000000002.jpg: cannot be decoded",
-        "val: ", "v2_mscoco_val2014_annotations.json: not valid JSON",
+        "1 of 3 images are missing",
+        "COCO_train2014_000000000003.jpg",
+        "1 of 3 images cannot be read",
+        "COCO_train2014_000000000002.jpg: cannot be decoded",
+        "val: ",
+        "v2_mscoco_val2014_annotations.json (a VQAv2 annotations file) is not valid JSON",
     ]
     for text in expected:
         assert text in errors, (text, errors)
@@ -72,7 +87,7 @@ def test_every_kind_of_problem(vqa_root, truncate, capsys):
     assert "answer_type outside yes/no, number, other (seen: 'color')" in warnings
     assert report.counts["train"]["examples"] == 5  # 10, 40, 41 and the duplicate of 11 left out
     assert "val" in report.counts and report.counts["val"]["examples"] is None
-    assert main_check(vqa_root, "train,val", None) == 1
+    assert data_check(vqa_root, "--splits", "train", "val") == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "COCO_train2014_000000000003.jpg" in out
 
@@ -90,17 +105,17 @@ def test_answers_file_and_missing_things(vqa_root, tmp_path, capsys):
     from absvl.data.answers import save_answers
 
     save_answers(tmp_path / "answers.json", ANSWERS)
-    assert main_check(vqa_root, ["train"], tmp_path / "answers.json") == 0
+    assert data_check(vqa_root, "--splits", "train", "--answers", tmp_path / "answers.json") == 0
     assert "unanswerable" in capsys.readouterr().out
     report = check_vqa(vqa_root, answers=tmp_path / "nope.json", progress=False)
     assert not report.ok and "nope.json" in report.errors[0]
-    assert main_check(tmp_path / "absent", None, None) == 1
+    assert data_check(tmp_path / "absent") == 1
     assert "does not exist" in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
     report = check_vqa(empty, progress=False)
     assert not report.ok and "no VQAv2 questions file" in report.errors[0]
-    assert main_check(vqa_root, ["minival"], None) == 2
+    assert data_check(vqa_root, "--splits", "minival") == 2
     assert "unknown VQAv2 split 'minival'" in capsys.readouterr().err
     (vqa_root / AFILE).unlink()
     report = check_vqa(vqa_root, splits=["train"], progress=False)
@@ -124,10 +139,16 @@ def test_hugging_face_dataset(vqa_root, tmp_path):
     images = [Image.open(e.image_path) for e in examples]
     images_bytes = [Path(e.image_path).read_bytes() for e in examples]
     images_bytes[5] = b"broken"
-    ds = datasets.Dataset.from_dict({
-        "question_id": [e.question_id for e in examples], "image_id": [e.image_id for e in examples],
-        "question": [e.question for e in examples], "answers": [e.answers for e in examples],
-        "answer_type": [e.answer_type for e in examples], "image": images})
+    ds = datasets.Dataset.from_dict(
+        {
+            "question_id": [e.question_id for e in examples],
+            "image_id": [e.image_id for e in examples],
+            "question": [e.question for e in examples],
+            "answers": [e.answers for e in examples],
+            "answer_type": [e.answer_type for e in examples],
+            "image": images,
+        }
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
     report = check_vqa(tmp_path / "hf", answers=ANSWERS, progress=False)
     assert report.ok, report.format()

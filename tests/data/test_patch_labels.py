@@ -1,4 +1,5 @@
 """Patch-labelled data: targets per patch, the dataset's errors and flips, the Shapes world's export."""
+
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 from absvl.data.imagefolder import ClassifyCollator, ImageFolderError
 from absvl.data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, patch_targets, read_classes
-from absvl.data.shapes import patch_label_classes
+from absvl.data.shapes_world import patch_label_classes
 
 
 def test_patch_targets_follow_the_object_share_rule():
@@ -79,7 +80,7 @@ def test_layout_errors_name_the_folder(tmp_path):
 
 
 def test_shapes_world_writes_patch_labels_of_its_objects(shapes_root):
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
 
     root = shapes_root / "patch_labels"
     classes = read_classes(root)

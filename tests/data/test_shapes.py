@@ -1,4 +1,5 @@
 """The Shapes world: determinism, masks, correct answers, official formats, captions, caching, atomicity."""
+
 import json
 import re
 from collections import Counter
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from absvl.data import shapes
-from absvl.data.shapes import COLORS, SHAPES, SIZES, ShapesWorld, ensure_shapes, generate_shapes, target_mask
+from absvl.data import shapes, shapes_scene
+from absvl.data.shapes import ensure_shapes, generate_shapes
+from absvl.data.shapes_scene import COLORS, SHAPES, SIZES
+from absvl.data.shapes_world import ShapesWorld, target_mask
 
 N = 30
 SPLITS = {"train2014": "train2014", "val2014": "val2014", "test-dev2015": "test2015"}  # split → image folder
@@ -87,7 +90,7 @@ def test_masks_match_the_recorded_objects_and_the_image(world):
             assert obj["color"] in COLORS and obj["shape"] in SHAPES and obj["size"] in SIZES
             mask = labels == k + 1
             assert mask.sum() == obj["area"] > 0
-            assert obj["area"] >= shapes.MIN_VISIBLE * obj["full_area"]
+            assert obj["area"] >= shapes_scene.MIN_VISIBLE * obj["full_area"]
             x0, y0, x1, y1 = obj["bbox"]
             ys, xs = np.nonzero(mask)
             assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
@@ -138,8 +141,11 @@ def _parse_desc(text: str, plural: bool = False):
 
 def _matching(objects, desc):
     size, color, shape = desc
-    return [o["index"] for o in objects
-            if (size in (None, o["size"])) and (color in (None, o["color"])) and (shape in (None, o["shape"]))]
+    return [
+        o["index"]
+        for o in objects
+        if (size in (None, o["size"])) and (color in (None, o["color"])) and (shape in (None, o["shape"]))
+    ]
 
 
 def _rel(a, b, rel, margin):
@@ -318,7 +324,11 @@ def test_ensure_reuses_a_complete_world_and_regenerates_on_changes(tmp_path):
 
     again = ensure_shapes(out, **kw)
     assert again == first
-    assert (again.meta_path.stat().st_mtime_ns, probe.stat().st_mtime_ns, again.scenes_path.stat().st_mtime_ns) == stamps
+    assert (
+        again.meta_path.stat().st_mtime_ns,
+        probe.stat().st_mtime_ns,
+        again.scenes_path.stat().st_mtime_ns,
+    ) == stamps
 
     changed = ensure_shapes(out, **{**kw, "seed": 3})
     assert changed.seed == 3 and _load(changed.meta_path)["args"]["seed"] == 3
@@ -329,12 +339,12 @@ def test_ensure_reuses_a_complete_world_and_regenerates_on_changes(tmp_path):
     repaired = ensure_shapes(out, **{**kw, "seed": 3})
     assert victim.exists()
     assert _load(repaired.meta_path) == _load(changed.meta_path)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".w.tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-w-", ".old-w"))] == []
 
 
 def test_interrupted_generation_leaves_no_world(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = shapes._captions
+    real = shapes.captions
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -343,18 +353,18 @@ def test_interrupted_generation_leaves_no_world(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     out = tmp_path / "w"
-    monkeypatch.setattr(shapes, "_captions", failing)
+    monkeypatch.setattr(shapes, "captions", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_shapes(out, num_images=12, text_encoder=False)
     assert not out.exists() and not (out / "shapes_meta.json").exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
     # an existing world survives a failed regeneration untouched
-    monkeypatch.setattr(shapes, "_captions", real)
+    monkeypatch.setattr(shapes, "captions", real)
     world = ensure_shapes(out, num_images=12, text_encoder=False)
     before = _files(out)
     calls["n"] = 0
-    monkeypatch.setattr(shapes, "_captions", failing)
+    monkeypatch.setattr(shapes, "captions", failing)
     with pytest.raises(RuntimeError):
         ensure_shapes(out, num_images=12, seed=5, text_encoder=False)
     assert _files(out) == before and world.seed == 0
@@ -368,10 +378,25 @@ def test_refuses_to_replace_a_foreign_folder_and_validates_splits(tmp_path):
         ensure_shapes(foreign, num_images=4, text_encoder=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
-    world = generate_shapes(tmp_path / "counts", num_images=None, splits=(("train2014", 4), ("val2014", 2)),
-                            text_encoder=False, questions_per_image=3)
+    world = generate_shapes(
+        tmp_path / "counts",
+        num_images=None,
+        splits=(("train2014", 4), ("val2014", 2)),
+        text_encoder=False,
+        questions_per_image=3,
+    )
     assert world.splits == {"train2014": 4, "val2014": 2} and world.num_questions == {"train2014": 12, "val2014": 6}
     with pytest.raises(ValueError):
         generate_shapes(tmp_path / "bad", num_images=10, splits=(("train2014", 0.5), ("val2014", 0.4)))
     with pytest.raises(ValueError):
         generate_shapes(tmp_path / "bad", num_images=10, splits=(("minival", 1.0),))
+
+
+def test_stale_staging_folders_are_cleared(tmp_path):
+    # left by a run killed mid-generation (io.atomic_folder's ``.tmp-NAME-*``; ``.NAME.tmp-*`` of absvl <= 0.2)
+    stale = [tmp_path / ".tmp-w-abc123", tmp_path / ".w.tmp-xyz"]
+    for folder in stale:
+        (folder / "images").mkdir(parents=True)
+    world = generate_shapes(tmp_path / "w", num_images=4, text_encoder=False, questions_per_image=2)
+    assert ShapesWorld.exists(world.root) and not any(folder.exists() for folder in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock", "w"]

@@ -1,4 +1,5 @@
 """VQAv2 loading (official layout and Hugging Face datasets), hold-out, torch dataset and collator."""
+
 import json
 import shutil
 from pathlib import Path
@@ -6,18 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from absvl.data.images import BadImageError, image_transform
-from absvl.data.vqa import (
-    VQACollator,
-    VQADataset,
-    VQAExample,
-    VQAFormatError,
-    VQAv2Layout,
-    canonical_split,
-    holdout_split,
-    load_vqa_hf,
-    load_vqa_split,
-)
+from absvl.data.problems import VQAFormatError
+from absvl.data.vqa import VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split
+from absvl.data.vqa_dataset import VQACollator, VQADataset
+from absvl.data.vqa_examples import VQAExample
+from absvl.images import BadImageError, image_transform
 
 ANSWERS = ["yes", "no", "red", "blue", "2", "circle"]
 A2I = {a: i for i, a in enumerate(ANSWERS)}
@@ -65,8 +59,12 @@ def test_layout_subfolders_and_explicit_dirs(vqa_root, tmp_path):
     shutil.move(str(vqa_root / AFILE), moved / "annotations" / AFILE)
     shutil.move(str(vqa_root / "images"), moved / "coco")
     assert len(load_vqa_split(VQAv2Layout(moved, images_dir=moved / "coco"), "train")) == 8
-    explicit = VQAv2Layout(tmp_path / "nowhere", questions_dir=moved / "questions",
-                           annotations_dir=moved / "annotations", images_dir=moved / "coco" / "train2014")
+    explicit = VQAv2Layout(
+        tmp_path / "nowhere",
+        questions_dir=moved / "questions",
+        annotations_dir=moved / "annotations",
+        images_dir=moved / "coco" / "train2014",
+    )
     examples = load_vqa_split(explicit, "train")
     assert all(Path(ex.image_path).is_file() for ex in examples)  # images_dir itself holds the files
 
@@ -117,37 +115,74 @@ BAD_INPUTS = {
     "top-level list": (QFILE, lambda d: d.clear() or d.update(questions=5), ["'questions' must be a list"]),
     "no questions key": (QFILE, lambda d: _drop_key(d, "questions"), ["missing top-level key 'questions'", "'info'"]),
     "no annotations key": (AFILE, lambda d: _drop_key(d, "annotations"), ["missing top-level key 'annotations'"]),
-    "question missing field": (QFILE, lambda d: _drop_key(d["questions"][1], "question"),
-                               ["questions[1] (question_id 11)", "missing field(s) 'question'"]),
-    "annotation missing answers": (AFILE, lambda d: _drop_key(d["annotations"][2], "answers"),
-                                   ["annotations[2] (question_id 20)", "'answers'"]),
-    "question entry not object": (QFILE, lambda d: d["questions"].__setitem__(0, [1, 2]),
-                                  ["questions[0] must be an object"]),
-    "string question id": (QFILE, lambda d: d["questions"][0].update(question_id="10"),
-                           ["questions[0], field 'question_id': must be an integer, got '10'"]),
-    "float image id": (AFILE, lambda d: d["annotations"][3].update(image_id=2.0),
-                       ["annotations[3], field 'image_id': must be an integer, got 2.0"]),
+    "question missing field": (
+        QFILE,
+        lambda d: _drop_key(d["questions"][1], "question"),
+        ["questions[1] (question_id 11)", "missing field(s) 'question'"],
+    ),
+    "annotation missing answers": (
+        AFILE,
+        lambda d: _drop_key(d["annotations"][2], "answers"),
+        ["annotations[2] (question_id 20)", "'answers'"],
+    ),
+    "question entry not object": (
+        QFILE,
+        lambda d: d["questions"].__setitem__(0, [1, 2]),
+        ["questions[0] must be an object"],
+    ),
+    "string question id": (
+        QFILE,
+        lambda d: d["questions"][0].update(question_id="10"),
+        ["questions[0], field 'question_id': must be an integer, got '10'"],
+    ),
+    "float image id": (
+        AFILE,
+        lambda d: d["annotations"][3].update(image_id=2.0),
+        ["annotations[3], field 'image_id': must be an integer, got 2.0"],
+    ),
     "bool id": (QFILE, lambda d: d["questions"][0].update(image_id=True), ["field 'image_id'"]),
-    "empty question": (QFILE, lambda d: d["questions"][4].update(question="   "),
-                       ["questions[4] (question_id 30), field 'question': empty question"]),
-    "question not a string": (QFILE, lambda d: d["questions"][4].update(question=None),
-                              ["field 'question': must be a string"]),
-    "duplicate question id": (QFILE, lambda d: d["questions"].append(dict(d["questions"][0])),
-                              ["questions[8]: duplicate question_id 10"]),
-    "duplicate annotation id": (AFILE, lambda d: d["annotations"].append(dict(d["annotations"][5])),
-                                ["annotations[8]: duplicate question_id 31"]),
-    "answers empty": (AFILE, lambda d: d["annotations"][0].update(answers=[]),
-                      ["(question_id 10), field 'answers'", "non-empty list"]),
-    "answers without answer": (AFILE, lambda d: d["annotations"][0].update(answers=[{"x": 1}]),
-                               ["field 'answers'"]),
-    "answer_type not a string": (AFILE, lambda d: d["annotations"][0].update(answer_type=3),
-                                 ["field 'answer_type'"]),
-    "question without annotation": (AFILE, lambda d: d["annotations"].pop(3),
-                                    ["1 question(s)", "have no annotation", "question_id 21", AFILE]),
-    "annotation without question": (QFILE, lambda d: d["questions"].pop(0),
-                                    ["1 annotation(s)", "have no question", "question_id 10", QFILE]),
-    "image id mismatch": (AFILE, lambda d: d["annotations"][1].update(image_id=3),
-                          ["different image_id", "question_id 11: image_id 1 vs 3", QFILE, AFILE]),
+    "empty question": (
+        QFILE,
+        lambda d: d["questions"][4].update(question="   "),
+        ["questions[4] (question_id 30), field 'question': empty question"],
+    ),
+    "question not a string": (
+        QFILE,
+        lambda d: d["questions"][4].update(question=None),
+        ["field 'question': must be a string"],
+    ),
+    "duplicate question id": (
+        QFILE,
+        lambda d: d["questions"].append(dict(d["questions"][0])),
+        ["questions[8]: duplicate question_id 10"],
+    ),
+    "duplicate annotation id": (
+        AFILE,
+        lambda d: d["annotations"].append(dict(d["annotations"][5])),
+        ["annotations[8]: duplicate question_id 31"],
+    ),
+    "answers empty": (
+        AFILE,
+        lambda d: d["annotations"][0].update(answers=[]),
+        ["(question_id 10), field 'answers'", "non-empty list"],
+    ),
+    "answers without answer": (AFILE, lambda d: d["annotations"][0].update(answers=[{"x": 1}]), ["field 'answers'"]),
+    "answer_type not a string": (AFILE, lambda d: d["annotations"][0].update(answer_type=3), ["field 'answer_type'"]),
+    "question without annotation": (
+        AFILE,
+        lambda d: d["annotations"].pop(3),
+        ["1 question(s)", "have no annotation", "question_id 21", AFILE],
+    ),
+    "annotation without question": (
+        QFILE,
+        lambda d: d["questions"].pop(0),
+        ["1 annotation(s)", "have no question", "question_id 10", QFILE],
+    ),
+    "image id mismatch": (
+        AFILE,
+        lambda d: d["annotations"][1].update(image_id=3),
+        ["different image_id", "question_id 11: image_id 1 vs 3", QFILE, AFILE],
+    ),
 }
 
 
@@ -201,8 +236,9 @@ def _hf_dataset(root, images=True):
 
 
 def _same(got, expected):
-    assert [(e.question_id, e.image_id, e.question, e.answers, e.answer_type) for e in got] == \
-           [(e.question_id, e.image_id, e.question, e.answers, e.answer_type) for e in expected]
+    assert [(e.question_id, e.image_id, e.question, e.answers, e.answer_type) for e in got] == [
+        (e.question_id, e.image_id, e.question, e.answers, e.answer_type) for e in expected
+    ]
 
 
 def test_hf_save_to_disk_roundtrip(vqa_root, tmp_path):
@@ -257,8 +293,9 @@ def test_hf_bad_inputs(vqa_root):
 def test_hf_bad_image_bytes(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_dict({"question_id": [1], "image_id": [5], "question": ["q?"],
-                                     "answers": [["yes"] * 10], "image": [b"not an image"]})
+    ds = datasets.Dataset.from_dict(
+        {"question_id": [1], "image_id": [5], "question": ["q?"], "answers": [["yes"] * 10], "image": [b"not an image"]}
+    )
     (ex,) = load_vqa_hf(ds, "train")
     with pytest.raises(BadImageError, match="row 0 \\(question_id 1\\)"):
         ex.open_image()
@@ -269,8 +306,11 @@ def test_hf_bad_image_bytes(tmp_path):
 
 
 def _examples(n_images=50, per_image=3):
-    return [VQAExample(question_id=i * 10 + k, image_id=i, question="q?", image_path=f"{i}.jpg", answers=["yes"] * 10)
-            for i in range(n_images) for k in range(per_image)]
+    return [
+        VQAExample(question_id=i * 10 + k, image_id=i, question="q?", image_path=f"{i}.jpg", answers=["yes"] * 10)
+        for i in range(n_images)
+        for k in range(per_image)
+    ]
 
 
 def test_holdout_deterministic_and_disjoint():
@@ -312,8 +352,9 @@ def test_bad_image_skipped_with_its_id(vqa_root, truncate, tokenizer):
     ds = VQADataset(train, A2I, image_transform(16, train=False))
     bad = ds[2]
     assert bad["question_id"] == 20 and bad["image_path"] == train[2].image_path and "decoded" in bad["error"]
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False,
-                                         collate_fn=VQACollator(tokenizer, len(ANSWERS), 40, image_size=16))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, shuffle=False, collate_fn=VQACollator(tokenizer, len(ANSWERS), 40, image_size=16)
+    )
     batches = list(loader)  # never raises
     assert [b["question_ids"].tolist() for b in batches] == [[10, 11], []]
     skipped = [s for b in batches for s in b["skipped"]]
@@ -350,12 +391,24 @@ def test_batch_feeds_the_model(vqa_root, tokenizer, tmp_path):
 
     text_dir = build_tiny_text_encoder(tmp_path / "text", kind="roberta")
     torch.manual_seed(0)
-    model = AbsVLModel(AbsVLConfig(backbone="absvit_test_patch8", text_encoder=str(text_dir), fusion_hidden_size=32,
-                                   fusion_layers=1, fusion_heads=2), answers=ANSWERS)
+    model = AbsVLModel(
+        AbsVLConfig(
+            backbone="absvit_test_patch8",
+            text_encoder=str(text_dir),
+            fusion_hidden_size=32,
+            fusion_layers=1,
+            fusion_heads=2,
+        ),
+        answers=ANSWERS,
+    )
     ds = VQADataset(load_vqa_split(vqa_root, "train"), model.answers, image_transform(model.image_size, train=True))
     batch = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)([ds[i] for i in range(2)])
-    out = model(images=batch["images"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                vqa_targets=batch["vqa_targets"])
+    out = model(
+        images=batch["images"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        vqa_targets=batch["vqa_targets"],
+    )
     assert torch.isfinite(out.losses["vqa"])
 
 
@@ -366,13 +419,22 @@ def _repository(root, tmp_path):
     (repo / "data").mkdir(parents=True)
     images = Path(root) / "images"
     for split, name in (("train", "train"), ("val", "validation")):
-        rows = [{"qid": e.question_id, "image_id": e.image_id, "text": e.question, "answers": e.answers,
-                 "answer_type": e.answer_type, "file": str(Path(e.image_path).relative_to(images))}
-                for e in load_vqa_split(root, split)]
+        rows = [
+            {
+                "qid": e.question_id,
+                "image_id": e.image_id,
+                "text": e.question,
+                "answers": e.answers,
+                "answer_type": e.answer_type,
+                "file": str(Path(e.image_path).relative_to(images)),
+            }
+            for e in load_vqa_split(root, split)
+        ]
         (repo / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (repo / "README.md").write_text(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train.jsonl\n"
-        "  - split: validation\n    path: data/validation.jsonl\n---\n# a tiny VQA dataset\n")
+        "  - split: validation\n    path: data/validation.jsonl\n---\n# a tiny VQA dataset\n"
+    )
     return repo, images
 
 
@@ -386,7 +448,9 @@ def test_hf_dataset_repository_with_a_column_mapping_loads_offline(vqa_root, tmp
     _same(got, expected)
     assert [g.image_path for g in got] == [e.image_path for e in expected]  # relative paths found under images_root
     assert np.array_equal(np.asarray(got[0].open_image()), np.asarray(expected[0].open_image()))
-    assert len(load_vqa_hf(repo, "validation", columns=columns, images_root=images)) == len(load_vqa_split(vqa_root, "val"))
+    assert len(load_vqa_hf(repo, "validation", columns=columns, images_root=images)) == len(
+        load_vqa_split(vqa_root, "val")
+    )
     assert any(offline.iterdir())  # read through datasets.load_dataset, which cached it
 
     with pytest.raises(VQAFormatError, match="missing column\\(s\\) 'question_id', 'question'.*data.hf_columns"):
@@ -398,6 +462,9 @@ def test_hf_dataset_repository_with_a_column_mapping_loads_offline(vqa_root, tmp
 
 
 def test_hf_hub_id_not_cached_offline_is_a_clear_error(offline):
-    with pytest.raises(FileNotFoundError, match="'absvl-test/not-cached' is neither a local path nor in the datasets "
-                                                "cache, and offline mode is on \\(HF_HUB_OFFLINE"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="'absvl-test/not-cached' is neither a local path nor in the datasets "
+        "cache, and offline mode is on \\(HF_HUB_OFFLINE",
+    ):
         load_vqa_hf("absvl-test/not-cached", "train")

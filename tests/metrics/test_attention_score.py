@@ -116,14 +116,20 @@ def tiny_model(shapes_root):
 
     torch.manual_seed(0)
     config = AbsVLConfig(
-        backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32}, text_encoder=str(shapes_root / "text_encoder"),
-        max_text_len=16, fusion_hidden_size=32, fusion_layers=1, fusion_heads=2, fusion_dropout=0.0,
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        max_text_len=16,
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+        fusion_dropout=0.0,
     )
     return AbsVLModel(config, answers=["yes", "no"]).eval()
 
 
 def test_batching_gives_the_per_item_ratios(tiny_model, shapes_root):
-    from absvl.data.shapes import ShapesWorld, target_mask
+    from absvl.data.shapes_world import ShapesWorld, target_mask
 
     world = ShapesWorld.load(shapes_root)
     split = "test-dev2015"
@@ -138,7 +144,9 @@ def test_batching_gives_the_per_item_ratios(tiny_model, shapes_root):
     q = questions[0]
     from PIL import Image
 
-    inputs = tiny_model.processor(images=[Image.open(world.image_path(split, q["image_id"])).convert("RGB")], text=[q["question"]])
+    inputs = tiny_model.processor(
+        images=[Image.open(world.image_path(split, q["image_id"])).convert("RGB")], text=[q["question"]]
+    )
     maps = tiny_model.attention_maps(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
     expected = target_attention_ratio(maps["top_down"][0].detach().numpy(), target_mask(world, q))
     assert single["top_down"][0] == pytest.approx(expected, rel=1e-5)
@@ -156,7 +164,7 @@ def test_batching_gives_the_per_item_ratios(tiny_model, shapes_root):
 
 
 def test_scores_per_question_type_are_the_means_over_each_type(tiny_model, shapes_root):
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
 
     world = ShapesWorld.load(shapes_root)
     split = "test-dev2015"
@@ -177,7 +185,7 @@ def test_scores_per_question_type_are_the_means_over_each_type(tiny_model, shape
 
 
 def test_questions_without_target_are_nan_and_excluded(tiny_model, shapes_root):
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
 
     world = ShapesWorld.load(shapes_root)
     split = "test-dev2015"
@@ -190,7 +198,7 @@ def test_questions_without_target_are_nan_and_excluded(tiny_model, shapes_root):
 
 
 def test_training_mode_is_restored(tiny_model, shapes_root):
-    from absvl.data.shapes import ShapesWorld
+    from absvl.data.shapes_world import ShapesWorld
 
     world = ShapesWorld.load(shapes_root)
     tiny_model.train()

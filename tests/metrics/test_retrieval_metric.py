@@ -1,4 +1,5 @@
 """IR@k / TR@k on hand-made rankings."""
+
 import pytest
 
 from absvl.metrics.retrieval import format_recall_table, recall_at_k, retrieval_recalls

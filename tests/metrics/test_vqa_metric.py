@@ -5,6 +5,7 @@ PythonEvaluationTools/vqaEvaluation/vqaEval.py) at the revision each test names:
 "07aecec" (commit 07aecec5a25d..., the specification's) or "master" (the current one); tests
 of behaviour the two share run under both. The arithmetic is in the comments.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import json
 
 import pytest
 
-from absvl.metrics.vqa import (
+from absvl.data.answer_processing import (
     CONTRACTIONS,
     CONTRACTIONS_07AECEC,
     CONTRACTIONS_MASTER,
@@ -21,14 +22,15 @@ from absvl.metrics.vqa import (
     PUNCTUATION_07AECEC,
     PUNCTUATION_MASTER,
     REVISIONS,
-    evaluate_vqa,
-    evaluate_vqa_files,
-    format_accuracy_table,
-    load_json,
-    majority_answer_baseline,
     normalize_answer,
     process_digit_article,
     process_punctuation,
+)
+from absvl.metrics.vqa import (
+    evaluate_vqa,
+    evaluate_vqa_files,
+    format_accuracy_table,
+    majority_answer_baseline,
     question_accuracy,
 )
 
@@ -43,19 +45,25 @@ def make_vqa(specs, split="val2014"):
     for qid, qtype, atype, answers in specs:
         image_id = qid // 1000
         questions.append({"image_id": image_id, "question": f"{qtype} ... ?", "question_id": qid})
-        annotations.append({
-            "question_id": qid,
-            "image_id": image_id,
-            "question_type": qtype,
-            "answer_type": atype,
-            "multiple_choice_answer": max(set(answers), key=answers.count),
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                        for i, a in enumerate(answers)],
-        })
-    header = {"info": {"description": "test"}, "license": {"name": "test"},
-              "data_subtype": split, "data_type": "mscoco"}
-    return ({**header, "task_type": "Open-Ended", "questions": questions},
-            {**header, "annotations": annotations})
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "question_type": qtype,
+                "answer_type": atype,
+                "multiple_choice_answer": max(set(answers), key=answers.count),
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)
+                ],
+            }
+        )
+    header = {
+        "info": {"description": "test"},
+        "license": {"name": "test"},
+        "data_subtype": split,
+        "data_type": "mscoco",
+    }
+    return ({**header, "task_type": "Open-Ended", "questions": questions}, {**header, "annotations": annotations})
 
 
 def others(k):
@@ -74,63 +82,106 @@ BOTH = pytest.mark.parametrize("revision", ["07aecec", "master"])
 def score(prediction, answers, revision=DEFAULT_REVISION):
     """Official per-question number (×100, 2 decimals) through the public API."""
     questions, annotations = one_question(answers)
-    return evaluate_vqa({1: prediction}, questions, annotations,
-                        revision=revision)["perQuestion"][1]
+    return evaluate_vqa({1: prediction}, questions, annotations, revision=revision)["perQuestion"][1]
 
 
 # ----------------------------------------------------------------------------------------
 # Text processing
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw, expected", [
-    ("two", "2"), ("Ten", "10"), ("zero", "0"), ("eleven", "eleven"),
-    ("none", "0"),                       # quirk: "none" is a number word
-    ("a dog", "dog"), ("the Dog", "dog"), ("an apple", "apple"), ("dog", "dog"),
-    ("the two dogs", "2 dogs"),          # number mapping, then the article is dropped
-    ("1,000", "1000"),                   # digit-comma-digit: every mark deleted, not spaced
-    ("3.5", "3.5"),                      # period followed by a digit kept
-    ("5.", "5"), ("yes.", "yes"), ("u.s.a.", "usa"),  # other periods removed
-    ("red,blue", "red blue"),            # mark not touching a space -> space
-    ("red, blue", "red blue"),           # mark touching a space -> deleted
-    ("t-shirt", "t shirt"),              # '-' is in the current punctuation list
-    ("yes!", "yes"), ("what?", "what"), ("{x}", "x"),
-    ("10:30", "10:30"),                  # ':' is not in the list
-    ("don't", "don't"),                  # nor is the apostrophe: it survives
-    ("dont", "don't"), ("whats", "what's"), ("wheres", "where's"), ("oclock", "o'clock"),
-    ("Im", "im"),                        # capitalised table key never matches after lower()
-    ("somebody'd", "somebodyd"),         # the table maps this one backwards
-    ("  Yes\n", "yes"), ("black\tand white", "black and white"),
-    ("", ""), ("a", ""), ("the", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("two", "2"),
+        ("Ten", "10"),
+        ("zero", "0"),
+        ("eleven", "eleven"),
+        ("none", "0"),  # quirk: "none" is a number word
+        ("a dog", "dog"),
+        ("the Dog", "dog"),
+        ("an apple", "apple"),
+        ("dog", "dog"),
+        ("the two dogs", "2 dogs"),  # number mapping, then the article is dropped
+        ("1,000", "1000"),  # digit-comma-digit: every mark deleted, not spaced
+        ("3.5", "3.5"),  # period followed by a digit kept
+        ("5.", "5"),
+        ("yes.", "yes"),
+        ("u.s.a.", "usa"),  # other periods removed
+        ("red,blue", "red blue"),  # mark not touching a space -> space
+        ("red, blue", "red blue"),  # mark touching a space -> deleted
+        ("t-shirt", "t shirt"),  # '-' is in the current punctuation list
+        ("yes!", "yes"),
+        ("what?", "what"),
+        ("{x}", "x"),
+        ("10:30", "10:30"),  # ':' is not in the list
+        ("don't", "don't"),  # nor is the apostrophe: it survives
+        ("dont", "don't"),
+        ("whats", "what's"),
+        ("wheres", "where's"),
+        ("oclock", "o'clock"),
+        ("Im", "im"),  # capitalised table key never matches after lower()
+        ("somebody'd", "somebodyd"),  # the table maps this one backwards
+        ("  Yes\n", "yes"),
+        ("black\tand white", "black and white"),
+        ("", ""),
+        ("a", ""),
+        ("the", ""),
+    ],
+)
 def test_normalize_answer_master(raw, expected):
     assert normalize_answer(raw, MASTER) == expected
     assert normalize_answer(raw, revision=MASTER) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("two", "2"), ("Ten", "10"), ("none", "0"), ("the two dogs", "2 dogs"),
-    ("1,000", "1000"), ("3.5", "3.5"), ("5.", "5"), ("yes.", "yes"), ("u.s.a.", "usa"),
-    ("red,blue", "red blue"), ("red, blue", "red blue"), ("what?", "what"),
-    # The contraction table maps to the typographic apostrophe U+2019 ...
-    ("dont", "don\u2019t"), ("whats", "what\u2019s"), ("oclock", "o\u2019clock"),
-    ("Dont", "don\u2019t"),              # lower-cased before the lookup
-    # ... except the entries the file spells with a straight one.
-    ("cant", "can't"), ("wheres", "where's"), ("weve", "we've"),
-    # The apostrophe is punctuation. "it's": no "' " / " '" and no digit-comma-digit in the
-    # input -> replaced by a space -> "it s" (then split/joined: still "it s").
-    ("it's", "it s"), ("don't", "don t"), ("let's", "let s"),
-    ("rock 'n' roll", "rock n roll"),     # " '" and "' " occur -> every "'" deleted
-    ("it's 1,000", "its 1000"),           # digit-comma-digit: every mark deleted
-    # So are keys with a straight apostrophe never reached; typographic ones still match.
-    ("couldn'tve", "couldn tve"), ("couldnt\u2019ve", "couldn\u2019t\u2019ve"),
-    ("somebody\u2019d", "somebodyd"),
-    # The colon is punctuation: "10:30" has no ": " -> space; "time: 10" has one -> deleted.
-    ("10:30", "10 30"), ("time: 10", "time 10"),
-    # '-', '!', '{', '}' are not in this list: they survive.
-    ("t-shirt", "t-shirt"), ("yes!", "yes!"), ("{x}", "{x}"),
-    ("Im", "im"),                          # capitalised table key never matches
-    ("  Yes\n", "yes"), ("black\tand white", "black and white"),
-    ("", ""), ("a", ""), ("the", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("two", "2"),
+        ("Ten", "10"),
+        ("none", "0"),
+        ("the two dogs", "2 dogs"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("5.", "5"),
+        ("yes.", "yes"),
+        ("u.s.a.", "usa"),
+        ("red,blue", "red blue"),
+        ("red, blue", "red blue"),
+        ("what?", "what"),
+        # The contraction table maps to the typographic apostrophe U+2019 ...
+        ("dont", "don\u2019t"),
+        ("whats", "what\u2019s"),
+        ("oclock", "o\u2019clock"),
+        ("Dont", "don\u2019t"),  # lower-cased before the lookup
+        # ... except the entries the file spells with a straight one.
+        ("cant", "can't"),
+        ("wheres", "where's"),
+        ("weve", "we've"),
+        # The apostrophe is punctuation. "it's": no "' " / " '" and no digit-comma-digit in the
+        # input -> replaced by a space -> "it s" (then split/joined: still "it s").
+        ("it's", "it s"),
+        ("don't", "don t"),
+        ("let's", "let s"),
+        ("rock 'n' roll", "rock n roll"),  # " '" and "' " occur -> every "'" deleted
+        ("it's 1,000", "its 1000"),  # digit-comma-digit: every mark deleted
+        # So are keys with a straight apostrophe never reached; typographic ones still match.
+        ("couldn'tve", "couldn tve"),
+        ("couldnt\u2019ve", "couldn\u2019t\u2019ve"),
+        ("somebody\u2019d", "somebodyd"),
+        # The colon is punctuation: "10:30" has no ": " -> space; "time: 10" has one -> deleted.
+        ("10:30", "10 30"),
+        ("time: 10", "time 10"),
+        # '-', '!', '{', '}' are not in this list: they survive.
+        ("t-shirt", "t-shirt"),
+        ("yes!", "yes!"),
+        ("{x}", "{x}"),
+        ("Im", "im"),  # capitalised table key never matches
+        ("  Yes\n", "yes"),
+        ("black\tand white", "black and white"),
+        ("", ""),
+        ("a", ""),
+        ("the", ""),
+    ],
+)
 def test_normalize_answer_default_revision(raw, expected):
     assert DEFAULT_REVISION == "07aecec"
     assert normalize_answer(raw) == expected
@@ -179,7 +230,7 @@ def test_process_punctuation_lists_differ():
 def test_process_digit_article_and_tables():
     assert process_digit_article("The ONE", MASTER) == "1"
     assert process_digit_article("a  b   c", MASTER) == "b c"
-    assert CONTRACTIONS_MASTER["dont"] == "don't"     # straight apostrophes in this revision
+    assert CONTRACTIONS_MASTER["dont"] == "don't"  # straight apostrophes in this revision
     assert REVISIONS[MASTER].contractions is CONTRACTIONS_MASTER
     assert all("\u2019" not in k + v for k, v in CONTRACTIONS_MASTER.items())
     assert len(CONTRACTIONS_MASTER) == 120
@@ -196,35 +247,65 @@ def test_default_revision_tables():
     assert CONTRACTIONS["dont"] == "don\u2019t"
     assert len(CONTRACTIONS) == 120
     # Same entries, in the same order, as master's once U+2019 is written as "'" ...
-    straightened = {k.replace("\u2019", "'"): v.replace("\u2019", "'")
-                    for k, v in CONTRACTIONS.items()}
+    straightened = {k.replace("\u2019", "'"): v.replace("\u2019", "'") for k, v in CONTRACTIONS.items()}
     assert list(straightened.items()) == list(CONTRACTIONS_MASTER.items())
     # ... and these are the only entries with a straight apostrophe.
     assert [(k, v) for k, v in CONTRACTIONS.items() if "'" in k + v] == [
-        ("aint", "ain't"), ("arent", "aren't"), ("cant", "can't"), ("couldve", "could've"),
-        ("couldnt", "couldn't"), ("couldn'tve", "couldn\u2019t\u2019ve"),
-        ("hadn'tve", "hadn\u2019t\u2019ve"), ("weve", "we've"), ("wheres", "where's"),
-        ("whove", "who've")]
-    assert PUNCTUATION == (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_",
-                           ">", "<", "@", "`", ",", "?")
+        ("aint", "ain't"),
+        ("arent", "aren't"),
+        ("cant", "can't"),
+        ("couldve", "could've"),
+        ("couldnt", "couldn't"),
+        ("couldn'tve", "couldn\u2019t\u2019ve"),
+        ("hadn'tve", "hadn\u2019t\u2019ve"),
+        ("weve", "we've"),
+        ("wheres", "where's"),
+        ("whove", "who've"),
+    ]
+    assert PUNCTUATION == (
+        ";",
+        ":",
+        "/",
+        "'",
+        "[",
+        "]",
+        '"',
+        "(",
+        ")",
+        "=",
+        "+",
+        "\\",
+        "_",
+        ">",
+        "<",
+        "@",
+        "`",
+        ",",
+        "?",
+    )
     assert not {"{", "}", "-", "!", "."} & set(PUNCTUATION)
 
 
 # ----------------------------------------------------------------------------------------
 # Per-question scoring
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, expected", [
-    (0, 0.0),
-    # 1 match: leaving it out sees 0 (score 0); the 9 other subsets see 1 (1/3).
-    #   (0 + 9·1/3) / 10 = 0.3
-    (1, 30.0),
-    # 2 matches: 2 subsets see 1 (1/3), 8 see 2 (2/3): (2/3 + 16/3) / 10 = 0.6
-    (2, 60.0),
-    # 3 matches: 3 subsets see 2 (2/3), 7 see 3 (1): (2 + 7) / 10 = 0.9
-    (3, 90.0),
-    # 4 or more matches: every subset sees >= 3 -> 1
-    (4, 100.0), (7, 100.0), (10, 100.0),
-])
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (0, 0.0),
+        # 1 match: leaving it out sees 0 (score 0); the 9 other subsets see 1 (1/3).
+        #   (0 + 9·1/3) / 10 = 0.3
+        (1, 30.0),
+        # 2 matches: 2 subsets see 1 (1/3), 8 see 2 (2/3): (2/3 + 16/3) / 10 = 0.6
+        (2, 60.0),
+        # 3 matches: 3 subsets see 2 (2/3), 7 see 3 (1): (2 + 7) / 10 = 0.9
+        (3, 90.0),
+        # 4 or more matches: every subset sees >= 3 -> 1
+        (4, 100.0),
+        (7, 100.0),
+        (10, 100.0),
+    ],
+)
 @BOTH
 def test_leave_one_out_values(n, expected, revision):
     answers = ["cat"] * n + others(10 - n)
@@ -237,10 +318,10 @@ def test_all_identical_answers_get_no_processing_master():
     # are processed beyond newline/tab replacement and strip -> exact string comparison.
     assert score("yes", ["Yes."] * 10, MASTER) == 0.0
     assert score("Yes.", ["Yes."] * 10, MASTER) == 100.0
-    assert score(" Yes.\n", ["Yes."] * 10, MASTER) == 100.0   # whitespace is always cleaned
-    assert score("Yes", ["yes"] * 10, MASTER) == 0.0          # not even lower-cased
-    assert score("one", ["1"] * 10, MASTER) == 0.0            # nor number words mapped
-    assert score("Yes.", ["yes"] * 10, MASTER) == 0.0         # nor punctuation removed
+    assert score(" Yes.\n", ["Yes."] * 10, MASTER) == 100.0  # whitespace is always cleaned
+    assert score("Yes", ["yes"] * 10, MASTER) == 0.0  # not even lower-cased
+    assert score("one", ["1"] * 10, MASTER) == 0.0  # nor number words mapped
+    assert score("Yes.", ["yes"] * 10, MASTER) == 0.0  # nor punctuation removed
     # One differing human answer switches processing on for everything:
     # "Yes." x9 -> "yes", prediction "yes" matches 9 -> 100.
     assert score("yes", ["Yes."] * 9 + ["no"], MASTER) == 100.0
@@ -265,7 +346,7 @@ def test_prediction_is_always_processed_by_default():
     assert score("Yes.", ["yes"] * 10) == 100.0
     assert score("Yes.", ["yes"] * 10, MASTER) == 0.0
     assert score(" Yes.\n", ["yes"] * 10) == 100.0
-    assert score("one", ["1"] * 10) == 100.0          # "one" -> "1"
+    assert score("one", ["1"] * 10) == 100.0  # "one" -> "1"
     # The humans' identical answers are never processed, the prediction always is: a capital
     # or a period on the human side can never be matched (the prediction is lower-cased and
     # loses its period), even by the very same string.
@@ -368,13 +449,14 @@ def test_duplicate_answer_records_leave_each_other_out(revision):
 # ----------------------------------------------------------------------------------------
 @BOTH
 def test_per_type_average_overall_and_rounding(revision):
-    questions, annotations = make_vqa([
-        (1, "what color", "other", ["red"] * 10),                 # "red" -> 1.0
-        (2, "what color", "other", ["red"] + others(9)),          # "red" -> 0.3
-        (3, "how many", "number", ["2", "2"] + others(8)),        # "two" -> "2": 0.6
-    ])
-    result = evaluate_vqa({1: "red", 2: "red", 3: "two"}, questions, annotations,
-                          revision=revision)
+    questions, annotations = make_vqa(
+        [
+            (1, "what color", "other", ["red"] * 10),  # "red" -> 1.0
+            (2, "what color", "other", ["red"] + others(9)),  # "red" -> 0.3
+            (3, "how many", "number", ["2", "2"] + others(8)),  # "two" -> "2": 0.6
+        ]
+    )
+    result = evaluate_vqa({1: "red", 2: "red", 3: "two"}, questions, annotations, revision=revision)
     # overall: 100 * (1 + 0.3 + 0.6) / 3 = 63.333... -> 63.33
     assert result["overall"] == 63.33
     # what color: 100 * 1.3 / 2 = 65; how many: 60
@@ -388,10 +470,8 @@ def test_per_type_average_overall_and_rounding(revision):
 def test_two_decimal_rounding(revision):
     questions, annotations = make_vqa([(q, "is the", "yes/no", ["yes"] * 10) for q in (1, 2, 3)])
     # 2 of 3 right: 100 * 2 / 3 = 66.666... -> 66.67; 1 of 3: 33.33
-    assert evaluate_vqa({1: "yes", 2: "yes", 3: "no"}, questions, annotations,
-                        revision=revision)["overall"] == 66.67
-    assert evaluate_vqa({1: "yes", 2: "no", 3: "no"}, questions, annotations,
-                        revision=revision)["overall"] == 33.33
+    assert evaluate_vqa({1: "yes", 2: "yes", 3: "no"}, questions, annotations, revision=revision)["overall"] == 66.67
+    assert evaluate_vqa({1: "yes", 2: "no", 3: "no"}, questions, annotations, revision=revision)["overall"] == 33.33
 
 
 @BOTH
@@ -415,11 +495,13 @@ def test_per_type_is_the_per_question_average_by_default():
     #   q3: "2" x3 + others      -> "Two." -> "2": 3 matches -> 0.9
     # what animal / other: 100 * (0.3 + 0.6) / 2 = 45; how many / number: 90;
     # overall: 100 * 1.8 / 3 = 60.
-    questions, annotations = make_vqa([
-        (1, "what animal", "other", others(9) + ["cat"]),
-        (2, "what animal", "other", others(8) + ["dog"] * 2),
-        (3, "how many", "number", ["2"] * 3 + others(7)),
-    ])
+    questions, annotations = make_vqa(
+        [
+            (1, "what animal", "other", others(9) + ["cat"]),
+            (2, "what animal", "other", others(8) + ["dog"] * 2),
+            (3, "how many", "number", ["2"] * 3 + others(7)),
+        ]
+    )
     result = evaluate_vqa({1: "cat", 2: "dog", 3: "Two."}, questions, annotations)
     assert result == {
         "overall": 60.0,
@@ -430,31 +512,34 @@ def test_per_type_is_the_per_question_average_by_default():
     assert list(result) == ["overall", "perQuestionType", "perAnswerType", "perQuestion"]
 
 
-@pytest.mark.parametrize("revision, expected", [
-    # master: "Yes" x6 -> "yes", "YES!" -> "yes": 6 matches -> 100; "Two" -> "2": 3 -> 90.
-    ("master", {10: 100.0, 20: 90.0}),
-    # 07aecec: the humans keep "Yes"/"Two" (punctuation only), "YES!" -> "yes!" ("!" is no
-    # mark there): 0; "2" matches no "Two": 0.
-    ("07aecec", {10: 0.0, 20: 0.0}),
-])
+@pytest.mark.parametrize(
+    "revision, expected",
+    [
+        # master: "Yes" x6 -> "yes", "YES!" -> "yes": 6 matches -> 100; "Two" -> "2": 3 -> 90.
+        ("master", {10: 100.0, 20: 90.0}),
+        # 07aecec: the humans keep "Yes"/"Two" (punctuation only), "YES!" -> "yes!" ("!" is no
+        # mark there): 0; "2" matches no "Two": 0.
+        ("07aecec", {10: 0.0, 20: 0.0}),
+    ],
+)
 def test_submission_list_and_dict_agree_and_inputs_are_not_mutated(revision, expected):
-    questions, annotations = make_vqa([
-        (10, "is the", "yes/no", ["Yes"] * 6 + ["no"] * 4),
-        (20, "how many", "number", ["Two"] * 3 + ["3"] * 7),
-    ])
+    questions, annotations = make_vqa(
+        [
+            (10, "is the", "yes/no", ["Yes"] * 6 + ["no"] * 4),
+            (20, "how many", "number", ["Two"] * 3 + ["3"] * 7),
+        ]
+    )
     before = copy.deepcopy(annotations)
     submission = [{"question_id": 20, "answer": "2"}, {"question_id": 10, "answer": "YES!"}]
     a = evaluate_vqa(submission, questions, annotations, revision=revision)
-    b = evaluate_vqa({10: "YES!", 20: "2"}, questions["questions"], annotations["annotations"],
-                     revision=revision)
+    b = evaluate_vqa({10: "YES!", 20: "2"}, questions["questions"], annotations["annotations"], revision=revision)
     assert a == b
-    assert a["perQuestion"] == expected   # question order = annotation order
+    assert a["perQuestion"] == expected  # question order = annotation order
     assert annotations == before
 
 
 def test_question_ids_subset():
-    questions, annotations = make_vqa([(1, "is the", "yes/no", ["yes"] * 10),
-                                       (2, "is the", "yes/no", ["no"] * 10)])
+    questions, annotations = make_vqa([(1, "is the", "yes/no", ["yes"] * 10), (2, "is the", "yes/no", ["no"] * 10)])
     result = evaluate_vqa({2: "no"}, questions, annotations, question_ids=[2])
     assert result["overall"] == 100.0 and result["perQuestion"] == {2: 100.0}
     with pytest.raises(ValueError, match="question_id 3 is not in the annotations"):
@@ -484,19 +569,24 @@ def test_missing_predictions(small):
         evaluate_vqa({1: "yes"}, questions, annotations)
 
 
-@pytest.mark.parametrize("entries, message", [
-    ([{"question_id": 1, "answer": "yes"}, {"question_id": 1, "answer": "no"}],
-     r"predictions\[1\]: duplicate question_id 1"),
-    ([{"question_id": 1}], r"predictions\[0\] \(question_id 1\) has no 'answer'"),
-    ([{"answer": "yes"}], r"predictions\[0\] has no 'question_id'"),
-    ([{"question_id": 1, "answer": 2}], r"question_id 1\): 'answer' must be a string, got int"),
-    ([{"question_id": 1, "answer": None}], r"'answer' must be a string, got NoneType"),
-    ([{"question_id": "1", "answer": "yes"}], r"'question_id' must be an integer, got '1'"),
-    ([{"question_id": True, "answer": "yes"}], r"'question_id' must be an integer"),
-    (["yes"], r"predictions\[0\] must be an object"),
-    ("yes", r"predictions must be a list"),
-    ({1: 7}, r"prediction for question_id 1: 'answer' must be a string"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (
+            [{"question_id": 1, "answer": "yes"}, {"question_id": 1, "answer": "no"}],
+            r"predictions\[1\]: duplicate question_id 1",
+        ),
+        ([{"question_id": 1}], r"predictions\[0\] \(question_id 1\) has no 'answer'"),
+        ([{"answer": "yes"}], r"predictions\[0\] has no 'question_id'"),
+        ([{"question_id": 1, "answer": 2}], r"question_id 1\): 'answer' must be a string, got int"),
+        ([{"question_id": 1, "answer": None}], r"'answer' must be a string, got NoneType"),
+        ([{"question_id": "1", "answer": "yes"}], r"'question_id' must be an integer, got '1'"),
+        ([{"question_id": True, "answer": "yes"}], r"'question_id' must be an integer"),
+        (["yes"], r"predictions\[0\] must be an object"),
+        ("yes", r"predictions must be a list"),
+        ({1: 7}, r"prediction for question_id 1: 'answer' must be a string"),
+    ],
+)
 def test_malformed_predictions(small, entries, message):
     questions, annotations = small
     with pytest.raises(ValueError, match=message):
@@ -535,19 +625,24 @@ def test_malformed_annotations_and_questions():
 # ----------------------------------------------------------------------------------------
 # Scores per revision (07aecec | master):
 SIX = [
-    (1001, "is the", "yes/no", ["yes"] * 10),                        # "yes" -> 100 | 100
-    (1002, "is the", "yes/no", ["no"] * 7 + ["yes"] * 3),            # "No." -> "no": 7 -> 100 | 100
+    (1001, "is the", "yes/no", ["yes"] * 10),  # "yes" -> 100 | 100
+    (1002, "is the", "yes/no", ["no"] * 7 + ["yes"] * 3),  # "No." -> "no": 7 -> 100 | 100
     # 07aecec: the human "two" stays "two": 2 matches -> 60 | master: 3 matches -> 90
     (2001, "how many", "number", ["2", "2", "two"] + ["3"] * 7),
     # 07aecec: "one" -> "1" matches all -> 100 | master: "one" vs all "1" unprocessed -> 0
     (2002, "how many", "number", ["1"] * 10),
-    (3001, "what color", "other", ["red"] * 2 + ["blue"] * 8),       # "Red" -> "red": 2 -> 60 | 60
+    (3001, "what color", "other", ["red"] * 2 + ["blue"] * 8),  # "Red" -> "red": 2 -> 60 | 60
     # 07aecec: "-" is no mark, the human "the t-shirt" stays -> 0 | master: "t shirt": 1 -> 30
     (3002, "what color", "other", ["the t-shirt"] + ["shirt"] * 9),
 ]
-SIX_PREDICTIONS = [{"question_id": 1001, "answer": "yes"}, {"question_id": 1002, "answer": "No."},
-                   {"question_id": 2001, "answer": "2"}, {"question_id": 2002, "answer": "one"},
-                   {"question_id": 3001, "answer": "Red"}, {"question_id": 3002, "answer": "t shirt"}]
+SIX_PREDICTIONS = [
+    {"question_id": 1001, "answer": "yes"},
+    {"question_id": 1002, "answer": "No."},
+    {"question_id": 2001, "answer": "2"},
+    {"question_id": 2002, "answer": "one"},
+    {"question_id": 3001, "answer": "Red"},
+    {"question_id": 3002, "answer": "t shirt"},
+]
 
 
 def write_json(path, data):
@@ -569,8 +664,7 @@ SIX_EXPECTED = {
         "overall": 70.0,
         "perQuestionType": {"is the": 100.0, "how many": 80.0, "what color": 30.0},
         "perAnswerType": {"yes/no": 100.0, "number": 80.0, "other": 30.0},
-        "perQuestion": {1001: 100.0, 1002: 100.0, 2001: 60.0, 2002: 100.0, 3001: 60.0,
-                        3002: 0.0},
+        "perQuestion": {1001: 100.0, 1002: 100.0, 2001: 60.0, 2002: 100.0, 3001: 60.0, 3002: 0.0},
     },
 }
 
@@ -589,15 +683,19 @@ def test_evaluate_vqa_files_end_to_end(tmp_path, revision):
     # JSON round trip turns nothing into strings: same as in memory.
     assert result == evaluate_vqa(SIX_PREDICTIONS, questions, annotations, revision=revision)
     # Questions are optional.
-    assert evaluate_vqa_files(tmp_path / "results.json", None,
-                              tmp_path / "v2_mscoco_val2014_annotations.json",
-                              revision=revision) == result
+    assert (
+        evaluate_vqa_files(
+            tmp_path / "results.json", None, tmp_path / "v2_mscoco_val2014_annotations.json", revision=revision
+        )
+        == result
+    )
 
 
 def test_evaluate_vqa_files_default_revision(tmp_path):
     questions, annotations = make_vqa(SIX)
-    result = evaluate_vqa_files(write_json(tmp_path / "r.json", SIX_PREDICTIONS), None,
-                                write_json(tmp_path / "a.json", annotations))
+    result = evaluate_vqa_files(
+        write_json(tmp_path / "r.json", SIX_PREDICTIONS), None, write_json(tmp_path / "a.json", annotations)
+    )
     assert result == SIX_EXPECTED[DEFAULT_REVISION] == SIX_EXPECTED["07aecec"]
     with pytest.raises(ValueError, match="unknown VQA metric revision"):
         evaluate_vqa_files(tmp_path / "r.json", None, tmp_path / "a.json", revision="v1")
@@ -608,11 +706,18 @@ def test_cli_eval_vqa_metric_revision(tmp_path, capsys, revision):
     from absvl.cli import main
 
     questions, annotations = make_vqa(SIX)
-    argv = ["eval", "vqa",
-            "--predictions", str(write_json(tmp_path / "r.json", SIX_PREDICTIONS)),
-            "--questions", str(write_json(tmp_path / "q.json", questions)),
-            "--annotations", str(write_json(tmp_path / "a.json", annotations)),
-            "--out", str(tmp_path / "acc.json")]
+    argv = [
+        "eval",
+        "vqa",
+        "--predictions",
+        str(write_json(tmp_path / "r.json", SIX_PREDICTIONS)),
+        "--questions",
+        str(write_json(tmp_path / "q.json", questions)),
+        "--annotations",
+        str(write_json(tmp_path / "a.json", annotations)),
+        "--out",
+        str(tmp_path / "acc.json"),
+    ]
     if revision is not None:
         argv += ["--metric-revision", revision]
     assert main(argv) == 0
@@ -627,57 +732,62 @@ def test_evaluate_vqa_files_errors_name_the_file(tmp_path):
     questions, annotations = make_vqa(SIX)
     q = write_json(tmp_path / "q.json", questions)
     a = write_json(tmp_path / "a.json", annotations)
-    with pytest.raises(FileNotFoundError, match=r"predictions file not found: .*nope\.json"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json \(a VQA predictions file\) does not exist"):
         evaluate_vqa_files(tmp_path / "nope.json", q, a)
     bad = tmp_path / "bad.json"
     bad.write_text('[{"question_id": 1001, "answer": "yes"', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"predictions file .*bad\.json is not valid JSON: .*line 1"):
+    with pytest.raises(ValueError, match=r"bad\.json \(a VQA predictions file\) is not valid JSON .*line 1"):
         evaluate_vqa_files(bad, q, a)
     as_dict = write_json(tmp_path / "dict.json", {"1001": "yes"})
-    with pytest.raises(ValueError, match=r"dict\.json: the top-level JSON value must be an array, got an obj"):
+    with pytest.raises(
+        ValueError,
+        match=r"dict\.json \(a VQA predictions file\): the top-level JSON value must be an array, got an obj",
+    ):
         evaluate_vqa_files(as_dict, q, a)
     partial = write_json(tmp_path / "partial.json", SIX_PREDICTIONS[:4])
     with pytest.raises(ValueError, match=r"missing for 2 of 6 .*\[3001, 3002\].*partial\.json.*a\.json"):
         evaluate_vqa_files(partial, q, a)
 
 
-def test_load_json(tmp_path):
-    assert load_json(write_json(tmp_path / "x.json", {"k": 1}), "thing") == {"k": 1}
-    with pytest.raises(ValueError, match=r"thing file .*x\.json: the top-level JSON value must be an array"):
-        load_json(tmp_path / "x.json", "thing", list)
-    with pytest.raises(FileNotFoundError, match="thing file not found"):
-        load_json(tmp_path / "missing.json", "thing")
-
-
 def test_format_accuracy_table():
     questions, annotations = make_vqa(SIX)
-    table = format_accuracy_table(evaluate_vqa(SIX_PREDICTIONS, questions, annotations,
-                                               revision=MASTER))
+    table = format_accuracy_table(evaluate_vqa(SIX_PREDICTIONS, questions, annotations, revision=MASTER))
     lines = table.splitlines()
     assert lines[0] == "VQA accuracy (%)"
     assert lines[1].split() == ["overall", "(6", "questions)", "63.33"]
     # answer types, then question types, each sorted by name; values with 2 decimals
     assert [line.rsplit(None, 1)[0].strip() if line.startswith(" ") else line for line in lines[2:]] == [
-        "answer type", "number", "other", "yes/no",
-        "question type", "how many", "is the", "what color"]
+        "answer type",
+        "number",
+        "other",
+        "yes/no",
+        "question type",
+        "how many",
+        "is the",
+        "what color",
+    ]
     assert lines[5].split() == ["yes/no", "100.00"] and lines[7].split() == ["how", "many", "45.00"]
 
 
 @BOTH
 def test_majority_answer_baseline(revision):
-    _, train = make_vqa([
-        (1, "is the", "yes/no", ["Yes"] * 10),   # multiple_choice_answer "Yes" -> "yes"
-        (2, "is the", "yes/no", ["yes."] * 10),  # -> "yes"
-        (3, "is the", "yes/no", ["no"] * 10),
-        (4, "how many", "number", ["two"] * 10),  # -> "2"
-        (5, "how many", "number", ["2"] * 10),    # -> "2"
-    ])
+    _, train = make_vqa(
+        [
+            (1, "is the", "yes/no", ["Yes"] * 10),  # multiple_choice_answer "Yes" -> "yes"
+            (2, "is the", "yes/no", ["yes."] * 10),  # -> "yes"
+            (3, "is the", "yes/no", ["no"] * 10),
+            (4, "how many", "number", ["two"] * 10),  # -> "2"
+            (5, "how many", "number", ["2"] * 10),  # -> "2"
+        ]
+    )
     # "yes" and "2" both occur twice: the tie goes to the alphabetically first, "2".
-    _, evaluation = make_vqa([
-        (10, "how many", "number", ["2"] * 10),                 # 100
-        (11, "how many", "number", ["2"] + ["3"] * 9),          # 30
-        (12, "is the", "yes/no", ["yes"] * 10),                 # 0
-    ])
+    _, evaluation = make_vqa(
+        [
+            (10, "how many", "number", ["2"] * 10),  # 100
+            (11, "how many", "number", ["2"] + ["3"] * 9),  # 30
+            (12, "is the", "yes/no", ["yes"] * 10),  # 0
+        ]
+    )
     result = majority_answer_baseline(train, evaluation, revision=revision)
     assert result["answer"] == "2"
     # (100 + 30 + 0) / 3 = 43.333... -> 43.33

@@ -1,4 +1,5 @@
 """A tiny AbsVL model (saved to a folder) and a small collection of Shapes images."""
+
 import shutil
 
 import pytest
@@ -11,9 +12,16 @@ from absvl.models.vl import AbsVLConfig, AbsVLModel
 def model_dir(shapes_root, tmp_path_factory):
     """save_pretrained folder of a tiny untrained AbSViT-VL model on 32 px images."""
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
-                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32,
-                         fusion_layers=1, fusion_heads=2, fusion_dropout=0.0, max_text_len=16)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+        fusion_dropout=0.0,
+        max_text_len=16,
+    )
     model = AbsVLModel(config)
     with torch.no_grad():  # a feedback path strong enough for the query to matter in re-ranking
         for p in model.backbone.decoders.parameters():

@@ -1,4 +1,5 @@
 """The index CLI from other working directories: the recorded model path, --k, rebuild, recall."""
+
 import json
 import shutil
 
@@ -8,12 +9,32 @@ from absvl.cli import main
 from absvl.retrieval import ImageIndex
 
 
-def test_a_relative_model_path_is_recorded_absolute_and_found_from_elsewhere(model_dir, collection, tmp_path, monkeypatch, capsys):
+def test_a_relative_model_path_is_recorded_absolute_and_found_from_elsewhere(
+    model_dir, collection, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(model_dir.parent)
     out = tmp_path / "idx"
-    assert main(["index", "build", "--model", model_dir.name, "--images", str(collection), "--out", str(out),
-                 "--batch-size", "4"]) == 0
-    assert "recall@10 against exact search (up to 1,000 of the index's own vectors as queries): 1.0000" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                model_dir.name,
+                "--images",
+                str(collection),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "recall@10 against exact search (up to 1,000 of the index's own vectors as queries): 1.0000"
+        in capsys.readouterr().out
+    )
     assert ImageIndex.load(out).meta["model_source"] == str(model_dir)
 
     monkeypatch.chdir(tmp_path)  # model_dir.name means nothing here
@@ -30,7 +51,10 @@ def test_a_deleted_model_is_named_with_a_hint(model_dir, collection, tmp_path, c
     assert main(["index", "build", "--model", str(moved), "--images", str(collection), "--out", str(out)]) == 0
     shutil.rmtree(moved)
     capsys.readouterr()
-    for argv in (["search", "a red circle", "--index", str(out)], ["index", "add", "--index", str(out), "--images", str(collection)]):
+    for argv in (
+        ["search", "a red circle", "--index", str(out)],
+        ["index", "add", "--index", str(out), "--images", str(collection)],
+    ):
         assert main(argv) == 2
         assert f"the index's model {moved} no longer exists; pass --model" in capsys.readouterr().err
     assert main(["search", "a red circle", "--index", str(out), "--model", str(model_dir), "--k", "2"]) == 0

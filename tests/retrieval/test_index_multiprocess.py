@@ -1,4 +1,5 @@
 """Embedding a collection with two processes (torchrun, gloo) gives the index one process gives."""
+
 import json
 import os
 import subprocess
@@ -12,10 +13,24 @@ from absvl.retrieval import ImageIndex
 
 @pytest.mark.slow
 def test_two_process_build_matches_one_process(model_dir, collection, tmp_path):
-    build = ["-m", "absvl.cli", "index", "build", "--model", str(model_dir), "--images", str(collection),
-             "--shard-size", "3", "--batch-size", "2"]  # 12 images: 4 shards, two per process
+    build = [
+        "-m",
+        "absvl.cli",
+        "index",
+        "build",
+        "--model",
+        str(model_dir),
+        "--images",
+        str(collection),
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "2",
+    ]  # 12 images: 4 shards, two per process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *build, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [sys.executable, *build, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     two = subprocess.run([*torchrun, *build, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)

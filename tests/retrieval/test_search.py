@@ -1,4 +1,5 @@
 """Text → image search, top-down re-ranking, fingerprint checks and the CLI."""
+
 import json
 
 import numpy as np
@@ -27,8 +28,12 @@ def _itm(model, paths, query):
     """Re-ranking scores (ITM log-odds + contrastive logit) computed directly, one pair at a time."""
     text = model.processor(text=[query])
     with torch.no_grad():
-        return [model.rerank_score(model.processor(images=[str(p)])["images"], text["input_ids"], text["attention_mask"]).item()
-                for p in paths]
+        return [
+            model.rerank_score(
+                model.processor(images=[str(p)])["images"], text["input_ids"], text["attention_mask"]
+            ).item()
+            for p in paths
+        ]
 
 
 def test_search_ranks_by_cosine_of_xi_and_image_embedding(retriever, model, embed):
@@ -131,8 +136,23 @@ def test_cli_build_add_and_search(model_dir, collection, tmp_path, capsys):
     listing = tmp_path / "first.txt"
     listing.write_text("\n".join(map(str, images[:8])) + f"\n{tmp_path / 'missing.jpg'}\n")
     out = tmp_path / "cli-idx"
-    assert main(["index", "build", "--model", str(model_dir), "--images", str(listing), "--out", str(out),
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(model_dir),
+                "--images",
+                str(listing),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"indexed 8 images into {out} (1 skipped, factory Flat" in printed and "images/s" in printed
     assert f"skipped {tmp_path / 'missing.jpg'}: file not found" in printed
@@ -148,8 +168,24 @@ def test_cli_build_add_and_search(model_dir, collection, tmp_path, capsys):
     assert table[0].split() == ["rank", "score", "rerank", "path"] and len(table) == 4
     assert table[1].split()[0] == "1" and table[1].split()[2] == "-"
 
-    assert main(["search", "a red circle", "--model", str(model_dir), "--index", str(out), "-k", "3",
-                 "--rerank", "6", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "a red circle",
+                "--model",
+                str(model_dir),
+                "--index",
+                str(out),
+                "-k",
+                "3",
+                "--rerank",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["query"] == "a red circle" and len(result["hits"]) == 3
     assert set(result["hits"][0]) == {"rank", "id", "path", "score", "rerank_score"}

@@ -1,4 +1,5 @@
 """Smoke test of scripts/bench_vqa_train.py: tiny models, a tiny Shapes world, a few steps."""
+
 import importlib.util
 import json
 import math
@@ -17,18 +18,46 @@ def _load_script():
 def test_bench_vqa_train_smoke(shapes_root, tmp_path, capsys):
     bench = _load_script()
     out = tmp_path / "bench.json"
-    results = bench.main([
-        "--models", "absvit_test_patch8,vit_test_patch8",
-        "--image-size", "32",
-        "--text-layers", "1", "--text-hidden", "64", "--text-vocab", "1000",
-        "--fusion-layers", "1", "--fusion-hidden", "32", "--fusion-heads", "2",
-        "--num-answers", "40", "--max-text-len", "16",
-        "--batch", "4", "--steps", "7", "--warmup", "1", "--num-workers", "0",
-        "--device", "cpu",
-        "--data-root", str(shapes_root),
-        "--work-dir", str(tmp_path / "work"),
-        "--json", str(out),
-    ])
+    results = bench.main(
+        [
+            "--models",
+            "absvit_test_patch8,vit_test_patch8",
+            "--image-size",
+            "32",
+            "--text-layers",
+            "1",
+            "--text-hidden",
+            "64",
+            "--text-vocab",
+            "1000",
+            "--fusion-layers",
+            "1",
+            "--fusion-hidden",
+            "32",
+            "--fusion-heads",
+            "2",
+            "--num-answers",
+            "40",
+            "--max-text-len",
+            "16",
+            "--batch",
+            "4",
+            "--steps",
+            "7",
+            "--warmup",
+            "1",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--data-root",
+            str(shapes_root),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "# machine:" in printed and "absvit_test_patch8/vit_test_patch8" in printed
 

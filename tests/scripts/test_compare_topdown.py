@@ -1,4 +1,5 @@
 """Smoke test of scripts/compare_topdown.py: --quick on 2 variants x 1 seed, outputs and skip-done."""
+
 import importlib.util
 import json
 import sys
@@ -24,9 +25,17 @@ def compare():
 
 def test_variants_are_the_paper_comparison(compare):
     assert list(compare.VARIANTS) == [
-        "vit", "perceiver", "feedback", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d", "vars_d_absvit",
+        "vit",
+        "perceiver",
+        "feedback",
+        "maskatt",
+        "absvit_qkv",
+        "absvit_no_var",
+        "absvit",
+        "vars_d",
+        "vars_d_absvit",
     ]
-    from absvl.models.vision.registry import create_backbone
+    from absvl.models.vision.builder import create_backbone
 
     for variant in compare.VARIANTS.values():  # every variant builds from the registry as configured
         backbone = create_backbone(variant.backbone, img_size=32, **variant.kwargs)

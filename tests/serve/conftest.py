@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny saved model, an index of the Shapes images, and a live uvicorn server."""
+
 from __future__ import annotations
 
 import io
@@ -22,9 +23,15 @@ ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square", "triangle", 
 
 def tiny_config(shapes_root) -> AbsVLConfig:
     """The tests' tiny architecture (32-pixel AbSViT, one fusion layer, the Shapes text encoder)."""
-    return AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
-                       text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
-                       fusion_heads=2, max_text_len=16)
+    return AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+        max_text_len=16,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +67,15 @@ def index(index_dir):
 @pytest.fixture(scope="session")
 def limits():
     """Small limits so that the 4xx cases are cheap to provoke."""
-    return Limits(max_upload_bytes=200_000, max_pixels=512 * 512, max_question_chars=80, max_query_chars=80,
-                  max_top_k=5, max_k=20, max_rerank=20)
+    return Limits(
+        max_upload_bytes=200_000,
+        max_pixels=512 * 512,
+        max_question_chars=80,
+        max_query_chars=80,
+        max_top_k=5,
+        max_k=20,
+        max_rerank=20,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +111,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

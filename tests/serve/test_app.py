@@ -1,4 +1,5 @@
 """The HTTP service through FastAPI's TestClient: every endpoint, every refusal."""
+
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import absvl
 from absvl import AbsVLModel
 from absvl.retrieval import IndexMismatchError, Retriever
-from absvl.retrieval.index import gpu_available
+from absvl.retrieval.faiss_backend import gpu_available
 from absvl.serve import Limits, create_app
 
 from .conftest import ANSWERS, local_client, png_of, tiny_config
@@ -53,7 +54,7 @@ def assert_refused(response, status: int, field: str | None, *words: str) -> Non
 def decode_data_url(url: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert url.startswith(prefix)
-    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
 
 
 def metric_samples(text: str) -> dict[tuple, float]:
@@ -143,14 +144,16 @@ def test_vqa_missing_fields(client, png_bytes):
     assert_refused(ask(client, png_bytes, question=None), 422, "question", "Field required")
 
 
-@pytest.mark.parametrize("question, words", [("", []), ("   ", ["must not be empty"]),
-                                             ("x" * 81, ["at most 80 characters"])])
+@pytest.mark.parametrize(
+    "question, words", [("", []), ("   ", ["must not be empty"]), ("x" * 81, ["at most 80 characters"])]
+)
 def test_vqa_empty_or_too_long_question(client, png_bytes, question, words):
     assert_refused(ask(client, png_bytes, question), 422, "question", *words)
 
 
-@pytest.mark.parametrize("top_k, words", [(0, ["greater than or equal to 1"]), (6, ["less than or equal to 5"]),
-                                          ("many", ["valid integer"])])
+@pytest.mark.parametrize(
+    "top_k, words", [(0, ["greater than or equal to 1"]), (6, ["less than or equal to 5"]), ("many", ["valid integer"])]
+)
 def test_vqa_top_k_out_of_bounds(client, png_bytes, top_k, words):
     assert_refused(ask(client, png_bytes, top_k=top_k), 422, "top_k", *words)
 
@@ -216,8 +219,9 @@ def vqa_dir(vqa_model, tmp_path_factory):
 
 
 def test_each_half_is_served_by_its_own_model(vqa_model, model, index, png_bytes):
-    client = local_client(create_app(vqa_model, index, model_name="vqa", retrieval_model=model,
-                                     retrieval_model_name="retrieval"))
+    client = local_client(
+        create_app(vqa_model, index, model_name="vqa", retrieval_model=model, retrieval_model_name="retrieval")
+    )
     health = client.get("/health").json()
     assert (health["model"], health["retrieval_model"]) == ("vqa", "retrieval")
     assert health["vqa"] and health["search"] and health["unavailable"] == {}
@@ -275,18 +279,21 @@ def test_search_with_reranking(client):
     assert all(isinstance(s, float) for s in scores) and scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("params, field, words", [
-    ({}, "q", ["Field required"]),
-    ({"q": ""}, "q", ["at least 1 character"]),
-    ({"q": "  \t "}, "q", ["must not be empty"]),
-    ({"q": "y" * 81}, "q", ["at most 80 characters"]),
-    ({"q": "red", "k": 0}, "k", ["greater than or equal to 1"]),
-    ({"q": "red", "k": 21}, "k", ["less than or equal to 20"]),
-    ({"q": "red", "k": "ten"}, "k", ["valid integer"]),
-    ({"q": "red", "rerank": -1}, "rerank", ["greater than or equal to 0"]),
-    ({"q": "red", "rerank": 21}, "rerank", ["less than or equal to 20"]),
-    ({"q": "red", "k": 10, "rerank": 5}, "rerank", ["at least k=10"]),
-])
+@pytest.mark.parametrize(
+    "params, field, words",
+    [
+        ({}, "q", ["Field required"]),
+        ({"q": ""}, "q", ["at least 1 character"]),
+        ({"q": "  \t "}, "q", ["must not be empty"]),
+        ({"q": "y" * 81}, "q", ["at most 80 characters"]),
+        ({"q": "red", "k": 0}, "k", ["greater than or equal to 1"]),
+        ({"q": "red", "k": 21}, "k", ["less than or equal to 20"]),
+        ({"q": "red", "k": "ten"}, "k", ["valid integer"]),
+        ({"q": "red", "rerank": -1}, "rerank", ["greater than or equal to 0"]),
+        ({"q": "red", "rerank": 21}, "rerank", ["less than or equal to 20"]),
+        ({"q": "red", "k": 10, "rerank": 5}, "rerank", ["at least k=10"]),
+    ],
+)
 def test_search_refusals(client, params, field, words):
     assert_refused(client.get("/search", params=params), 422, field, *words)
 
@@ -309,8 +316,9 @@ def test_images_unknown_ids_are_404(client, image_id):
     assert_refused(client.get(f"/images/{image_id}"), 404, "image_id", f"no indexed image has id {image_id}")
 
 
-@pytest.mark.parametrize("path", ["/images/abc", "/images/..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd",
-                                  "/images/0.jpg"])
+@pytest.mark.parametrize(
+    "path", ["/images/abc", "/images/..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd", "/images/0.jpg"]
+)
 def test_images_never_take_a_path(client, path):
     response = client.get(path)
     assert response.status_code in (404, 422)
@@ -364,9 +372,27 @@ def serve(monkeypatch, *argv: str) -> dict:
 
 
 def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, monkeypatch, capsys):
-    served = serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir), "--port", "8123",
-                   "--max-upload-mb", "0.5", "--max-pixels", "1000", "--max-pending", "5", "--request-timeout", "7",
-                   "--allowed-host", "vqa.example", "--allowed-host", "vqa.internal")
+    served = serve(
+        monkeypatch,
+        "--model",
+        str(model_dir),
+        "--index",
+        str(index_dir),
+        "--port",
+        "8123",
+        "--max-upload-mb",
+        "0.5",
+        "--max-pixels",
+        "1000",
+        "--max-pending",
+        "5",
+        "--request-timeout",
+        "7",
+        "--allowed-host",
+        "vqa.example",
+        "--allowed-host",
+        "vqa.internal",
+    )
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
     name = f"{model_dir.parent.name}/tiny-absvit"  # the folder's last two parts: never the server's full path
     out = capsys.readouterr().out
@@ -381,12 +407,15 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, mon
     assert_refused(ask(client, png_of(48, 40)), 413, "image", "1,000 pixels")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--max-upload-mb", "0"], "--max-upload-mb must be positive"),
-    (["--max-pixels", "0"], "max_pixels must be a positive integer"),
-    (["--max-pending", "0"], "max_pending must be a positive integer"),
-    (["--request-timeout", "-1"], "request_timeout_s must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-upload-mb", "0"], "--max-upload-mb must be positive"),
+        (["--max-pixels", "0"], "max_pixels must be a positive integer"),
+        (["--max-pending", "0"], "max_pending must be a positive integer"),
+        (["--request-timeout", "-1"], "request_timeout_s must be a positive integer"),
+    ],
+)
 def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):
     from absvl.cli import main
 
@@ -398,10 +427,15 @@ def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):
 def test_serve_command_serves_a_vqa_model_beside_the_index_model(vqa_dir, model_dir, index_dir, monkeypatch, capsys):
     """--retrieval-model defaults to the model the index records; --model answers the questions."""
     for extra in ([], ["--retrieval-model", str(model_dir)]):
-        health = local_client(serve(monkeypatch, "--model", str(vqa_dir), "--index", str(index_dir), *extra)["app"]
-                              ).get("/health").json()
-        assert (health["model"], health["retrieval_model"]) == (f"{vqa_dir.parent.name}/vqa-model",
-                                                                f"{model_dir.parent.name}/tiny-absvit")
+        health = (
+            local_client(serve(monkeypatch, "--model", str(vqa_dir), "--index", str(index_dir), *extra)["app"])
+            .get("/health")
+            .json()
+        )
+        assert (health["model"], health["retrieval_model"]) == (
+            f"{vqa_dir.parent.name}/vqa-model",
+            f"{model_dir.parent.name}/tiny-absvit",
+        )
         assert health["vqa"] and health["search"]
         assert f"/search: model {model_dir.parent.name}/tiny-absvit, 40 indexed images" in capsys.readouterr().out
 
@@ -421,11 +455,19 @@ def test_serve_command_places_the_index(model_dir, index_dir, monkeypatch, capsy
     (the placement itself: tests/retrieval/test_index.py, with stand-ins for FAISS's GPU functions)."""
     from absvl.cli import main
 
-    health = local_client(serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir))["app"]
-                          ).get("/health").json()
+    health = (
+        local_client(serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir))["app"])
+        .get("/health")
+        .json()
+    )
     assert health["index_device"] == ("cuda" if gpu_available() else "cpu")
-    health = local_client(serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir),
-                                "--index-device", "cpu")["app"]).get("/health").json()
+    health = (
+        local_client(
+            serve(monkeypatch, "--model", str(model_dir), "--index", str(index_dir), "--index-device", "cpu")["app"]
+        )
+        .get("/health")
+        .json()
+    )
     assert health["index_device"] == "cpu"
     if not gpu_available():
         capsys.readouterr()

@@ -1,4 +1,5 @@
 """The web page end to end: headless Chromium against a real uvicorn server."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,16 @@ from absvl.serve import create_app
 from .conftest import LiveServer, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +38,11 @@ def page(live_server, tmp_path_factory):
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1100, "height": 1300},
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 1300},
         )
         try:
             tab = browser.new_page()
@@ -57,8 +69,10 @@ def test_search_shows_thumbnails_with_scores(page):
     results = page.locator("#search-results li")
     results.nth(5).wait_for()
     assert results.count() == 6
-    page.wait_for_function("() => document.querySelectorAll('#search-results img').length === 6 && "
-                           "[...document.querySelectorAll('#search-results img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#search-results img').length === 6 && "
+        "[...document.querySelectorAll('#search-results img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     assert loaded_images(page, "#search-results img") == 6
     first = results.first
     assert first.locator("img").get_attribute("src").startswith("/images/")
@@ -82,8 +96,10 @@ def test_ask_shows_answers_and_both_overlays(page, png_bytes, tmp_path):
     page.get_by_role("button", name="Ask").click()
     page.locator("#vqa-result").wait_for(state="visible")
     assert page.locator("#vqa-answers li").count() == 5
-    page.wait_for_function("() => ['vqa-input', 'vqa-bottom-up', 'vqa-top-down'].every(id => "
-                           "{ const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; })")
+    page.wait_for_function(
+        "() => ['vqa-input', 'vqa-bottom-up', 'vqa-top-down'].every(id => "
+        "{ const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; })"
+    )
     for selector in ("#vqa-bottom-up", "#vqa-top-down"):
         assert page.locator(selector).get_attribute("src").startswith("data:image/png;base64,")
         assert "attention" in page.locator(selector).get_attribute("alt")
@@ -110,8 +126,12 @@ def test_only_the_served_halves_are_shown(page, model, index_dir, shapes_root):
     question form; each lists why the other half is not served."""
     no_head = AbsVLModel(tiny_config(shapes_root)).eval()
     for app, shown, hidden, reason in [
-        (create_app(no_head, ImageIndex.load(index_dir), model_name="no-head", retrieval_model=model),
-         "#search-section", "#vqa-section", "model no-head has no VQA head"),
+        (
+            create_app(no_head, ImageIndex.load(index_dir), model_name="no-head", retrieval_model=model),
+            "#search-section",
+            "#vqa-section",
+            "model no-head has no VQA head",
+        ),
         (create_app(model), "#vqa-section", "#search-section", "no image index is loaded"),
     ]:
         with LiveServer(app) as server:

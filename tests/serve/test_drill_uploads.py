@@ -1,5 +1,6 @@
 """scripts/drill_uploads.py at a small size: simultaneous 16-bit PNG uploads keep the server's peak
 memory within the bound, and uploads past the queue get 503 with Retry-After."""
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,7 @@ def test_the_drill_image_is_a_16_bit_png():
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the drill reads /proc (Linux only)")
 def test_simultaneous_uploads_stay_within_the_memory_bound(model_dir):
-    report = DRILL["main"](["--model", str(model_dir), "--uploads", "8", "--side", "2500",
-                           "--max-pending", "4"])
+    report = DRILL["main"](["--model", str(model_dir), "--uploads", "8", "--side", "2500", "--max-pending", "4"])
     assert report["one_at_a_time"] == {200: 3}
     assert set(report["statuses"]) <= {200, 503} and report["statuses"][200] >= 4
     if 503 in report["statuses"]:

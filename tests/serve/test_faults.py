@@ -1,5 +1,6 @@
 """The service under faults: hostile hosts and files, content sniffing, slow or vanished clients,
 expensive searches, junk methods, uploads decoded only inside the bounded model queue."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,10 @@ from PIL import Image
 
 from absvl.retrieval import ImageIndex, Retriever, build_index
 from absvl.serve import Limits, create_app
-from absvl.serve import app as app_module
-from absvl.serve.app import FORMAT_LIST, IMAGE_TYPES, LOCAL_HOSTS, STATIC_DIR
+from absvl.serve import service as service_module
+from absvl.serve.app import STATIC_DIR
+from absvl.serve.hardening import LOCAL_HOSTS, PAGE_CSP
+from absvl.serve.uploads import FORMAT_LIST, IMAGE_TYPES
 
 from .conftest import LiveServer, local_client, png_of
 from .test_app import ask, assert_refused, metric_samples
@@ -34,7 +37,7 @@ class BlockedModelThread:
         self.event = threading.Event()
         self.timer = threading.Timer(seconds, self.event.set)
 
-    def __enter__(self) -> "BlockedModelThread":
+    def __enter__(self) -> BlockedModelThread:
         self.timer.start()
         self.service.executor.submit(self.event.wait)
         return self
@@ -61,8 +64,10 @@ def model_calls(app, task: str) -> float:
 # --- memory: uploads are decoded inside the model queue ---------------------------------------
 def test_uploads_are_decoded_on_the_model_thread_only(client, png_bytes, monkeypatch):
     threads = []
-    decode = app_module.decode_upload
-    monkeypatch.setattr(app_module, "decode_upload", lambda *a: threads.append(threading.current_thread().name) or decode(*a))
+    decode = service_module.decode_upload
+    monkeypatch.setattr(
+        service_module, "decode_upload", lambda *a: threads.append(threading.current_thread().name) or decode(*a)
+    )
     assert ask(client, png_bytes).status_code == 200
     assert len(threads) == 1 and threads[0].startswith("absvl-model")
 
@@ -70,7 +75,7 @@ def test_uploads_are_decoded_on_the_model_thread_only(client, png_bytes, monkeyp
 def test_a_full_queue_refuses_uploads_before_reading_them(model, png_bytes, monkeypatch):
     app = create_app(model, limits=Limits(max_pending=2))
     app.state.service.pending = 2
-    monkeypatch.setattr(app_module, "decode_upload", lambda *a: pytest.fail("a refused upload was decoded"))
+    monkeypatch.setattr(service_module, "decode_upload", lambda *a: pytest.fail("a refused upload was decoded"))
     response = ask(local_client(app), png_bytes)
     assert_refused(response, 503, None, "server busy", "limit 2")
     assert response.headers["retry-after"] == "1"
@@ -93,7 +98,9 @@ def test_allowed_hosts_are_configurable(model):
     client = local_client(create_app(model, allowed_hosts=(*LOCAL_HOSTS, "vqa.example")))
     assert client.get("/health", headers={"host": "VQA.example:443"}).status_code == 200
     assert client.get("/health", headers={"host": "other.example"}).status_code == 400
-    assert local_client(create_app(model, allowed_hosts=("*",))).get("/health", headers={"host": "x.y"}).status_code == 200
+    assert (
+        local_client(create_app(model, allowed_hosts=("*",))).get("/health", headers={"host": "x.y"}).status_code == 200
+    )
 
 
 # --- nosniff and the page's CSP -----------------------------------------------------------------
@@ -106,11 +113,18 @@ def test_every_response_says_nosniff(model, index, limits):
 
     client = local_client(app, raise_server_exceptions=False)
     responses = {
-        "page": client.get("/"), "static": client.get("/static/app.js"), "health": client.get("/health"),
-        "metrics": client.get("/metrics"), "image": client.get("/images/0"), "docs": client.get("/docs"),
-        "404": client.get("/nowhere"), "405": client.get("/vqa"), "422": client.get("/search"),
+        "page": client.get("/"),
+        "static": client.get("/static/app.js"),
+        "health": client.get("/health"),
+        "metrics": client.get("/metrics"),
+        "image": client.get("/images/0"),
+        "docs": client.get("/docs"),
+        "404": client.get("/nowhere"),
+        "405": client.get("/vqa"),
+        "422": client.get("/search"),
         "413": client.post("/vqa", content=b"x" * 300_000, headers={"content-type": "multipart/form-data; boundary=x"}),
-        "415": ask(client, b"not an image"), "400": client.get("/health", headers={"host": "evil.example"}),
+        "415": ask(client, b"not an image"),
+        "400": client.get("/health", headers={"host": "evil.example"}),
         "500": client.get("/boom"),
     }
     assert {name: r.status_code for name, r in responses.items()}["500"] == 500
@@ -123,7 +137,7 @@ def test_page_csp_allows_only_its_own_files():
     page = (STATIC_DIR / "index.html").read_text()
     assert re.findall(r"<script\b([^>]*)>(.*?)</script>", page, re.S) == [(' src="/static/app.js" defer', "")]
     assert "<style" not in page and not re.search(r"\s(style|on[a-z]+)=", page)
-    csp = app_module.PAGE_CSP
+    csp = PAGE_CSP
     assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
     directives = dict(part.strip().split(" ", 1) for part in csp.split(";"))
     assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
@@ -132,7 +146,7 @@ def test_page_csp_allows_only_its_own_files():
 
 
 def test_page_is_sent_with_its_csp(client):
-    assert client.get("/").headers["content-security-policy"] == app_module.PAGE_CSP
+    assert client.get("/").headers["content-security-policy"] == PAGE_CSP
 
 
 # --- /images/{id}: the decoded format's type, never the file name's ----------------------------
@@ -218,8 +232,9 @@ def test_chunked_reranking_ranks_as_the_retriever_does(model, index):
     expected = Retriever(model, index).search("a blue square", k=7, rerank=20)
     assert [r["id"] for r in body["results"]] == [hit.id for hit in expected]
     assert [r["rank"] for r in body["results"]] == list(range(1, 8))
-    np.testing.assert_allclose([r["rerank_score"] for r in body["results"]], [h.rerank_score for h in expected],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        [r["rerank_score"] for r in body["results"]], [h.rerank_score for h in expected], rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.timeout(120)
@@ -257,4 +272,6 @@ def test_metric_labels_stay_bounded(model):
     labels = [dict(key[1]) for key in samples if key[0] == "absvl_http_requests_total"]
     assert {label["method"] for label in labels} == {"GET", "other"}
     assert {label["endpoint"] for label in labels} <= {"/health", "/static", "unmatched"}
-    assert samples[("absvl_http_requests_total", (("endpoint", "/health"), ("method", "other"), ("status", "405")))] == 3
+    assert (
+        samples[("absvl_http_requests_total", (("endpoint", "/health"), ("method", "other"), ("status", "405")))] == 3
+    )

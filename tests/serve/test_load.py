@@ -1,18 +1,25 @@
 """A bounded concurrent load test against the real server: 200 requests, 8 at a time, no errors."""
+
 from __future__ import annotations
+
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from absvl.serve.loadtest import run_load
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "loadtest.py"
+LOADTEST = runpy.run_path(str(SCRIPT))
 
 
 @pytest.mark.slow
 def test_200_requests_8_at_a_time_without_errors(live_server, png_bytes):
-    report = run_load(live_server.url, requests=200, concurrency=8, image=png_bytes, vqa_every=10)
-    print(f"\nload: {report.requests} requests ({report.by_endpoint}), 8 concurrent, {report.seconds:.1f} s, "
-          f"{report.requests_per_second:.0f} req/s, p50 {report.p50_ms:.1f} ms, p99 {report.p99_ms:.1f} ms")
+    report = LOADTEST["run_load"](live_server.url, requests=200, concurrency=8, image=png_bytes, vqa_every=10)
+    print(
+        f"\nload: {report.requests} requests ({report.by_endpoint}), 8 concurrent, {report.seconds:.1f} s, "
+        f"{report.requests_per_second:.0f} req/s, p50 {report.p50_ms:.1f} ms, p99 {report.p99_ms:.1f} ms"
+    )
     assert report.errors == 0, report.failures
     assert report.by_endpoint == {"/vqa": 20, "/search": 100, "/health": 80}
     assert 0 < report.p50_ms <= report.p99_ms
@@ -58,7 +65,7 @@ def test_cheap_searches_run_between_the_chunks_of_big_reranks(model, index):
                 idle = [timed(client, {"q": "a blue square", "k": 5}) for _ in range(20)]
             stop, big = threading.Event(), []
 
-            def rerank_loop() -> None:
+            def rerank_loop(stop: threading.Event = stop, big: list = big) -> None:
                 with httpx.Client(base_url=server.url, timeout=60) as client:
                     while not stop.is_set():
                         big.append(timed(client, {"q": "a red circle", "k": 10, "rerank": 40}))
@@ -74,10 +81,17 @@ def test_cheap_searches_run_between_the_chunks_of_big_reranks(model, index):
             stop.set()
             for loop in loops:
                 loop.join()
-        figures[chunk] = {"idle": np.median(idle), "cheap": np.median(cheap), "cheap_p90": np.percentile(cheap, 90),
-                          "big": np.median(big), "big_per_s": len(big) / seconds}
+        figures[chunk] = {
+            "idle": np.median(idle),
+            "cheap": np.median(cheap),
+            "cheap_p90": np.percentile(cheap, 90),
+            "big": np.median(big),
+            "big_per_s": len(big) / seconds,
+        }
         f = figures[chunk]
-        print(f"\nrerank_chunk={chunk}: cheap /search p50 {f['cheap']:.0f} ms, p90 {f['cheap_p90']:.0f} ms (idle "
-              f"{f['idle']:.0f} ms) while {BIG_CLIENTS} clients run rerank=40 searches back to back "
-              f"(p50 {f['big']:.0f} ms, {f['big_per_s']:.1f}/s)")
+        print(
+            f"\nrerank_chunk={chunk}: cheap /search p50 {f['cheap']:.0f} ms, p90 {f['cheap_p90']:.0f} ms (idle "
+            f"{f['idle']:.0f} ms) while {BIG_CLIENTS} clients run rerank=40 searches back to back "
+            f"(p50 {f['big']:.0f} ms, {f['big_per_s']:.1f}/s)"
+        )
     assert figures[8]["cheap"] < figures[8]["big"]

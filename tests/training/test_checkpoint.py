@@ -42,7 +42,11 @@ def test_save_and_load_restore_everything(tmp_path):
     path = save_checkpoint(accelerator, tmp_path, 7, model, optimizer, scheduler, {"step": 7, "epoch": 1})
     assert path.name == "checkpoint-00000007"
     assert sorted(p.name for p in path.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.pt", "trainer_state.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng-0.pt",
+        "scheduler.pt",
+        "trainer_state.json",
     ]
     after_save = torch.rand(2)
     other_model, other_opt, other_sched = _parts(seed=1)
@@ -64,8 +68,25 @@ def test_incomplete_checkpoints_are_invisible_and_rotation_keeps_best(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-0000000{i}" for i in (1, 2, 3, 4)]
     assert resolve_resume("latest", tmp_path).name == "checkpoint-00000004"
     rotate_checkpoints(tmp_path, keep_last=2, best=str(tmp_path / "checkpoint-00000001"))
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000001", "checkpoint-00000003", "checkpoint-00000004"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-00000001",
+        "checkpoint-00000003",
+        "checkpoint-00000004",
+    ]
     assert not (tmp_path / ".tmp-checkpoint-00000005").exists()
+
+
+def test_a_checkpoint_saved_again_is_replaced_whole_and_an_interrupted_swap_is_undone(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = _parts()
+    save_checkpoint(accelerator, tmp_path, 3, model, optimizer, scheduler, {"step": 3, "path": "é.jpg"})
+    path = save_checkpoint(accelerator, tmp_path, 3, model, optimizer, scheduler, {"step": 3, "again": True})
+    assert json.loads((path / "trainer_state.json").read_text(encoding="utf-8")) == {"step": 3, "again": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003"]
+    path.rename(tmp_path / ".old-checkpoint-00000003")  # a crash between the swap's two renames
+    assert list_checkpoints(tmp_path) == []
+    rotate_checkpoints(tmp_path, keep_last=2, best=None)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000003"]
 
 
 def test_resume_errors_are_clear(tmp_path):

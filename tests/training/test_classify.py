@@ -1,5 +1,6 @@
 """ImageFolder classification on the shared trainer: learning, exact resume, the AbSViT loss,
 mixup/cutmix, unreadable images, config errors, evaluation and the CLI."""
+
 import json
 import os
 import shutil
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_model
 
+import absvl
 from absvl.cli import main
+from absvl.io import read_backbone_folder
 from absvl.models.vision import create_backbone
 from absvl.training.classify import (
     classification_loss,
@@ -39,7 +42,7 @@ def _make_imagefolder(root: Path, per_class: dict[str, int], colours=COLOURS, se
             for i in range(count):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 35, (32, 32, 3)), 0, 255).astype(np.uint8)
                 y, x = rng.integers(0, 20, 2)
-                pixels[y:y + 10, x:x + 10] = rng.integers(0, 256, 3)  # a distractor square
+                pixels[y : y + 10, x : x + 10] = rng.integers(0, 256, 3)  # a distractor square
                 Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
     return root
 
@@ -103,6 +106,9 @@ def test_tiny_imagefolder_run_learns_and_exports(folder, tmp_path):
     info = json.loads((export / "config.json").read_text())
     assert info["format"] == "absvl-backbone" and info["name"] == "absvit_test_patch8"
     assert info["overrides"] == {"img_size": 32, "num_classes": 3} and info["classes"] == ["blue", "green", "red"]
+    assert read_backbone_folder(export) == info and info["absvl_version"] == absvl.__version__  # absvl.io's format
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]  # no staging left behind
     model, _ = load_classifier(export)
     again = create_backbone("absvit_test_patch8", pretrained_path=export).eval()
     images = torch.randn(2, 3, 32, 32)
@@ -126,21 +132,46 @@ def _straight_then_resumed(folder, tmp_path, extra, kill_after):
 
 
 def test_resume_mid_epoch_with_mixup_and_randaugment_is_exact(folder, tmp_path):
-    extra = ["train.max_steps=8", "train.save_every=3", "train.keep_last=10", "train.batch_size=8",
-             "data.mixup=0.8", "data.cutmix=1.0", "data.randaugment=rand-m9-mstd0.5-inc1", "model.backbone_kwargs={img_size: 32, drop_path_rate: 0.1}"]
+    extra = [
+        "train.max_steps=8",
+        "train.save_every=3",
+        "train.keep_last=10",
+        "train.batch_size=8",
+        "data.mixup=0.8",
+        "data.cutmix=1.0",
+        "data.randaugment=rand-m9-mstd0.5-inc1",
+        "model.backbone_kwargs={img_size: 32, drop_path_rate: 0.1}",
+    ]
     _straight_then_resumed(folder, tmp_path, extra, kill_after=3)  # 60/8 = 8 batches: step 3 is mid-epoch
 
 
 def _train_cmd(root, out, *extra, resume=False):
-    cmd = [sys.executable, "-m", "absvl.cli", "train", "classify", "--data", str(root), "--backbone", "absvit_test_patch8",
-           *_overrides(root, out, *extra)[2:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "absvl.cli",
+        "train",
+        "classify",
+        "--data",
+        str(root),
+        "--backbone",
+        "absvit_test_patch8",
+        *_overrides(root, out, *extra)[2:],
+    ]
     return cmd + (["--resume"] if resume else [])
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_with_worker_processes_ends_with_identical_weights(folder, tmp_path):
-    extra = ["train.max_steps=16", "train.save_every=2", "train.batch_size=8", "data.num_workers=2",
-             "data.mixup=0.8", "data.cutmix=1.0", "data.randaugment=rand-m9-mstd0.5-inc1"]
+    extra = [
+        "train.max_steps=16",
+        "train.save_every=2",
+        "train.batch_size=8",
+        "data.num_workers=2",
+        "data.mixup=0.8",
+        "data.cutmix=1.0",
+        "data.randaugment=rand-m9-mstd0.5-inc1",
+    ]
     subprocess.run(_train_cmd(folder, tmp_path / "a", *extra), check=True, capture_output=True)
     killed = tmp_path / "b"
     proc = subprocess.Popen(_train_cmd(folder, killed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -158,8 +189,13 @@ def test_sigkill_and_resume_with_worker_processes_ends_with_identical_weights(fo
 def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(folder, tmp_path):
     # eps=1 makes AdamW's step ~linear in the gradient: with the default 1e-8 a weight whose
     # gradient is ~0 moves by ±lr on the sign of float noise, which no reduction order controls.
-    common = ["train.max_steps=3", "data.randaugment=rand-m9-mstd0.5-inc1", "train.lr=0.05", "train.eps=1.0",
-              "train.warmup_ratio=0"]
+    common = [
+        "train.max_steps=3",
+        "data.randaugment=rand-m9-mstd0.5-inc1",
+        "train.lr=0.05",
+        "train.eps=1.0",
+        "train.warmup_ratio=0",
+    ]
     subprocess.run(_train_cmd(folder, tmp_path / "one", *common, "train.batch_size=8"), check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
@@ -206,7 +242,9 @@ def test_absvit_loss_is_mean_ce_of_both_passes_plus_var():
     plain = create_backbone("vit_test_patch8", num_classes=3).train()
     plain_out = plain(images)
     assert plain_out.bottom_up_logits is None and not plain_out.aux_losses
-    torch.testing.assert_close(classification_loss(plain_out, labels, torch.nn.CrossEntropyLoss()), ce(plain_out.logits))
+    torch.testing.assert_close(
+        classification_loss(plain_out, labels, torch.nn.CrossEntropyLoss()), ce(plain_out.logits)
+    )
     # eval mode: no L_var; inference uses the second pass
     assert "var" not in model.eval()(images).aux_losses
 
@@ -225,10 +263,18 @@ def test_param_groups_cover_every_parameter_once_without_decay_on_biases_norms_e
 
 
 def test_odd_batches_with_mixup_and_cutmix_train(folder, tmp_path):
-    summary = train_classifier(_config(
-        folder, tmp_path / "run", "train.max_steps=3", "train.batch_size=5",
-        "data.mixup=0.8", "data.cutmix=1.0", "data.randaugment=rand-m9-mstd0.5", "data.val_split=null",
-    ))
+    summary = train_classifier(
+        _config(
+            folder,
+            tmp_path / "run",
+            "train.max_steps=3",
+            "train.batch_size=5",
+            "data.mixup=0.8",
+            "data.cutmix=1.0",
+            "data.randaugment=rand-m9-mstd0.5",
+            "data.val_split=null",
+        )
+    )
     assert summary["step"] == 3 and summary["val"] is None
     assert all(np.isfinite(r["loss"]) for r in _log(tmp_path / "run"))
 
@@ -249,7 +295,9 @@ def test_a_batch_of_only_unreadable_images_takes_a_zero_step(tmp_path):
     root = _make_imagefolder(tmp_path / "data", {"train": 2}, colours={"a": (0, 0, 0), "b": (255, 255, 255)})
     for image in (root / "train" / "a").iterdir():
         image.write_bytes(b"broken")
-    summary = train_classifier(_config(root, tmp_path / "run", "train.epochs=1", "train.batch_size=2", "data.val_split=null"))
+    summary = train_classifier(
+        _config(root, tmp_path / "run", "train.epochs=1", "train.batch_size=2", "data.val_split=null")
+    )
     assert summary["step"] == 2 and summary["skipped"] == 2
 
 
@@ -291,17 +339,32 @@ def test_eval_classify_top1_top5_on_a_known_case(tmp_path, capsys):
     export = tmp_path / "model"
     export.mkdir()
     save_model(model, str(export / "model.safetensors"))
-    (export / "config.json").write_text(json.dumps({
-        "format": "absvl-backbone", "name": "vit_test_patch8", "overrides": {"num_classes": 6}, "classes": names,
-    }))
+    (export / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "absvl-backbone",
+                "name": "vit_test_patch8",
+                "overrides": {"num_classes": 6},
+                "classes": names,
+            }
+        )
+    )
     result = evaluate_classifier(export, root, "val", batch_size=4, num_workers=0)
     assert result["images"] == 13 and result["skipped"] == 1
+    assert [Path(path).name for path, _ in result["unreadable"]] == ["bad.jpg"]
     assert result["top1"] == pytest.approx(100 * 2 / 13) and result["top5"] == pytest.approx(100 * 10 / 13)
+    assert capsys.readouterr().out == ""  # the library reports in its result; the command prints
 
     out = tmp_path / "scores.json"
-    assert main(["eval", "classify", "--model", str(export), "--data", str(root), "--out", str(out), "--num-workers", "0"]) == 0
-    assert "top-1 15.38 %  top-5 76.92 %" in capsys.readouterr().out
-    assert json.loads(out.read_text())["top5"] == pytest.approx(100 * 10 / 13)
+    assert (
+        main(["eval", "classify", "--model", str(export), "--data", str(root), "--out", str(out), "--num-workers", "0"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "1 images skipped (unreadable): they count as wrong" in printed and "bad.jpg" in printed
+    assert "top-1 15.38 %  top-5 76.92 %" in printed
+    scores = json.loads(out.read_text())
+    assert scores["top5"] == pytest.approx(100 * 10 / 13) and "unreadable" not in scores
 
 
 def test_train_and_eval_commands_agree(folder, tmp_path, capsys):
@@ -311,8 +374,23 @@ def test_train_and_eval_commands_agree(folder, tmp_path, capsys):
     assert "model exported to" in capsys.readouterr().out
     val_top1 = [r["val/top1"] for r in _log(run) if "val/top1" in r][-1]
     out = tmp_path / "val.json"
-    assert main(["eval", "classify", "--model", str(run / "final"), "--data", str(folder), "--out", str(out),
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "classify",
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(folder),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["top1"] == pytest.approx(val_top1)
 
 
@@ -331,8 +409,8 @@ def _make_patch_dataset(root: Path, per_split: dict[str, int], seed=0) -> Path:
             cells = rng.permutation(4)[:2]
             for cell, (cls, colour) in zip(cells, [(1, COLOURS["red"]), (2, COLOURS["blue"])]):
                 y, x = 16 * (cell // 2), 16 * (cell % 2)
-                pixels[y:y + 16, x:x + 16] = colour
-                labels[y:y + 16, x:x + 16] = cls
+                pixels[y : y + 16, x : x + 16] = colour
+                labels[y : y + 16, x : x + 16] = cls
             Image.fromarray(pixels).save(root / split / "images" / f"{i:03d}.png")
             Image.fromarray(labels).save(root / split / "labels" / f"{i:03d}.png")
     return root
@@ -350,12 +428,35 @@ def test_patch_labelled_run_classifies_every_patch_and_logs_the_gate(tmp_path, c
     log = [r for r in _log(run) if "loss" in r]
     assert {"gate/mean", "gate/open", "topdown/change"} <= set(log[-1])  # AbSViT's learned prior at work
     # absvl eval classify scores the same patches
-    assert main(["eval", "classify", "--model", summary["export"], "--data", str(data), "--split", "val",
-                 "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "classify",
+                "--model",
+                summary["export"],
+                "--data",
+                str(data),
+                "--split",
+                "val",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert f"{summary['val']['top1']:.2f}" in capsys.readouterr().out
     # geometric augmentation would move pixels away from their labels: refused with the key to change
     with pytest.raises(ConfigError, match="data.format"):
         _config(data, run, "data.format=patches", "data.mixup=0.8")
     with pytest.raises(ConfigError, match="patch labels need a ViT-family backbone"):
-        train_classifier(_config(data, tmp_path / "cnn", "data.format=patches", "model.backbone=resnet_test",
-                                 "model.backbone_kwargs={}", "train.max_steps=1"))
+        train_classifier(
+            _config(
+                data,
+                tmp_path / "cnn",
+                "data.format=patches",
+                "model.backbone=resnet_test",
+                "model.backbone_kwargs={}",
+                "train.max_steps=1",
+            )
+        )

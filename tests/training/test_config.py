@@ -22,7 +22,13 @@ def test_repo_configs_load():
 def test_overrides_parse_values_and_reach_every_section(tmp_path):
     config = load_config(
         _write(tmp_path, "train: {lr: 1.0e-4}\n"),
-        ["train.lr=2e-5", "train.betas=[0.9, 0.99]", "model.alpha=1", "data.train_splits=[train, val]", "train.resume=latest"],
+        [
+            "train.lr=2e-5",
+            "train.betas=[0.9, 0.99]",
+            "model.alpha=1",
+            "data.train_splits=[train, val]",
+            "train.resume=latest",
+        ],
     )
     assert config.train.lr == 2e-5 and config.train.betas == [0.9, 0.99]
     assert config.model.alpha == 1 and config.data.train_splits == ["train", "val"] and config.train.resume == "latest"
@@ -58,12 +64,23 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
 
 
 def test_values_take_their_field_types():
-    config = load_config(None, ["train.trackers=wandb", "train.max_steps=1e3", "train.lr=1", "model.text_encoder=123",
-                                "train.resume=null", "train.vision_from_scratch=true"])
+    config = load_config(
+        None,
+        [
+            "train.trackers=wandb",
+            "train.max_steps=1e3",
+            "train.lr=1",
+            "model.text_encoder=123",
+            "train.resume=null",
+            "train.vision_from_scratch=true",
+        ],
+    )
     assert config.train.trackers == ["wandb"]  # one tracker is a list of one
     assert config.train.max_steps == 1000 and isinstance(config.train.max_steps, int)
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
-    assert config.model.text_encoder == "123" and config.train.resume is None and config.train.vision_from_scratch is True
+    assert (
+        config.model.text_encoder == "123" and config.train.resume is None and config.train.vision_from_scratch is True
+    )
 
 
 def test_a_flag_is_true_or_false_and_the_error_names_the_file(tmp_path):
@@ -84,22 +101,35 @@ def test_missing_file_and_round_trip(tmp_path):
 def test_paper_size_vision_from_scratch_is_refused_unless_asked_for():
     from absvl.training.config import RetrievalConfig, check_vision_start
 
-    for path, run_class in (("configs/vqav2_absvit_base.yaml", RunConfig), ("configs/flickr30k_absvit_base.yaml", RetrievalConfig)):
+    for path, run_class in (
+        ("configs/vqav2_absvit_base.yaml", RunConfig),
+        ("configs/flickr30k_absvit_base.yaml", RetrievalConfig),
+    ):
         check_vision_start(load_config(path, [], run_class))  # the paper configs start from ImageNet weights
         scratch = load_config(path, ["model.backbone_kwargs={}"], run_class)  # loads (e.g. for evaluation) ...
-        with pytest.raises(ConfigError, match=r"no pretrained weights for the paper-size vision backbone.*"
-                                              r"train.vision_from_scratch=true"):
+        with pytest.raises(
+            ConfigError,
+            match=r"no pretrained weights for the paper-size vision backbone.*"
+            r"train.vision_from_scratch=true",
+        ):
             check_vision_start(scratch)  # ... but does not train
-        for fix in ("train.vision_from_scratch=true", "model.backbone_kwargs={pretrained_path: weights/absvit_base}",
-                    "train.init_from=runs/x/final"):
+        for fix in (
+            "train.vision_from_scratch=true",
+            "model.backbone_kwargs={pretrained_path: weights/absvit_base}",
+            "train.init_from=runs/x/final",
+        ):
             check_vision_start(load_config(path, ["model.backbone_kwargs={}", fix], run_class))
-    check_vision_start(load_config("configs/vqav2_absvit_base.yaml", ["model.backbone=absvit_test_patch8", "model.backbone_kwargs={}"]))
+    check_vision_start(
+        load_config("configs/vqav2_absvit_base.yaml", ["model.backbone=absvit_test_patch8", "model.backbone_kwargs={}"])
+    )
 
 
 def test_training_refuses_a_scratch_paper_size_backbone_before_any_work(tmp_path):
     from absvl.training.vqa import train_vqa
 
-    config = load_config("configs/vqav2_absvit_base.yaml", ["model.backbone_kwargs={}", f"train.output_dir={tmp_path / 'run'}"])
+    config = load_config(
+        "configs/vqav2_absvit_base.yaml", ["model.backbone_kwargs={}", f"train.output_dir={tmp_path / 'run'}"]
+    )
     with pytest.raises(ConfigError, match="paper-size vision backbone"):
         train_vqa(config)
     assert not (tmp_path / "run").exists()
@@ -109,5 +139,7 @@ def test_yaml_words_yes_no_on_off_stay_words():
     """YAML 1.2 booleans: ``mixed_precision=no`` is Accelerate's "no", not False; a flag wants true/false."""
     config = load_config("configs/shapes_absvit_tiny.yaml", ["train.mixed_precision=no", "data.randaugment=True"])
     assert config.train.mixed_precision == "no" and config.data.randaugment is True
-    with pytest.raises(ConfigError, match="data.randaugment='yes' in the command line is invalid: expected true or false"):
+    with pytest.raises(
+        ConfigError, match="data.randaugment='yes' in the command line is invalid: expected true or false"
+    ):
         load_config("configs/shapes_absvit_tiny.yaml", ["data.randaugment=yes"])

@@ -1,4 +1,5 @@
 """The best validated checkpoint exported as best/ beside final/, and `absvl export CHECKPOINT --out DIR`."""
+
 import json
 from pathlib import Path
 
@@ -29,8 +30,11 @@ def test_vqa_run_exports_best_and_any_checkpoint_exports(tiny_overrides, tmp_pat
     summary = train_vqa(config)
     run = Path(config.train.output_dir)
     best = Path(summary["best_checkpoint"])
-    scores = {r["step"]: r["val/accuracy"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-              if "val/accuracy" in r}
+    scores = {
+        r["step"]: r["val/accuracy"]
+        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if "val/accuracy" in r
+    }
     assert best.name == f"checkpoint-{max(scores, key=lambda s: (scores[s], -s)):08d}"
     assert summary["best_export"] == str(run / "best")
     _same(AbsVLModel.from_pretrained(run / "best").state_dict(), best)
@@ -68,7 +72,9 @@ def test_classifier_checkpoint_exports_to_a_backbone_folder(tmp_path, capsys):
     assert "absvl eval classify --model" in capsys.readouterr().out
 
 
-def test_retrieval_checkpoint_exports_and_its_card_keeps_the_recalls(shapes_root, tiny_model_overrides, tmp_path, capsys):
+def test_retrieval_checkpoint_exports_and_its_card_keeps_the_recalls(
+    shapes_root, tiny_model_overrides, tmp_path, capsys
+):
     run = tmp_path / "run"
     overrides = retrieval_overrides(shapes_root, tiny_model_overrides, run, 2)
     summary = train_retrieval(load_config(None, [*overrides, "train.save_every=2"], RetrievalConfig))
@@ -77,5 +83,8 @@ def test_retrieval_checkpoint_exports_and_its_card_keeps_the_recalls(shapes_root
     assert "(retrieval)" in capsys.readouterr().out
     _same(AbsVLModel.from_pretrained(out).state_dict(), run / "checkpoint-00000002")
     card = (out / "README.md").read_text()
-    assert "R_MEAN (val)" in card and card == (run / "best" / "README.md").read_text() == (run / "final" / "README.md").read_text()
+    assert (
+        "R_MEAN (val)" in card
+        and card == (run / "best" / "README.md").read_text() == (run / "final" / "README.md").read_text()
+    )
     assert summary["best_export"] == str(run / "best")

@@ -1,4 +1,5 @@
 """The training loop's guards: resume checks, the run's config kept, the atomic export, skipped items."""
+
 import json
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class _Exporter:
         self.fail = fail
 
     def export(self, model, out_dir, last):
-        out_dir.mkdir(parents=True)
+        assert out_dir.is_dir() and not any(out_dir.iterdir())  # an empty staging folder
         (out_dir / "model.safetensors").write_text("new")
         if self.fail:
             raise OSError("disk full")

@@ -1,5 +1,6 @@
 """Two-process (torchrun, gloo) training with unreadable images on every rank, and with
 parameters that get no gradient: every run finishes, with the counts a one-process run gives."""
+
 import json
 import os
 import shutil
@@ -21,14 +22,20 @@ def _torchrun(args, port, timeout=420):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     # a rank left waiting in a collective would hang: the timeout turns that into a failure
-    result = subprocess.run([*torchrun, "-m", "absvl.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run(
+        [*torchrun, "-m", "absvl.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
     return result
 
 
 def _one_process(args):
-    result = subprocess.run([sys.executable, "-m", "absvl.cli", *args], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "absvl.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -55,8 +62,9 @@ def test_vqa_with_validation_and_unreadable_images_on_every_rank(shapes_root, ti
     broken_val = _break_images(world, "val2014", keep=2)
     common = [*tiny_overrides, f"data.root={world}", "train.max_steps=24", "train.eval_every=12"]
     two, one = tmp_path / "two", tmp_path / "one"
-    printed = _torchrun(["train", "vqa", "--config", CONFIG, *common, "train.batch_size=4",
-                         f"train.output_dir={two}"], 29571).stdout
+    printed = _torchrun(
+        ["train", "vqa", "--config", CONFIG, *common, "train.batch_size=4", f"train.output_dir={two}"], 29571
+    ).stdout
     _one_process(["train", "vqa", "--config", CONFIG, *common, "train.batch_size=8", f"train.output_dir={one}"])
 
     # 24 steps of 8 questions cover the 128 training questions (ones without an in-vocabulary
@@ -83,18 +91,45 @@ def test_vqa_with_validation_and_unreadable_images_on_every_rank(shapes_root, ti
 def test_vqa_with_prior_loss_weight_zero(tiny_overrides, tmp_path):
     # the contrastive head gets no gradient: frozen for the run, so DDP's reduction completes
     run = tmp_path / "run"
-    printed = _torchrun(["train", "vqa", "--config", CONFIG, *tiny_overrides, "model.prior_loss_weight=0",
-                         "model.gate_sparsity_weight=0", "train.max_steps=3", "data.val_split=null",
-                         "train.batch_size=4", f"train.output_dir={run}"], 29573).stdout
+    printed = _torchrun(
+        [
+            "train",
+            "vqa",
+            "--config",
+            CONFIG,
+            *tiny_overrides,
+            "model.prior_loss_weight=0",
+            "model.gate_sparsity_weight=0",
+            "train.max_steps=3",
+            "data.val_split=null",
+            "train.batch_size=4",
+            f"train.output_dir={run}",
+        ],
+        29573,
+    ).stdout
     assert "get no gradient in this run and are frozen: contrastive.logit_scale" in printed
     assert (run / "final" / "model.safetensors").is_file()
 
 
 def test_vqa_with_a_backbone_that_ignores_the_prior(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    _torchrun(["train", "vqa", "--config", CONFIG, *tiny_overrides, "model.backbone=vit_test_patch8",
-               "model.prior_loss_weight=0", "model.gate_sparsity_weight=0", "train.max_steps=3",
-               "data.val_split=null", "train.batch_size=4", f"train.output_dir={run}"], 29575)
+    _torchrun(
+        [
+            "train",
+            "vqa",
+            "--config",
+            CONFIG,
+            *tiny_overrides,
+            "model.backbone=vit_test_patch8",
+            "model.prior_loss_weight=0",
+            "model.gate_sparsity_weight=0",
+            "train.max_steps=3",
+            "data.val_split=null",
+            "train.batch_size=4",
+            f"train.output_dir={run}",
+        ],
+        29575,
+    )
     assert (run / "final" / "model.safetensors").is_file()
 
 
@@ -102,8 +137,11 @@ def test_retrieval_with_unreadable_images_on_every_rank(shapes_root, tiny_model_
     world = tmp_path / "world"
     shutil.copytree(shapes_root, world)
     broken = _break_images(world, "train2014", keep=4)
-    overrides = [*retrieval_overrides(world, tiny_model_overrides, tmp_path / "run", 10), "train.batch_size=4",
-                 "data.max_val_images=8"]
+    overrides = [
+        *retrieval_overrides(world, tiny_model_overrides, tmp_path / "run", 10),
+        "train.batch_size=4",
+        "data.max_val_images=8",
+    ]
     printed = _torchrun(["train", "retrieval", "--config", RETRIEVAL_CONFIG, *overrides], 29577).stdout
     skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
     assert len({json.dumps(s) for s in skipped}) == len(skipped)

@@ -1,5 +1,6 @@
 """SentencePiece text encoders (XLM-R, DeBERTa-v3, T5 encoder) as the text tower: a tiny SentencePiece
 model trained here on the Shapes questions, a tiny encoder config, a couple of VQA steps, a reload."""
+
 import json
 import shutil
 
@@ -16,17 +17,46 @@ TINY = {"num_hidden_layers": 1, "num_attention_heads": 2, "hidden_size": 32, "in
 
 # tokenizer class, the file name its folder expects for the SentencePiece model, the encoder
 ENCODERS = {
-    "xlm-roberta": (transformers.XLMRobertaTokenizer, "sentencepiece.bpe.model",
-                    lambda tok: transformers.XLMRobertaModel(transformers.XLMRobertaConfig(
-                        vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id, **TINY))),
-    "deberta-v3": (transformers.DebertaV2Tokenizer, "spm.model",
-                   lambda tok: transformers.DebertaV2Model(transformers.DebertaV2Config(
-                       vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                       relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"], **TINY))),
-    "t5-encoder": (transformers.T5Tokenizer, "spiece.model",
-                   lambda tok: transformers.T5EncoderModel(transformers.T5Config(
-                       vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))),
+    "xlm-roberta": (
+        transformers.XLMRobertaTokenizer,
+        "sentencepiece.bpe.model",
+        lambda tok: transformers.XLMRobertaModel(
+            transformers.XLMRobertaConfig(
+                vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id, **TINY
+            )
+        ),
+    ),
+    "deberta-v3": (
+        transformers.DebertaV2Tokenizer,
+        "spm.model",
+        lambda tok: transformers.DebertaV2Model(
+            transformers.DebertaV2Config(
+                vocab_size=len(tok),
+                max_position_embeddings=64,
+                pad_token_id=tok.pad_token_id,
+                relative_attention=True,
+                position_buckets=16,
+                pos_att_type=["p2c", "c2p"],
+                **TINY,
+            )
+        ),
+    ),
+    "t5-encoder": (
+        transformers.T5Tokenizer,
+        "spiece.model",
+        lambda tok: transformers.T5EncoderModel(
+            transformers.T5Config(
+                vocab_size=len(tok),
+                d_model=32,
+                d_kv=16,
+                d_ff=64,
+                num_layers=1,
+                num_heads=2,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ),
+    ),
 }
 
 
@@ -34,17 +64,26 @@ ENCODERS = {
 def sentencepiece_model(shapes_root, tmp_path_factory):
     questions = json.loads((shapes_root / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]
     prefix = tmp_path_factory.mktemp("spm") / "shapes"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([q["question"] for q in questions]), model_prefix=str(prefix),
-                                   vocab_size=200, model_type="unigram", character_coverage=1.0,
-                                   hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([q["question"] for q in questions]),
+        model_prefix=str(prefix),
+        vocab_size=200,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return prefix.with_suffix(".model")
 
 
-@pytest.mark.parametrize("kind", [
-    "xlm-roberta",
-    "deberta-v3",
-    "t5-encoder",  # an encoder-decoder: its encoder alone is the text tower
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "xlm-roberta",
+        "deberta-v3",
+        "t5-encoder",  # an encoder-decoder: its encoder alone is the text tower
+    ],
+)
 def test_a_sentencepiece_text_encoder_trains_and_reloads(kind, sentencepiece_model, tiny_overrides, tmp_path):
     tokenizer_class, file_name, build = ENCODERS[kind]
     raw, folder = tmp_path / "spm", tmp_path / kind

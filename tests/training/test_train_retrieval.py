@@ -1,4 +1,5 @@
 """Retrieval training (contrastive + ITM on hard negatives), its evaluation, and search with the result."""
+
 import json
 
 import numpy as np
@@ -12,7 +13,6 @@ from absvl.models.vl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
 from absvl.training.retrieval import _rerank, evaluate_model, evaluate_retrieval, sample_negatives, train_retrieval
-
 
 
 def retrieval_overrides(shapes_root, tiny_model, out, steps):
@@ -41,7 +41,11 @@ def retrieval_overrides(shapes_root, tiny_model, out, steps):
 def trained(shapes_root, tiny_model_overrides, tmp_path_factory):
     """A tiny model trained for retrieval on the 32 training images of the tiny world (seconds)."""
     out = tmp_path_factory.mktemp("retrieval_run")
-    config = load_config("configs/shapes_retrieval.yaml", retrieval_overrides(shapes_root, tiny_model_overrides, out, 80), RetrievalConfig)
+    config = load_config(
+        "configs/shapes_retrieval.yaml",
+        retrieval_overrides(shapes_root, tiny_model_overrides, out, 80),
+        RetrievalConfig,
+    )
     summary = train_retrieval(config)
     return summary
 
@@ -59,8 +63,21 @@ def test_training_exports_a_model_and_validates_with_recall(trained):
 def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root, tmp_path, capsys):
     images = load_karpathy(shapes_root / "dataset_shapes.json", ["train"], shapes_root / "images")
     index = tmp_path / "index"
-    assert main(["index", "build", "--model", trained["export"], "--images", str(shapes_root / "images" / "train2014"),
-                 "--out", str(index)]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--model",
+                trained["export"],
+                "--images",
+                str(shapes_root / "images" / "train2014"),
+                "--out",
+                str(index),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     query = images[0].captions[0]
     assert main(["search", query, "--model", trained["export"], "--index", str(index), "-k", "5", "--json"]) == 0
@@ -85,18 +102,51 @@ def test_reranking_does_not_lower_recall_at_1_on_the_test_split(trained, shapes_
 
 def test_eval_command_prints_the_recall_table_and_writes_json(trained, shapes_root, tmp_path, capsys):
     out = tmp_path / "recall.json"
-    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
-                 "--images", str(shapes_root / "images"), "--split", "test", "--k", "3", "--num-workers", "0",
-                 "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "retrieval",
+            "--model",
+            trained["export"],
+            "--data",
+            str(shapes_root / "dataset_shapes.json"),
+            "--images",
+            str(shapes_root / "images"),
+            "--split",
+            "test",
+            "--k",
+            "3",
+            "--num-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| contrastive |" in printed and "re-ranked top-3" in printed
     saved = json.loads(out.read_text())
     assert saved["rerank_k"] == 3 and saved["images"] == 4 and saved["captions"] == 20
     # without re-ranking only the contrastive ranking is reported, and it is the same
-    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
-                 "--images", str(shapes_root / "images"), "--split", "test", "--no-rerank", "--num-workers", "0",
-                 "--out", str(tmp_path / "plain.json")])
+    code = main(
+        [
+            "eval",
+            "retrieval",
+            "--model",
+            trained["export"],
+            "--data",
+            str(shapes_root / "dataset_shapes.json"),
+            "--images",
+            str(shapes_root / "images"),
+            "--split",
+            "test",
+            "--no-rerank",
+            "--num-workers",
+            "0",
+            "--out",
+            str(tmp_path / "plain.json"),
+        ]
+    )
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert code == 0 and "reranked" not in plain and plain["contrastive"] == saved["contrastive"]
 
@@ -115,7 +165,7 @@ def test_evaluation_leaves_out_unreadable_images_and_lists_them(trained, shapes_
 def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(trained, shapes_root, monkeypatch):
     from collections import Counter
 
-    from absvl.data.images import ImageFiles
+    from absvl.data.image_files import ImageFiles
     from absvl.training.retrieval import _pair_scores
 
     model = AbsVLModel.from_pretrained(trained["export"])
@@ -129,11 +179,21 @@ def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(tr
 
     # the pair scores, visited image by image, are the model's scores of those pairs
     paths = [str(im.path) for im in images]
-    texts = model.tokenizer(["a red circle.", "a blue square on the left.", "two green triangles."], padding=True,
-                            return_tensors="pt")
+    texts = model.tokenizer(
+        ["a red circle.", "a blue square on the left.", "two green triangles."], padding=True, return_tensors="pt"
+    )
     image_rows, text_rows = np.array([3, 0, 3, 1, 7, 0]), np.array([0, 1, 2, 2, 1, 0])
-    scores = _pair_scores(model.eval(), paths, image_rows, lambda rows: (texts["input_ids"][rows], texts["attention_mask"][rows]),
-                          text_rows, batch_size=4, num_workers=0, accelerator=Accelerator(cpu=True), desc="test")
+    scores = _pair_scores(
+        model.eval(),
+        paths,
+        image_rows,
+        lambda rows: (texts["input_ids"][rows], texts["attention_mask"][rows]),
+        text_rows,
+        batch_size=4,
+        num_workers=0,
+        accelerator=Accelerator(cpu=True),
+        desc="test",
+    )
     pixels = torch.stack([read(ImageFiles(paths, model.image_size), i)[1] for i in image_rows])
     with torch.no_grad():
         expected = model.rerank_score(pixels, texts["input_ids"][text_rows], texts["attention_mask"][text_rows])
@@ -141,8 +201,20 @@ def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(tr
 
 
 def test_eval_command_names_a_wrong_image_root(trained, shapes_root, capsys):
-    code = main(["eval", "retrieval", "--model", trained["export"], "--data", str(shapes_root / "dataset_shapes.json"),
-                 "--split", "test", "--num-workers", "0"])
+    code = main(
+        [
+            "eval",
+            "retrieval",
+            "--model",
+            trained["export"],
+            "--data",
+            str(shapes_root / "dataset_shapes.json"),
+            "--split",
+            "test",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 2
     assert "--images" in capsys.readouterr().err
 
@@ -156,14 +228,21 @@ def test_rerank_resorts_only_the_first_k_and_keeps_ties_in_contrastive_order():
 @pytest.mark.parametrize("hard", [True, False])
 def test_negatives_are_never_the_pair_itself(shapes_root, hard):
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="absvit_test_patch8", backbone_kwargs={"img_size": 32},
-                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
-                         fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="absvit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config).eval()
     texts = [f"a {c} circle." for c in ("red", "blue", "green", "cyan", "orange", "purple")]
     batch = model.processor(images=[np.full((32, 32, 3), 40 * i, np.uint8) for i in range(6)], text=texts)
     for _ in range(20):
-        neg_image, neg_text = sample_negatives(model, batch["images"], batch["input_ids"], batch["attention_mask"], hard)
+        neg_image, neg_text = sample_negatives(
+            model, batch["images"], batch["input_ids"], batch["attention_mask"], hard
+        )
         assert (neg_image != torch.arange(6)).all() and (neg_text != torch.arange(6)).all()
     with pytest.raises(ValueError, match="at least 2"):
         sample_negatives(model, batch["images"][:1], batch["input_ids"][:1], batch["attention_mask"][:1])
@@ -172,16 +251,25 @@ def test_negatives_are_never_the_pair_itself(shapes_root, hard):
 def test_hard_negatives_follow_the_similarities(shapes_root):
     """With a large logit scale, the negative drawn for a caption is its most similar other image."""
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="vit_test_patch8", backbone_kwargs={"img_size": 32},
-                         text_encoder=str(shapes_root / "text_encoder"), fusion_hidden_size=32, fusion_layers=1,
-                         fusion_heads=2, max_logit_scale=1e4)
+    config = AbsVLConfig(
+        backbone="vit_test_patch8",
+        backbone_kwargs={"img_size": 32},
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+        max_logit_scale=1e4,
+    )
     model = AbsVLModel(config).eval()
     with torch.no_grad():
         model.contrastive.logit_scale.fill_(np.log(1e4))
     texts = [f"a {c} square." for c in ("red", "blue", "green", "cyan")]
     batch = model.processor(images=[np.full((32, 32, 3), 60 * i, np.uint8) for i in range(4)], text=texts)
     with torch.no_grad():
-        sims = model.encode_text(batch["input_ids"], batch["attention_mask"]) @ model.encode_image_bottom_up(batch["images"]).t()
+        sims = (
+            model.encode_text(batch["input_ids"], batch["attention_mask"])
+            @ model.encode_image_bottom_up(batch["images"]).t()
+        )
     expected = sims.masked_fill(torch.eye(4, dtype=torch.bool), -2).argmax(1)
     neg_image, _ = sample_negatives(model, batch["images"], batch["input_ids"], batch["attention_mask"], hard=True)
     assert neg_image.tolist() == expected.tolist()
@@ -205,19 +293,29 @@ def test_an_epoch_of_only_unreadable_images_stops_the_run(shapes_root, tiny_mode
         dest = images / src.relative_to(shapes_root / "images")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(b"truncated")
-    overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 50), f"data.images={images}", "data.val_split=null"]
+    overrides = [
+        *retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 50),
+        f"data.images={images}",
+        "data.val_split=null",
+    ]
     with pytest.raises(ValueError, match="none of the 32 training items could be read"):
         train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
     with pytest.raises(FileNotFoundError, match="data.images"):
-        train_retrieval(load_config("configs/shapes_retrieval.yaml", [*overrides, f"data.images={tmp_path}"],
-                                    RetrievalConfig))
+        train_retrieval(
+            load_config("configs/shapes_retrieval.yaml", [*overrides, f"data.images={tmp_path}"], RetrievalConfig)
+        )
 
 
 def test_hard_negatives_are_mined_in_eval_mode(shapes_root):
     """No dropout and no BatchNorm update in the mining pass; the model's mode is restored."""
     torch.manual_seed(0)
-    config = AbsVLConfig(backbone="tdam_resnet_test", text_encoder=str(shapes_root / "text_encoder"),
-                         fusion_hidden_size=32, fusion_layers=1, fusion_heads=2)
+    config = AbsVLConfig(
+        backbone="tdam_resnet_test",
+        text_encoder=str(shapes_root / "text_encoder"),
+        fusion_hidden_size=32,
+        fusion_layers=1,
+        fusion_heads=2,
+    )
     model = AbsVLModel(config).train()
     seen = []
     encode = model.encode_image_bottom_up
@@ -231,8 +329,9 @@ def test_hard_negatives_are_mined_in_eval_mode(shapes_root):
     assert all(torch.equal(b, statistics[n]) for n, b in model.named_buffers() if n in statistics)
 
 
-def test_training_and_evaluation_on_a_hugging_face_dataset(shapes_root, tiny_model_overrides, tmp_path, monkeypatch,
-                                                           capsys):
+def test_training_and_evaluation_on_a_hugging_face_dataset(
+    shapes_root, tiny_model_overrides, tmp_path, monkeypatch, capsys
+):
     """A folder of split-named parquet files {img: image bytes, caption: [5 captions], cocoid}: a few training steps,
     then `absvl eval retrieval` on it scores exactly as on the Karpathy caption file with the same images."""
     import datasets
@@ -240,26 +339,63 @@ def test_training_and_evaluation_on_a_hugging_face_dataset(shapes_root, tiny_mod
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     repo = tmp_path / "shapes-hf"
     repo.mkdir()
-    features = datasets.Features({"img": datasets.Image(), "caption": [datasets.Value("string")],
-                                  "cocoid": datasets.Value("int64")})
+    features = datasets.Features(
+        {"img": datasets.Image(), "caption": [datasets.Value("string")], "cocoid": datasets.Value("int64")}
+    )
     for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
         images = load_karpathy(shapes_root / "dataset_shapes.json", [split], shapes_root / "images")
-        datasets.Dataset.from_dict({"img": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
-                                    "caption": [list(im.captions) for im in images],
-                                    "cocoid": [im.image_id for im in images]},
-                                   features=features).to_parquet(repo / f"{name}-00000-of-00001.parquet")
-    overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 4), "data.format=hf",
-                 f"data.captions={repo}", "data.images=null", "data.hf_columns={image: img}"]
+        datasets.Dataset.from_dict(
+            {
+                "img": [{"bytes": im.path.read_bytes(), "path": None} for im in images],
+                "caption": [list(im.captions) for im in images],
+                "cocoid": [im.image_id for im in images],
+            },
+            features=features,
+        ).to_parquet(repo / f"{name}-00000-of-00001.parquet")
+    overrides = [
+        *retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 4),
+        "data.format=hf",
+        f"data.captions={repo}",
+        "data.images=null",
+        "data.hf_columns={image: img}",
+    ]
     summary = train_retrieval(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
     assert summary["step"] == 4 and summary["val"]["images"] == 4 and summary["val"]["captions"] == 20
 
     out = tmp_path / "recall.json"
-    assert main(["eval", "retrieval", "--model", summary["export"], "--data", str(repo), "--column", "image=img",
-                 "--split", "test", "--k", "2", "--num-workers", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--model",
+                summary["export"],
+                "--data",
+                str(repo),
+                "--column",
+                "image=img",
+                "--split",
+                "test",
+                "--k",
+                "2",
+                "--num-workers",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"of {repo} [test]" in capsys.readouterr().out
     hf = json.loads(out.read_text())
-    karpathy = evaluate_model(summary["export"], shapes_root / "dataset_shapes.json", "test", shapes_root / "images",
-                              rerank_k=2, num_workers=0)
+    karpathy = evaluate_model(
+        summary["export"],
+        shapes_root / "dataset_shapes.json",
+        "test",
+        shapes_root / "images",
+        rerank_k=2,
+        num_workers=0,
+    )
     assert (hf["images"], hf["captions"]) == (4, 20)
     assert hf["contrastive"] == karpathy["contrastive"] and hf["reranked"] == karpathy["reranked"]
 

@@ -1,4 +1,5 @@
 """The VQA trainer end to end on a tiny Shapes world: learning, exact resume, multi-process, bad input."""
+
 import json
 import os
 import shutil
@@ -43,7 +44,9 @@ def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
     assert [r["step"] for r in log if "val/accuracy" in r] == [6, 12]
     # the gate's health with every loss, the attention scores with every validation (a Shapes world)
-    assert all({"gate/mean", "gate/open", "prior/xi_pairwise_cos", "topdown/change"} <= set(r) for r in log if "loss" in r)
+    assert all(
+        {"gate/mean", "gate/open", "prior/xi_pairwise_cos", "topdown/change"} <= set(r) for r in log if "loss" in r
+    )
     val = [r for r in log if "val/accuracy" in r][-1]
     assert {"val/attention_bottom_up", "val/attention_top_down", "val/attention_top_down_others"} <= set(val)
     # keep_last=1 plus the best
@@ -56,10 +59,24 @@ def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
 
 
 def test_a_gate_that_stays_shut_is_reported(tiny_overrides, tmp_path, capsys):
-    train_vqa(load_config(CONFIG, [*tiny_overrides, "train.max_steps=6", "data.val_split=null", "model.alpha=1",
-                                   "model.gate_sparsity_weight=1000", "train.lr=1e-2"]))
-    printed = capsys.readouterr().out
-    assert "warning: the prior gate clamp(cos(xi, z), 0, 1) stayed shut" in printed
+    messages = []
+    train_vqa(
+        load_config(
+            CONFIG,
+            [
+                *tiny_overrides,
+                "train.max_steps=6",
+                "data.val_split=null",
+                "model.alpha=1",
+                "model.gate_sparsity_weight=1000",
+                "train.lr=1e-2",
+            ],
+        ),
+        notify=messages.append,
+    )
+    assert messages[0].startswith("training on ")
+    assert any(m.startswith("warning: the prior gate clamp(cos(xi, z), 0, 1) stayed shut") for m in messages)
+    assert capsys.readouterr().out == ""  # the library prints nothing: the caller decides (the CLI prints)
 
 
 def _train_cmd(overrides, resume=False):
@@ -96,8 +113,12 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(sha
     text_config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (encoder / "config.json").write_text(json.dumps(text_config))
     common = [
-        *tiny_overrides, f"model.text_encoder={encoder}",
-        "train.max_steps=3", "train.lr=0.05", "train.eps=1.0", "train.warmup_ratio=0",
+        *tiny_overrides,
+        f"model.text_encoder={encoder}",
+        "train.max_steps=3",
+        "train.lr=0.05",
+        "train.eps=1.0",
+        "train.warmup_ratio=0",
     ]
     one = [*common, "train.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]
     two = [*common, "train.batch_size=4", f"train.output_dir={tmp_path / 'two'}"]
@@ -105,7 +126,10 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(sha
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     result = subprocess.run(
-        [*torchrun, "-m", "absvl.cli", "train", "vqa", "--config", CONFIG, *two], capture_output=True, text=True, env=env
+        [*torchrun, "-m", "absvl.cli", "train", "vqa", "--config", CONFIG, *two],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 steps of 8 samples" in result.stdout
@@ -140,13 +164,47 @@ def test_eval_and_predict_commands(tiny_overrides, shapes_root, tmp_path, capsys
     config = load_config(CONFIG, tiny_overrides)
     export = train_vqa(config)["export"]
     out = tmp_path / "val.json"
-    assert main(["eval", "vqa", "--model", export, "--data", str(shapes_root), "--split", "val", "--out", str(out), "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "vqa",
+                "--model",
+                export,
+                "--data",
+                str(shapes_root),
+                "--split",
+                "val",
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     scores = json.loads(out.read_text())
     assert set(scores) == {"overall", "perAnswerType", "perQuestionType", "skipped"} and scores["skipped"] == 0
     assert "overall" in capsys.readouterr().out.lower()
 
     submission = tmp_path / "test-dev.json"
-    assert main(["predict", "vqa", "--model", export, "--data", str(shapes_root), "--split", "test-dev", "--out", str(submission)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "vqa",
+                "--model",
+                export,
+                "--data",
+                str(shapes_root),
+                "--split",
+                "test-dev",
+                "--out",
+                str(submission),
+            ]
+        )
+        == 0
+    )
     answers = json.loads(submission.read_text())
     questions = json.loads((shapes_root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text())["questions"]
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
@@ -155,7 +213,21 @@ def test_eval_and_predict_commands(tiny_overrides, shapes_root, tmp_path, capsys
     # the submission file scores through the official-format path too
     private = shapes_root / "shapes_test-dev2015_annotations.json"
     questions_file = shapes_root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
-    assert main(["eval", "vqa", "--predictions", str(submission), "--questions", str(questions_file), "--annotations", str(private)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "vqa",
+                "--predictions",
+                str(submission),
+                "--questions",
+                str(questions_file),
+                "--annotations",
+                str(private),
+            ]
+        )
+        == 0
+    )
 
 
 def test_bad_config_is_one_clear_line(capsys):
@@ -176,6 +248,14 @@ def test_eval_counts_the_questions_whose_image_is_unreadable(shapes_root, tiny_o
     assert main(["eval", "vqa", "--model", export, "--data", str(world), "--split", "val", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["skipped"] == unreadable > 0
     assert f"{unreadable} questions skipped (unreadable images): they score 0" in capsys.readouterr().out
+    submission = tmp_path / "val-answers.json"
+    assert (
+        main(["predict", "vqa", "--model", export, "--data", str(world), "--split", "val", "--out", str(submission)])
+        == 0
+    )
+    answers = AbsVLModel.from_pretrained(export).answers
+    assert f"{unreadable} questions had unreadable images: answered {answers[0]!r}" in capsys.readouterr().out
+    assert len(json.loads(submission.read_text())) == len(questions)
 
 
 def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_overrides, tmp_path, capsys):
@@ -192,17 +272,53 @@ def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_o
     assert main(["data", "check", str(world)]) == 1
     capsys.readouterr()
     out = tmp_path / "val.json"
-    assert main(["eval", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(coco), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "vqa",
+                "--model",
+                summary["export"],
+                "--data",
+                str(world),
+                "--images",
+                str(coco),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["skipped"] == 0
     submission = tmp_path / "test-dev.json"
-    assert main(["predict", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(coco),
-                 "--out", str(submission)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "vqa",
+                "--model",
+                summary["export"],
+                "--data",
+                str(world),
+                "--images",
+                str(coco),
+                "--out",
+                str(submission),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(submission.read_text())) > 0
-    assert main(["eval", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(tmp_path / "nowhere")]) == 2
+    assert (
+        main(["eval", "vqa", "--model", summary["export"], "--data", str(world), "--images", str(tmp_path / "nowhere")])
+        == 2
+    )
     assert f"data.images={tmp_path / 'nowhere'} should hold val2014/" in capsys.readouterr().err
 
 
-def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(shapes_root, tiny_overrides, tmp_path, monkeypatch):
+def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
+    shapes_root, tiny_overrides, tmp_path, monkeypatch
+):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
@@ -210,14 +326,30 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(shapes_root
     (repo / "data").mkdir(parents=True)
     for split, tag in (("train", "train2014"), ("validation", "val2014")):
         questions = json.loads((shapes_root / f"v2_OpenEnded_mscoco_{tag}_questions.json").read_text())["questions"]
-        answers = {a["question_id"]: a for a in json.loads((shapes_root / f"v2_mscoco_{tag}_annotations.json").read_text())["annotations"]}
-        rows = [{"id": q["question_id"], "image_id": q["image_id"], "question": q["question"],
-                 "answers": [a["answer"] for a in answers[q["question_id"]]["answers"]],
-                 "file": f"{tag}/COCO_{tag}_{q['image_id']:012d}.jpg"} for q in questions]
+        answers = {
+            a["question_id"]: a
+            for a in json.loads((shapes_root / f"v2_mscoco_{tag}_annotations.json").read_text())["annotations"]
+        }
+        rows = [
+            {
+                "id": q["question_id"],
+                "image_id": q["image_id"],
+                "question": q["question"],
+                "answers": [a["answer"] for a in answers[q["question_id"]]["answers"]],
+                "file": f"{tag}/COCO_{tag}_{q['image_id']:012d}.jpg",
+            }
+            for q in questions
+        ]
         (repo / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (repo / "README.md").write_text("# Shapes questions, Hub layout (data/<split>.jsonl)\n")
-    overrides = [*tiny_overrides, "data.format=hf", f"data.root={repo}", f"data.images={shapes_root / 'images'}",
-                 "data.hf_columns={question_id: id, image: file}", "train.max_steps=2"]
+    overrides = [
+        *tiny_overrides,
+        "data.format=hf",
+        f"data.root={repo}",
+        f"data.images={shapes_root / 'images'}",
+        "data.hf_columns={question_id: id, image: file}",
+        "train.max_steps=2",
+    ]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
 
@@ -231,4 +363,6 @@ def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(sh
     everything = score_predictions(perfect, examples)["overall"]
     one_unreadable = dict(list(perfect.items())[1:])  # the first question's image could not be read
     assert score_predictions(one_unreadable, examples)["overall"] < everything
-    assert score_predictions(one_unreadable, examples) == score_predictions({**one_unreadable, examples[0].question_id: ""}, examples)
+    assert score_predictions(one_unreadable, examples) == score_predictions(
+        {**one_unreadable, examples[0].question_id: ""}, examples
+    )

@@ -1,4 +1,5 @@
 """The one output type every vision backbone returns."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -79,7 +80,7 @@ class BackboneOutput:
     @property
     def patch_tokens(self) -> torch.Tensor:
         """``[B, h*w, C]`` spatial tokens of the output (prefix tokens dropped)."""
-        return self.tokens[:, self.num_prefix_tokens:]
+        return self.tokens[:, self.num_prefix_tokens :]
 
 
 def token_norm_map(tokens: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:

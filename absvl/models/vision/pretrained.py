@@ -1,56 +1,33 @@
-"""Starting backbones from pretrained weights: timm's ImageNet weights, local weight files and
-folders written by ``absvl convert`` (:mod:`absvl.convert`).
+"""Pretrained weights into a backbone: timm's ImageNet weights, local weight files and backbone folders.
 
-``create_backbone(name, pretrained=True)`` loads timm's ImageNet weights of the matching plain
-architecture (``timm_pretrained_name``); ``create_backbone(name, pretrained_path=...)`` loads a
-local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file or a converted folder. Files are read
-with ``safetensors`` or ``torch.load(weights_only=True)`` only: nothing is ever unpickled beyond
-what ``weights_only`` allows (plus ``argparse.Namespace``, the ``args`` entry of timm/DeiT
-trainer checkpoints, which ``weights_only`` rebuilds as a plain attribute bag).
-
-What the plain architecture lacks starts as the authors initialise it: AbSViT's decoders
-truncated-normal 0.02 and ξ (``prompt``) random (the model's own init), VARS-D's random
-feature matrix random, TDAM's searchlight convolutions timm's init and its per-step BatchNorms
-copied from the step-0 BatchNorm (``sync_step_norms``). Everything is reported in a
-:class:`LoadReport` (``model.pretrained_report``).
+Files are read with ``safetensors`` or ``torch.load(weights_only=True)`` only (plus
+``argparse.Namespace``, the ``args`` entry of timm/DeiT trainer files): nothing else is ever unpickled.
+What the weights lack is the model's business: its ``init_missing_weights(missing)`` initialises it
+as the authors do and names the keys its architecture adds (see docs/backbones.md).
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import pickle
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import timm
 import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
+
+from ...io import WEIGHTS_NAME, is_backbone_folder, preview, read_backbone_folder
+from .registry import backbone_defaults, list_backbones
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_FORMAT = "absvl-backbone"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-# keys a model may lack in a plain checkpoint: they start fresh, as the authors start them
-_FRESH_PATTERNS = (
-    r"^decoders\.",  # AbSViT feedback decoders A_l, B_l
-    r"^prompt$",  # AbSViT's free prior ξ
-    r"\.attn\.(?!qkv\.|proj\.)",  # VARS extras (random feature matrix, atoms, λ...)
-    r"\.tdam\.",  # TDAM searchlight
-    r"\.bn\d+_\d+\.",  # TDAM per-step BatchNorms (copied from step 0)
-)
 _HEAD_PREFIXES = ("head.", "fc.")  # ViT / ResNet classifiers
-
-# timm's ImageNet weights of the matching plain architecture (see docs/backbones.md)
-_TIMM_WEIGHTS = (
-    (r"^(vit|absvit|vars_d_vit|vars_d_absvit)_(tiny|small|base)_patch16_224$", "deit_{1}_patch16_224.fb_in1k"),
-    (r"^(vit|absvit)_tiny_patch8_224_gap$", "deit_tiny_patch16_224.fb_in1k"),  # patch embedding resampled 16 → 8
-    (r"^(tdam_)?resnet(18|34|50|101)$", "resnet{1}.tv_in1k"),
-)
 
 
 @dataclass
@@ -83,14 +60,10 @@ class LoadReport:
         for name in ("fresh", "resampled", "dropped", "renamed", "unexpected"):
             keys = getattr(self, name)
             if keys:
-                parts.append(f"{name}: {_short(keys)}")
+                parts.append(f"{name}: {preview(keys)}")
         if self.missing_unexpectedly:
-            parts.append(f"MISSING (random init): {_short(self.missing_unexpectedly)}")
+            parts.append(f"MISSING (random init): {preview(self.missing_unexpectedly)}")
         return "; ".join(parts)
-
-
-def _short(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 # --- reading files ----------------------------------------------------------------------
@@ -122,7 +95,10 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
     ``module.`` prefix (DataParallel / DDP)."""
     for _ in range(3):
         if isinstance(obj, Mapping):
-            entry = next((k for k in ("model", "state_dict", "model_state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
+            entry = next(
+                (k for k in ("model", "state_dict", "model_state_dict", "module") if isinstance(obj.get(k), Mapping)),
+                None,
+            )
             if entry is not None:
                 obj = obj[entry]
                 continue
@@ -131,35 +107,18 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
         raise ValueError(f"{source} holds no state dict (expected tensors, or a 'model' / 'state_dict' entry)")
     bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if bad:
-        raise ValueError(f"{source}: entries that are not tensors: {_short(bad)}")
+        raise ValueError(f"{source}: entries that are not tensors: {preview(bad)}")
     state = dict(obj)
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
-
-
-def is_converted_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
-
-
-def read_folder_config(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a folder written by ``absvl convert``."""
-    path = Path(path)
-    if not is_converted_folder(path):
-        raise FileNotFoundError(f"{path} is not a converted backbone folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.get("format") != BACKBONE_FORMAT or "name" not in config:
-        raise ValueError(f"{path / CONFIG_NAME} is not an {BACKBONE_FORMAT} config")
-    return config
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local weights file (or of a converted folder)."""
     path = Path(path)
     if path.is_dir():
-        if not is_converted_folder(path):
-            raise FileNotFoundError(f"{path} is a folder without {CONFIG_NAME} + {WEIGHTS_NAME} (not written by absvl convert)")
+        read_backbone_folder(path)  # raises: not a backbone folder
         path = path / WEIGHTS_NAME
     elif path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r} (use one of {', '.join(WEIGHT_SUFFIXES)})")
@@ -171,12 +130,15 @@ def folder_overrides(path: str | Path, name: str) -> dict[str, Any]:
 
     They apply when the folder holds ``name``; a folder of another architecture only lends
     its weights (with a warning)."""
-    if not is_converted_folder(path):
+    if not is_backbone_folder(path):
         return {}
-    config = read_folder_config(path)
+    config = read_backbone_folder(path)
     if config["name"] != name:
         logger.warning(
-            "%s holds a converted %r, loaded into %r: its options %s are not applied", path, config["name"], name,
+            "%s holds a converted %r, loaded into %r: its options %s are not applied",
+            path,
+            config["name"],
+            name,
             config.get("overrides", {}),
         )
         return {}
@@ -185,26 +147,20 @@ def folder_overrides(path: str | Path, name: str) -> dict[str, Any]:
 
 # --- timm's ImageNet weights ------------------------------------------------------------
 def timm_pretrained_name(name: str, tag: str | None = None) -> str:
-    """timm model (``arch.tag``) whose ImageNet weights ``create_backbone(name, pretrained=True)`` loads.
-
-    ViT / AbSViT / VARS-D → DeiT (what the AbSViT authors start from); ResNet / TDAM-ResNet →
-    torchvision's weights in timm (``tv_in1k``). ``tag`` picks another timm tag of that arch.
-    """
-    for pattern, template in _TIMM_WEIGHTS:
-        match = re.match(pattern, name)
-        if match:
-            timm_name = template.format(*match.groups())
-            return timm_name if tag is None else f"{timm_name.split('.')[0]}.{tag}"
-    raise ValueError(
-        f"no timm ImageNet weights are mapped to backbone {name!r} (mapped: ViT/AbSViT/VARS-D tiny/small/base "
-        f"patch16, *_tiny_patch8_224_gap, (tdam_)resnet18/34/50/101); load a file with pretrained_path=... instead"
-    )
+    """timm model (``arch.tag``) whose ImageNet weights ``create_backbone(name, pretrained=True)`` loads:
+    the ``pretrained`` of the backbone's default config; ``tag`` picks another timm tag of that arch."""
+    source = backbone_defaults(name).pretrained
+    if source is None:
+        mapped = [n for n in list_backbones() if backbone_defaults(n).pretrained]
+        raise ValueError(
+            f"no timm ImageNet weights are mapped to backbone {name!r} (mapped: {preview(mapped, 40)}); "
+            "load a file with pretrained_path=... instead"
+        )
+    return source if tag is None else f"{source.split('.')[0]}.{tag}"
 
 
 def timm_state_dict(name: str, pretrained: bool | str = True) -> tuple[dict[str, torch.Tensor], str]:
     """Download (or take from the cache) timm's weights for backbone ``name``. Needs network once."""
-    import timm
-
     tag = pretrained if isinstance(pretrained, str) else None
     timm_name = tag if tag and "." in tag else timm_pretrained_name(name, tag)
     model = timm.create_model(timm_name, pretrained=True)
@@ -217,7 +173,12 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport)
     target = model.state_dict()
     state = dict(state)
     # average-pooled ViTs: a token-pooled checkpoint's final norm becomes fc_norm
-    if "fc_norm.weight" in target and "norm.weight" not in target and "norm.weight" in state and "fc_norm.weight" not in state:
+    if (
+        "fc_norm.weight" in target
+        and "norm.weight" not in target
+        and "norm.weight" in state
+        and "fc_norm.weight" not in state
+    ):
         for p in ("weight", "bias"):
             if f"norm.{p}" in state:
                 state[f"fc_norm.{p}"] = state.pop(f"norm.{p}")
@@ -237,8 +198,6 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport)
                 value = _resample_pos_embed(model, value)
                 report.resampled.append(f"pos_embed {tuple(state[key].shape)} -> {tuple(want)}")
             elif key == "patch_embed.proj.weight" and value.dim() == 4 and value.shape[:2] == want[:2]:
-                from timm.layers import resample_patch_embed
-
                 value = resample_patch_embed(value.float(), list(want[-2:])).to(value.dtype)
                 report.resampled.append(f"patch_embed.proj.weight {tuple(state[key].shape)} -> {tuple(want)}")
             else:
@@ -253,8 +212,6 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport)
 
 
 def _resample_pos_embed(model: nn.Module, posemb: torch.Tensor) -> torch.Tensor:
-    from timm.layers import resample_abs_pos_embed
-
     prefix = model.num_prefix_tokens
     target_len = model.pos_embed.shape[1]
     if posemb.shape[1] - prefix < 1 or target_len - prefix < 1:
@@ -267,20 +224,6 @@ def _resample_pos_embed(model: nn.Module, posemb: torch.Tensor) -> torch.Tensor:
     ).to(posemb.dtype)
 
 
-@torch.no_grad()
-def _sync_missing_step_norms(model: nn.Module, missing: set[str]) -> None:
-    """TDAM: per-step BatchNorms the weights lacked start as copies of the step-0 BatchNorm."""
-    from .tdam import _TopDownBlock
-
-    for prefix, block in model.named_modules():
-        if not isinstance(block, _TopDownBlock):
-            continue
-        for t in range(1, block.steps):
-            for i in range(block.first_recomputed, block.num_layers):
-                if f"{prefix}.bn{i + 1}_{t}.weight" in missing:
-                    block.norm(i, t).load_state_dict(block.norm(i, 0).state_dict())
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> LoadReport:
     """Load ``state`` into ``model`` non-strictly, adapting what may be adapted; see :class:`LoadReport`.
 
@@ -290,13 +233,18 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     adapted = _adapt(model, state, report)
     result = model.load_state_dict(adapted, strict=False)
     report.missing = list(result.missing_keys)
-    report.fresh = [k for k in report.missing if any(re.search(p, k) for p in _FRESH_PATTERNS)]
-    _sync_missing_step_norms(model, set(report.missing))
+    init_missing = getattr(model, "init_missing_weights", None)
+    report.fresh = list(init_missing(report.missing)) if init_missing is not None else []
     if report.missing_unexpectedly:
-        logger.warning("%s: keys missing from the weights (left randomly initialised): %s", source or "weights",
-                       _short(report.missing_unexpectedly, 20))
+        logger.warning(
+            "%s: keys missing from the weights (left randomly initialised): %s",
+            source or "weights",
+            preview(report.missing_unexpectedly, 20),
+        )
     if report.unexpected:
-        logger.warning("%s: keys the model has no place for (ignored): %s", source or "weights", _short(report.unexpected, 20))
+        logger.warning(
+            "%s: keys the model has no place for (ignored): %s", source or "weights", preview(report.unexpected, 20)
+        )
     logger.info(report.summary())
     return report
 

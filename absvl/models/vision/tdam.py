@@ -1,41 +1,17 @@
-"""ResNets with the Top-Down Attention Module (TDAM, Jaiswal et al. ECCV 2022) — SPEC §4.
+"""ResNets with the Top-Down Attention Module (TDAM, Jaiswal et al. ECCV 2022), as vision backbones.
 
-A TDAM block runs the last ``m`` layers of a residual block ``T`` times ("computation
-steps"). Between steps a *searchlight* ``s`` computed from the block's top feature map
-x_t (the output of those m layers, before the residual) and its bottom feature map x_b
-(their input) modulates x_b, channels first and then space (TDAM Eq. 2-5):
-
-    joint:  s = W3·[ReLU(W1·GAP(x_t)), ReLU(W2·GAP(x_b))]       top:  s = W3·ReLU(W1·GAP(x_t))
-    x' = σ(s) ⊙ x_b,    a = σ(Σ_c s_c·x'_c),    x'' = a ⊙ x'
-
-and the next step recomputes the m layers from x'' with the same convolutions but its own
-BatchNorms. Only the last step's output continues through the residual (added to the
-block's unmodulated input) and the final ReLU. As in the authors' code, step t modulates the
-previous step's (already modulated) bottom map and the joint searchlight pools that map.
-
-Placement (the paper's defaults): every block of ``layer3`` and ``layer4``, T = 2, joint;
-Bottleneck m = 1 (bottom = conv2's output after BN, ReLU (and anti-aliasing), top = bn3's
-output), BasicBlock m = 2 (bottom = block input, top = bn2's output). ``steps=1`` is the
-plain feedforward ResNet (no TDAM parameters at all).
-
-Parameter names are timm's ``resnet.py`` (timm ResNet weights load unchanged; into a TDAM
-model only the TDAM extras are missing, see ``sync_step_norms``). Step t ≥ 1 BatchNorms are
-``bn{i}_{t}`` as in the authors' checkpoints. The TDAM module of a block is ``tdam``; keys of
-the authors' ``RA_block`` map as:
-
-    joint: RA_block.Ug_top_mlp.0 → tdam.top_proj (W1), RA_block.Ug_bottom_mlp.0 → tdam.bottom_proj (W2),
-           RA_block.Ug_mlp.0 → tdam.searchlight (W3)
-    top:   RA_block.Ug_mlp.0 → tdam.top_proj (W1), RA_block.Ug_mlp.2 → tdam.searchlight (W3)
-
-As a vision backbone the last feature map ``[B, C, H, W]`` becomes ``H·W`` tokens with the
-global-average-pooled token prepended (``num_prefix_tokens = 1``). With ``return_maps=True``
-the maps are: ``bottom_up`` the per-position L2 norm of the last feature map, ``top_down``
-the spatial attention map ``a`` of the last TDAM block's last step, average-pooled to the
-last feature map's grid when its bottom map is larger (a strided first block of a stage).
+A TDAM block runs its last ``m`` layers ``steps`` times; between steps a searchlight from the
+block's top map modulates its bottom map (Eq. 2-5, :class:`TopDownAttention`), and each step
+has its own BatchNorms (``bn{i}_{t}``, the authors' names). Parameter names are timm's
+``resnet.py`` (its weights load); docs/backbones.md has the placement, the maps and how the
+authors' ``RA_block`` keys map.
 """
+
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -48,6 +24,7 @@ from .output import BackboneOutput, token_norm_map
 from .registry import register_backbone
 
 TDAM_MODES = ("joint", "top")
+_EXTRA_KEYS = re.compile(r"\.tdam\.|\.bn\d+_\d+\.")  # searchlight, per-step BatchNorms: not in plain weights
 
 
 class TopDownAttention(nn.Module):
@@ -123,9 +100,9 @@ class _TopDownBlock(nn.Module):
         shortcut = x
         for i in range(self.first_recomputed):
             x = self.layer(i, x, 0)
-        bottom = x
+        bottom = top = x
         for t in range(self.steps):
-            if t:
+            if t:  # the previous step's output steers this step's input
                 bottom, self.searchlight_map = self.tdam(bottom, top)
             top = bottom
             for i in range(self.first_recomputed, self.num_layers):
@@ -218,6 +195,38 @@ class ResNetBackbone(ResNet):
         for b in self.tdam_blocks():
             b.sync_step_norms()
 
+    @torch.no_grad()
+    def init_missing_weights(self, missing: Iterable[str]) -> list[str]:
+        """After loading plain (timm ResNet) weights: the per-step BatchNorms the weights lacked start as
+        copies of the step-0 ones (the searchlight keeps timm's init); returns the ``missing`` keys TDAM adds."""
+        missing = list(missing)
+        lacking = set(missing)
+        for prefix, block in self.named_modules():
+            if isinstance(block, _TopDownBlock):
+                for t in range(1, block.steps):
+                    for i in range(block.first_recomputed, block.num_layers):
+                        if f"{prefix}.bn{i + 1}_{t}.weight" in lacking:
+                            block.norm(i, t).load_state_dict(block.norm(i, 0).state_dict())
+        return [k for k in missing if _EXTRA_KEYS.search(k)]
+
+    # --- timm's interface, xi accepted and ignored: TDAM's top-down signal is inside each block
+    def forward_features(self, images: torch.Tensor, xi: torch.Tensor | None = None) -> torch.Tensor:
+        """The last feature map ``[B, C, h, w]`` (timm's ``ResNet.forward_features``)."""
+        return super().forward_features(images)
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        xi: torch.Tensor | None = None,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``ResNet.forward_intermediates`` (the stem and the four stages)."""
+        return super().forward_intermediates(images, indices, norm, stop_early, output_fmt, intermediates_only)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -227,22 +236,17 @@ class ResNetBackbone(ResNet):
     ) -> BackboneOutput:
         """Run the backbone on ``[B, 3, H, W]`` images of any size; ``xi`` is ignored (TDAM's
         top-down signal comes from each block's own top layers, inside the one pass, so
-        ``bottom_up_only`` changes nothing)."""
-        maps: dict[str, torch.Tensor] = {}
+        ``bottom_up_only`` changes nothing).
+
+        Tokens: the last feature map's positions after its global average (``num_prefix_tokens = 1``).
+        Maps: ``bottom_up`` the per-position norm of the last feature map, ``top_down`` the spatial
+        searchlight map a of the last TDAM block's last step (average-pooled to the last grid).
+        """
         features = self.forward_features(images)
-        last = next((b for b in reversed(self.tdam_blocks()) if b.steps > 1), None)
-        if return_maps and last is not None:
-            maps["top_down"] = last.searchlight_map
         grid = (features.shape[-2], features.shape[-1])
         pooled = self.global_pool(features)
         tokens = torch.cat([pooled.unsqueeze(1), features.flatten(2).transpose(1, 2)], dim=1)
-        if return_maps:
-            maps["bottom_up"] = token_norm_map(tokens, 1, grid)
-            if "top_down" in maps and maps["top_down"].shape[-2:] != grid:
-                maps["top_down"] = F.adaptive_avg_pool2d(maps["top_down"].unsqueeze(1), grid).squeeze(1)
-        logits = None
-        if self.num_classes > 0:
-            logits = self.fc(F.dropout(pooled, p=self.drop_rate, training=self.training))
+        logits = self.forward_head(features) if self.num_classes > 0 else None
         return BackboneOutput(
             tokens=tokens,
             pooled=pooled,
@@ -252,39 +256,102 @@ class ResNetBackbone(ResNet):
             num_prefix_tokens=1,
             logits=logits,
             bottom_up_logits=logits,
-            maps=maps,
+            maps=self._maps(tokens, grid) if return_maps else {},
         )
 
-    def top_down(self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
+    def _maps(self, tokens: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        maps = {"bottom_up": token_norm_map(tokens, 1, grid)}
+        last = next((b for b in reversed(self.tdam_blocks()) if b.steps > 1), None)
+        if last is not None:
+            a = last.searchlight_map
+            maps["top_down"] = a if a.shape[-2:] == grid else F.adaptive_avg_pool2d(a.unsqueeze(1), grid).squeeze(1)
+        return maps
+
+    def top_down(
+        self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False
+    ) -> BackboneOutput:
         """``first``: TDAM's top-down signal is inside the one pass and ξ is ignored (the ViT interface)."""
         return first
 
 
-# --- registered architectures --------------------------------------------------------
-_ARCHS = {
-    "18": (BasicBlock, (2, 2, 2, 2), {}),
-    "34": (BasicBlock, (3, 4, 6, 3), {}),
-    "50": (Bottleneck, (3, 4, 6, 3), {}),
-    "101": (Bottleneck, (3, 4, 23, 3), {}),
-    # test-sized: one or two blocks per stage, widths 8-64 (Bottleneck outputs 32-256)
-    "_test": (BasicBlock, (1, 1, 2, 2), {"channels": (8, 16, 32, 64)}),
-    "_test_bottleneck": (Bottleneck, (1, 1, 2, 2), {"channels": (8, 16, 32, 64)}),
-}
+# --- registered architectures: timm's ResNets and their TDAM versions (layer3 + layer4, joint, T = 2)
+_TEST = dict(layers=(1, 1, 2, 2), channels=(8, 16, 32, 64))  # test-sized: widths 8-64 (Bottleneck outputs 32-256)
+_TDAM = dict(stages=(3, 4))
 
 
-def _register(name: str, family: str, arch: str, **fixed: Any) -> None:
-    block, layers, arch_kwargs = _ARCHS[arch]
-
-    def constructor(**kwargs: Any) -> ResNetBackbone:
-        return ResNetBackbone(**{"block": block, "layers": layers, **arch_kwargs, **fixed, **kwargs})
-
-    constructor.__name__ = name
-    kind = "TDAM (joint, T=2, layer3+4)" if family == "tdam" else "plain"
-    constructor.__doc__ = f"{kind} ResNet{arch.replace('_', ' ')} ({block.__name__}, {list(layers)})."
-    register_backbone(family)(constructor)
+def _resnet(
+    block: type[BasicBlock] | type[Bottleneck], fixed: dict[str, Any], overrides: dict[str, Any]
+) -> ResNetBackbone:
+    return ResNetBackbone(**{"block": block, **fixed, **overrides})
 
 
-for _arch in _ARCHS:
-    _register(f"resnet{_arch}", "resnet", _arch)
-    _register(f"tdam_resnet{_arch}", "tdam", _arch, stages=(3, 4))
-del _arch
+@register_backbone("resnet", pretrained="resnet18.tv_in1k")
+def resnet18(**kwargs: Any) -> ResNetBackbone:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
+    return _resnet(BasicBlock, dict(layers=(2, 2, 2, 2)), kwargs)
+
+
+@register_backbone("tdam", pretrained="resnet18.tv_in1k")
+def tdam_resnet18(**kwargs: Any) -> ResNetBackbone:
+    """TDAM ResNet-18."""
+    return _resnet(BasicBlock, dict(layers=(2, 2, 2, 2), **_TDAM), kwargs)
+
+
+@register_backbone("resnet", pretrained="resnet34.tv_in1k")
+def resnet34(**kwargs: Any) -> ResNetBackbone:
+    """ResNet-34 (BasicBlock, [3, 4, 6, 3])."""
+    return _resnet(BasicBlock, dict(layers=(3, 4, 6, 3)), kwargs)
+
+
+@register_backbone("tdam", pretrained="resnet34.tv_in1k")
+def tdam_resnet34(**kwargs: Any) -> ResNetBackbone:
+    """TDAM ResNet-34."""
+    return _resnet(BasicBlock, dict(layers=(3, 4, 6, 3), **_TDAM), kwargs)
+
+
+@register_backbone("resnet", pretrained="resnet50.tv_in1k")
+def resnet50(**kwargs: Any) -> ResNetBackbone:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3])."""
+    return _resnet(Bottleneck, dict(layers=(3, 4, 6, 3)), kwargs)
+
+
+@register_backbone("tdam", pretrained="resnet50.tv_in1k")
+def tdam_resnet50(**kwargs: Any) -> ResNetBackbone:
+    """TDAM ResNet-50."""
+    return _resnet(Bottleneck, dict(layers=(3, 4, 6, 3), **_TDAM), kwargs)
+
+
+@register_backbone("resnet", pretrained="resnet101.tv_in1k")
+def resnet101(**kwargs: Any) -> ResNetBackbone:
+    """ResNet-101 (Bottleneck, [3, 4, 23, 3])."""
+    return _resnet(Bottleneck, dict(layers=(3, 4, 23, 3)), kwargs)
+
+
+@register_backbone("tdam", pretrained="resnet101.tv_in1k")
+def tdam_resnet101(**kwargs: Any) -> ResNetBackbone:
+    """TDAM ResNet-101."""
+    return _resnet(Bottleneck, dict(layers=(3, 4, 23, 3), **_TDAM), kwargs)
+
+
+@register_backbone("resnet")
+def resnet_test(**kwargs: Any) -> ResNetBackbone:
+    """Test-sized ResNet (BasicBlock, [1, 1, 2, 2], widths 8-64)."""
+    return _resnet(BasicBlock, dict(_TEST), kwargs)
+
+
+@register_backbone("tdam")
+def tdam_resnet_test(**kwargs: Any) -> ResNetBackbone:
+    """Test-sized TDAM ResNet (BasicBlock)."""
+    return _resnet(BasicBlock, dict(_TEST, **_TDAM), kwargs)
+
+
+@register_backbone("resnet")
+def resnet_test_bottleneck(**kwargs: Any) -> ResNetBackbone:
+    """Test-sized ResNet (Bottleneck, [1, 1, 2, 2], widths 8-64)."""
+    return _resnet(Bottleneck, dict(_TEST), kwargs)
+
+
+@register_backbone("tdam")
+def tdam_resnet_test_bottleneck(**kwargs: Any) -> ResNetBackbone:
+    """Test-sized TDAM ResNet (Bottleneck)."""
+    return _resnet(Bottleneck, dict(_TEST, **_TDAM), kwargs)

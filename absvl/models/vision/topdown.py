@@ -1,4 +1,5 @@
 """The two pieces of AbSViT's top-down path that every attention layer shares (Shi et al. 2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ def prior_mask(tokens: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return cos.clamp(0.0, 1.0)
 
 
-def qkv_rows(qkv: nn.Linear, x: torch.Tensor, start: int, stop: int, td: torch.Tensor | None = None, td_bias: bool = False) -> torch.Tensor:
+def qkv_rows(
+    qkv: nn.Linear, x: torch.Tensor, start: int, stop: int, td: torch.Tensor | None = None, td_bias: bool = False
+) -> torch.Tensor:
     """Rows ``[start·C, stop·C)`` of a fused qkv projection (0 q, 1 k, 2 v) applied to ``x``,
     with the top-down tokens ``td`` added to the input when given (AbSViT Eq. 9).
 
@@ -51,7 +54,7 @@ def topdown_health(output, xi: torch.Tensor | None = None) -> dict[str, torch.Te
     """
     stats: dict[str, torch.Tensor] = {}
     if output.prior_mask is not None:
-        gate = output.prior_mask[:, output.num_prefix_tokens:, 0].float()
+        gate = output.prior_mask[:, output.num_prefix_tokens :, 0].float()
         stats["gate/mean"] = gate.mean()
         stats["gate/open"] = (gate > 0).float().mean()
         stats["gate/max"] = gate.amax()

@@ -1,25 +1,16 @@
 """VARS attention: attention as recurrent sparse reconstruction (Shi et al., ICML 2022).
 
-A VARS layer reconstructs its input x from a dictionary P of templates (atoms = columns)
-with a sparse code, ``ũ* = argmin ½‖Pũ − x‖² + λ‖ũ‖₁`` (Eq. 10), solved by a few ISTA steps
-(Eq. 12) and returns ``Pũ*`` (the block adds the residual, Eq. 11). Three dictionaries:
-
-``VARSDAttention``   dynamic: random positive features of the queries, φ(q) (Eq. 16–17).
-``VARSSAttention``   static: learned translation-invariant atoms, Pᵀ a depthwise convolution.
-``VARSSDAttention``  the union of both (Sec. 3.5).
-
-Self-attention is VARS-D with a single Euler step and no sparsity (Sec. 3.4, Eq. 14–15).
-All three are drop-in replacements for ``vision_transformer.Attention``: same constructor
-head and ``forward(x, td, value_mask, grid_size)``. The top-down input ``td`` of AbSViT is
-added to the signal being reconstructed (the values v), and with ``td_target="qkv"`` also to
-the queries that build the dynamic dictionary (new here: no public code combines the two).
-The sparse coding runs in float32 with autocast off, so the layers are bf16-safe.
+A layer returns Pũ*, ``ũ* = argmin ½‖Pũ − x‖² + λ‖ũ‖₁`` (Eq. 10) by a few ISTA steps (Eq. 12), with a
+dynamic (VARS-D, Eq. 16-17), static (VARS-S) or joint (VARS-SD, Sec. 3.5) dictionary P; drop-in
+replacements for the ViT's ``Attention``. Overview in docs/backbones.md.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -320,7 +311,7 @@ class VARSSAttention(nn.Module):
         with _full_precision(x.device):
             spectrum = circular_spectrum(self.kernel.float(), (h, w))  # [C, atoms, h, w//2+1]
             lipschitz = spectrum.abs().square().sum(1).amax((-2, -1)).detach().clamp_min(1e-6)
-            signal = v[:, self.num_prefix_tokens:].float().transpose(1, 2).reshape(B, C, h, w)
+            signal = v[:, self.num_prefix_tokens :].float().transpose(1, 2).reshape(B, C, h, w)
             code = ista(
                 conv_analysis(signal, spectrum),
                 lambda u: conv_analysis(conv_synthesis(u, spectrum), spectrum),

@@ -1,24 +1,15 @@
 """Vision Transformer with a top-down path: ViT, AbSViT and the AbSViT paper's baselines.
 
-One model class covers the family; the ``topdown`` field picks how (or whether) a prior
-ξ steers the second feedforward pass (AbSViT, Shi et al. CVPR 2023, Sec. 4 and Sec. 5):
-
-``none``       plain pre-norm ViT, one pass (timm/DeiT parameter names, their weights load).
-``absvit``     feedforward → prior modulation → feedback decoders → second pass with the
-               top-down tokens added to the attention *values* only.
-``qkv``        AbSViT-QKV: the top-down tokens are added to queries, keys and values.
-``feedback``   the output tokens go through the decoders without prior reweighting.
-``perceiver``  PerceiverIO-style: the first-pass tokens reweighted by the prior mask are
-               the output; no feedback, no second pass.
-``maskatt``    the soft prior mask reweights the value tokens of every attention layer of
-               a second pass instead of adding top-down tokens.
-
-Parameter names follow timm's ``vision_transformer.py``; the feedback path adds
-``decoders.{i}.linear`` (A_i), ``decoders.{i}.linear2`` (B_i) and ``prompt`` (the free ξ),
-as in the authors' checkpoints.
+timm's pre-norm ViT (its parameter names, so timm/DeiT weights load) run twice when ``topdown``
+names a mode with a second pass (:mod:`.topdown_modes`); the feedback path adds
+``decoders.{i}.linear`` (A_i), ``decoders.{i}.linear2`` (B_i) and ``prompt`` (the free ξ), the
+names of the authors' checkpoints. The registered models are in :mod:`.vit_models`.
 """
+
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -26,17 +17,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from .output import BackboneOutput, token_norm_map
-from .registry import register_backbone
-from .topdown import prior_mask, qkv_rows
+from .topdown import qkv_rows
+from .topdown_modes import TopDownDecoder, get_topdown
 from .vars_attention import VARSDAttention, VARSSAttention, VARSSDAttention
 
-TOPDOWN_MODES = ("none", "absvit", "qkv", "feedback", "perceiver", "maskatt")
-_MODES_WITH_DECODERS = ("absvit", "qkv", "feedback")
-_MODES_WITH_PRIOR = ("absvit", "qkv", "perceiver", "maskatt")
+# keys a plain ViT checkpoint lacks; this model's own init is the authors' (decoders, ξ, VARS extras)
+_EXTRA_KEYS = re.compile(r"^decoders\.|^prompt$|\.attn\.(?!qkv\.|proj\.)")
 
 
 class Attention(nn.Module):
@@ -140,22 +131,6 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class TopDownDecoder(nn.Module):
-    """Feedback path of one block (AbSViT Eq. 10): ``h_l = A_l h_{l+1}``, ``td_l = B_l h_l``.
-
-    ``linear`` is A_l and ``linear2`` is B_l, both bias-free and token-wise.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, dim, bias=False)
-        self.linear2 = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.linear(h)
-        return h, self.linear2(h)
-
-
 def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> ConvStem:
     """log2(patch_size) stride-2 3×3 convolutions (BatchNorm + ReLU between them, the last one linear)
     from ``in_chans`` to ``embed_dim`` channels, widths doubling up to ``embed_dim``."""
@@ -167,7 +142,7 @@ def conv_stem(in_chans: int, embed_dim: int, patch_size: int) -> ConvStem:
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone with an optional AbSViT-style top-down path (see the module docstring)."""
+    """ViT backbone with an optional AbSViT-style top-down path (``topdown``, see docs/backbones.md)."""
 
     def __init__(
         self,
@@ -197,7 +172,7 @@ class VisionTransformer(nn.Module):
     ) -> None:
         """
         Args:
-            topdown: one of ``TOPDOWN_MODES``.
+            topdown: a name of ``topdown_modes.TOPDOWN_MODES`` (see docs/backbones.md).
             alpha: scale of the prior modulation ``α·clamp(cos(ξ, z), 0, 1)·z`` (1 for
                 ImageNet, 10 for VL finetuning in the paper).
             variational_loss: compute L_var (Eq. 13/14) in training mode for modes with
@@ -215,8 +190,7 @@ class VisionTransformer(nn.Module):
                 prior that lets a small ViT trained from scratch on little data learn shapes.
         """
         super().__init__()
-        if topdown not in TOPDOWN_MODES:
-            raise ValueError(f"topdown={topdown!r} is not one of {', '.join(TOPDOWN_MODES)}")
+        mode = get_topdown(topdown)
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool={global_pool!r} must be 'token' or 'avg'")
         if global_pool == "token" and not class_token:
@@ -226,7 +200,8 @@ class VisionTransformer(nn.Module):
         if stem not in ("patch", "conv"):
             raise ValueError(f"stem={stem!r} must be 'patch' or 'conv'")
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.topdown = topdown
+        self.topdown = topdown  # the mode's name (configs and checkpoints store it)
+        self.topdown_mode = mode
         self.alpha = alpha
         self.variational_loss = variational_loss
         self.global_pool = global_pool
@@ -245,9 +220,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         attn_kwargs = dict(attention_kwargs or {})
-        attn_kwargs.update(
-            td_target="qkv" if topdown == "qkv" else "v", td_bias=td_bias, num_prefix_tokens=self.num_prefix_tokens
-        )
+        attn_kwargs.update(td_target=mode.td_target, td_bias=td_bias, num_prefix_tokens=self.num_prefix_tokens)
         if attention == "vars_sd":  # its learned token x atom matrix lives on the native grid
             attn_kwargs.setdefault("grid_size", self.patch_embed.grid_size)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay
@@ -268,9 +241,9 @@ class VisionTransformer(nn.Module):
         )
         use_fc_norm = global_pool == "avg"
         self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
-        if topdown in _MODES_WITH_DECODERS:
+        if mode.needs_decoders:
             self.decoders = nn.ModuleList(TopDownDecoder(embed_dim) for _ in range(depth))
-        if topdown in _MODES_WITH_PRIOR:
+        if mode.uses_prior:
             self.prompt = nn.Parameter(torch.randn(embed_dim))
         self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -291,7 +264,17 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "prompt"}
 
+    def init_missing_weights(self, missing: Iterable[str]) -> list[str]:
+        """After loading plain (timm/DeiT) weights: the ``missing`` keys this architecture adds. They keep
+        this model's init, which is the authors' (decoders trunc-normal 0.02, ξ random, VARS extras)."""
+        return [k for k in missing if _EXTRA_KEYS.search(k)]
+
     # --- the passes -------------------------------------------------------------------
+    @property
+    def map_index(self) -> int:
+        """The block whose output token norms make the maps (``map_block`` may be changed after construction)."""
+        return self.map_block % len(self.blocks)
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + position embedding (in_0); position embeddings are resampled to the grid."""
         if images.shape[-2] % self.patch_embed.patch_size[0] or images.shape[-1] % self.patch_embed.patch_size[1]:
@@ -316,15 +299,15 @@ class VisionTransformer(nn.Module):
         td: list[torch.Tensor] | None = None,
         value_mask: torch.Tensor | None = None,
         with_var_loss: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One feedforward pass. Returns (normed output tokens, L_var or None, map-block output).
+        take: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """One feedforward pass. Returns (normed output tokens, L_var or None, {i: output of block i for i in take}).
 
         L_var (AbSViT Eq. 13/14 as the authors implement it) is Σ_l MSE(A_l(sg(out_l)), sg(in_l)),
         accumulated block by block so no activations are kept for it.
         """
         var_loss = None
-        map_index = self.map_block % len(self.blocks)
-        map_tokens = x
+        taken: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             x_in = x
             x = block(x, td=None if td is None else td[i], value_mask=value_mask, grid_size=grid)
@@ -332,9 +315,9 @@ class VisionTransformer(nn.Module):
                 recon = self.decoders[i].linear(x.detach())
                 term = F.mse_loss(recon, x_in.detach())
                 var_loss = term if var_loss is None else var_loss + term
-            if i == map_index:
-                map_tokens = x
-        return self.norm(x), var_loss, map_tokens
+            if i in take:
+                taken[i] = x
+        return self.norm(x), var_loss, taken
 
     def feedback(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Top-down tokens td_l for every block, decoders run from the top block down."""
@@ -343,9 +326,120 @@ class VisionTransformer(nn.Module):
             h, td[i] = self.decoders[i](h)
         return td
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = tokens[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else tokens[:, 0]
-        return self.fc_norm(pooled)
+    def first_pass(
+        self, images: torch.Tensor, return_maps: bool = False, take: Sequence[int] = ()
+    ) -> tuple[BackboneOutput, dict[int, torch.Tensor]]:
+        """The bottom-up pass as an output (its ``embedded`` is in_0) and the outputs of the blocks ``take``."""
+        x0, grid = self.embed(images)
+        map_index = self.map_index
+        z, _, taken = self.run_blocks(x0, grid, take=(*take, map_index) if return_maps else tuple(take))
+        pooled = self.forward_head(z, pre_logits=True)
+        first = BackboneOutput(
+            tokens=z,
+            pooled=pooled,
+            bottom_up_tokens=z,
+            bottom_up_pooled=pooled,
+            grid_size=grid,
+            num_prefix_tokens=self.num_prefix_tokens,
+            logits=self._logits(pooled),
+            maps={"bottom_up": token_norm_map(taken[map_index], self.num_prefix_tokens, grid)} if return_maps else {},
+            embedded=x0,
+        )
+        return first, taken
+
+    def top_down(
+        self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False
+    ) -> BackboneOutput:
+        """Prior modulation, feedback and second pass (AbSViT Eq. 8-10) from a first pass.
+
+        ``first`` is ``forward(images, bottom_up_only=True, return_maps=return_maps)``: it depends on
+        the images only, so one first pass serves any number of priors (``first.select(rows)`` pairs
+        its rows with the rows of ``xi``). Without a top-down path ``first`` is the output.
+        """
+        second = self.topdown_mode.run(self, first, xi, return_maps)
+        if second is None:
+            return first
+        pooled = self.forward_head(second.tokens, pre_logits=True)
+        maps = dict(first.maps)
+        if return_maps:
+            maps["top_down"] = second.top_down_map
+        return replace(
+            first,
+            tokens=second.tokens,
+            pooled=pooled,
+            logits=self._logits(pooled),
+            bottom_up_logits=first.logits,
+            aux_losses=second.aux_losses,
+            maps=maps,
+            prior_mask=second.gate,
+        )
+
+    # --- timm's interface ---------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor, xi: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, C]`` normed output tokens: those of the top-down pass under ``xi`` where there is one."""
+        first, _ = self.first_pass(images)
+        second = self.topdown_mode.run(self, first, xi)
+        return first.tokens if second is None else second.tokens
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool ``[B, N, C]`` tokens ([cls] token, or ``fc_norm`` of the mean patch token); logits unless ``pre_logits``."""
+        pooled = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        pooled = self.fc_norm(pooled)
+        return pooled if pre_logits else self.head(pooled)
+
+    def _logits(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        return self.head(pooled) if self.num_classes > 0 else None
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new (initialised) head for ``num_classes`` (0: none); ``global_pool`` ``token``/``avg`` changes the
+        pooling, the norm placement (``norm`` or ``fc_norm``) stays as built."""
+        if global_pool is not None:
+            if global_pool not in ("token", "avg") or (global_pool == "token" and self.cls_token is None):
+                raise ValueError(f"global_pool={global_pool!r} must be 'avg' or 'token' (with a class token)")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Identity()
+        if num_classes > 0:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        xi: torch.Tensor | None = None,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: (final tokens, block outputs) of the pass that made the output.
+
+        That is the top-down pass (under ``xi``) for modes with a second pass, else the one bottom-up
+        pass (``none``; ``perceiver``, whose final tokens are the masked ones). ``indices``: the last n
+        blocks (int), those listed, or all (None); ``norm`` applies the final norm to them;
+        ``output_fmt`` ``NCHW`` (``[B, C, h, w]``, prefix tokens dropped) or ``NLC``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} must be 'NCHW' or 'NLC'")
+        take, _ = feature_take_indices(len(self.blocks), indices)
+        first, taken = self.first_pass(images, take=take)
+        x, intermediates = first.tokens, [taken[i] for i in take]
+        second = self.topdown_mode.run(self, first, xi, take=take)
+        if second is not None:
+            x = second.tokens
+            intermediates = intermediates if second.intermediates is None else second.intermediates
+        if norm:
+            intermediates = [self.norm(y) for y in intermediates]
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = first.grid_size
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward(
         self,
@@ -354,7 +448,7 @@ class VisionTransformer(nn.Module):
         return_maps: bool = False,
         bottom_up_only: bool = False,
     ) -> BackboneOutput:
-        """Run the backbone: the first (bottom-up) pass, then :meth:`top_down`.
+        """Run the backbone: :meth:`first_pass`, then :meth:`top_down`.
 
         Args:
             images: ``[B, 3, H, W]``, H and W divisible by the patch size.
@@ -365,99 +459,5 @@ class VisionTransformer(nn.Module):
                 bottom-up output is needed, e.g. to index images); ``tokens``/``pooled`` are then
                 the bottom-up ones.
         """
-        x0, grid = self.embed(images)
-        z, _, map_tokens = self.run_blocks(x0, grid)
-        pooled = self.pool(z)
-        first = BackboneOutput(
-            tokens=z,
-            pooled=pooled,
-            bottom_up_tokens=z,
-            bottom_up_pooled=pooled,
-            grid_size=grid,
-            num_prefix_tokens=self.num_prefix_tokens,
-            logits=self.head(pooled) if self.num_classes > 0 else None,
-            maps={"bottom_up": token_norm_map(map_tokens, self.num_prefix_tokens, grid)} if return_maps else {},
-            embedded=x0,
-        )
+        first, _ = self.first_pass(images, return_maps)
         return first if bottom_up_only else self.top_down(first, xi, return_maps)
-
-    def top_down(self, first: BackboneOutput, xi: torch.Tensor | None = None, return_maps: bool = False) -> BackboneOutput:
-        """Prior modulation, feedback and second pass (AbSViT Eq. 8-10) from a first pass.
-
-        ``first`` is ``forward(images, bottom_up_only=True, return_maps=return_maps)``: it depends on
-        the images only, so one first pass serves any number of priors (``first.select(rows)`` pairs
-        its rows with the rows of ``xi``). Without a top-down path ``first`` is the output.
-        """
-        if self.topdown == "none":
-            return first
-        z, x0, grid, prefix = first.bottom_up_tokens, first.embedded, first.grid_size, self.num_prefix_tokens
-        aux, maps, gate = {}, dict(first.maps), None
-        if self.topdown in _MODES_WITH_PRIOR:
-            prior = self.prompt if xi is None else xi
-            gate = prior_mask(z, prior.to(z.dtype))
-            mask = self.alpha * gate
-        if self.topdown == "perceiver":
-            tokens = z * mask
-            if return_maps:  # the bottom-up map (the same block) with its tokens masked
-                maps["top_down"] = first.maps["bottom_up"] * mask[:, prefix:, 0].reshape(z.shape[0], *grid)
-        else:
-            td = value_mask = None
-            if self.topdown == "maskatt":
-                value_mask = mask
-            else:
-                td = self.feedback(z if self.topdown == "feedback" else z * mask)
-            with_var = self.training and self.variational_loss and self.topdown in _MODES_WITH_DECODERS
-            tokens, var_loss, td_map_tokens = self.run_blocks(x0, grid, td, value_mask, with_var_loss=with_var)
-            if var_loss is not None:
-                aux["var"] = var_loss
-            if return_maps:
-                maps["top_down"] = token_norm_map(td_map_tokens, prefix, grid)
-        pooled = self.pool(tokens)
-        return replace(
-            first,
-            tokens=tokens,
-            pooled=pooled,
-            logits=self.head(pooled) if self.num_classes > 0 else None,
-            bottom_up_logits=first.logits,
-            aux_losses=aux,
-            maps=maps,
-            prior_mask=gate,
-        )
-
-
-# --- registered architectures --------------------------------------------------------
-_SIZES = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    # test-sized: 4 blocks of width 64, 2 heads
-    "test": dict(embed_dim=64, depth=4, num_heads=2),
-}
-
-
-def _register(name: str, family: str, size: str, **fixed: Any) -> None:
-    """Register ``name`` as the ``size`` model with ``fixed`` arguments (overridable)."""
-    defaults = dict(_SIZES[size], img_size=32 if size == "test" else 224, **fixed)
-
-    def constructor(**kwargs: Any) -> VisionTransformer:
-        return VisionTransformer(**{**defaults, **kwargs})
-
-    constructor.__name__ = name
-    constructor.__doc__ = f"{family} {size}: " + ", ".join(f"{k}={v}" for k, v in fixed.items())
-    register_backbone(family)(constructor)
-
-
-for _size in ("tiny", "small", "base"):
-    _register(f"vit_{_size}_patch16_224", "vit", _size, patch_size=16, topdown="none")
-    _register(f"absvit_{_size}_patch16_224", "absvit", _size, patch_size=16, topdown="absvit")
-    _register(f"vars_d_vit_{_size}_patch16_224", "vars", _size, patch_size=16, topdown="none", attention="vars_d")
-_register("vit_tiny_patch8_224_gap", "vit", "tiny", patch_size=8, topdown="none", global_pool="avg")
-_register("absvit_tiny_patch8_224_gap", "absvit", "tiny", patch_size=8, topdown="absvit", global_pool="avg")
-_register("vit_test_patch8", "vit", "test", patch_size=8, topdown="none")
-_register("absvit_test_patch8", "absvit", "test", patch_size=8, topdown="absvit")
-for _attn in ("vars_d", "vars_s", "vars_sd"):
-    _register(f"{_attn}_vit_test_patch8", "vars", "test", patch_size=8, topdown="none", attention=_attn)
-    _register(f"{_attn}_absvit_test_patch8", "vars", "test", patch_size=8, topdown="absvit", attention=_attn)
-_register("vars_sd_vit_tiny_patch16_224", "vars", "tiny", patch_size=16, topdown="none", attention="vars_sd")
-_register("vars_d_absvit_tiny_patch16_224", "vars", "tiny", patch_size=16, topdown="absvit", attention="vars_d")
-del _size, _attn

@@ -1,4 +1,5 @@
 """The AbSViT vision-language model: text prior, METER co-attention fusion, heads, losses."""
+
 from .configuration import AbsVLConfig
 from .modeling import AbsVLModel, AbsVLOutput
 from .processing import AbsVLProcessor, load_image, preprocess_image

@@ -1,8 +1,11 @@
 """``AbsVLConfig``: everything needed to rebuild an AbSViT-VL model (SPEC §1, §2, §5)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from ...io import version_stamp
 
 PRIOR_POOLINGS = ("cls", "mean")
 PRIOR_VISUALS = ("bottom_up", "top_down", "both")
@@ -104,9 +107,7 @@ class AbsVLConfig:
             raise ValueError(f"temperature_init={self.temperature_init} must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
-        from ... import __version__
-
-        return {"model_type": "absvl", "absvl_version": __version__, **asdict(self)}
+        return {"model_type": "absvl", **version_stamp(), **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AbsVLConfig:

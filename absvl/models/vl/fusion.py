@@ -7,6 +7,7 @@ previous layer's outputs. Sub-layers are post-norm as in METER's ``BertCrossLaye
 ``x = LN(x + Dropout(Sublayer(x)))``. Attention is fused (``scaled_dot_product_attention``);
 text padding is masked out wherever text tokens are keys, image tokens are all valid.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Task heads on the fused ``[B, 2H]`` pair, and the image side of the prior loss (SPEC §5, §2)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Losses: VQA soft-target BCE and the CLIP-style prior loss with cross-process negatives."""
+
 from __future__ import annotations
 
 import torch

@@ -1,17 +1,16 @@
-"""The generated ``README.md`` model card of a saved :class:`AbsVLModel`."""
+"""The generated ``README.md`` model card of a saved :class:`AbsVLModel`, rendered from its config."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..vision import backbone_family
-
-if TYPE_CHECKING:
-    from .modeling import AbsVLModel
+from .configuration import AbsVLConfig
 
 _CITATIONS = """```bibtex
 @inproceedings{shi2023absvit,
@@ -38,7 +37,7 @@ def hub_model_id(source: str | None) -> str | None:
     if not source:
         return None
     if source.startswith("timm:"):
-        return f"timm/{source[len('timm:'):]}"
+        return f"timm/{source[len('timm:') :]}"
     if Path(source).exists():
         return None
     try:
@@ -49,25 +48,31 @@ def hub_model_id(source: str | None) -> str | None:
 
 
 def render_model_card(
-    model: AbsVLModel,
+    config: AbsVLConfig,
     repo_id: str | None = None,
     training_data: str | Sequence[str] | None = None,
     metrics: dict[str, float] | None = None,
     datasets: Sequence[str] | None = None,
     task: str = PIPELINE_TAG,
+    *,
+    vision_width: int,
+    image_size: int,
+    num_parameters: int,
 ) -> ModelCard:
     """Card with architecture, training data, metrics (when known) and a usage snippet; its YAML
     metadata holds ``base_model`` (the text encoder and the backbone weights that are Hub ids),
     ``datasets`` and the metrics as ``model-index`` results.
 
     Args:
+        config: the model's config; ``vision_width``, ``image_size`` and ``num_parameters`` are what
+            the built model adds to it (the backbone's width, its input size, its parameter count).
         repo_id: where the model is published; the usage snippet loads from it.
         training_data: a description or a list of data sets the model was trained on.
         metrics: ``{name: value}``, e.g. ``{"VQA accuracy (val)": 68.72}``.
         datasets: Hub ids of the training data sets.
         task: Hub task id of the metrics (``model-index``).
     """
-    cfg, text_cfg = model.config, model.config.text_config or {}
+    cfg, text_cfg = config, config.text_config or {}
     family = backbone_family(cfg.backbone)
     if training_data is None:
         trained_on = "Not recorded."
@@ -102,18 +107,25 @@ def render_model_card(
     prior = f"Linear of the text {'[cls] state' if cfg.prior_pooling == 'cls' else 'masked token mean'} → ξ"
     if cfg.prior_channel_projection:
         prior += ", with the authors' rank-1 channel projection 5·h·(ξξᵀ)"
-    width = model.backbone.num_features
     rows = [
-        ("Vision backbone", f"`{cfg.backbone}` ({family}, width {width}, overrides: {overrides})"
-         + (f", initialised from `{cfg.backbone_weights}`" if cfg.backbone_weights else "")),
-        ("Image size", f"{model.image_size} px"),
-        ("Text encoder", f"{text_cfg.get('model_type', '?')} (hidden {text_cfg.get('hidden_size', '?')}, "
-         f"{text_cfg.get('num_hidden_layers', '?')} layers), initialised from `{cfg.text_encoder}`"),
+        (
+            "Vision backbone",
+            f"`{cfg.backbone}` ({family}, width {vision_width}, overrides: {overrides})"
+            + (f", initialised from `{cfg.backbone_weights}`" if cfg.backbone_weights else ""),
+        ),
+        ("Image size", f"{image_size} px"),
+        (
+            "Text encoder",
+            f"{text_cfg.get('model_type', '?')} (hidden {text_cfg.get('hidden_size', '?')}, "
+            f"{text_cfg.get('num_hidden_layers', '?')} layers), initialised from `{cfg.text_encoder}`",
+        ),
         ("Prior", f"{prior}; α = {cfg.alpha}"),
-        ("Fusion", f"METER co-attention, {cfg.fusion_layers} layers, H = {cfg.fusion_hidden_size}, "
-         f"{cfg.fusion_heads} heads"),
+        (
+            "Fusion",
+            f"METER co-attention, {cfg.fusion_layers} layers, H = {cfg.fusion_hidden_size}, {cfg.fusion_heads} heads",
+        ),
         ("Heads", f"VQA ({cfg.num_answers} answers), ITM, prior loss on {cfg.prior_visual} tokens in the gate's space"),
-        ("Parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M"),
+        ("Parameters", f"{num_parameters / 1e6:.1f} M"),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if metrics:
@@ -122,7 +134,7 @@ def render_model_card(
         results = "No metrics recorded."
     source = repo_id or "path/to/this/folder"
     body = f"""
-# AbSViT-VL: `{cfg.backbone}` + {text_cfg.get('model_type', 'text encoder')}
+# AbSViT-VL: `{cfg.backbone}` + {text_cfg.get("model_type", "text encoder")}
 
 A vision-language model whose image encoder attends top-down (AbSViT): the question's prior ξ
 steers which objects the vision transformer attends to; a METER-style co-attention encoder fuses

@@ -1,30 +1,20 @@
 """``AbsVLModel``: text prior → top-down vision backbone → METER fusion → heads (SPEC §1, §2, §5).
 
-Data flow for an (image, text) batch:
-1. text encoder → hidden states; prior ξ = Linear(pool(hidden)) in the vision width;
-2. vision backbone(images, ξ): AbSViT-family backbones modulate their output tokens by ξ (Eq. 8),
-   feed them back and run the second pass; ViT/CNN backbones ignore ξ;
-3. co-attention fusion of text states and the backbone's output tokens → pooled ``[B, 2H]``;
-4. heads: VQA logits, ITM logits; the image side of the prior loss, in the gate's own space (the
-   mean of the output tokens, no projection: ``ContrastiveHead``).
-Loss = task + w_var·L_var + w_prior·L_prior (+ w_gate·L_gate): L_prior is the symmetric InfoNCE between
-ξ and that image embedding (negatives gathered across processes), with ``prior_visual="both"`` averaged
-with the same loss on the bottom-up tokens pooled by the top-down map; L_gate the gate's mean.
-
-Saving goes through ``huggingface_hub.ModelHubMixin``: ``save_pretrained``/``push_to_hub`` write
-``model.safetensors``, ``config.json`` (with the text encoder's config), the tokenizer files,
-``answers.json``, ``model_card.json`` (the card's training data and metrics) and a generated
-``README.md``; ``from_pretrained`` needs nothing else.
+The text's prior ξ steers the backbone's second pass (AbSViT Eq. 8; ViT/CNN backbones ignore it); the
+co-attention fusion of text states and output tokens feeds the VQA and ITM heads. Loss = task + w_var·L_var
++ w_prior·L_prior (+ w_gate·L_gate), L_prior the symmetric InfoNCE between ξ and the image embedding in the
+gate's own space (``ContrastiveHead``). ``save_pretrained`` writes everything ``from_pretrained`` needs.
 """
+
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ...io import CONFIG_NAME, WEIGHTS_NAME, read_json, write_json
 from ..vision import BackboneOutput, backbone_family, create_backbone
 from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
@@ -43,8 +34,6 @@ from .model_card import CARD_DATA_KEYS, CARD_DATA_NAME, render_model_card
 from .processing import AbsVLProcessor, ImageInput, backbone_image_size
 from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 ANSWERS_NAME = "answers.json"
 # the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
 LEGACY_PRIOR_PROJECTION = "contrastive.proj."
@@ -260,7 +249,9 @@ class AbsVLModel(
         itm_logits = self.itm_head(pooled)
         prior_visual, prefix = self.config.prior_visual, vision.num_prefix_tokens
         text_embeds = F.normalize(xi, dim=-1)
-        image_embeds = self.contrastive(vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens, prefix)
+        image_embeds = self.contrastive(
+            vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens, prefix
+        )
 
         losses: dict[str, torch.Tensor] = {}
         if vqa_targets is not None:
@@ -274,7 +265,7 @@ class AbsVLModel(
             if "var" in vision.aux_losses:
                 losses["var"] = vision.aux_losses["var"]
             if self.config.gate_sparsity_weight > 0 and vision.prior_mask is not None:
-                losses["gate"] = vision.prior_mask[:, vision.num_prefix_tokens:].mean()
+                losses["gate"] = vision.prior_mask[:, vision.num_prefix_tokens :].mean()
             if self.config.prior_loss_weight > 0:
                 valid = None if itm_labels is None else itm_labels == 1
                 losses["prior"] = contrastive_loss(text_embeds, image_embeds, self.contrastive.scale(), valid)
@@ -409,15 +400,20 @@ class AbsVLModel(
     def _save_pretrained(self, save_directory: Path) -> None:
         """Weights (safetensors), config, tokenizer, answers, card data; the mixin then writes the card."""
         save_model(self, str(save_directory / WEIGHTS_NAME))
-        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        (save_directory / ANSWERS_NAME).write_text(json.dumps(self.answers, ensure_ascii=False, indent=0) + "\n")
-        (save_directory / CARD_DATA_NAME).write_text(json.dumps(self.card_data, ensure_ascii=False, indent=2) + "\n")
+        write_json(save_directory / CONFIG_NAME, _sorted_keys(self.config.to_dict()))
+        write_json(save_directory / ANSWERS_NAME, self.answers, indent=0)
+        write_json(save_directory / CARD_DATA_NAME, self.card_data)
         self.tokenizer.save_pretrained(save_directory)
         (save_directory / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card: regenerate
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """``README.md`` from :attr:`card_data` and the keyword arguments of :func:`render_model_card`."""
-        return render_model_card(self, *args, **{**self.card_data, **kwargs})
+        built = {
+            "vision_width": self.backbone.num_features,
+            "image_size": self.image_size,
+            "num_parameters": sum(p.numel() for p in self.parameters()),
+        }
+        return render_model_card(self.config, *args, **built, **{**self.card_data, **kwargs})
 
     def push_to_hub(
         self,
@@ -442,8 +438,9 @@ class AbsVLModel(
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                     revision=branch, create_pr=create_pr)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=branch, create_pr=create_pr
+            )
 
     @classmethod
     def from_pretrained(
@@ -478,17 +475,17 @@ class AbsVLModel(
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} has no {name}: not a folder written by AbsVLModel.save_pretrained")
         _refuse_projected_prior(folder / WEIGHTS_NAME)
-        config = AbsVLConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        config = AbsVLConfig.from_dict(read_json(folder / CONFIG_NAME, what="an AbsVLModel config"))
         if config.text_config is None:
             raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
-        answers = json.loads((folder / ANSWERS_NAME).read_text())
+        answers = read_json(folder / ANSWERS_NAME, what="an AbsVLModel's answer list")
         # the text encoder's config tells AutoTokenizer the class (our config.json is not a transformers one)
         text_config = transformers.AutoConfig.for_model(**config.text_config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=text_config)
         model = cls(config, answers=answers, tokenizer=tokenizer)
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         if (folder / CARD_DATA_NAME).is_file():  # absent in folders saved by older versions
-            model.card_data = json.loads((folder / CARD_DATA_NAME).read_text())
+            model.card_data = read_json(folder / CARD_DATA_NAME, what="an AbsVLModel's model card data")
         return model.eval()
 
 
@@ -506,6 +503,13 @@ def _refuse_projected_prior(weights: Path) -> None:
                 "top-down prior does not fit this version. Retrain it (absvl train vqa / retrieval), or load it with "
                 "absvl 0.1.x"
             )
+
+
+def _sorted_keys(tree: Any) -> Any:
+    """``tree`` with every dict's keys in sorted order (config.json is written sorted)."""
+    if isinstance(tree, dict):
+        return {key: _sorted_keys(tree[key]) for key in sorted(tree)}
+    return [_sorted_keys(item) for item in tree] if isinstance(tree, list) else tree
 
 
 def _init_new_weights(module: nn.Module) -> None:

@@ -1,16 +1,20 @@
 """Inputs: image loading/normalisation and text tokenisation, shared by pipelines and data loaders."""
+
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-ImageInput = Union[Image.Image, str, Path, np.ndarray]
+from ...images import image_transform, open_image
+
+ImageInput = Image.Image | str | Path | np.ndarray
 CNN_DEFAULT_SIZE = 224
 
 
@@ -28,12 +32,10 @@ def backbone_image_size(backbone: nn.Module) -> int:
 def load_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, or an ``HxW[x3]`` array (uint8, or float in [0, 1]).
 
-    Files go through ``absvl.data.images.open_image``: decompression-bomb guard, full decode (a bad
+    Files go through ``absvl.images.open_image``: decompression-bomb guard, full decode (a bad
     file raises ``BadImageError`` naming it), grayscale/CMYK/16-bit/alpha converted to RGB.
     """
     if isinstance(image, (str, Path)):
-        from ...data.images import open_image
-
         return open_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -44,13 +46,15 @@ def load_image(image: ImageInput) -> Image.Image:
     raise TypeError(f"image must be a PIL image, a path or a numpy array, not {type(image).__name__}")
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    return image_transform(size, train=False)
+
+
 def preprocess_image(image: ImageInput, size: int) -> torch.Tensor:
-    """``[3, size, size]`` float tensor: bicubic resize, scale to [0, 1], ImageNet mean/std."""
-    pil = load_image(image).resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-    return (x - mean) / std
+    """``[3, size, size]`` float tensor: ``absvl.images.image_transform``'s eval mode (what evaluation and the
+    index feed the model)."""
+    return _eval_transform(size)(load_image(image))
 
 
 class AbsVLProcessor:

@@ -4,10 +4,12 @@
 of all tokens (authors' released VL code). ξ lives in the vision width C: it is compared by
 cosine with the vision tokens (Eq. 8) and is the text side of the prior loss (Eq. 15).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformers

@@ -5,10 +5,11 @@ Tests and the offline demo need a ``transformers`` encoder + tokenizer in a fold
 tokenizer on a small corpus (byte-level BPE for RoBERTa, WordPiece for BERT) and saves a freshly
 initialised encoder of the matching vocabulary next to it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import transformers
@@ -95,8 +96,13 @@ def build_tiny_text_encoder(
 
 
 def pretrain_masked_lm(
-    model: transformers.PreTrainedModel, tokenizer, texts: list[str], steps: int = 600, batch_size: int = 128,
-    lr: float = 2e-3, mask_probability: float = 0.15,
+    model: transformers.PreTrainedModel,
+    tokenizer,
+    texts: list[str],
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    mask_probability: float = 0.15,
 ) -> float:
     """Masked language modelling (RoBERTa's objective) of ``model`` in place on ``texts``; returns the last loss.
 

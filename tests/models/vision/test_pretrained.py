@@ -1,4 +1,5 @@
 """Pretrained weights: timm/DeiT/ResNet state dicts from local files into every backbone family."""
+
 import argparse
 import logging
 
@@ -140,7 +141,9 @@ def test_pos_embed_resampled_to_another_grid(tmp_path):
 
 
 def test_patch_embed_resampled_for_another_patch_size():
-    ref = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2)
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2
+    )
     model = create_backbone("absvit_test_patch8", global_pool="avg")
     report = load_weights(model, ref.state_dict(), "patch16")
     assert any(r.startswith("patch_embed.proj.weight (64, 3, 16, 16) -> (64, 3, 8, 8)") for r in report.resampled)

@@ -1,4 +1,5 @@
 """Every registered backbone honours the contract: output type, two resolutions, backward, save/load."""
+
 import io
 
 import pytest

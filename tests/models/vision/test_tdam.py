@@ -1,4 +1,5 @@
 """TDAM ResNets (SPEC §4): block semantics, per-step BatchNorms, timm weight compatibility."""
+
 import io
 
 import pytest
@@ -206,7 +207,10 @@ def test_timm_resnet18_weights_load_unchanged_and_match():
         for k in report.missing_keys
     )
     assert {k for k in report.missing_keys if ".tdam." in k} == {
-        f"layer{s}.{i}.tdam.{p}.weight" for s in (3, 4) for i in range(2) for p in ("top_proj", "bottom_proj", "searchlight")
+        f"layer{s}.{i}.tdam.{p}.weight"
+        for s in (3, 4)
+        for i in range(2)
+        for p in ("top_proj", "bottom_proj", "searchlight")
     }
     tdam.sync_step_norms()
     assert torch.equal(tdam.layer4[1].bn2_1.running_var, ref.layer4[1].bn2.running_var)

@@ -1,4 +1,5 @@
 """The top-down path's health figures, the shut-gate warning, and the conv stem."""
+
 import pytest
 import torch
 
@@ -10,8 +11,15 @@ def test_health_figures_on_a_known_output():
     bottom_up = torch.ones(2, 5, 4)  # 1 prefix token + 4 spatial tokens
     tokens = bottom_up * 1.5  # the second pass changed every token by half its norm
     gate = torch.tensor([[0.9, 0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]).unsqueeze(-1)
-    output = BackboneOutput(tokens=tokens, pooled=tokens[:, 0], bottom_up_tokens=bottom_up,
-                            bottom_up_pooled=bottom_up[:, 0], grid_size=(2, 2), num_prefix_tokens=1, prior_mask=gate)
+    output = BackboneOutput(
+        tokens=tokens,
+        pooled=tokens[:, 0],
+        bottom_up_tokens=bottom_up,
+        bottom_up_pooled=bottom_up[:, 0],
+        grid_size=(2, 2),
+        num_prefix_tokens=1,
+        prior_mask=gate,
+    )
     xi = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     stats = {k: float(v) for k, v in topdown_health(output, xi).items()}
     spatial = gate[:, 1:, 0]  # the prefix token's gate is left out
@@ -19,11 +27,17 @@ def test_health_figures_on_a_known_output():
     assert stats["gate/open"] == pytest.approx(2 / 8) and stats["gate/max"] == pytest.approx(1.0)
     assert stats["gate/spread"] == pytest.approx(spatial.std(dim=1).mean().item())
     # pairwise cosines of the 3 priors: 0, 1/√2, 1/√2
-    assert stats["prior/xi_pairwise_cos"] == pytest.approx((2 / 2 ** 0.5) / 3)
+    assert stats["prior/xi_pairwise_cos"] == pytest.approx((2 / 2**0.5) / 3)
     assert stats["topdown/change"] == pytest.approx(0.5)
     # a backbone without prior or second pass reports nothing of them
-    plain = BackboneOutput(tokens=bottom_up, pooled=bottom_up[:, 0], bottom_up_tokens=bottom_up,
-                           bottom_up_pooled=bottom_up[:, 0], grid_size=(2, 2), num_prefix_tokens=1)
+    plain = BackboneOutput(
+        tokens=bottom_up,
+        pooled=bottom_up[:, 0],
+        bottom_up_tokens=bottom_up,
+        bottom_up_pooled=bottom_up[:, 0],
+        grid_size=(2, 2),
+        num_prefix_tokens=1,
+    )
     assert topdown_health(plain) == {}
 
 

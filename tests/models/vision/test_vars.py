@@ -1,4 +1,5 @@
 """VARS attention (SPEC §3): the ISTA solver, the three dictionaries, and VARS inside (Ab)SViT."""
+
 import numpy as np
 import pytest
 import torch

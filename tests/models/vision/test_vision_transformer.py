@@ -1,4 +1,5 @@
 """ViT / AbSViT and the paper's top-down baselines (SPEC §2)."""
+
 import pytest
 import timm
 import torch
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 from absvl import create_backbone
 from absvl.models.vision import vision_transformer as vt
 from absvl.models.vision.topdown import prior_mask, qkv_rows
-from absvl.models.vision.vision_transformer import TOPDOWN_MODES, Attention
+from absvl.models.vision.topdown_modes import TOPDOWN_MODES
+from absvl.models.vision.vision_transformer import Attention
 
 
 def _images(b=2, h=32, w=32, seed=0):
@@ -41,7 +43,9 @@ def test_absvit_with_zero_feedback_equals_vit_of_same_weights():
     model = create_backbone("absvit_tiny_patch16_224").eval()
     report = model.load_state_dict(ref.state_dict(), strict=False)
     assert report.unexpected_keys == []
-    assert set(report.missing_keys) == {"prompt"} | {f"decoders.{i}.linear{s}.weight" for i in range(12) for s in ("", "2")}
+    assert set(report.missing_keys) == {"prompt"} | {
+        f"decoders.{i}.linear{s}.weight" for i in range(12) for s in ("", "2")
+    }
     _zero_feedback_outputs(model)
     x = _images(1, 224, 224)
     with torch.no_grad():
@@ -264,7 +268,9 @@ def test_bad_options_are_clear_errors():
         create_backbone("vit_test_patch8", not_an_option=1)
 
 
-@pytest.mark.parametrize("name", ["vars_d_absvit_test_patch8", "vars_s_absvit_test_patch8", "vars_sd_absvit_test_patch8"])
+@pytest.mark.parametrize(
+    "name", ["vars_d_absvit_test_patch8", "vars_s_absvit_test_patch8", "vars_sd_absvit_test_patch8"]
+)
 def test_vit_options_reach_vars_attention_layers(name):
     model = create_backbone(name, td_bias=True, topdown="qkv")
     attn = model.blocks[0].attn

@@ -1,5 +1,6 @@
 """Tiny text encoders (built locally, loaded from temp dirs), tiny AbSViT-VL models, and ``hub``: the
 local stand-in of the Hub API (tests/hub_stand_in.py)."""
+
 import sys
 from pathlib import Path
 
@@ -58,8 +59,13 @@ def _make_batch(model, questions=QUESTIONS, seed=0):
     targets[torch.arange(n), torch.arange(n) % len(model.answers)] = 1.0
     targets[0, 1] = 0.3
     itm_labels = torch.tensor([1, 1, 0, 1])[:n]
-    return dict(images=images, input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                vqa_targets=targets, itm_labels=itm_labels)
+    return dict(
+        images=images,
+        input_ids=text["input_ids"],
+        attention_mask=text["attention_mask"],
+        vqa_targets=targets,
+        itm_labels=itm_labels,
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """torch.compile sees the whole training loss as one graph: no graph breaks (each one is a
 return to Python and a split of the compiled step) for any backbone family or loss."""
+
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ def _graph_breaks(fn, *args):
     return explained.graph_break_count, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("backbone", ["absvit_test_patch8", "vit_test_patch8", "vars_d_absvit_test_patch8", "tdam_resnet_test"])
+@pytest.mark.parametrize(
+    "backbone", ["absvit_test_patch8", "vit_test_patch8", "vars_d_absvit_test_patch8", "tdam_resnet_test"]
+)
 def test_the_vqa_and_retrieval_losses_compile_without_graph_breaks(make_model, make_batch, backbone):
     model = make_model(backbone, prior_visual="both", gate_sparsity_weight=1.0)
     batch = make_batch(model)

@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained / push_to_hub: self-contained folders, exact outputs, no token leaks;
 the Hub side is the local stand-in of tests/hub_stand_in.py (no network)."""
+
 import json
 import logging
 import shutil
@@ -51,8 +52,14 @@ def test_save_pretrained_roundtrip_is_exact_and_self_contained(make_model, make_
     assert config["text_config"]["model_type"] == kind and config["num_answers"] == len(model.answers)
     assert json.loads((saved / "answers.json").read_text()) == model.answers
     card = (saved / "README.md").read_text()
-    for text in ("absvit_test_patch8", kind, "Shapes world (test)", "| VQA acc | 12.5 |", "absvl.pipeline",
-                 "library_name: absvl"):
+    for text in (
+        "absvit_test_patch8",
+        kind,
+        "Shapes world (test)",
+        "| VQA acc | 12.5 |",
+        "absvl.pipeline",
+        "library_name: absvl",
+    ):
         assert text in card
 
     shutil.rmtree(text_dir)  # loading must not need the original text encoder
@@ -61,8 +68,10 @@ def test_save_pretrained_roundtrip_is_exact_and_self_contained(make_model, make_
     for a, b in zip(expected, _outputs(loaded, batch)):
         assert torch.equal(a, b)
     assert loaded.answers == model.answers
-    assert loaded.processor(text=["what color is the circle?"])["input_ids"].tolist() == \
-        model.processor(text=["what color is the circle?"])["input_ids"].tolist()
+    assert (
+        loaded.processor(text=["what color is the circle?"])["input_ids"].tolist()
+        == model.processor(text=["what color is the circle?"])["input_ids"].tolist()
+    )
 
     saved_again = tmp_path / "saved_again"
     loaded.save_pretrained(saved_again)
@@ -87,8 +96,9 @@ def test_push_to_hub_uploads_the_saved_folder_and_never_the_token(make_model, tm
     token = "hf_NOT_A_REAL_TOKEN_1234567890"
     model = make_model("absvit_test_patch8")
     caplog.set_level(logging.DEBUG)
-    commit = model.push_to_hub("someone/absvl-tiny", token=token, private=True,
-                               model_card_kwargs={"training_data": ["Shapes"]})
+    commit = model.push_to_hub(
+        "someone/absvl-tiny", token=token, private=True, model_card_kwargs={"training_data": ["Shapes"]}
+    )
 
     repo = hub.repos["someone/absvl-tiny"]
     assert repo.private and commit.commit_url == f"{hub.url}/someone/absvl-tiny/commit/{commit.oid}"
@@ -112,8 +122,11 @@ def test_push_to_hub_keeps_the_exported_card_and_its_metadata(make_model, tmp_pa
     model-index results and datasets in its metadata."""
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
     exported = tmp_path / "final"
-    card_kwargs = {"training_data": "VQAv2 train2014", "metrics": {"VQA accuracy (val)": 61.25},
-                   "datasets": ["HuggingFaceM4/VQAv2"]}
+    card_kwargs = {
+        "training_data": "VQAv2 train2014",
+        "metrics": {"VQA accuracy (val)": 61.25},
+        "datasets": ["HuggingFaceM4/VQAv2"],
+    }
     make_model("absvit_test_patch8").save_pretrained(exported, model_card_kwargs=card_kwargs)
 
     AbsVLModel.from_pretrained(exported).push_to_hub("me/vqa", branch="v1")
@@ -123,19 +136,37 @@ def test_push_to_hub_keeps_the_exported_card_and_its_metadata(make_model, tmp_pa
     assert "| VQA accuracy (val) | 61.25 |" in card.text and "VQAv2 train2014" in card.text
     assert card.data.datasets == ["HuggingFaceM4/VQAv2"] and card.data.library_name == "absvl"
     (result,) = card.data.eval_results
-    assert (result.metric_name, result.metric_value, result.dataset_type, result.task_type) == \
-        ("VQA accuracy (val)", 61.25, "HuggingFaceM4/VQAv2", "visual-question-answering")
+    assert (result.metric_name, result.metric_value, result.dataset_type, result.task_type) == (
+        "VQA accuracy (val)",
+        61.25,
+        "HuggingFaceM4/VQAv2",
+        "visual-question-answering",
+    )
     assert card.data.model_name == "vqa"
 
 
 def test_model_card_base_model_names_hub_sources_only(make_model, roberta_dir):
     model = make_model("absvit_test_patch8")
-    assert render_model_card(model).data.base_model is None  # a local text encoder, no backbone weights
-    model.config = replace(model.config, text_encoder="FacebookAI/roberta-base",
-                           backbone_weights="timm:deit_tiny_patch16_224.fb_in1k")
-    assert render_model_card(model).data.base_model == ["FacebookAI/roberta-base", "timm/deit_tiny_patch16_224.fb_in1k"]
+    assert model.generate_model_card().data.base_model is None  # a local text encoder, no backbone weights
+    model.config = replace(
+        model.config, text_encoder="FacebookAI/roberta-base", backbone_weights="timm:deit_tiny_patch16_224.fb_in1k"
+    )
+    assert model.generate_model_card().data.base_model == [
+        "FacebookAI/roberta-base",
+        "timm/deit_tiny_patch16_224.fb_in1k",
+    ]
     model.config = replace(model.config, text_encoder=str(roberta_dir), backbone_weights="/weights/absvit.pth")
-    assert render_model_card(model).data.base_model is None
+    assert model.generate_model_card().data.base_model is None
+
+
+def test_model_card_renders_from_the_config_alone(make_model):
+    model = make_model("absvit_test_patch8")
+    card = render_model_card(
+        model.config, metrics={"VQA accuracy (val)": 50.0}, vision_width=48, image_size=64, num_parameters=1_234_567
+    )
+    assert "(absvit, width 48," in card.text and "| Image size | 64 px |" in card.text
+    assert "| Parameters | 1.2 M |" in card.text and "| VQA accuracy (val) | 50.0 |" in card.text
+    assert model.generate_model_card().text.count(f"{model.image_size} px") == 1
 
 
 def test_backbone_weights_source_is_recorded(make_model, tmp_path):
@@ -158,8 +189,9 @@ def test_from_pretrained_by_hub_id(make_model, make_batch, tmp_path, hub, monkey
         assert torch.equal(a, b)
     assert AbsVLModel.from_pretrained("org/absvl-tiny", revision="dev").card_data["metrics"] == {"acc": 1.0}
     image = torch.rand(20, 24, 3).numpy()
-    assert absvl.pipeline("vqa", model="org/absvl-tiny")(image, "is it red?") == \
-        absvl.pipeline("vqa", model=model)(image, "is it red?")
+    assert absvl.pipeline("vqa", model="org/absvl-tiny")(image, "is it red?") == absvl.pipeline("vqa", model=model)(
+        image, "is it red?"
+    )
 
     monkeypatch.delenv("HF_TOKEN")  # private: without a token the repository is not there
     with pytest.raises(RepositoryNotFoundError):

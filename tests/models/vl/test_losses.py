@@ -1,4 +1,5 @@
 """The prior loss (symmetric InfoNCE) by hand, across two processes, and the VQA loss."""
+
 import math
 import subprocess
 import sys

@@ -1,4 +1,5 @@
 """AbsVLModel: every backbone family end to end, the prior ξ, losses, parameter groups, config errors."""
+
 import pytest
 import torch
 from torch import nn
@@ -106,7 +107,7 @@ def test_encoders_for_retrieval(make_model, make_batch):
     torch.testing.assert_close(image, out.image_embeds)  # query-independent: same with or without the text
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(text)))
     torch.testing.assert_close(scores, out.itm_logits.softmax(-1)[:, 1])
-    log_odds = (out.itm_logits.log_softmax(-1)[:, 1] - out.itm_logits.log_softmax(-1)[:, 0])
+    log_odds = out.itm_logits.log_softmax(-1)[:, 1] - out.itm_logits.log_softmax(-1)[:, 0]
     torch.testing.assert_close(rerank, log_odds + model.contrastive.scale() * (text * image).sum(-1))
     # the one-pass bottom-up output equals the first pass of the full backbone
     torch.testing.assert_close(bottom_up_only.pooled, out.vision.bottom_up_pooled)
@@ -179,12 +180,15 @@ def test_parameter_groups(make_model):
     assert "fusion.text_layers.0.ffn.fc1.weight" in decay and "backbone.decoders.0.linear.weight" in decay
 
 
-@pytest.mark.parametrize("given, backbone, text_encoder", [
-    ({"encoders": 0.5}, 0.5, 0.5),  # the default of both encoders
-    ({"backbone": 0.1}, 0.1, 1.0),
-    ({"encoders": 0.5, "text_encoder": 0.2}, 0.5, 0.2),
-    ({"vision": 0.1, "text": 0.3}, 0.1, 0.3),  # the names of configs written before the split
-])
+@pytest.mark.parametrize(
+    "given, backbone, text_encoder",
+    [
+        ({"encoders": 0.5}, 0.5, 0.5),  # the default of both encoders
+        ({"backbone": 0.1}, 0.1, 1.0),
+        ({"encoders": 0.5, "text_encoder": 0.2}, 0.5, 0.2),
+        ({"vision": 0.1, "text": 0.3}, 0.1, 0.3),  # the names of configs written before the split
+    ],
+)
 def test_encoder_lr_multipliers(make_model, given, backbone, text_encoder):
     groups = make_model("absvit_test_patch8").parameter_groups(lr=1.0, lr_multipliers={**given, "fusion": 2.0})
     scales = {g["name"].split("/")[0]: g["lr_scale"] for g in groups}

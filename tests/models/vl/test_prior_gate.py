@@ -1,4 +1,5 @@
 """The prior loss in the gate's space, the top-down prior term, the gate's sparsity prior, old models refused."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ def test_image_embedding_is_the_gate_space_mean_of_the_bottom_up_tokens(make_mod
     batch = make_batch(model)
     with torch.no_grad():
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-    z = out.vision.bottom_up_tokens[:, out.vision.num_prefix_tokens:]
+    z = out.vision.bottom_up_tokens[:, out.vision.num_prefix_tokens :]
     torch.testing.assert_close(out.image_embeds, F.normalize(z.mean(dim=1), dim=-1))
     # cos(ξ, embedding) is the norm-weighted mean of the cosines the gate clamps (Eq. 8)
     gate_cos = F.cosine_similarity(z, out.xi[:, None], dim=-1)
@@ -45,7 +46,7 @@ def test_prior_visual_both_adds_the_top_down_attended_term(make_model, make_batc
     bottom_up = contrastive_loss(out.text_embeds, out.image_embeds, scale)
     weights = vision.maps["top_down"].flatten(1)
     weights = weights / weights.sum(1, keepdim=True)
-    unit = F.normalize(vision.bottom_up_tokens[:, vision.num_prefix_tokens:], dim=-1)
+    unit = F.normalize(vision.bottom_up_tokens[:, vision.num_prefix_tokens :], dim=-1)
     attended = F.normalize((weights[..., None] * unit).sum(1), dim=-1)
     expected = (bottom_up + contrastive_loss(out.text_embeds, attended, scale)) / 2
     torch.testing.assert_close(out.losses["prior"], expected)
@@ -66,12 +67,17 @@ def test_gate_sparsity_term(make_model, make_batch):
     batch = make_batch(model)
     out = model(**batch)
     vision = out.vision
-    gate = prior_mask(vision.bottom_up_tokens, out.xi)[:, vision.num_prefix_tokens:]
-    torch.testing.assert_close(vision.prior_mask[:, vision.num_prefix_tokens:], gate)
+    gate = prior_mask(vision.bottom_up_tokens, out.xi)[:, vision.num_prefix_tokens :]
+    torch.testing.assert_close(vision.prior_mask[:, vision.num_prefix_tokens :], gate)
     torch.testing.assert_close(out.losses["gate"], gate.mean())
     cfg = model.config
-    total = (out.losses["vqa"] + cfg.itm_loss_weight * out.losses["itm"] + cfg.var_loss_weight * out.losses["var"]
-             + cfg.prior_loss_weight * out.losses["prior"] + 0.5 * out.losses["gate"])
+    total = (
+        out.losses["vqa"]
+        + cfg.itm_loss_weight * out.losses["itm"]
+        + cfg.var_loss_weight * out.losses["var"]
+        + cfg.prior_loss_weight * out.losses["prior"]
+        + 0.5 * out.losses["gate"]
+    )
     torch.testing.assert_close(out.loss, total)
     # backbones without a prior have no gate and no such term
     vit = make_model("vit_test_patch8", gate_sparsity_weight=0.5).train()

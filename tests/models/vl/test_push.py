@@ -1,4 +1,5 @@
 """``absvl push`` and loading by Hub id from the command line, against the local Hub stand-in."""
+
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,22 @@ def test_attend_loads_a_model_by_hub_id(make_model, tmp_path, hub, monkeypatch, 
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "maps.png"
-    assert main(["attend", str(image), "--text", "what color is the circle?", "--model", "org/absvl-tiny",
-                 "--out", str(out), "--size", "32"]) == 0
+    assert (
+        main(
+            [
+                "attend",
+                str(image),
+                "--text",
+                "what color is the circle?",
+                "--model",
+                "org/absvl-tiny",
+                "--out",
+                str(out),
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and Image.open(out).width > 32
     assert AbsVLModel.from_pretrained("org/absvl-tiny", local_files_only=True).answers  # now in the cache

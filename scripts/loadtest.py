@@ -1,9 +1,11 @@
+#!/usr/bin/env python
 """A bounded concurrent load test of a running ``absvl serve`` (used by tests/serve/test_load.py).
 
-    python -m absvl.serve.loadtest http://127.0.0.1:8000 --requests 200 --concurrency 8 --image some.jpg
+    python scripts/loadtest.py http://127.0.0.1:8000 --requests 200 --concurrency 8 --image some.jpg
 
 Needs ``httpx`` (the ``dev`` extra).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,23 +58,30 @@ def run_load(
         try:
             if image is not None and i % vqa_every == 0:
                 endpoint = "/vqa"
-                response = client.post(endpoint, files={"image": ("load.png", image)},
-                                       data={"question": queries[i % len(queries)], "top_k": "3"})
+                response = client.post(
+                    endpoint,
+                    files={"image": ("load.png", image)},
+                    data={"question": queries[i % len(queries)], "top_k": "3"},
+                )
             elif i % 2:
                 endpoint = "/search"
                 response = client.get(endpoint, params={"q": queries[i % len(queries)], "k": 10})
             else:
                 endpoint = "/health"
                 response = client.get(endpoint)
-            error = None if response.status_code == 200 else f"{endpoint} -> {response.status_code} {response.text[:200]}"
+            error = (
+                None if response.status_code == 200 else f"{endpoint} -> {response.status_code} {response.text[:200]}"
+            )
         except httpx.HTTPError as exc:
             error = f"{endpoint} -> {type(exc).__name__}: {exc}"
         return endpoint, (time.perf_counter() - start) * 1000, error
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     start = time.perf_counter()
-    with httpx.Client(base_url=base_url, timeout=timeout, limits=limits) as client, \
-            ThreadPoolExecutor(max_workers=concurrency) as pool:
+    with (
+        httpx.Client(base_url=base_url, timeout=timeout, limits=limits) as client,
+        ThreadPoolExecutor(max_workers=concurrency) as pool,
+    ):
         outcomes = list(pool.map(lambda i: one(i, client), range(requests)))
     seconds = time.perf_counter() - start
     latencies = np.array([ms for _, ms, _ in outcomes])
@@ -80,9 +89,15 @@ def run_load(
     by_endpoint: dict[str, int] = {}
     for endpoint, _, _ in outcomes:
         by_endpoint[endpoint] = by_endpoint.get(endpoint, 0) + 1
-    return LoadReport(requests=requests, errors=len(failures), seconds=seconds,
-                      p50_ms=float(np.percentile(latencies, 50)), p99_ms=float(np.percentile(latencies, 99)),
-                      by_endpoint=by_endpoint, failures=failures[:5])
+    return LoadReport(
+        requests=requests,
+        errors=len(failures),
+        seconds=seconds,
+        p50_ms=float(np.percentile(latencies, 50)),
+        p99_ms=float(np.percentile(latencies, 99)),
+        by_endpoint=by_endpoint,
+        failures=failures[:5],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, help="an image to upload to /vqa (without it: /search and /health only)")
     parser.add_argument("--vqa-every", type=int, default=10, help="every N-th request is a /vqa upload (default 10)")
     args = parser.parse_args(argv)
-    report = run_load(args.url, args.requests, args.concurrency, args.image.read_bytes() if args.image else None,
-                      args.vqa_every)
+    report = run_load(
+        args.url, args.requests, args.concurrency, args.image.read_bytes() if args.image else None, args.vqa_every
+    )
     print(json.dumps({**asdict(report), "requests_per_second": round(report.requests_per_second, 1)}, indent=2))
     return 1 if report.errors else 0
 

@@ -1,52 +1,30 @@
-"""Safe image loading and the train/eval image transforms.
+"""Image files → RGB PIL images, and RGB images → model input tensors: the one decoder and the one transform.
 
-``open_image`` is the one place where image files are decoded, for training, evaluation, the
-pipelines and ``absvl data check``: it guards against decompression bombs, reads the whole file
-(so a truncated or corrupt image fails *here*, with a ``BadImageError`` naming the file, never deep
-inside a training step) and returns an RGB image whatever the file's mode:
-
-* grayscale (``1``, ``L``), ``CMYK``, ``YCbCr``, ``HSV``, palette without transparency: PIL's
-  ``convert("RGB")`` (CMYK uses PIL's plain conversion, no ICC colour management);
-* 16-bit and 32-bit grayscale (``I;16*``, ``I``, ``F``): rescaled to 8 bits (65535 → 255, i.e.
-  divided by 257; ``I``/``F`` values already in [0, 255] are kept, ``F`` in [0, 1] is scaled by
-  255, anything else is min-max stretched), then replicated to three channels — a plain
-  ``convert("RGB")`` would clip every value above 255 to white;
-* with an alpha channel (``RGBA``, ``LA``, ``PA``, palette or ``L``/``RGB`` with a transparency
-  key): **composited onto a white background**. Dropping alpha instead would expose whatever
-  colour the encoder left under fully transparent pixels (often black or garbage), which is not
-  what a person looking at the image sees; white is how viewers and browsers show such files.
-
-EXIF orientation is *not* applied, as in the usual COCO/VQA pipelines (the questions were written
-on the stored pixels).
-
-``image_transform`` builds the torchvision v2 transforms. Both train and eval resize the whole image
-to a square ``image_size`` with bicubic interpolation — no random crop and no horizontal flip,
-because VQA questions talk about left/right, positions and counts: a flip would make "what is left
-of the cup?" wrong and a crop can cut out the object a question is about. Training can add
-RandAugment (torchvision's op set has no flip, no inversion, no cutout; its geometric ops are small
-shears/translations/rotations). The eval transform gives exactly what
-``absvl.models.vl.processing.preprocess_image`` gives, so training, evaluation and the pipelines agree.
+Every image absvl reads goes through ``open_image`` (training, evaluation, indexing, pipelines, the server,
+``absvl data check``) and every model input through ``image_transform`` (the processor uses its eval mode), so
+they cannot drift apart. How each file mode becomes RGB, and why no crop or flip: docs/images.md.
 """
+
 from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Sequence, Union
+from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageFiles", "ImageSource", "check_image_root", "collate_image_files",
-           "image_transform", "open_image", "to_rgb"]
+__all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "ImageSource", "image_transform", "open_image", "to_rgb"]
 
 #: Same limit as PIL's own ``Image.MAX_IMAGE_PIXELS`` default (about 89.5 megapixels; ~9,459² px).
 #: COCO images are at most 640×640.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-ImageSource = Union[str, Path, bytes, bytearray, IO[bytes]]
+ImageSource = str | Path | bytes | bytearray | IO[bytes]
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
@@ -85,7 +63,7 @@ def _name_of(source: ImageSource, name: str | None) -> str:
 
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grayscale → 8-bit ``L`` (see the module docstring for the rule)."""
+    """16/32-bit integer or float grayscale → 8-bit ``L`` (the rule: docs/images.md)."""
     arr = np.asarray(img)
     if img.mode.startswith("I;16"):
         out = arr.astype(np.float64) / 257.0
@@ -106,7 +84,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image → RGB: alpha composited onto white, 16/32-bit rescaled (see module docstring)."""
+    """Any PIL image → RGB: alpha composited onto white, 16/32-bit rescaled (docs/images.md)."""
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in _HIGH_DEPTH_MODES:
@@ -142,8 +120,9 @@ def open_image(
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise BadImageError(
-                label, f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
-                "(possible decompression bomb; raise max_pixels if the image is genuine)"
+                label,
+                f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+                "(possible decompression bomb; raise max_pixels if the image is genuine)",
             )
         img.load()  # decode everything now: truncated/corrupt data fails here (PIL then closes a file it opened)
         return to_rgb(img)  # not inside ``with``: closing an image also frees its pixels
@@ -175,8 +154,9 @@ def image_transform(
 
     Both modes: bicubic resize of the whole image to ``image_size × image_size`` (geometry kept: no
     crop, no flip — questions mention left/right, positions and counts), scale to [0, 1], normalise
-    with ``mean``/``std`` (ImageNet by default, as ``preprocess_image``). ``train=True`` with
-    ``randaugment=True`` adds RandAugment after the resize (its op set has no flip).
+    with ``mean``/``std`` (ImageNet by default). ``train=True`` with ``randaugment=True`` adds
+    RandAugment after the resize (its op set has no flip). The eval mode is every model input's
+    outside training (evaluation, indexing, ``AbsVLProcessor``).
     """
     from torchvision.transforms import v2
 
@@ -187,43 +167,3 @@ def image_transform(
         steps.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(steps)
-
-
-def check_image_root(paths: Sequence[str | Path], hint: str, probe: int = 20) -> None:
-    """Fail early (not after an epoch of skipped items) when none of the first ``probe`` image
-    files exists; ``hint`` says where the images should be."""
-    sample = [Path(p) for p in paths[:probe]]
-    if sample and not any(p.is_file() for p in sample):
-        raise FileNotFoundError(f"none of the first {len(sample)} images exists (e.g. {sample[0]}): {hint}")
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files as eval-transformed model inputs, by position (indexing, retrieval evaluation).
-
-    An unreadable file never raises: its item carries the reason instead of a tensor, and
-    ``collate_image_files`` sets it aside.
-    """
-
-    def __init__(self, paths: Sequence[str | Path], image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        self.paths = list(paths)
-        self.transform = image_transform(image_size, train=False)
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return position, self.transform(open_image(self.paths[position], self.max_pixels)), None
-        except BadImageError as err:
-            return position, None, err.reason
-
-
-def collate_image_files(
-    items: Sequence[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """(positions read, their images ``[B, 3, S, S]`` or None, ``[(position, reason)]`` of the unreadable)."""
-    good = [(pos, x) for pos, x, _ in items if x is not None]
-    bad = [(pos, reason) for pos, x, reason in items if x is None]
-    images = torch.stack([x for _, x in good]) if good else None
-    return [pos for pos, _ in good], images, bad

@@ -1,0 +1,195 @@
+"""The language of a Shapes world: questions of six families, each unambiguous for its scene (with its answer and
+target objects), the ten noisy human answers, and five captions per image. Which families and templates:
+data/README.md."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from .shapes_scene import COLORS, RELATIONS, SHAPES, SIZES, relation
+
+__all__ = ["BALANCE_GROUP", "FAMILIES", "captions", "human_answers", "question_candidates", "tokens"]
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FAMILIES = ("color", "shape", "exist", "count", "rel_yn", "rel_what")
+# families whose answers are balanced together (relation "what" questions then favour colours,
+# which the colour family spreads over 7 answers, over the 3 shapes)
+BALANCE_GROUP = {"color": "other", "shape": "other", "rel_what": "other"}
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _desc_phrase(desc: tuple, plural: bool = False) -> str:
+    size, color, shape = desc
+    noun = (shape or "object") + ("s" if plural else "")
+    return " ".join(w for w in (size, color, noun) if w)
+
+
+def _matches(obj: dict, desc: tuple) -> bool:
+    size, color, shape = desc
+    return (
+        (size is None or obj["size"] == size)
+        and (color is None or obj["color"] == color)
+        and (shape is None or obj["shape"] == shape)
+    )
+
+
+# attribute subsets used to refer to one object: (size?, color?, shape?)
+_REF_SUBSETS = ((0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0))
+
+
+def _unique_descs(objects: list[dict], obj: dict, exclude: str | None = None) -> list[tuple]:
+    out = []
+    for use_size, use_color, use_shape in _REF_SUBSETS:
+        if (exclude == "color" and use_color) or (exclude == "shape" and use_shape):
+            continue
+        desc = (
+            obj["size"] if use_size else None,
+            obj["color"] if use_color else None,
+            obj["shape"] if use_shape else None,
+        )
+        if sum(_matches(o, desc) for o in objects) == 1:
+            out.append(desc)
+    return out
+
+
+def question_candidates(objects: list[dict], family: str, margin: float, rng: np.random.Generator) -> list[dict]:
+    """All questions of ``family`` that are unambiguous for this scene, with answers and targets."""
+    out: list[dict] = []
+
+    def add(question, answer, targets, qtype, atype):
+        out.append(dict(question=question, answer=answer, targets=list(targets), qtype=qtype, atype=atype))
+
+    if family == "color":
+        for o in objects:
+            for d in _unique_descs(objects, o, exclude="color"):
+                add(f"what color is the {_desc_phrase(d)}?", o["color"], [o["index"]], "what color is the", "other")
+    elif family == "shape":
+        for o in objects:
+            for d in _unique_descs(objects, o, exclude="shape"):
+                add(f"what shape is the {_desc_phrase(d)}?", o["shape"], [o["index"]], "what shape is the", "other")
+    elif family == "exist":
+        descs = [(None, None, s) for s in SHAPES] + [(None, c, None) for c in COLORS]
+        descs += [(None, c, s) for c in COLORS for s in SHAPES]
+        descs += [(z, c, s) for z in SIZES for c in COLORS for s in SHAPES]
+        for d in descs:
+            targets = [o["index"] for o in objects if _matches(o, d)]
+            add(f"is there {_article(_desc_phrase(d))}?", "yes" if targets else "no", targets, "is there a", "yes/no")
+    elif family == "count":
+        descs = [(None, None, None)] + [(None, None, s) for s in SHAPES] + [(None, c, None) for c in COLORS]
+        descs += [(z, None, None) for z in SIZES] + [(None, c, s) for c in COLORS for s in SHAPES]
+        descs += [(z, None, s) for z in SIZES for s in SHAPES]
+        for d in descs:
+            targets = [o["index"] for o in objects if _matches(o, d)]
+            add(f"how many {_desc_phrase(d, plural=True)} are there?", str(len(targets)), targets, "how many", "number")
+    elif family in ("rel_yn", "rel_what"):
+        # one referring expression per object (random among its unambiguous ones)
+        refs = {}
+        for o in objects:
+            descs = _unique_descs(objects, o)
+            if descs:
+                refs[o["index"]] = descs[int(rng.integers(len(descs)))]
+        for b in objects:
+            if b["index"] not in refs:
+                continue
+            ref_b = _desc_phrase(refs[b["index"]])
+            for rel in RELATIONS:
+                others = [o for o in objects if o is not b]
+                if family == "rel_yn":
+                    for a in others:
+                        ans = relation(a, b, rel, margin)
+                        if a["index"] in refs and ans is not None:
+                            q = f"is the {_desc_phrase(refs[a['index']])} {rel} the {ref_b}?"
+                            add(q, "yes" if ans else "no", [a["index"], b["index"]], "is the", "yes/no")
+                else:
+                    verdicts = [relation(a, b, rel, margin) for a in others]
+                    if verdicts.count(True) == 1 and None not in verdicts:
+                        a = others[verdicts.index(True)]
+                        targets = [a["index"], b["index"]]
+                        for attr in ("color", "shape"):
+                            q = f"what {attr} is the object {rel} the {ref_b}?"
+                            add(q, a[attr], targets, f"what {attr} is the", "other")
+    else:
+        raise ValueError(family)
+    return out
+
+
+def _wrong_answer(answer: str, rng: np.random.Generator) -> str:
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    if answer.isdigit():
+        n = int(answer)
+        return str(n + 1) if n == 0 or rng.random() < 0.5 else str(n - 1)
+    pool = [c for c in COLORS if c != answer] if answer in COLORS else [s for s in SHAPES if s != answer]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def human_answers(answer: str, noise: float, rng: np.random.Generator) -> list[dict]:
+    answers = [answer] * 10
+    k = min(3, int(rng.binomial(10, noise))) if noise > 0 else 0
+    for i in sorted(int(i) for i in rng.choice(10, size=k, replace=False)):
+        answers[i] = _wrong_answer(answer, rng)
+    return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
+
+
+def _object_phrase(o: dict, with_size: bool = True) -> str:
+    return _article(" ".join(([o["size"]] if with_size else []) + [o["color"], o["shape"]]))
+
+
+def _count_phrase(n: int, noun: str) -> str:
+    return _article(noun) if n == 1 else f"{NUMBER_WORDS[n]} {noun}s"
+
+
+def captions(objects: list[dict], bg_kind: str, margin: float, rng: np.random.Generator) -> list[str]:
+    """Five different captions describing the objects."""
+    lr = sorted(objects, key=lambda o: (o["center"][0], o["index"]))
+    tb = sorted(objects, key=lambda o: (o["center"][1], o["index"]))
+    shape_counts = Counter(o["shape"] for o in objects)
+    color_counts = Counter(o["color"] for o in objects)
+    shapes_cap = _join([_count_phrase(shape_counts[s], s) for s in SHAPES if shape_counts[s]])
+    colors_cap = _join([_count_phrase(color_counts[c], f"{c} shape") for c in COLORS if color_counts[c]])
+
+    def rel_caption(rels: tuple[str, ...]) -> str | None:
+        pairs = [
+            (a, b, rel) for rel in rels for a in objects for b in objects if a is not b and relation(a, b, rel, margin)
+        ]
+        if not pairs:
+            return None
+        a, b, rel = pairs[int(rng.integers(len(pairs)))]
+        return f"{_object_phrase(a)} {rel} {_object_phrase(b)}"
+
+    order = [objects[int(i)] for i in rng.permutation(len(objects))]
+    first = [
+        "from left to right: " + _join([_object_phrase(o) for o in lr])
+        if rng.random() < 0.5
+        else "from top to bottom: " + _join([_object_phrase(o) for o in tb]),
+        shapes_cap,
+        colors_cap,
+        rel_caption(("left of", "right of") if rng.random() < 0.5 else ("above", "below")),
+        f"{NUMBER_WORDS[len(objects)]} shapes: " + _join([_object_phrase(o, with_size=False) for o in order]),
+    ]
+    extra = [
+        rel_caption(RELATIONS),
+        "from left to right: " + _join([_object_phrase(o) for o in lr]),
+        "from top to bottom: " + _join([_object_phrase(o) for o in tb]),
+        f"{_join([_object_phrase(o) for o in order])} on a {bg_kind} background",
+    ]
+    out: list[str] = []
+    for cap in first + extra:
+        if cap and cap + "." not in out and len(out) < 5:
+            out.append(cap + ".")
+    return out
+
+
+def tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())

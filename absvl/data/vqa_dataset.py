@@ -1,0 +1,129 @@
+"""The torch side of VQA: examples as training/evaluation items (soft targets, unreadable images set aside)
+and their collation into model batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..images import DEFAULT_MAX_PIXELS, BadImageError
+from .answers import soft_targets
+from .vqa_examples import VQAExample
+
+__all__ = ["VQACollator", "VQADataset"]
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Torch dataset of VQA examples: image tensor, question, soft targets, question id.
+
+    Args:
+        examples: from ``load_vqa_split``/``load_vqa_hf``.
+        answer_to_index: answer string → index (or the answer list itself).
+        transform: PIL RGB image → tensor (``image_transform``).
+        drop_unanswerable: drop annotated questions none of whose answers is in the vocabulary
+            (training, SPEC §6); their number is ``num_dropped``. Unannotated questions are kept.
+        max_pixels: decompression-bomb limit for ``open_image``.
+
+    An unreadable image never raises: the item is ``{"error": reason, "question_id", "image_path"}``
+    and ``VQACollator`` drops it from the batch and lists it in ``batch["skipped"]``.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[VQAExample],
+        answer_to_index: Mapping[str, int] | Sequence[str],
+        transform: Callable[[Any], torch.Tensor],
+        drop_unanswerable: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if not isinstance(answer_to_index, Mapping):
+            answer_to_index = {a: i for i, a in enumerate(answer_to_index)}
+        self.answer_to_index = answer_to_index
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.examples: list[VQAExample] = []
+        self.targets: list[dict[int, float]] = []
+        self.dropped_question_ids: list[int] = []
+        for ex in examples:
+            targets = dict(soft_targets(ex.answers, answer_to_index)) if ex.answers is not None else {}
+            if drop_unanswerable and ex.answers is not None and not targets:
+                self.dropped_question_ids.append(ex.question_id)
+                continue
+            self.examples.append(ex)
+            self.targets.append(targets)
+
+    @property
+    def num_dropped(self) -> int:
+        return len(self.dropped_question_ids)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        try:
+            image = ex.open_image(self.max_pixels)
+        except BadImageError as exc:
+            return {"error": exc.reason, "question_id": ex.question_id, "image_path": exc.path}
+        return {
+            "image": self.transform(image),
+            "question": ex.question,
+            "targets": dict(self.targets[index]),
+            "question_id": ex.question_id,
+        }
+
+
+class VQACollator:
+    """Items of ``VQADataset`` → a model batch.
+
+    Returns ``images [B,3,S,S]``, ``input_ids``/``attention_mask [B,T]`` (padded to the longest,
+    truncated to ``max_text_len``), ``vqa_targets [B, num_answers]`` (dense soft scores; zero rows
+    for unannotated questions), ``question_ids [B]``, ``questions`` (list of str) and ``skipped``:
+    ``[(question_id, image_path, reason), ...]`` for the items whose image could not be read. If
+    every item was bad the batch has ``B = 0`` (the trainer skips it; ``images`` is
+    ``[0,3,S,S]`` with ``S = image_size`` or 0 when not given).
+    """
+
+    def __init__(self, tokenizer: Any, num_answers: int, max_text_len: int = 40, image_size: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.num_answers = int(num_answers)
+        self.max_text_len = int(max_text_len)
+        self.image_size = image_size
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [it for it in items if it is not None and "error" not in it]
+        bad = [it for it in items if it is not None and "error" in it]
+        skipped = [(it["question_id"], it["image_path"], it["error"]) for it in bad]
+        n = len(good)
+        targets = torch.zeros(n, self.num_answers, dtype=torch.float32)
+        for row, it in enumerate(good):
+            for index, score in it["targets"].items():
+                if not 0 <= index < self.num_answers:
+                    raise IndexError(
+                        f"answer index {index} of question {it['question_id']} is outside "
+                        f"the {self.num_answers} answers"
+                    )
+                targets[row, index] = float(score)
+        questions = [it["question"] for it in good]
+        if n:
+            images = torch.stack([it["image"] for it in good])
+            enc = self.tokenizer(
+                questions, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
+            )
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            size = self.image_size or 0
+            images = torch.zeros(0, 3, size, size)
+            input_ids = torch.zeros(0, 0, dtype=torch.long)
+            attention_mask = torch.zeros(0, 0, dtype=torch.long)
+        return {
+            "images": images,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "vqa_targets": targets,
+            "question_ids": torch.tensor([it["question_id"] for it in good], dtype=torch.long),
+            "questions": questions,
+            "skipped": skipped,
+        }
