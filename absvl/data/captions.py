@@ -1,21 +1,8 @@
-"""Karpathy-format caption files (Flickr30K, COCO, the Shapes world) for image-text retrieval.
+"""Karpathy-format caption files (Flickr30K, COCO, the Shapes world) and Hugging Face caption datasets
+for image-text retrieval (formats: data/README.md, SPEC §6).
 
-A file (``dataset_flickr30k.json``, ``dataset_coco.json``, ``dataset_shapes.json``; SPEC §6) is
-``{"images": [{"filename", "imgid", "split", "sentences": [{"raw", ...}], "filepath"?}]}``. An
-image lives at ``IMAGES/filepath/filename`` (COCO: ``filepath`` is ``train2014``/``val2014``) or
-``IMAGES/filename`` (Flickr30K has no ``filepath``); ``IMAGES`` defaults to the caption file's
-folder. ``restval`` (COCO's extra training images) is a split of its own: train on
-``[train, restval]``.
-
-A Hugging Face ``datasets`` dataset (a Hub id, a dataset repository folder, parquet/arrow files,
-a ``save_to_disk`` folder) is read by ``load_captions_hf``: its rows have the fields ``image``,
-``captions``, ``split`` and ``image_id`` under the dataset's own column names (see
-``HF_CAPTION_COLUMNS`` for the names looked for, and ``columns`` for others). Images stored in the
-dataset are written once to a cache folder, so that training and evaluation read files as for a
-caption file.
-
-Datasets never raise on an unreadable image: the item carries the error and the collator drops
-it and lists it in ``batch["skipped"]``, as for VQA.
+An unreadable image never raises: the item carries the error, and the collator drops it and lists it
+in ``batch["skipped"]``, as for VQA.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ which is what a top-down prior ξ is compared with (SPEC §2, Eq. 8).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from ..io import read_json
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderError
 
 CLASSES_FILE = "classes.json"
@@ -37,12 +37,10 @@ IGNORE_INDEX = -100  # a patch target that takes no part in the loss (torch's cr
 def read_classes(root: str | Path) -> list[str]:
     """``root/classes.json``: a non-empty list of distinct class names."""
     path = Path(root) / CLASSES_FILE
-    if not path.is_file():
-        raise ImageFolderError(f"{path} does not exist: a patch-labelled dataset lists its classes there")
     try:
-        classes = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ImageFolderError(f"{path} is not valid JSON: {err}") from None
+        classes = read_json(path, what="the class list of a patch-labelled dataset")
+    except (OSError, ValueError) as err:
+        raise ImageFolderError(str(err)) from None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ImageFolderError(f"{path} must hold a non-empty list of class names")
     if len(set(classes)) != len(classes) or len(classes) > IGNORE_LABEL:

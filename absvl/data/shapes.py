@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_folder, read_json
+from ..io import atomic_folder
 from ..models.vl.tiny_text import build_tiny_text_encoder
 from .shapes_scene import COLORS, make_scene
 from .shapes_text import BALANCE_GROUP, FAMILIES, captions, human_answers, question_candidates, tokens
@@ -384,20 +384,19 @@ def generate_shapes(
 
 
 def _is_complete(out_dir: Path, args: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds the world these arguments (and this generator's version) make, whole."""
     try:
-        meta = read_json(out_dir / META_FILE)
-        if meta.get("version") != SHAPES_VERSION or meta.get("args") != args:
+        world = ShapesWorld.load(out_dir)
+        if world.version != SHAPES_VERSION or world.args != args:
             return False
         splits = [s for s, _ in args["splits"]]
-        files = [SCENES_FILE, KARPATHY_FILE, f"{PATCH_LABELS_DIR}/classes.json"] + [
-            questions_filename(s) for s in splits
-        ]
-        files += [annotations_filename(s) for s in splits]
-        if args["text_encoder"]:
-            files += [f"{TEXT_ENCODER_DIR}/config.json", f"{TEXT_ENCODER_DIR}/tokenizer_config.json"]
-        if not all((out_dir / f).is_file() for f in files):
+        files = [world.scenes_path, world.karpathy_path, world.root / PATCH_LABELS_DIR / "classes.json"]
+        files += [world.questions_path(s) for s in splits] + [world.annotations_path(s) for s in splits]
+        if world.text_encoder_dir is not None:
+            files += [world.text_encoder_dir / "config.json", world.text_encoder_dir / "tokenizer_config.json"]
+        if not all(f.is_file() for f in files):
             return False
-        scenes = read_json(out_dir / SCENES_FILE)["images"]
+        scenes = world.load_scenes().values()
         if len(scenes) != args["num_images"]:
             return False
         return all(

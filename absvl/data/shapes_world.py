@@ -78,6 +78,7 @@ class ShapesWorld:
     num_questions: dict[str, int]  # VQAv2 split name → number of questions
     text_encoder_dir: Path | None = None
     args: dict[str, Any] = field(default_factory=dict, repr=False)
+    version: str = ""  # of the generator that wrote it
 
     @staticmethod
     def exists(root: str | Path) -> bool:
@@ -98,6 +99,7 @@ class ShapesWorld:
             num_questions=dict(meta["questions"]),
             text_encoder_dir=root / TEXT_ENCODER_DIR if args["text_encoder"] else None,
             args=args,
+            version=meta.get("version", ""),
         )
 
     @property

@@ -15,14 +15,13 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.answers import build_answer_vocab, load_answers
+from ..data.answers import build_answer_vocab, load_answers, save_answers
 from ..data.image_files import check_image_root
 from ..data.shapes_world import ShapesWorld
 from ..data.vqa import SPLITS, VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split
 from ..data.vqa_dataset import VQACollator, VQADataset
 from ..data.vqa_examples import VQAExample
 from ..images import image_transform
-from ..io import write_json
 from ..metrics.vqa import evaluate_vqa, format_accuracy_table
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
@@ -175,7 +174,7 @@ class VQATask:
         answers = load_answers(answers_file) if checkpoint and answers_file.is_file() else None
         self.data = data = prepare_data(config, answers)
         if accelerator.is_main_process:
-            write_json(answers_file, data.answers, indent=None)
+            save_answers(answers_file, data.answers)
         model = build_model(config, data.answers)
         model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
         self.model = model

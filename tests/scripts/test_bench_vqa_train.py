@@ -5,18 +5,22 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_vqa_train.py"
 
 
-def _load_script():
+@pytest.fixture
+def bench(monkeypatch):
+    # as when run as a script, its folder is on sys.path: it imports its sibling module from there
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_vqa_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_vqa_train_smoke(shapes_root, tmp_path, capsys):
-    bench = _load_script()
+def test_bench_vqa_train_smoke(bench, shapes_root, tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = bench.main(
         [
@@ -80,8 +84,7 @@ def test_bench_vqa_train_smoke(shapes_root, tmp_path, capsys):
     assert json.loads(out.read_text())["ratios"].keys() == results["ratios"].keys()
 
 
-def test_peak_table():
-    bench = _load_script()
+def test_peak_table(bench):
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0

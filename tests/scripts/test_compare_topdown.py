@@ -15,12 +15,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare_topdown.py"
 def compare():
     spec = importlib.util.spec_from_file_location("compare_topdown", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        # as when run as a script, its folder is on sys.path: it imports its sibling module from there
+        patch.syspath_prepend(str(SCRIPT.parent))
+        patch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
         spec.loader.exec_module(module)
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_variants_are_the_paper_comparison(compare):
