@@ -169,6 +169,20 @@ def read_backbone_folder(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def save_backbone_files(
+    folder: str | Path, tensors: Mapping[str, Any], name: str, overrides: Mapping[str, Any], **info: Any
+) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (the registered ``name``, the constructor
+    ``overrides`` and any ``info``: source, classes, metrics...) into the staging folder ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    weights = {key: value.detach().contiguous() for key, value in tensors.items()}
+    save_file(weights, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = {"format": BACKBONE_FORMAT, "name": name, "overrides": dict(overrides), **info, **version_stamp()}
+    write_json(folder / CONFIG_NAME, config)
+
+
 def write_backbone_folder(
     folder: str | Path,
     tensors: Mapping[str, Any],
@@ -177,13 +191,7 @@ def write_backbone_folder(
     overwrite: bool = True,
     **info: Any,
 ) -> Path:
-    """Write a backbone folder atomically: ``model.safetensors`` + ``config.json`` holding the
-    registered ``name``, the constructor ``overrides`` and any ``info`` (source, classes, metrics...)."""
-    from safetensors.torch import save_file
-
-    config = {"format": BACKBONE_FORMAT, "name": name, "overrides": dict(overrides), **info, **version_stamp()}
+    """:func:`save_backbone_files` into a staging folder published atomically as ``folder``."""
     with atomic_folder(folder, overwrite=overwrite) as staging:
-        weights = {key: value.detach().contiguous() for key, value in tensors.items()}
-        save_file(weights, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(staging / CONFIG_NAME, config)
+        save_backbone_files(staging, tensors, name, overrides, **info)
     return Path(folder)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
 from ..data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, read_classes
-from ..io import CONFIG_NAME, WEIGHTS_NAME, read_backbone_folder, read_json, write_backbone_folder, write_json
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_backbone_folder, read_json, save_backbone_files, write_json
 from ..models.vision import create_backbone
 from ..models.vision.output import BackboneOutput
 from ..models.vision.topdown import topdown_health
@@ -428,8 +428,9 @@ class ClassifyTask:
         return Validation(score=result["top1"], metrics=metrics, result=result)
 
     def export(self, model: nn.Module, out_dir: Path, last: Validation | None) -> None:
+        """A backbone folder (``absvl.io``) in the staging folder that ``run_training`` publishes."""
         built = getattr(model, "backbone_config", {"name": self.config.model.backbone})
-        write_backbone_folder(
+        save_backbone_files(
             out_dir,
             model.state_dict(),
             built["name"],

@@ -188,25 +188,8 @@ def test_default_revision_tables():
         ("wheres", "where's"),
         ("whove", "who've"),
     ]
-    assert PUNCTUATION == (
-        ";",
-        ":",
-        "/",
-        "'",
-        "[",
-        "]",
-        '"',
-        "(",
-        ")",
-        "=",
-        "+",
-        "\\",
-        "_",
-        ">",
-        "<",
-        "@",
-        "`",
-        ",",
-        "?",
-    )
+    # fmt: off
+    assert PUNCTUATION == (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_",
+                           ">", "<", "@", "`", ",", "?")
+    # fmt: on
     assert not {"{", "}", "-", "!", "."} & set(PUNCTUATION)

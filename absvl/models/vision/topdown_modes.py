@@ -8,6 +8,7 @@ and ``variational_loss``; the table of what each mode changes is in docs/backbon
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,14 +95,14 @@ class Perceiver(TopDown):
         return TopDownPass(z * mask, gate=gate, top_down_map=maps)
 
 
-class SecondPass(TopDown):
+class SecondPass(TopDown, ABC):
     """Modes that run the blocks again from in_0 with top-down tokens ``td`` or a value mask."""
 
+    @abstractmethod
     def inputs(
         self, model: Any, z: torch.Tensor, gate: torch.Tensor | None
     ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
         """(top-down tokens per block, value mask) for the second pass."""
-        raise NotImplementedError
 
     def run(self, model, first, xi, return_maps=False, take=()):
         z, grid = first.bottom_up_tokens, first.grid_size
