@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .io import __version__
 from .retrieval.commands import add_commands as add_retrieval_commands
@@ -79,6 +80,19 @@ def _cmd_train_vqa(args: argparse.Namespace) -> int:
 
     summary = train_vqa(_run_config(args), notify=print)
     return _report_training(summary, lambda val: f"validation accuracy {val['overall']:.2f}")
+
+
+def _cmd_train_prior(args: argparse.Namespace) -> int:
+    from .training.prior import train_prior
+
+    summary = train_prior(_run_config(args), notify=print)
+    return _report_training(
+        summary,
+        lambda val: (
+            f"validation prior loss {val['prior_loss']:.4f}"
+            + (f", gate pointing {val['gate_pointing']:.1f} %" if "gate_pointing" in val else "")
+        ),
+    )
 
 
 def _cmd_train_retrieval(args: argparse.Namespace) -> int:
@@ -258,27 +272,62 @@ def _cmd_predict_vqa_file(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a request that never reached the Hub raises: the HTTP client's transport error (connect, DNS, proxy,
+    TLS, timeout; ``httpx`` under huggingface_hub 1.x, ``httpx2`` under 2.x), a ``ConnectionError`` (offline
+    mode) or a socket's."""
+    import importlib
+    import socket
 
-    from huggingface_hub import get_token
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for client in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _push_folder(folder: Path) -> Path:
+    """The model folder ``absvl push`` uploads: ``folder`` itself, or a training run's ``final/``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (give a run folder or a save_pretrained folder)")
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "final" / "config.json").is_file():
+        print(f"{folder} is a training run: pushing its final export, {folder / 'final'}")
+        return folder / "final"
+    if (folder / "config.yaml").is_file() or any(folder.glob("checkpoint-*")):  # a run that has not finished
+        hint = ""
+        if not (folder / "best" / "config.json").is_file():
+            hint = f" (it has no best/ either: `absvl export {folder}/checkpoint-XXXXXXXX --out DIR`, then push DIR)"
+        raise FileNotFoundError(f"no final/ in {folder}: pass {folder / 'final'} or {folder / 'best'}{hint}")
+    return folder  # from_pretrained says what is missing
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     from .models.vl import AbsVLModel
 
-    folder = Path(args.folder)
-    if not (folder / "config.json").is_file() and (folder / "final" / "config.json").is_file():
-        folder = folder / "final"
-        print(f"{args.folder} is a training run: pushing its final export, {folder}")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (give a run folder or a save_pretrained folder)")
+    folder = _push_folder(Path(args.folder))
+    model = AbsVLModel.from_pretrained(folder)  # first: a folder that would not load (or answer wrongly) is refused
     if get_token() is None:
         raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    model = AbsVLModel.from_pretrained(folder)
     try:
         commit = model.push_to_hub(args.repo_id, private=args.private, branch=args.revision)
     except HfHubHTTPError as err:
         print(f"absvl: error: pushing to {args.repo_id} failed: {err}", file=sys.stderr)
+        return 1
+    except _network_errors() as err:  # no network, DNS, proxy, timeout: one line, not the client's traceback
+        if os.environ.get("ABSVL_DEBUG"):
+            raise
+        print(
+            f"absvl: error: cannot reach the Hugging Face Hub at {constants.ENDPOINT} to push to {args.repo_id} "
+            f"({type(err).__name__}: {err}): check the network connection (or HF_ENDPOINT, a proxy) and push again",
+            file=sys.stderr,
+        )
         return 1
     print(
         f"pushed {folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: {commit.commit_url}"
@@ -373,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=2e-5")
     p.set_defaults(func=_cmd_train_vqa, needs_config=True)
+    p = train.add_parser("prior", help="align the prior ξ (the prior loss alone, vision frozen) before `train vqa`")
+    p.add_argument("--config", help="a VQA run config YAML (see configs/); optional with --resume RUN")
+    _add_resume(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=400")
+    p.set_defaults(func=_cmd_train_prior, needs_config=True)
     p = train.add_parser("retrieval", help="train image-text retrieval (contrastive + ITM with hard negatives)")
     p.add_argument("--config", help="run config YAML (see configs/); optional with --resume RUN")
     _add_resume(p)

@@ -1,19 +1,24 @@
 """``absvl demo`` / ``make demo``: the VQA and retrieval stories offline on a CPU in minutes.
 
-1. generate the Shapes world (cached in ``data/shapes``): images, VQAv2-format questions,
-   captions, per-patch labels and a tiny RoBERTa + tokenizer built and MLM-pretrained locally;
-2. stage 1, the paper's ImageNet stage: pretrain the AbSViT backbone (``configs/shapes_pretrain.yaml``,
-   ``absvl train classify`` on the patch labels, learned ξ); cached while its config is unchanged;
-3. stage 2: finetune a tiny AbSViT-VL from it for VQA (``configs/shapes_absvit_tiny.yaml``, the real
-   trainer), the question's ξ steering the second pass;
-4. score test-dev with the official VQA accuracy next to the majority-answer baseline;
-5. measure where the backbone looks: the share of the token-norm map on the question's
-   target objects over their area share (1.0 = no preference), bottom-up vs top-down;
-6. write a PNG: one image, its bottom-up map, and the top-down maps for two questions
-   about different objects, with each map's score on its object and the maps' distances;
-7. retrieval: finetune the VQA model on the world's captions (``configs/shapes_retrieval.yaml``:
-   prior loss + ITM on hard negatives), report test IR/TR@k (contrastive, then re-ranked by ITM
-   with the caption steering the encoder), index the test images with FAISS and run a query.
+1. generate the Shapes world (cached in ``data/shapes``): images, VQAv2-format questions, captions,
+   per-patch labels and a tiny RoBERTa + tokenizer built and MLM-pretrained locally;
+2. stage 1, the paper's ImageNet stage: the vision encoder classifies every patch of the world's training
+   images (``configs/shapes_pretrain.yaml``, ``absvl train classify``); cached while its config is
+   unchanged; its object-patch shape and colour accuracy on val are printed;
+3. stage 2a, prior alignment (``configs/shapes_prior.yaml``, ``absvl train prior``): ξ learns to point at
+   the objects a question names, the vision encoder frozen;
+4. stage 2b: VQA finetuning from it (``configs/shapes_absvit_tiny.yaml``, the real trainer), the question's
+   ξ steering the second pass;
+5. score test-dev with the official VQA accuracy next to the question-only, image-only and majority-answer
+   baselines (``absvl.metrics.baselines``), per question type;
+6. what the tokens the fusion reads know (linear probes of shape, colour, position; bottom-up and
+   top-down, ``absvl.metrics.probes``) and whether the question steers them (paired and pointing scores
+   per question family, ``absvl.metrics.steering``);
+7. write a PNG: per row an image, its bottom-up map and the top-down maps of a pair of questions about
+   different objects (the rule that picks them is printed);
+8. retrieval: finetune the VQA model on the world's captions (``configs/shapes_retrieval.yaml``: prior loss
+   + ITM on hard negatives), report test IR/TR@k (contrastive, then re-ranked by ITM with the caption
+   steering the encoder), index the test images with FAISS and run a query.
 Everything lands in ``OUT/demo.json``.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +34,19 @@ import numpy as np
 from PIL import Image
 
 from .data.shapes import ensure_shapes
-from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld, target_mask
+from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
 from .io import atomic_file, read_json, write_json
-from .metrics.attention import attention_scores, target_attention_ratio
+from .metrics.baselines import image_only_answers, question_only_answers
+from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
 from .metrics.retrieval import format_recall_table
+from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLModel
+from .models.vl.configuration import LOSS_WEIGHTS
 from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
-from .training.config import ClassifyConfig, RetrievalConfig, dump_config, load_config
+from .training.config import ClassifyConfig, RetrievalConfig, RunConfig, dump_config, load_config
+from .training.prior import train_prior
 from .training.retrieval import evaluate_model as evaluate_retrieval_model
 from .training.retrieval import train_retrieval
 from .training.vqa import predict_split, train_vqa
@@ -44,53 +54,33 @@ from .visualize import attention_figure
 
 DEFAULT_CONFIG = "configs/shapes_absvit_tiny.yaml"
 PRETRAIN_CONFIG = "configs/shapes_pretrain.yaml"
-EXAMPLES = 3  # images in the attention picture
+PRIOR_CONFIG = "configs/shapes_prior.yaml"
+EXAMPLE_FAMILIES = ("color", "shape", "exist")  # the picture's rows: the first three families of the table
 RETRIEVAL_CONFIG = "configs/shapes_retrieval.yaml"
-RETRIEVAL_EPOCHS = 2
-
-
-def question_pairs(world: ShapesWorld, split: str, count: int = 1) -> list[tuple[Path, list[tuple[str, int]]]]:
-    """The first ``count`` ``split`` images with 3+ objects, two of unique colours, each with a shape
-    question naming one of those two by its colour ("what shape is the red object?") and its object
-    index (in tiny worlds without one: the first image and its first two objects).
-
-    The questions name the object by colour because that is what the embedded default's prior can
-    steer by: questions that name only a shape ("what color is the triangle?") get one and the same ξ
-    from the tiny text encoder, and the gate stays shut for them (the demo's per-type table shows it).
-    """
-
-    def ask(objects: list[dict]) -> list[tuple[str, int]]:
-        return [(f"what shape is the {o['color']} object?", o["index"]) for o in objects]
-
-    pairs = []
-    scenes = sorted(world.load_scenes().items())
-    for image_id, scene in scenes:
-        colors = [o["color"] for o in scene["objects"]]
-        unique = [o for o in scene["objects"] if colors.count(o["color"]) == 1]
-        if scene["split"] == split and len(unique) >= 2 and len(scene["objects"]) >= 3:
-            pairs.append((world.image_path(split, image_id), ask(unique[:2])))
-            if len(pairs) == count:
-                return pairs
-    if pairs:
-        return pairs
-    for image_id, scene in scenes:
-        if scene["split"] == split:
-            return [(world.image_path(split, image_id), ask(scene["objects"][:2]))]
-    raise RuntimeError(f"the Shapes world has no {split} image")
+RETRIEVAL_STEPS = 100  # of 32 images: a short finetune of the VQA model
+RETRIEVAL_TEST_IMAGES = 200  # the first test images (with their 5 captions each) that recall is measured on
+PROBE_IMAGES = 200  # probes: fitted on this many val images, scored on as many test-dev images
+STEERING_IMAGES = 300  # test-dev images whose question pairs the steering scores use
 
 
 def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out_dir: Path) -> dict[str, Any]:
     """Finetune the VQA model for retrieval, evaluate on the test captions, index the test images, search."""
     config = load_config(
         RETRIEVAL_CONFIG,
-        [f"train.init_from={vqa_export}", f"train.epochs={RETRIEVAL_EPOCHS}", *overrides],
+        [f"train.init_from={vqa_export}", f"train.max_steps={RETRIEVAL_STEPS}", *overrides],
         RetrievalConfig,
     )
     export = train_retrieval(config, notify=print)["export"]
     d = config.data
     images_root = Path(d.images) if d.images else Path(d.captions).parent
     result = evaluate_retrieval_model(
-        export, d.captions, "test", images_root, rerank_k=config.train.rerank_k, num_workers=d.num_workers
+        export,
+        d.captions,
+        "test",
+        images_root,
+        rerank_k=config.train.rerank_k,
+        num_workers=d.num_workers,
+        max_images=RETRIEVAL_TEST_IMAGES,
     )
     print(f"\n== Shapes test retrieval ({result['images']} images, {result['captions']} captions) ==")
     print(
@@ -125,11 +115,13 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
     }
 
 
-def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> str:
+def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
     """Stage 1, the paper's ImageNet stage: the vision encoder classifies every patch of the world's
     training images (``configs/shapes_pretrain.yaml``). Reused while its config is unchanged (its run
-    folder's ``config.yaml`` equals this one and the export exists); returns the export folder."""
+    folder's ``config.yaml`` equals this one and the export exists). Returns the export folder and its
+    validation metrics (``top1``, ``objects``, ``background``, ``shape``, ``color`` in %)."""
     if vqa_config.data.shapes:
+        print(f"the Shapes world in {vqa_config.data.root} ({vqa_config.data.shapes}; generated on first use)")
         ensure_shapes(vqa_config.data.root, **vqa_config.data.shapes)
     config = load_config(
         PRETRAIN_CONFIG, [f"data.root={Path(vqa_config.data.root) / PATCH_LABELS_DIR}", *overrides], ClassifyConfig
@@ -140,12 +132,44 @@ def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> str:
     unchanged = saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(config)
     if (export / "model.safetensors").is_file() and unchanged:
         print(f"stage 1 (vision pretraining): reusing {export} (delete it to pretrain again)")
-        return str(export)
-    print("stage 1 (vision pretraining): every patch of the Shapes training images classified, AbSViT's learned prior")
-    summary = train_classifier(config, notify=print)
-    if summary["val"]:
-        print(f"patch classification, val top-1 {summary['val']['top1']:.2f} %")
-    return summary["export"]
+    else:
+        print("stage 1 (vision pretraining): every patch of the Shapes training images classified")
+        train_classifier(config, notify=print)
+    metrics = read_json(export / "config.json").get("metrics", {})
+    if "shape" in metrics:
+        print(
+            f"stage 1 on val object patches: shape {metrics['shape']:.2f} %, colour {metrics['color']:.2f} %, "
+            f"both {metrics['objects']:.2f} % (background patches {metrics['background']:.2f} %)"
+        )
+    return str(export), metrics
+
+
+def prior_stage(vqa_config: RunConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Stage 2a, prior alignment (``configs/shapes_prior.yaml``'s losses and schedule) of the model that
+    stage 2b finetunes: ``vqa_config``'s model (architecture) and data. Returns the run's summary."""
+    config = load_config(PRIOR_CONFIG, overrides)
+    weights = {name: getattr(config.model, name) for name in LOSS_WEIGHTS}
+    config = replace(config, model=replace(vqa_config.model, **weights), data=vqa_config.data)
+    print("stage 2a (prior alignment): ξ learns to point at the objects a question names, the vision encoder frozen")
+    summary = train_prior(config, notify=print)
+    if summary["val"] and "gate_pointing" in summary["val"]:
+        print(
+            f"prior alignment on val: the gate peaks on the question's object for {summary['val']['gate_pointing']:.1f} %"
+        )
+    return summary
+
+
+def example_pairs(world: ShapesWorld, split: str) -> list[dict[str, Any]]:
+    """The picture's rows (``EXAMPLE_FAMILIES``): for the k-th family, the question pair
+    (``steering_pairs``) of the first ``split`` image (by id) with such a pair, each image used once."""
+    chosen: list[dict[str, Any]] = []
+    pairs = steering_pairs(world, split, limit=50)
+    for family in EXAMPLE_FAMILIES:
+        for pair in pairs:
+            if pair["family"] == family and all(pair["image_id"] != c["image_id"] for c in chosen):
+                chosen.append(pair)
+                break
+    return chosen
 
 
 def map_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,38 +178,47 @@ def map_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(a / max(a.sum(), 1e-12) - b / max(b.sum(), 1e-12)).sum())
 
 
-def example_maps(
-    model: AbsVLModel, world: ShapesWorld, split: str, png: Path, count: int = EXAMPLES
-) -> list[dict[str, Any]]:
-    """The picture, one row per image (the first ``count`` test images with two objects of unique
-    colours, ``question_pairs``): the image, its bottom-up map and the top-down maps of a question
-    about each of the two objects; and what it shows in numbers: each top-down map's target attention on its own
-    question's object and on the other one, and the distances between the maps."""
+def example_maps(model: AbsVLModel, world: ShapesWorld, split: str, png: Path) -> list[dict[str, Any]]:
+    """The picture (``example_pairs``: one row per image, the image, its bottom-up map and the top-down maps
+    of the two questions of its pair) and what it shows in numbers: each answer and whether it is right,
+    each top-down map's share on its own question's object(s) and on the other question's, and the
+    distances between the maps."""
     rows, reports = [], []
-    for image_path, asked in question_pairs(world, split, count):
-        figure, maps = attention_figure(model, image_path, [q for q, _ in asked])
+    scenes = world.load_scenes()
+    for pair in example_pairs(world, split):
+        image_path = world.image_path(split, pair["image_id"])
+        figure, maps = attention_figure(model, image_path, pair["questions"])
         rows.append(figure)
-        image_id = int(image_path.stem.rsplit("_", 1)[-1])
-        masks = [target_mask(world, {"image_id": image_id, "target_objects": [i]}) for _, i in asked]
+        labels = np.asarray(Image.open(world.mask_path(split, pair["image_id"])))
+        grid = maps["bottom_up"].shape
+        own = [cell_cover(labels, objects, grid) for objects in pair["only"]]
         bottom_up, top_down = maps["bottom_up"], maps["top_down"]
+        answers = maps["answers"] or [""] * 2
         report = {
             "image": image_path.name,
-            "questions": [q for q, _ in asked],
-            "answers": maps["answers"],
-            "bottom_up_on_object": [target_attention_ratio(bottom_up, m) for m in masks],
-            "top_down_on_own_object": [target_attention_ratio(t, m) for t, m in zip(top_down, masks)],
-            "top_down_on_other_object": [target_attention_ratio(t, m) for t, m in zip(top_down, masks[::-1])],
+            "objects": len(scenes[pair["image_id"]]["objects"]),
+            "family": pair["family"],
+            "questions": pair["questions"],
+            "answers": answers,
+            "expected": pair["answers"],
+            "right": [a == e for a, e in zip(answers, pair["answers"])],
+            "top_down_on_own_object": [mass_share(t, c) for t, c in zip(top_down, own)],
+            "top_down_on_other_object": [mass_share(t, c) for t, c in zip(top_down, own[::-1])],
+            "bottom_up_on_object": [mass_share(bottom_up, c) for c in own],
             "distance_between_top_down": map_distance(*top_down),
             "distance_to_bottom_up": [map_distance(t, bottom_up) for t in top_down],
         }
         reports.append(report)
-        print(f"  {image_path.name}: distance between the two top-down maps {report['distance_between_top_down']:.3f}")
+        print(
+            f"  {image_path.name} ({FAMILIES[pair['family']]}): distance between the two top-down maps "
+            f"{report['distance_between_top_down']:.3f}"
+        )
         for k, question in enumerate(report["questions"]):
-            answer = f" -> {report['answers'][k]}" if report["answers"] else ""
+            verdict = "right" if report["right"][k] else f"wrong, expected {report['expected'][k]!r}"
             print(
-                f"    {question!r}{answer}: top-down map on its object {report['top_down_on_own_object'][k]:.2f}, "
-                f"on the other one {report['top_down_on_other_object'][k]:.2f} (bottom-up "
-                f"{report['bottom_up_on_object'][k]:.2f}); distance to the bottom-up map {report['distance_to_bottom_up'][k]:.3f}"
+                f"    {question!r} -> {answers[k]!r} ({verdict}): top-down map's share on its object "
+                f"{report['top_down_on_own_object'][k]:.2f}, on the other question's "
+                f"{report['top_down_on_other_object'][k]:.2f} (bottom-up {report['bottom_up_on_object'][k]:.2f})"
             )
     picture = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     for k, row in enumerate(rows):
@@ -193,22 +226,34 @@ def example_maps(
     png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(png) as tmp:
         picture.save(tmp)
+    right = sum(sum(r["right"]) for r in reports)
     print(
         f"wrote {png}: per row an image, its bottom-up map and the top-down maps of two questions "
-        "(distances: total variation of the maps as distributions, 0 = the same map, 1 = disjoint)"
+        f"({right} of {2 * len(reports)} answers right; distances: total variation of the maps as distributions, "
+        "0 = the same map, 1 = disjoint)"
     )
     return reports
 
 
-def format_attention_table(scores: dict[str, Any]) -> str:
-    """The overall and per-question-type target-attention scores of ``attention_scores`` as a table."""
-    rows = [("all", scores), *scores["per_question_type"].items()]
-    lines = [f"{'question type':<20} {'questions':>9} {'bottom-up':>16} {'top-down':>16}"]
-    for name, s in rows:
-        count = s.get("questions", sum(t["questions"] for t in scores["per_question_type"].values()))
-        cells = [f"{s[k]:.2f} ({s[k + '_others']:.2f})" for k in ("bottom_up", "top_down")]
-        lines.append(f"{name:<20} {count:>9} {cells[0]:>16} {cells[1]:>16}")
-    return "\n".join(lines)
+def baselines(model: AbsVLModel, world: ShapesWorld, split: str, private: dict[str, Any]) -> dict[str, dict]:
+    """The question-only, image-only and majority-answer baselines on ``split`` (``absvl.metrics.baselines``),
+    fitted on the training split."""
+    train_questions = read_json(world.questions_path("train2014"))
+    train_annotations = read_json(world.annotations_path("train2014"))
+    questions = read_json(world.questions_path(split))
+    return {
+        "question only": evaluate_vqa(
+            question_only_answers(train_questions, train_annotations, questions), questions, private
+        ),
+        "image only": evaluate_vqa(
+            image_only_answers(
+                model, world.image_path, ("train2014", train_questions, train_annotations), (split, questions)
+            ),
+            questions,
+            private,
+        ),
+        "majority answer": majority_answer_baseline(train_annotations, private),
+    }
 
 
 def run(
@@ -217,56 +262,79 @@ def run(
     out_dir: str | Path = "outputs/demo",
     retrieval_overrides: list[str] | tuple[str, ...] | None = (),
     pretrain_overrides: list[str] | tuple[str, ...] = (),
+    prior_overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The demo; ``retrieval_overrides=None`` skips the retrieval stage."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(config_path, overrides)
-    backbone = pretrain_stage(config, pretrain_overrides)
+    backbone, stage1 = pretrain_stage(config, pretrain_overrides)
     config = load_config(config_path, [*overrides, f"model.backbone_kwargs.pretrained_path={backbone}"])
     pretrained_s = time.perf_counter() - started
-    print("stage 2 (VQA finetuning): the question's ξ steers the pretrained backbone's second pass")
+    prior = prior_stage(config, prior_overrides)
+    config = replace(config, train=replace(config.train, init_from=prior["export"]))
+    print("stage 2b (VQA finetuning): the question's ξ steers the pretrained backbone's second pass")
     summary = train_vqa(config, notify=print)
+    trained_s = time.perf_counter() - started
     model = AbsVLModel.from_pretrained(summary["export"])
     world = ShapesWorld.load(config.data.root)
 
     split = "test-dev2015"
-    predictions = predict_split(model, config, "test-dev")
-    questions = read_json(world.questions_path(split))
     private = read_json(world.root / "shapes_test-dev2015_annotations.json")
-    result = evaluate_vqa(predictions, questions, private)
-    train_annotations = read_json(world.annotations_path("train2014"))
-    baseline = majority_answer_baseline(train_annotations, private)
-
-    print("\n== Shapes test-dev, official VQA accuracy ==")
-    print(format_accuracy_table(result))
-    print(f"\nmajority-answer baseline ({baseline['answer']!r} for every question): {baseline['overall']:.2f}")
-    print(f"AbSViT-VL: {result['overall']:.2f}  ({result['overall'] - baseline['overall']:+.2f} over the baseline)")
-
-    question_types = {a["question_id"]: a["question_type"] for a in private["annotations"]}
-    scores = attention_scores(model, world, split, limit=None, question_types=question_types)
-    ratio = scores["top_down"] / scores["bottom_up"]
+    result = evaluate_vqa(predict_split(model, config, "test-dev"), read_json(world.questions_path(split)), private)
+    compared = baselines(model, world, split, private)
+    print("\n== Shapes test-dev, official VQA accuracy: the model and what the question or the image alone answer ==")
     print(
-        f"\n== target attention on Shapes test-dev ({sum(t['questions'] for t in scores['per_question_type'].values())} "
-        "questions that name objects) ==\n"
-        "map mass on the question's objects / their area share (1.0 = no preference); in brackets the same map on the\n"
-        "image's other objects (a map that follows the question is higher on its targets than there)"
+        "question only: each question text's most common training answer (the ceiling of any text-only model);\n"
+        "image only: a linear classifier on the image's pooled bottom-up tokens, blind to the question"
     )
-    print(format_attention_table(scores))
-    print(f"top-down / bottom-up on the targets: {ratio:.2f}x")
+    print(format_accuracy_table(result, compared))
+    gain = result["overall"] - compared["question only"]["overall"]
+    print(f"AbSViT-VL: {result['overall']:.2f}  ({gain:+.2f} over the question alone)")
+
+    print(
+        f"\n== what the tokens the fusion reads know: linear probes on object patches ({PROBE_IMAGES} val images "
+        f"fit, {PROBE_IMAGES} test-dev images scored) =="
+    )
+    probes = token_probes(
+        object_patch_tokens(model, world, "val2014", PROBE_IMAGES),
+        object_patch_tokens(model, world, split, PROBE_IMAGES),
+    )
+    print(format_probe_table(probes))
+
+    pairs = steering_pairs(world, split, limit=STEERING_IMAGES)
+    steering = steering_scores(model, world, split, pairs)
+    print(
+        f"\n== does the question steer the backbone? {len(pairs)} question pairs on {STEERING_IMAGES} test-dev images ==\n"
+        "paired: a map's share on object A under a question about A / under a question about B, median (mean);\n"
+        "pointing: questions whose map peaks on one of their objects. Maps: gate = the prior gate ξ opens (what the\n"
+        "prior loss trains), bottom-up = the first pass (no question: the baseline), top-down = the second pass,\n"
+        "fusion = how much the second pass changed each token the fusion reads"
+    )
+    print(format_steering_table(steering))
+    print(
+        f"\nthe picture: for each of the families {', '.join(FAMILIES[f] for f in EXAMPLE_FAMILIES)}, the first "
+        "test-dev image (by id) with a pair of such questions about different objects"
+    )
     examples = example_maps(model, world, split, out_dir / "attention.png")
     print(f"model saved with save_pretrained in {summary['export']}")
     report = {
         "accuracy": result["overall"],
         "per_answer_type": result["perAnswerType"],
         "per_question_type": result["perQuestionType"],
-        "majority_baseline": baseline["overall"],
-        "attention": scores,
-        "attention_ratio": ratio,
+        "baselines": {
+            name: {"overall": r["overall"], "per_question_type": r["perQuestionType"]} for name, r in compared.items()
+        },
+        "majority_baseline": compared["majority answer"]["overall"],
+        "stage1": stage1,
+        "prior_alignment": prior["val"],
+        "probes": probes,
+        "steering": steering,
         "examples": examples,
         "export": summary["export"],
         "pretrained_backbone": backbone,
+        "prior_export": prior["export"],
         "png": str(out_dir / "attention.png"),
     }
     if retrieval_overrides is not None:
@@ -275,10 +343,14 @@ def run(
             f"\nweb page (questions: the VQA model; search: the index's retrieval model): "
             f"absvl serve --model {summary['export']} --index {report['retrieval']['index']}"
         )
-    report["minutes"] = {"pretraining (incl. world)": pretrained_s / 60, "total": (time.perf_counter() - started) / 60}
+    report["minutes"] = {
+        "world + stage 1": pretrained_s / 60,
+        "stages 2a + 2b": (trained_s - pretrained_s) / 60,
+        "total": (time.perf_counter() - started) / 60,
+    }
     write_json(out_dir / "demo.json", report)
     print(
-        f"\ndemo took {report['minutes']['total']:.1f} min (world + stage 1: {pretrained_s / 60:.1f} min); "
-        f"report in {out_dir / 'demo.json'}"
+        f"\ndemo took {report['minutes']['total']:.1f} min (world + stage 1: {pretrained_s / 60:.1f} min, "
+        f"stages 2a + 2b: {report['minutes']['stages 2a + 2b']:.1f} min); report in {out_dir / 'demo.json'}"
     )
     return report

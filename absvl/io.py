@@ -80,6 +80,8 @@ def read_json(path: str | Path, what: str = "", fix: str = "") -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}{kind} is not valid JSON ({err}){hint}") from None
+    except RecursionError:
+        raise ValueError(f"{path}{kind} nests its JSON too deeply to read (a damaged file?){hint}") from None
 
 
 # --------------------------------------------------------------------------- folders

@@ -1,32 +1,45 @@
 """Compare the AbSViT paper's top-down variants on the Shapes world VQA (issues 7 and 11).
 
-Every variant is the same VL recipe (``configs/compare_topdown.yaml``: the demo's stage 2, from the
-same stage-1 pretrained backbone ``runs/shapes_pretrain/final``, 64 px) with another backbone name
-and ``backbone_kwargs``; all get the same optimizer steps, batch size, data and seeds. Each run goes
-through the real trainer (``absvl.training.vqa.train_vqa``), then is scored on Shapes test-dev with
-the official VQA accuracy, and its token-norm maps (bottom-up and top-down) with the
-target-attention score of ``absvl.metrics.attention`` (map mass on the question's target objects /
-their area share; 1.0 = no preference), also on the image's other objects as a control. As
-diagnostics it records the score of the prior mask ``clamp(cos(ξ, z_i), 0, 1)`` itself (paper
-Fig. 7, variants with a prior), its mean, and how much the top-down pass changes the output tokens,
-``‖z_td − z_bu‖ / ‖z_bu‖``.
+Every variant is the demo's recipe with another backbone name and ``backbone_kwargs``, from the same stage-1
+export (``runs/shapes_pretrain/final``: a plain ViT patch classifier, 64 px), with the same optimizer steps,
+batch size, data (the demo's world ``data/shapes``: 8,000 images, 10 questions each) and seeds:
 
-Each finished run is written to ``OUT/runs/<variant>_seed<k>.json`` at once; a re-run skips
-the runs whose file exists with the same budget. At the end: ``OUT/results.md`` (table),
-``OUT/results.json`` (every run), ``OUT/comparison.png`` (accuracy and bottom-up/top-down scores)
-and ``OUT/attention.png`` (the best AbSViT run's maps for two questions, via
-``absvl.visualize.attention_figure``).
+- variants whose backbone has a prior gate ``clamp(cos(ξ, z_i), 0, 1)`` (``PRIOR_VARIANTS``: PerceiverIO,
+  MaskAtt, AbSViT-QKV, AbSViT w/o L_var, AbSViT, AbSViT + VARS-D) first run the demo's stage 2a, the prior
+  alignment (``absvl.training.prior.train_prior``, ``configs/shapes_prior.yaml``, ``--prior-steps``, into
+  ``<run>/prior``), then VQA (stage 2b, ``configs/compare_topdown.yaml``) from its export (``train.init_from``:
+  the architecture is the export's, the loss weights the VQA config's);
+- the others (ViT, Feedback, VARS-D) train VQA from stage 1 with the same VQA steps and
+  ``model.prior_object_weight=0`` (that term trains a gate they lack); ViT and VARS-D, without a second pass,
+  also with ``model.fusion_reads=top_down`` (their two "passes" are the same tokens);
+- ``vit_prior``, a control: the ViT after the same prior alignment, so that a prior variant's lead is not
+  its text encoder's extra steps.
 
-    .venv/bin/python scripts/compare_topdown.py --out docs/results/compare_topdown
+The prior stage's time is extra for the prior variants (``prior_seconds`` beside ``train_seconds``). Each
+run is scored on Shapes test-dev with the official VQA accuracy, and its maps with the steering score of
+``absvl.metrics.steering`` on the question pairs (one family, different objects named) of the first
+``--steering-images`` test-dev images: **pointing** (% of questions whose map peaks on one of their
+objects; the bottom-up map, which no question changes, is the baseline) and the **paired** ratio (the map's
+share on the objects only question A names, under A / under B; 1 = the question changes nothing), for the
+bottom-up, top-down and fusion maps (and the prior gate, the map the prior alignment trains: a diagnostic);
+with ``--extra-map-block`` also with the maps after another block. Diagnostics: the mean prior gate and
+the output tokens' change by the top-down pass, ``‖z_td − z_bu‖ / ‖z_bu‖``.
+
+Each finished run is written to ``OUT/runs/<variant>_seed<k>.json`` at once; a re-run skips the runs whose
+file exists with the same budget. At the end: ``OUT/results.md`` (tables), ``OUT/results.json`` (every run),
+``OUT/comparison.png`` (accuracy; all-families pointing, bottom-up vs top-down) and ``OUT/attention.png``
+(the best AbSViT run's maps for a steering pair's two questions, ``absvl.visualize.attention_figure``).
+
+    .venv/bin/python scripts/compare_topdown.py --variants vit,absvit --seeds 3 --out docs/results/compare_topdown
+    .venv/bin/python scripts/compare_topdown.py --out docs/results/compare_topdown      # all 9 variants
     .venv/bin/python scripts/compare_topdown.py --quick --variants vit,absvit --seeds 1 --out /tmp/ct
 
-Stage 1 (``runs/shapes_pretrain/final``) is trained first when it is missing, as ``make demo``
-does (``absvl.demo.pretrain_stage``, cached; before parallel invocations run one first, or
-``make demo``); ``--quick`` trains a 2-step one in its work folder.
-``--seeds 3`` runs seeds 0, 1, 2; ``--seeds 0,5`` runs those. The default budget is the demo's
-(500 steps of 64 questions, 4 epochs of the 8,000 training questions); a run takes about 8 minutes
-on one CPU core. Run disjoint ``--variants`` lists in parallel into the same ``--out`` (with
-``OMP_NUM_THREADS=1``), then once more without new runs to collect the table.
+Stage 1 is trained first when it is missing, as ``make demo`` does (``absvl.demo.pretrain_stage``, cached;
+before parallel invocations run one first, or ``make demo``); ``--quick`` trains a 2-step one in its work
+folder, then 2 prior and 2 VQA steps of 8 questions at 32 px. ``--seeds 3`` runs seeds 0, 1, 2; ``--seeds
+0,5`` those. The default budget is the demo's: 400 prior steps (prior variants only) and 500 VQA steps of
+64 questions. Run disjoint ``--variants`` lists in parallel into the same ``--out`` (with
+``OMP_NUM_THREADS=1``), then once more without new runs to collect the tables.
 """
 
 from __future__ import annotations
@@ -40,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from topdown_report import aggregate, markdown, plot  # scripts/topdown_report.py, beside this file
+# scripts/topdown_report.py, beside this file
+from topdown_report import TEST_SPLIT, aggregate, markdown, plot, score_model, steering_test_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "compare_topdown.yaml"
-TEST_SPLIT = "test-dev2015"
+PRIOR_CONFIG = ROOT / "configs" / "shapes_prior.yaml"
 
 
 @dataclass(frozen=True)
@@ -56,16 +69,34 @@ class Variant:
     kwargs: dict[str, Any]
     overrides: tuple[str, ...] = ()
 
+    @property
+    def topdown(self) -> bool:
+        """The backbone has a second (top-down) pass or a prior-reweighted output."""
+        return self.name in TOPDOWN_VARIANTS
+
+    @property
+    def prior(self) -> bool:
+        """The backbone has a prior gate: the run starts with the prior alignment."""
+        return self.name in PRIOR_VARIANTS
+
+    def model_overrides(self) -> list[str]:
+        """The variant's own ``model.*`` overrides and what the recipe needs changed for its backbone."""
+        extra = [] if self.topdown else ["model.fusion_reads=top_down"]  # one pass: "both" reads it twice
+        extra += [] if self.prior else ["model.prior_object_weight=0"]  # the object prior term trains a gate
+        return [*self.overrides, *extra]
+
     def describe(self) -> str:
         extra = ", ".join(f"{k}: {v}" for k, v in self.kwargs.items())
         text = self.backbone + (f" + {{{extra}}}" if extra else "")
-        return text + "".join(f", {o}" for o in self.overrides)
+        return text + "".join(f", {o}" for o in self.model_overrides())
 
 
 VARIANTS = {
     v.name: v
     for v in (
         Variant("vit", "ViT", "vit_test_patch8", {}),
+        # control: the ViT after the same prior alignment (its text encoder's extra steps; no gate to steer)
+        Variant("vit_prior", "ViT + prior alignment", "vit_test_patch8", {}),
         Variant("perceiver", "PerceiverIO", "absvit_test_patch8", {"topdown": "perceiver"}),
         Variant("feedback", "Feedback", "absvit_test_patch8", {"topdown": "feedback"}),
         Variant("maskatt", "MaskAtt", "absvit_test_patch8", {"topdown": "maskatt"}),
@@ -84,31 +115,57 @@ VARIANTS = {
 }
 # variants whose backbone has a second (top-down) pass or a prior-reweighted output
 TOPDOWN_VARIANTS = {"perceiver", "feedback", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit"}
+# variants whose backbone has a prior gate (its top-down mode reads ξ: ``uses_prior``)
+PRIOR_VARIANTS = {"perceiver", "maskatt", "absvit_qkv", "absvit_no_var", "absvit", "vars_d_absvit", "vit_prior"}
+CONTROL_VARIANTS = {"vit_prior"}  # the prior alignment without a gate to steer
 # a run's top-down pass counts as active when it changes the output tokens by more than this
 ACTIVE_CHANGE = 0.05
 
 # --quick: a smoke test of a few seconds per run (and 32 px images)
-QUICK = dict(steps=2, batch_size=8, attention_questions=8, seeds=[0], image_size=32)
+QUICK = dict(steps=2, prior_steps=2, batch_size=8, steering_images=8, seeds=[0], image_size=32)
 
 
 # --------------------------------------------------------------------------- one run
-def run_overrides(variant: Variant, seed: int, args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """The key=value overrides turning the base config into this variant's run."""
-    base = _base_backbone_kwargs(args)
-    kwargs = {**base, **variant.kwargs}
+def _stage_overrides(variant: Variant, args: argparse.Namespace) -> list[str]:
+    """The overrides both stages share: the backbone, its kwargs, the variant's model changes, the data."""
+    kwargs = {**_base_backbone_kwargs(args), **variant.kwargs}
     flow = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in kwargs.items()) + "}"
+    overrides = [f"model.backbone={variant.backbone}", f"model.backbone_kwargs={flow}", *variant.model_overrides()]
+    if args.data_root is not None:
+        root = Path(args.data_root)
+        overrides += [f"data.root={root}", "data.shapes=null", f"model.text_encoder={root / 'text_encoder'}"]
+    return overrides
+
+
+def prior_overrides(variant: Variant, seed: int, args: argparse.Namespace, prior_dir: Path) -> list[str]:
+    """The key=value overrides turning ``--prior-config`` into this variant's prior alignment. ``--set``'s
+    ``model.*`` keys apply here too: the VQA run takes its architecture from this stage's export."""
+    return [
+        *_stage_overrides(variant, args),
+        f"train.seed={seed}",
+        f"train.max_steps={args.prior_steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.output_dir={prior_dir}",
+        "train.trackers=[]",
+        "train.keep_last=0",
+        *(s for s in args.set if s.startswith("model.")),
+        *args.prior_set,
+    ]
+
+
+def run_overrides(
+    variant: Variant, seed: int, args: argparse.Namespace, run_dir: Path, init_from: str | None = None
+) -> list[str]:
+    """The key=value overrides turning the base (VQA) config into this variant's run."""
     overrides = [
-        f"model.backbone={variant.backbone}",
-        f"model.backbone_kwargs={flow}",
-        *variant.overrides,
+        *_stage_overrides(variant, args),
         f"train.seed={seed}",
         f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch_size}",
         f"train.output_dir={run_dir}",
     ]
-    if args.data_root is not None:
-        root = Path(args.data_root)
-        overrides += [f"data.root={root}", "data.shapes=null", f"model.text_encoder={root / 'text_encoder'}"]
+    if init_from is not None:
+        overrides.append(f"train.init_from={init_from}")
     return overrides + list(args.set)
 
 
@@ -129,7 +186,8 @@ def _base_backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def pretrained_backbone(args: argparse.Namespace) -> str | None:
     """The stage-1 export every run starts from (the base config's ``pretrained_path``). When it is
     missing, stage 1 is trained first, as ``make demo`` does (``absvl.demo.pretrain_stage``, cached in
-    ``runs/shapes_pretrain``; with ``--quick`` a 2-step smoke stage in the work folder)."""
+    ``runs/shapes_pretrain``; with ``--quick`` a 2-step smoke stage in the work folder); its validation
+    metrics go to ``args.stage1_metrics``."""
     from absvl.demo import pretrain_stage
     from absvl.training.config import load_config
 
@@ -149,75 +207,74 @@ def pretrained_backbone(args: argparse.Namespace) -> str | None:
             "train.batch_size=8",
             "train.trackers=[]",
         ]
-    return pretrain_stage(load_config(args.config, data), stage1)
+    export, args.stage1_metrics = pretrain_stage(load_config(args.config, data), stage1)
+    return export
+
+
+def _relative(path: str) -> str:
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def budget(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two runs of a variant and seed comparable (a stored run is reused only if equal)."""
     return {
-        "config": str(Path(args.config).resolve().relative_to(ROOT))
-        if Path(args.config).resolve().is_relative_to(ROOT)
-        else str(args.config),
+        "recipe": "prior alignment, then VQA",
+        "config": _relative(args.config),
+        "prior_config": _relative(args.prior_config),
         "steps": args.steps,
+        "prior_steps": args.prior_steps,
         "batch_size": args.batch_size,
-        "attention_questions": args.attention_questions,
+        "steering_images": args.steering_images,
         "quick": bool(args.quick),
         "image_size": args.image_size,
         "map_block": args.map_block,
         "extra_map_block": args.extra_map_block,
         "data_root": None if args.data_root is None else str(args.data_root),
         "set": list(args.set),
+        "prior_set": list(args.prior_set),
     }
 
 
-def _diagnostics(model: Any, world: Any, questions: list[dict], batch_size: int = 32) -> dict[str, Any]:
-    """Prior-mask target score and the relative change of the output tokens by the top-down pass."""
-    import torch
-    from PIL import Image
+def steering_pairs_for(args: argparse.Namespace, world: Any) -> list[dict[str, Any]]:
+    """The steering pairs of the first ``--steering-images`` test-dev images (the same for every run)."""
+    if getattr(args, "pairs", None) is None or args.pairs[0] != str(world.root):
+        args.pairs = (str(world.root), steering_test_pairs(world, args.steering_images))
+    return args.pairs[1]
 
-    from absvl.data.shapes_world import target_mask
-    from absvl.metrics.attention import mean_ratio, target_attention_ratio
-    from absvl.models.vision.topdown import prior_mask
 
-    backbone = model.backbone
-    has_prior = getattr(backbone, "topdown", "none") in ("absvit", "qkv", "perceiver", "maskatt")
-    mask_ratios, changes, mask_means = [], [], []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(questions), batch_size):
-            chunk = questions[start : start + batch_size]
-            images = [Image.open(world.image_path(TEST_SPLIT, q["image_id"])).convert("RGB") for q in chunk]
-            inputs = model.processor(images=images, text=[q["question"] for q in chunk])
-            out = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
-            vision = out.vision
-            z_bu, z = vision.bottom_up_tokens, vision.tokens
-            changes.extend(((z - z_bu).norm(dim=-1).mean(-1) / z_bu.norm(dim=-1).mean(-1)).tolist())
-            if has_prior:
-                mask = prior_mask(z_bu, out.xi)[:, vision.num_prefix_tokens :, 0]
-                mask = mask.reshape(len(chunk), *vision.grid_size)
-                mask_means.extend(mask.mean(dim=(1, 2)).tolist())
-                for i, q in enumerate(chunk):
-                    mask_ratios.append(target_attention_ratio(mask[i].numpy(), target_mask(world, q)))
-    return {
-        "prior_mask_score": mean_ratio(mask_ratios) if has_prior else None,
-        "prior_mask_mean": float(np.mean(mask_means)) if has_prior else None,
-        "topdown_change": float(np.mean(changes)),
-    }
+def _losses(run_dir: Path) -> list[float]:
+    """The training losses a run logged (``log.jsonl``)."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
+    return [r["loss"] for r in map(json.loads, filter(str.strip, lines)) if "loss" in r]
 
 
 def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Train (the real trainer), score test-dev and the attention maps; returns the run record."""
+    """Train (the prior alignment for variants with a prior, then VQA: the real trainers), score test-dev
+    and the steering; returns the run record."""
     from absvl.data.shapes_world import ShapesWorld
-    from absvl.metrics.attention import mean_ratio, target_attention_ratios, target_questions
-    from absvl.metrics.vqa import evaluate_vqa
     from absvl.models.vl import AbsVLModel
     from absvl.training.config import load_config
-    from absvl.training.vqa import predict_split, train_vqa
+    from absvl.training.prior import train_prior
+    from absvl.training.vqa import train_vqa
 
     run_dir = Path(args.work) / f"{variant.name}_seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished earlier attempt: start clean
-    overrides = run_overrides(variant, seed, args, run_dir)
+    prior_stage, init_from, prior_s = None, None, 0.0
+    if variant.prior:
+        p_overrides = prior_overrides(variant, seed, args, run_dir / "prior")
+        t0 = time.perf_counter()
+        p_summary = train_prior(load_config(args.prior_config, p_overrides), notify=print)
+        prior_s = time.perf_counter() - t0
+        init_from = p_summary["export"]
+        prior_stage = {
+            "steps": p_summary["step"],
+            "val": p_summary["val"],  # prior loss and, on the world's objects, the gate's pointing (val)
+            "export": init_from,
+            "overrides": p_overrides,
+        }
+    overrides = run_overrides(variant, seed, args, run_dir / "vqa", init_from)
     config = load_config(args.config, overrides)
     t0 = time.perf_counter()
     summary = train_vqa(config, notify=print)
@@ -226,26 +283,9 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
     t1 = time.perf_counter()
     model = AbsVLModel.from_pretrained(summary["export"]).eval()
     world = ShapesWorld.load(config.data.root)
-    predictions = predict_split(model, config, "test-dev")
-    questions = json.loads(world.questions_path(TEST_SPLIT).read_text())
-    private = json.loads((world.root / f"shapes_{TEST_SPLIT}_annotations.json").read_text())
-    result = evaluate_vqa(predictions, questions, private)
-    attention_qs = target_questions(world, TEST_SPLIT, args.attention_questions)
-    ratios = target_attention_ratios(model, world, attention_qs, TEST_SPLIT)
-    scores = {kind: mean_ratio(values) for kind, values in ratios.items()}
-    other = None
-    if args.extra_map_block is not None and hasattr(model.backbone, "map_block"):
-        # the maps again at another block (by default the first: the literal "L-3" of a 4-block model)
-        default_block, model.backbone.map_block = model.backbone.map_block, args.extra_map_block
-        other_ratios = target_attention_ratios(model, world, attention_qs, TEST_SPLIT)
-        model.backbone.map_block = default_block
-        other = {kind: mean_ratio(values) for kind, values in other_ratios.items()}
-        if variant.name not in TOPDOWN_VARIANTS:
-            other["top_down"] = None
-    diagnostics = _diagnostics(model, world, attention_qs)
+    scores = score_model(model, config, world, steering_pairs_for(args, world), args.extra_map_block)
     eval_s = time.perf_counter() - t1
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in log if "loss" in r]
+    losses = _losses(run_dir / "vqa")
     return {
         "variant": variant.name,
         "label": variant.label,
@@ -253,20 +293,10 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
         "seed": seed,
         "budget": budget(args),
         "steps": summary["step"],
-        "accuracy": result["overall"],
-        "per_answer_type": result["perAnswerType"],
-        "attention": {
-            "bottom_up": scores["bottom_up"],
-            "top_down": scores["top_down"] if variant.name in TOPDOWN_VARIANTS else None,
-            # the control: the same maps on the image's other objects (a map that follows the question
-            # prefers its targets; one that prefers any object scores both alike)
-            "bottom_up_others": scores["bottom_up_others"],
-            "top_down_others": scores["top_down_others"] if variant.name in TOPDOWN_VARIANTS else None,
-            "questions": int(np.sum(~np.isnan(ratios["bottom_up"]))),
-        },
-        "attention_other_block": other,
-        **diagnostics,
+        **scores,  # accuracy, per_answer_type, steering, steering_other_block, prior_mask_mean, topdown_change
+        "prior_stage": prior_stage,
         "final_loss": losses[-1] if losses else None,
+        "prior_seconds": round(prior_s, 1),
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(eval_s, 1),
         "export": summary["export"],
@@ -286,55 +316,37 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--out", default="docs/results/compare_topdown", help="results folder (results.md/.json, PNGs, runs/)")
+    add("--work", help="training run folders (default: runs/compare_topdown, quick: OUT/work)")
+    add("--config", default=str(DEFAULT_CONFIG), help="VQA recipe shared by every variant")
+    add("--prior-config", default=str(PRIOR_CONFIG), help="prior-alignment recipe (variants with a prior gate)")
+    add("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    add("--seeds", type=parse_seeds, help="a count (3 → 0,1,2) or a list (0,5); default 3")
+    add("--steps", "--budget", dest="steps", type=int, help="VQA optimizer steps per run (default 500, the demo's)")
+    add("--prior-steps", type=int, help="prior-alignment steps, variants with a prior gate (default 400, the demo's)")
+    add("--batch-size", type=int, help="questions per step, both stages (default 64)")
+    add(
+        "--steering-images", type=int, help="test-dev images (2+ objects) whose question pairs score the steering (200)"
     )
-    p.add_argument(
-        "--out", default="docs/results/compare_topdown", help="results folder (results.md/.json, PNGs, runs/)"
-    )
-    p.add_argument("--work", default=None, help="training run folders (default: runs/compare_topdown, quick: OUT/work)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base VL recipe shared by every variant")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", type=parse_seeds, default=None, help="a count (3 → 0,1,2) or a list (0,5); default 3")
-    p.add_argument(
-        "--steps",
-        "--budget",
-        dest="steps",
-        type=int,
-        default=None,
-        help="optimizer steps per run (default 500, the demo's)",
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="questions per step (default 64)")
-    p.add_argument(
-        "--attention-questions", type=int, default=None, help="test-dev questions scored for attention (default 200)"
-    )
-    p.add_argument(
-        "--image-size", type=int, default=None, help="input size in px (default: the config's, 64: 8x8 maps)"
-    )
-    p.add_argument(
-        "--map-block",
-        type=int,
-        default=None,
-        help="backbone map_block for the token-norm maps (default: the backbone's, 3/4 of the depth)",
-    )
-    p.add_argument(
+    add("--image-size", type=int, help="input size in px (default: the config's, 64: 8x8 maps)")
+    add("--map-block", type=int, help="backbone map_block of the token-norm maps (default: the backbone's, 3/4 depth)")
+    add(
         "--extra-map-block",
         type=lambda v: None if v.lower() == "none" else int(v),
         default=0,
-        help="also score the maps after this block (default 0: the first block); 'none' to skip",
+        help="also score the steering with the maps after this block (default 0: the first block); 'none' to skip",
     )
-    p.add_argument(
-        "--data-root",
-        default=None,
-        help="use this existing Shapes world (with its text_encoder/) instead of the config's",
+    add("--data-root", help="use this existing Shapes world (with its text_encoder/) instead of the config's")
+    add(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override of every VQA run (model.*: prior too)"
     )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run"
-    )
-    p.add_argument("--quick", action="store_true", help="smoke test: a few seconds per run (2 steps, batch 8, 32 px)")
-    p.add_argument("--force", action="store_true", help="re-run runs whose results exist")
+    add("--prior-set", action="append", default=[], metavar="KEY=VALUE", help="override of every prior alignment")
+    add("--quick", action="store_true", help="smoke test: a few seconds per run (2 steps, batch 8, 32 px)")
+    add("--force", action="store_true", help="re-run runs whose results exist")
     args = p.parse_args(argv)
-    defaults = dict(steps=500, batch_size=64, attention_questions=200, seeds=[0, 1, 2])
+    defaults = dict(steps=500, prior_steps=400, batch_size=64, steering_images=200, seeds=[0, 1, 2])
     if args.quick:
         defaults.update(QUICK)
     for key, value in defaults.items():
@@ -348,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.work is None:
         args.work = str(Path(args.out) / "work") if args.quick else str(ROOT / "runs" / "compare_topdown")
     # absolute paths: main() runs from the repository root (the config's relative paths are its)
-    for key in ("out", "work", "config", "data_root"):
+    for key in ("out", "work", "config", "prior_config", "data_root"):
         if getattr(args, key) is not None:
             setattr(args, key, str(Path(getattr(args, key)).resolve()))
     return args
@@ -366,11 +378,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.chdir(cwd)
 
 
+def _summary_line(record: dict[str, Any]) -> str:
+    scores, topdown = record["steering"]["all"], record["variant"] in TOPDOWN_VARIANTS
+    point = {m: f"{v:.0f} %" if topdown or m == "bottom_up" else "—" for m, v in scores["pointing"].items()}
+    return (
+        f"acc {record['accuracy']:.2f}, pointing bottom-up {point['bottom_up']} top-down {point['top_down']} "
+        f"fusion {point['fusion']} (chance {scores['chance']:.0f} %)"
+    )
+
+
 def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     import os
 
     from absvl.data.shapes_world import ShapesWorld
-    from absvl.demo import question_pairs
     from absvl.metrics.vqa import majority_answer_baseline
     from absvl.training.config import load_config
     from absvl.visualize import attention_figure
@@ -401,11 +421,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         tmp.replace(record_path)  # atomic: a killed run leaves no half-written result
         runs.append(record)
         done += 1
-        att = record["attention"]
-        td = "—" if att["top_down"] is None else f"{att['top_down']:.3f}"
         print(
-            f"[{k}/{len(todo)}] {variant.name} seed {seed}: acc {record['accuracy']:.2f}, attention bottom-up "
-            f"{att['bottom_up']:.3f} top-down {td} ({time.perf_counter() - t:.0f} s)",
+            f"[{k}/{len(todo)}] {variant.name} seed {seed}: {_summary_line(record)} ({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
 
@@ -413,27 +430,35 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         args.config, run_overrides(args.variant_list[0], args.seeds[0], args, Path(args.work) / "probe")
     )
     world = ShapesWorld.load(config.data.root)
-    private = json.loads((world.root / f"shapes_{TEST_SPLIT}_annotations.json").read_text())
+    private = json.loads(world.annotations_path(TEST_SPLIT).read_text())
     train_annotations = json.loads(world.annotations_path("train2014").read_text())
     majority = majority_answer_baseline(train_annotations, private)["overall"]
+    pairs = steering_pairs_for(args, world)
     rows = aggregate(runs, args.variant_list, TOPDOWN_VARIANTS)
     meta = {
         "steps": args.steps,
+        "prior_steps": args.prior_steps,
+        "prior_variants": sorted(v.name for v in args.variant_list if v.prior),
         "batch_size": args.batch_size,
         "seeds": args.seeds,
         "config": my_budget["config"],
+        "prior_config": my_budget["prior_config"],
         "set": list(args.set),
-        "attention_questions": args.attention_questions,
+        "prior_set": list(args.prior_set),
+        "steering_images": args.steering_images,
+        "steering_pairs": len(pairs),
         "majority": majority,
         "test_questions": len(private["annotations"]),
         "wall_minutes": (time.perf_counter() - start) / 60,
         "runs_done": done,
         "runs_skipped": skipped,
-        "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in runs) / 60,
+        "prior_minutes": sum(r.get("prior_seconds", 0.0) for r in runs) / 60,
+        "run_minutes": sum(r.get("prior_seconds", 0.0) + r["train_seconds"] + r["eval_seconds"] for r in runs) / 60,
         "machine": f"{os.cpu_count()} CPU cores, torch threads {_threads()}",
         "command": "python scripts/compare_topdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "map_block": args.map_block,
         "extra_map_block": args.extra_map_block,
+        "stage1_metrics": getattr(args, "stage1_metrics", None),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")
     (out / "results.md").write_text(markdown(rows, meta))
@@ -441,15 +466,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
     # the picture: the most accurate AbSViT run whose top-down pass is active (its gate can stay shut:
     # then the top-down maps are the bottom-up ones and the picture shows nothing top-down) and whose
-    # model is still on disk
+    # model is still on disk; the image and questions of the first steering pair about a colour or a shape
     absvit = [r for r in runs if r["variant"] == "absvit" and Path(r["export"]).is_dir()]
     active = [r for r in absvit if r.get("topdown_change", 0) > ACTIVE_CHANGE]
-    if absvit:
+    if absvit and pairs:
         from absvl.models.vl import AbsVLModel
 
         best = max(active or absvit, key=lambda r: r["accuracy"])
-        image_path, asked = question_pairs(world, TEST_SPLIT)[0]
-        texts = [question for question, _ in asked]
+        pair = next((p for p in pairs if p["family"] in ("shape", "color")), pairs[0])
+        image_path, texts = world.image_path(TEST_SPLIT, pair["image_id"]), list(pair["questions"])
         model = AbsVLModel.from_pretrained(best["export"]).eval()
         attention_figure(model, image_path, texts, out / "attention.png")
         meta["attention_png"] = {

@@ -1,12 +1,15 @@
-"""The results of ``scripts/compare_topdown.py``: the runs summed up per variant, the Markdown table
-(``results.md``) and the comparison figure (``comparison.png``).
+"""The measurements and results of ``scripts/compare_topdown.py``: a trained model scored, the runs summed
+up per variant, the Markdown tables (``results.md``) and the comparison figure (``comparison.png``).
 
-``aggregate`` turns the run records into one row per variant (mean ± std over seeds), ``markdown``
-writes the table with its reading notes, ``plot`` draws the accuracy and attention-score bars (PIL only).
+``score_model`` scores one run's model (test-dev accuracy, steering, diagnostics) on the question pairs of
+``steering_test_pairs``, ``aggregate`` turns the run records into one row per variant (mean ± std over seeds),
+``markdown`` writes the tables with their reading notes, ``plot`` draws the accuracy and pointing bars (PIL
+only). The steering scores are ``absvl.metrics.steering.steering_scores``' output, kept per run as ``steering``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection
 from pathlib import Path
@@ -14,124 +17,287 @@ from typing import Any
 
 import numpy as np
 
+TEST_SPLIT = "test-dev2015"
+
+
+# --------------------------------------------------------------------------- scoring one run
+def steering_test_pairs(world: Any, images: int) -> list[dict[str, Any]]:
+    """The steering question pairs of the first ``images`` test-dev images with 2+ objects, which every run is
+    scored on (``absvl.metrics.steering.steering_pairs``, seed 0)."""
+    from absvl.metrics.steering import steering_pairs
+
+    return steering_pairs(world, TEST_SPLIT, images, seed=0)
+
+
+def score_model(
+    model: Any, config: Any, world: Any, pairs: list[dict[str, Any]], extra_map_block: int | None = None
+) -> dict[str, Any]:
+    """A trained VQA model's record entries: ``accuracy`` and ``per_answer_type`` (official VQA accuracy on
+    the world's test-dev), ``steering`` (``absvl.metrics.steering.steering_scores`` on ``pairs``),
+    ``steering_other_block`` (the same with the maps after block ``extra_map_block``; the fusion and gate
+    maps do not move; None without it), ``prior_mask_mean`` and ``topdown_change`` (``diagnostics``)."""
+    from absvl.metrics.steering import steering_scores
+    from absvl.metrics.vqa import evaluate_vqa
+    from absvl.training.vqa import predict_split
+
+    predictions = predict_split(model, config, "test-dev")
+    questions = json.loads(world.questions_path(TEST_SPLIT).read_text())
+    private = json.loads(world.annotations_path(TEST_SPLIT).read_text())
+    result = evaluate_vqa(predictions, questions, private)
+    steering = steering_scores(model, world, TEST_SPLIT, pairs)
+    other = None
+    if extra_map_block is not None and hasattr(model.backbone, "map_block"):
+        default_block, model.backbone.map_block = model.backbone.map_block, extra_map_block
+        try:
+            other = steering_scores(model, world, TEST_SPLIT, pairs)
+        finally:
+            model.backbone.map_block = default_block
+    return {
+        "accuracy": result["overall"],
+        "per_answer_type": result["perAnswerType"],
+        "steering": steering,
+        "steering_other_block": other,
+        **diagnostics(model, world, pairs),
+    }
+
+
+def diagnostics(model: Any, world: Any, pairs: list[dict[str, Any]], batch_size: int = 32) -> dict[str, Any]:
+    """``prior_mask_mean``: the mean prior gate on the spatial tokens (None for a backbone without a prior),
+    and ``topdown_change``: the output tokens' relative change by the top-down pass, ``‖z_td − z_bu‖ /
+    ‖z_bu‖``; over the first question of each steering pair."""
+    import torch
+
+    from absvl.images import BadImageError, open_image
+
+    items = []
+    for pair in pairs:
+        try:
+            items.append((open_image(world.image_path(TEST_SPLIT, pair["image_id"])), pair["questions"][0]))
+        except BadImageError:
+            continue
+    changes: list[float] = []
+    gate_means: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            inputs = model.prepare_inputs(images=[i for i, _ in chunk], text=[q for _, q in chunk])
+            _, xi = model.encode_prior(inputs["input_ids"], inputs["attention_mask"])
+            vision = model.encode_vision(inputs["images"], xi)
+            z_bu, z = vision.bottom_up_tokens, vision.tokens
+            changes.extend(((z - z_bu).norm(dim=-1).mean(-1) / z_bu.norm(dim=-1).mean(-1)).tolist())
+            if vision.prior_mask is not None:
+                gate_means.extend(vision.prior_mask[:, vision.num_prefix_tokens :, 0].mean(-1).tolist())
+    return {
+        "prior_mask_mean": float(np.mean(gate_means)) if gate_means else None,
+        "topdown_change": float(np.mean(changes)) if changes else float("nan"),
+    }
+
 
 # --------------------------------------------------------------------------- aggregation
-def _mean_std(values: list[float]) -> tuple[float, float]:
+# absvl.metrics.steering.MAPS: the prior gate (backbones with a prior), the first and second pass's token
+# norms, the top-down pass's change of the tokens the fusion reads
+MAPS = ("gate", "bottom_up", "top_down", "fusion")
+ONE_PASS_MAPS = ("bottom_up",)  # what a variant without a top-down pass has: its scores' other maps are copies or 0
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1; 0 for one value) of the values that are there (not None or NaN)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return float("nan"), float("nan")
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _scores(steering: dict[str, Any] | None, family: str) -> dict[str, Any] | None:
+    """One family's (or ``all``) steering scores of a run, None when it has none."""
+    steering = steering or {}
+    return steering.get("all") if family == "all" else (steering.get("families") or {}).get(family)
+
+
+def _map_over_seeds(
+    steerings: list[dict[str, Any] | None], family: str, kind: str, name: str
+) -> tuple[float, float] | None:
+    """Mean ± std over seeds of a map's ``pointing`` (%) or ``paired`` median on a family; None when a run's
+    scores lack the map (e.g. ``gate`` of a backbone without a prior)."""
+    values = []
+    for steering in steerings:
+        scores = _scores(steering, family)
+        if scores is None:
+            values.append(None)  # the family had no pair in this run: NaN, not a missing map
+            continue
+        if name not in scores[kind]:
+            return None
+        value = scores[kind][name]
+        values.append(value["median"] if kind == "paired" else value)
+    return _mean_std(values)
+
+
+def _per_map(steerings: list[Any], family: str, kind: str, kept: Collection[str]) -> dict[str, Any]:
+    """``_map_over_seeds`` of every map (None for the maps not ``kept``)."""
+    return {m: _map_over_seeds(steerings, family, kind, m) if m in kept else None for m in MAPS}
+
+
 def aggregate(
     runs: list[dict[str, Any]], variants: list[Any], topdown_variants: Collection[str]
 ) -> list[dict[str, Any]]:
     """One row per variant (``compare_topdown.Variant``, in the given order) with runs: mean ± std over
-    its seeds; the token change ``topdown_change`` is kept only for the ``topdown_variants``."""
+    its seeds of the accuracy and of the steering scores (each run's ``steering``, the output of
+    ``absvl.metrics.steering.steering_scores``): ``pointing`` (%) and ``paired`` (median) per map on all
+    families, ``family_pointing`` per family and map, ``chance`` per family, ``other_pointing`` from the
+    maps at the extra block. The maps a variant lacks are None: a variant outside ``topdown_variants`` keeps
+    only the bottom-up map (its top-down map is a copy, its fusion map 0) and ``topdown_change`` is None."""
+    from absvl.metrics.steering import FAMILIES
+
+    present = {f for r in runs for f in ((r.get("steering") or {}).get("families") or {})}
+    families = [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES))
     rows = []
     for v in variants:
         mine = sorted((r for r in runs if r["variant"] == v.name), key=lambda r: r["seed"])
         if not mine:
             continue
+        topdown = v.name in topdown_variants
+        kept = MAPS if topdown else ONE_PASS_MAPS
+        steerings = [r.get("steering") for r in mine]
         row = {"variant": v.name, "label": v.label, "backbone": v.describe(), "seeds": [r["seed"] for r in mine]}
         row["accuracy"] = _mean_std([r["accuracy"] for r in mine])
         row["accuracies"] = [r["accuracy"] for r in mine]
-        row["bottom_up"] = _mean_std([r["attention"]["bottom_up"] for r in mine])
-        td = [r["attention"]["top_down"] for r in mine]
-        row["top_down"] = _mean_std(td) if all(t is not None for t in td) else None
-        row["td_minus_bu"] = (
-            _mean_std([r["attention"]["top_down"] - r["attention"]["bottom_up"] for r in mine])
-            if row["top_down"]
-            else None
-        )
-        pm = [r.get("prior_mask_score") for r in mine]
-        other = [r.get("attention_other_block") for r in mine]
-        row["other_td_minus_bu"] = (
-            _mean_std([x["top_down"] - x["bottom_up"] for x in other])
-            if all(x is not None and x.get("top_down") is not None for x in other)
-            else None
-        )
-        row["other_bottom_up"] = (
-            _mean_std([x["bottom_up"] for x in other]) if all(x is not None for x in other) else None
-        )
-        row["other_top_down"] = (
-            _mean_std([x["top_down"] for x in other])
-            if all(x is not None and x.get("top_down") is not None for x in other)
-            else None
-        )
-        row["prior_mask"] = _mean_std(pm) if all(p is not None for p in pm) else None
+        row["pointing"] = _per_map(steerings, "all", "pointing", kept)
+        row["paired"] = _per_map(steerings, "all", "paired", kept)
+        row["family_pointing"] = {f: _per_map(steerings, f, "pointing", kept) for f in (*families, "all")}
+        row["chance"] = {
+            f: _mean_std([(_scores(s, f) or {}).get("chance") for s in steerings]) for f in (*families, "all")
+        }
+        row["pairs"] = [(_scores(s, "all") or {}).get("pairs", 0) for s in steerings]
+        other = [r.get("steering_other_block") for r in mine]
+        row["other_pointing"] = _per_map(other, "all", "pointing", kept) if all(o is not None for o in other) else None
         mm = [r.get("prior_mask_mean") for r in mine]
         row["prior_mask_mean"] = _mean_std(mm) if all(m is not None for m in mm) else None
-        row["topdown_change"] = _mean_std([r["topdown_change"] for r in mine]) if v.name in topdown_variants else None
+        row["topdown_change"] = _mean_std([r["topdown_change"] for r in mine]) if topdown else None
+        row["prior_seconds"] = float(np.mean([r.get("prior_seconds", 0.0) for r in mine]))
         row["train_seconds"] = float(np.mean([r["train_seconds"] for r in mine]))
         rows.append(row)
     return rows
 
 
-def _fmt(ms: tuple[float, float] | None, digits: int = 2, signed: bool = False) -> str:
+def _fmt(ms: tuple[float, float] | None, digits: int = 2) -> str:
+    """``mean ± std``; ``—`` for None (the variant lacks it), ``n/a`` for NaN (nothing to average)."""
     if ms is None:
         return "—"
     mean, std = ms
     if math.isnan(mean):
         return "n/a"
-    sign = "+" if signed else ""
-    return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _other_block(row: dict[str, Any]) -> str:
-    if row.get("other_bottom_up") is None:
-        return "—"
-    return f"{_fmt(row['other_bottom_up'])} / {_fmt(row['other_top_down'])}"
+def _pct(ms: tuple[float, float] | None) -> str:
+    return _fmt(ms, 0)
+
+
+def _seconds(row: dict[str, Any]) -> str:
+    vqa = f"{row['train_seconds']:.0f}"
+    return f"{row['prior_seconds']:.0f} + {vqa}" if row["prior_seconds"] else vqa
+
+
+def _overrides(label: str, values: list[str]) -> str:
+    return f" {label} {', '.join('`' + s + '`' for s in values)}" if values else ""
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """``results.md``: the budget, what the scores mean, the main table (accuracy, steering on all families,
+    diagnostics, time), top-down pointing per question family, time and command."""
+    extra = meta.get("extra_map_block")
+    families = [f for f in (rows[0]["family_pointing"] if rows else {}) if f != "all"]
+    chance = rows[0]["chance"] if rows else {}
+    prior_variants = set(meta.get("prior_variants", []))
     lines = [
         "# Top-down variants on the Shapes world VQA",
         "",
-        f"Budget per run: {meta['steps']} optimizer steps × batch {meta['batch_size']} "
+        f"Budget per run: {meta['steps']} VQA optimizer steps × batch {meta['batch_size']} "
         f"({meta['steps'] * meta['batch_size']:,} training questions seen, same order for every variant of a seed), "
-        f"seeds {meta['seeds']}; base recipe `{meta['config']}`"
-        + (f" with {', '.join('`' + s + '`' for s in meta['set'])}" if meta["set"] else "")
-        + f". Test-dev: {meta['test_questions']:,} questions, official VQA accuracy (mean ± std over seeds); "
-        f"majority-answer baseline {meta['majority']:.2f}.",
+        f"seeds {meta['seeds']}; VQA recipe `{meta['config']}`{_overrides('with', meta['set'])}. The variants with a "
+        f"prior gate (Prior: yes) first run {meta['prior_steps']} steps of prior alignment (`{meta['prior_config']}`"
+        f"{_overrides('with', meta.get('prior_set', []))}) and start VQA from its export: their time is extra "
+        "(Train s/run: prior + VQA). "
+        f"Test-dev: {meta['test_questions']:,} questions, official VQA accuracy; majority-answer baseline "
+        f"{meta['majority']:.2f}. Every figure is the mean ± std over the seeds.",
         "",
-        "Attention score = share of the token-norm map's mass on the question's target object(s) / their area share "
-        f"(1.0 = no preference), mean over the first {meta['attention_questions']} test-dev questions with targets; "
-        "maps are per-token norms after the block at 3/4 of the depth (where the authors' L−3 of 12 blocks lies) "
-        "of the first (bottom-up) and second (top-down) pass. "
-        f"“other block”: the same maps after block {meta.get('extra_map_block')} (Python index; 0 is the literal "
-        "L−3 of the 4-block model, its first block). "
-        "“—”: the variant has no top-down pass (its one map is the bottom-up one) or no prior.",
+        f"Steering (`absvl.metrics.steering`) on {meta['steering_pairs']:,} question pairs of the first "
+        f"{meta['steering_images']} test-dev images with 2+ objects (two questions of one family that name different "
+        "objects). **Pointing**: % of the questions whose map peaks on one of the question's objects; the bottom-up "
+        "map, which no question changes, is the baseline, and chance (the share of cells the objects cover) is "
+        f"{_chance(chance.get('all'))} % on all families. **Paired**: median over the questions of the map's share "
+        "on the objects only this question names, under it / under the pair's other question (1.00: the question "
+        "changes nothing). Maps: token norms after the block at 3/4 of the depth in the first (BU) and second (TD) "
+        "pass; fusion: how much the top-down pass changed each token the fusion reads; gate: the prior gate "
+        "`clamp(cos(ξ, z_i), 0, 1)`, the map the prior alignment and the object-level prior term train (so it "
+        "flatters; a diagnostic, not the steering score). “—”: the variant has no such map (no top-down pass: its "
+        "one map is the bottom-up one; no prior gate)."
+        + (
+            f" Other block: BU / TD pointing with the maps after block {extra} (Python index)."
+            if extra is not None
+            else ""
+        ),
         "",
-        "| Variant | Backbone (+ backbone_kwargs) | Test-dev acc. | Bottom-up score | Top-down score | TD − BU | "
-        "BU / TD score, other block | Prior-mask score | Mean prior mask | ‖z_td−z_bu‖/‖z_bu‖ | Acc. per seed | Train s/run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Variant | Backbone (+ backbone_kwargs, overrides) | Prior | Test-dev acc. | Pointing BU % | Pointing TD % "
+        "| Pointing fusion % | Paired TD | Paired fusion | Gate pointing % | "
+        + ("Other block BU / TD % | " if extra is not None else "")
+        + "Mean prior gate | ‖z_td−z_bu‖/‖z_bu‖ | Acc. per seed | Train s/run |",
+        "| --- " * (14 + (extra is not None)) + "|",
     ]
     for r in rows:
+        p, q = r["pointing"], r["paired"]
+        other = r.get("other_pointing")
+        other_cell = "—" if other is None else f"{_pct(other['bottom_up'])} / {_pct(other['top_down'])}"
         lines.append(
-            f"| {r['label']} | `{r['backbone']}` | {_fmt(r['accuracy'])} | {_fmt(r['bottom_up'])} | {_fmt(r['top_down'])} | "
-            f"{_fmt(r['td_minus_bu'], signed=True)} | {_other_block(r)} | {_fmt(r['prior_mask'])} | {_fmt(r['prior_mask_mean'], 4)} | {_fmt(r['topdown_change'], 3)} | "
-            f"{', '.join(f'{a:.2f}' for a in r['accuracies'])} | {r['train_seconds']:.0f} |"
+            f"| {r['label']} | `{r['backbone']}` | {'yes' if r['variant'] in prior_variants else 'no'} | "
+            f"{_fmt(r['accuracy'])} | {_pct(p['bottom_up'])} | {_pct(p['top_down'])} | {_pct(p['fusion'])} | "
+            f"{_fmt(q['top_down'])} | {_fmt(q['fusion'])} | {_pct(p['gate'])} | "
+            + (f"{other_cell} | " if extra is not None else "")
+            + f"{_fmt(r['prior_mask_mean'], 4)} | {_fmt(r['topdown_change'], 3)} | "
+            f"{', '.join(f'{a:.2f}' for a in r['accuracies'])} | {_seconds(r)} |"
         )
     lines += [
         "",
-        f"Time: {meta['run_minutes']:.1f} min of training + evaluation summed over the {len(meta['seeds']) * len(rows)} runs; "
-        f"this invocation {meta['wall_minutes']:.1f} min ({meta['runs_done']} runs trained, {meta['runs_skipped']} reused "
-        f"from earlier invocations); {meta['machine']}.",
+        "Pointing per question family, %: the top-down map, in brackets the bottom-up map.",
+        "",
+        "| Variant | " + " | ".join(families) + " | all |",
+        "| --- " * (len(families) + 2) + "|",
+    ]
+    for r in rows:
+        cells = [
+            f"{_pct(r['family_pointing'][f]['top_down'])} ({_pct(r['family_pointing'][f]['bottom_up'])})"
+            for f in (*families, "all")
+        ]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    if rows:
+        lines.append("| chance | " + " | ".join(_chance(chance.get(f)) for f in (*families, "all")) + " |")
+    lines += [
+        "",
+        f"Time: {meta['run_minutes']:.1f} min of training + evaluation summed over the {sum(len(r['seeds']) for r in rows)} "
+        f"runs (of which {meta.get('prior_minutes', 0.0):.1f} min prior alignment); this invocation "
+        f"{meta['wall_minutes']:.1f} min ({meta['runs_done']} runs trained, {meta['runs_skipped']} reused from earlier "
+        f"invocations); {meta['machine']}.",
         "",
         f"Command: `{meta['command']}`",
         "",
-        "Reading it: the prior mask is AbSViT's gate `clamp(cos(ξ, z_i), 0, 1)`; where its mean is ~0 the gate is "
-        "shut, the top-down pass adds nothing (‖z_td−z_bu‖ ≈ 0), the top-down maps equal the bottom-up ones and "
-        "the model is its bottom-up network (a gate shut from the start makes AbSViT and AbSViT-QKV train identically) (see the per-run records in `results.json`: "
-        "`prior_mask_mean`, `topdown_change`). An all-zero map (PerceiverIO with a shut gate) scores 1.0.",
+        "Reading it: a variant steers where its top-down (or fusion) pointing is above its bottom-up pointing and its "
+        "paired ratio above 1.00. Where the mean prior gate is ~0 the gate is shut: the top-down pass adds nothing "
+        "(‖z_td−z_bu‖ ≈ 0), the top-down maps equal the bottom-up ones and the model is its bottom-up network. "
+        "Feedback has a second pass but no prior: its maps do not depend on the question (paired 1.00). Per-run "
+        "records, with the prior alignment's validation (its gate's pointing on val): `results.json`.",
         "",
-        "Files: `results.json` (every run), `comparison.png` (accuracy ± std and bottom-up vs top-down scores), "
-        "`attention.png` (the most accurate AbSViT run with an active top-down pass: image, bottom-up map, "
-        "top-down maps for two questions).",
+        "Files: `results.json` (every run), `comparison.png` (accuracy and all-families pointing, bottom-up vs "
+        "top-down), `attention.png` (the most accurate AbSViT run with an active top-down pass: image, bottom-up map, "
+        "top-down maps for a steering pair's two questions).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _chance(ms: tuple[float, float] | None) -> str:
+    """Chance is the pairs' and the grid's, the same for every run: its mean alone."""
+    return "n/a" if ms is None or math.isnan(ms[0]) else f"{ms[0]:.0f}"
 
 
 # --------------------------------------------------------------------------- pictures
@@ -207,18 +373,22 @@ def plot(rows: list[dict[str, Any]], majority: float, path: Path) -> None:
         f"majority baseline {majority:.1f}",
     )
     nan = (float("nan"), float("nan"))
+    chance = rows[0]["chance"]["all"][0] if rows else float("nan")
     _bar_panel(
         draw,
         (10, 390, width - 10, 750),
-        "Target-attention score (1.0 = no preference)",
+        "Steering: pointing on all families, % (mean ± std over seeds)",
         labels,
         [
-            {"name": "bottom-up map", "color": (150, 150, 150), "values": [r["bottom_up"] for r in rows]},
-            {"name": "top-down map", "color": (230, 130, 30), "values": [r["top_down"] or nan for r in rows]},
-            {"name": "prior mask", "color": (90, 170, 90), "values": [r["prior_mask"] or nan for r in rows]},
+            {"name": "bottom-up map", "color": (150, 150, 150), "values": [r["pointing"]["bottom_up"] for r in rows]},
+            {
+                "name": "top-down map",
+                "color": (230, 130, 30),
+                "values": [r["pointing"]["top_down"] or nan for r in rows],
+            },
         ],
-        1.0,
-        "1.0 = no preference",
+        None if math.isnan(chance) else chance,
+        f"chance {chance:.0f} %",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

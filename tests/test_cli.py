@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from absvl import __version__
 from absvl.cli import main
 
@@ -85,3 +87,41 @@ def test_commands_start_without_faiss_or_the_server_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("lazy import of faiss halted")
+
+
+def test_train_prior_command_aligns_the_prior_and_resumes_its_run(tiny_overrides, tmp_path, capsys):
+    import json
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from absvl.models.vl import AbsVLModel
+
+    run = tmp_path / "prior"
+    overrides = [
+        *tiny_overrides,
+        f"train.output_dir={run}",
+        "train.max_steps=2",
+        "train.save_every=1",
+        "train.keep_last=2",
+    ]
+    assert main(["train", "prior", "--config", "configs/shapes_prior.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    val = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "val/prior_loss" in line][-1]
+    match = re.search(r"validation prior loss (\d+\.\d{4}), gate pointing (\d+\.\d) % at step 2", out)
+    assert match, out
+    assert float(match[1]) == pytest.approx(val["val/prior_loss"], abs=1e-4)
+    assert float(match[2]) == pytest.approx(val["val/gate_pointing"], abs=0.05)
+    assert f"model exported to {run / 'final'}" in out
+    assert json.loads((run / "task.json").read_text()) == {"task": "prior"}
+    assert AbsVLModel.from_pretrained(run / "final").config.trained_tasks == []
+    # --resume CHECKPOINT continues the run with its own config and ends where the straight run ended
+    straight = load_file(str(run / "final" / "model.safetensors"))
+    assert main(["train", "prior", "--resume", str(run / "checkpoint-00000001")]) == 0
+    assert "at step 2" in capsys.readouterr().out
+    resumed = load_file(str(run / "final" / "model.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # a bad key is one clear line
+    assert main(["train", "prior", "--config", "configs/shapes_prior.yaml", "model.prior_objekt_weight=1"]) == 2
+    assert "unknown config key 'model.prior_objekt_weight'" in capsys.readouterr().err

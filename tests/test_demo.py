@@ -23,23 +23,46 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         "model.backbone_kwargs={img_size: 32}",
         f"train.output_dir={tmp_path / 'pretrain'}",
         "train.max_steps=2",
+        "train.eval_every=0",
         "train.batch_size=8",
         "train.trackers=[]",
     ]
+    prior = [f"train.output_dir={tmp_path / 'prior'}", "train.max_steps=2", "train.batch_size=8", "train.trackers=[]"]
     report = demo.run(
-        demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=4"], tmp_path / "out", retrieval, pretrain
+        demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=4"], tmp_path / "out", retrieval, pretrain, prior
     )
     printed = capsys.readouterr().out
-    assert "majority-answer baseline" in printed and "target attention" in printed
-    assert "stage 1 (vision pretraining)" in printed and "distance between the two top-down maps" in printed
-    # the VQA model's backbone started from the stage-1 export
+    assert "stage 1 (vision pretraining)" in printed and "stage 1 on val object patches: shape" in printed
+    assert "stage 2a (prior alignment)" in printed and "stage 2b (VQA finetuning)" in printed
+    # the VQA model's backbone started from the stage-1 export, the VQA run from the prior alignment's
     assert report["pretrained_backbone"] == str(tmp_path / "pretrain" / "final")
+    assert report["prior_export"] == str(tmp_path / "prior" / "final")
+    assert set(report["stage1"]) >= {"shape", "color", "objects", "background"}
+    assert "gate_pointing" in report["prior_alignment"]
+    # the baselines beside the model, per question type
+    assert set(report["baselines"]) == {"question only", "image only", "majority answer"}
+    assert "question only" in printed and "image only" in printed and "over the question alone" in printed
+    for baseline in report["baselines"].values():
+        assert 0 <= baseline["overall"] <= 100 and set(baseline["per_question_type"]) == set(
+            report["per_question_type"]
+        )
+    # probes and steering printed and reported
+    assert set(report["probes"]["bottom_up"]) == {"shape", "color", "position"}
+    assert "tokens the fusion reads" in printed and "pointing bottom-up" in printed
+    assert report["steering"]["all"]["questions"] > 0 and "gate" in report["steering"]["all"]["pointing"]
+    # the picture's rows follow the stated rule: one pair per family, in order, on different images
+    families = [example["family"] for example in report["examples"]]
+    assert families == list(demo.EXAMPLE_FAMILIES[: len(families)]) and families
+    assert len({example["image"] for example in report["examples"]}) == len(families)
     for example in report["examples"]:
-        assert len(example["questions"]) == 2 and all(q.startswith("what shape is the") for q in example["questions"])
+        assert len(example["questions"]) == 2 and len(example["right"]) == 2
+        assert example["right"] == [a == e for a, e in zip(example["answers"], example["expected"])]
         assert 0 <= example["distance_between_top_down"] <= 1 and len(example["distance_to_bottom_up"]) == 2
-    assert report["attention_ratio"] == report["attention"]["top_down"] / report["attention"]["bottom_up"]
+    assert "answers right" in printed and "the first test-dev image (by id)" in printed
     # a second run reuses the pretrained backbone instead of training it again
-    again = demo.run(demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=1"], tmp_path / "out2", None, pretrain)
+    again = demo.run(
+        demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=1"], tmp_path / "out2", None, pretrain, prior
+    )
     assert "reusing" in capsys.readouterr().out and again["pretrained_backbone"] == report["pretrained_backbone"]
     assert (
         "| re-ranked top-2 (ITM, top-down) |" in printed and "search 'a red circle left of a blue square.'" in printed
@@ -50,17 +73,6 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         == AbsVLModel.from_pretrained(report["export"]).answers
     )
     assert 0 <= report["accuracy"] <= 100 and 0 <= report["majority_baseline"] <= 100
-    assert set(report["attention"]) == {
-        "bottom_up",
-        "top_down",
-        "bottom_up_others",
-        "top_down_others",
-        "per_question_type",
-    }
-    # every test-dev question that names objects is scored, per question type too (table printed)
-    per_type = report["attention"]["per_question_type"]
-    assert set(per_type) <= {"what color is the", "what shape is the", "is there a", "how many", "is the"}
-    assert "question type" in printed and all(f"{qtype:<20}" in printed for qtype in per_type)
     png = Image.open(report["png"])
     assert png.size[0] == 4 * 224  # image | bottom-up | two top-down maps, one row per example
     assert png.size[1] == len(report["examples"]) * (224 + 34)

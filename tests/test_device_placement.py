@@ -14,7 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import absvl
 from absvl.data.shapes_world import ShapesWorld
-from absvl.metrics.attention import target_attention_ratios, target_questions
+from absvl.metrics.baselines import pooled_image_features
+from absvl.metrics.probes import object_patch_tokens
+from absvl.metrics.steering import steering_pairs, steering_scores
 from absvl.models.vl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import Retriever, build_index
 from absvl.visualize import attention_figure
@@ -77,14 +79,19 @@ def test_pipelines_run_on_the_model_device(model, image):
     assert [m["top_down"].shape for m in maps] == [(32, 32)] * 2
 
 
-def test_attention_metrics_and_figures_run_on_the_model_device(model, image, shapes_root, tmp_path):
+def test_steering_probes_baselines_and_figures_run_on_the_model_device(model, image, shapes_root, tmp_path):
     world = ShapesWorld.load(shapes_root)
-    questions = target_questions(world, "test-dev2015", limit=3)
+    pairs = steering_pairs(world, "test-dev2015", limit=2)
+    paths = [world.image_path("test-dev2015", pair["image_id"]) for pair in pairs]
     model.to("meta")
     with MetaReadout():
-        ratios = target_attention_ratios(model, world, questions, "test-dev2015", batch_size=2)
+        scores = steering_scores(model, world, "test-dev2015", pairs, batch_size=2)
+        tokens = object_patch_tokens(model, world, "test-dev2015", limit=2)
+        features = pooled_image_features(model, paths, batch_size=2)
         figure, maps = attention_figure(model, image, ["is it red?", "a circle"], tmp_path / "figure.png")
-    assert [len(v) for v in ratios.values()] == [3] * 4
+    assert pairs and scores["all"]["questions"] == 2 * len(pairs)
+    assert len(tokens["bottom_up"]) == len(tokens["shape"]) > 0
+    assert set(features) == set(paths)
     assert len(maps["top_down"]) == 2 and (tmp_path / "figure.png").is_file()
 
 

@@ -34,6 +34,10 @@ def test_read_json_names_the_file_and_the_fix(tmp_path):
         io.read_json(bad, what="a questions file", fix="download it again")
     with pytest.raises(FileNotFoundError, match=r"missing\.json does not exist"):
         io.read_json(tmp_path / "missing.json")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000)
+    with pytest.raises(ValueError, match=r"deep\.json \(a questions file\) nests its JSON too deeply"):
+        io.read_json(deep, what="a questions file")
 
 
 def test_atomic_folder_replaces_only_when_complete(tmp_path):

@@ -255,6 +255,7 @@ def test_the_readme_walk_through(shapes_root, tmp_path, monkeypatch):
     walk.absvl("index", "build", "--model", "runs/retrieval/final", "--images", str(photos), "--out", "photos.index")
     walk.absvl("index", "add", "--index", "photos.index", "--images", "new_photos.txt")
     walk.absvl("index", "rebuild", "--index", "photos.index", "--factory", "HNSW32")
+    walk.absvl("index", "verify", "--index", "photos.index")
     walk.absvl("search", "a red circle left of a blue square", "--index", "photos.index", "--k", "5", "--rerank", "8")
     health = walk.serve("--model", "runs/retrieval/final", "--index", "photos.index")
     assert health["index_size"] == 24 and not health["vqa"]  # a retrieval model claims no VQA

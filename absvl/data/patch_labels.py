@@ -3,6 +3,7 @@
 Layout (a semantic-segmentation dataset, ADE20K / PASCAL VOC style)::
 
     root/classes.json                 ["background", "red circle", ...]: label k is classes[k]
+    root/attributes.json              optional: {"color": [null, "red", ...], ...}, one value per class
     root/<split>/images/<name>.jpg    any image format ``open_image`` reads
     root/<split>/labels/<name>.png    class-index map of the image's size (8/16-bit); 255 = unlabelled
 
@@ -30,6 +31,7 @@ from ..io import read_json
 from .imagefolder import IMAGE_EXTENSIONS, ImageFolderError
 
 CLASSES_FILE = "classes.json"
+ATTRIBUTES_FILE = "attributes.json"
 IGNORE_LABEL = 255  # pixels of this value in a label map are not labelled
 IGNORE_INDEX = -100  # a patch target that takes no part in the loss (torch's cross-entropy default)
 
@@ -46,6 +48,55 @@ def read_classes(root: str | Path) -> list[str]:
     if len(set(classes)) != len(classes) or len(classes) > IGNORE_LABEL:
         raise ImageFolderError(f"{path}: class names must be distinct and fewer than {IGNORE_LABEL}")
     return classes
+
+
+def read_attributes(root: str | Path, classes: Sequence[str]) -> dict[str, list[str | None]]:
+    """``root/attributes.json`` when there is one, else ``{}``: attribute name → its value for each class
+    (``null`` where a class has none, e.g. background), e.g. ``{"shape": [null, "circle", ...]}``.
+    Evaluation then also scores the object patches per attribute: is the predicted class's shape the
+    true one, whatever its colour (``patch_accuracy``)."""
+    path = Path(root) / ATTRIBUTES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        attributes = read_json(path, what="the class attributes of a patch-labelled dataset")
+    except (OSError, ValueError) as err:
+        raise ImageFolderError(str(err)) from None
+    ok = isinstance(attributes, dict) and all(
+        isinstance(values, list)
+        and len(values) == len(classes)
+        and all(v is None or isinstance(v, str) for v in values)
+        for values in attributes.values()
+    )
+    if not ok:
+        raise ImageFolderError(
+            f"{path} must map each attribute name to a list of {len(classes)} values (one per class of "
+            f"{CLASSES_FILE}, null where a class has none)"
+        )
+    return attributes
+
+
+def patch_accuracy(
+    confusion: torch.Tensor, background: int | None, attributes: dict[str, list[str | None]]
+) -> dict[str, float]:
+    """Accuracies (%) from a ``[C, C]`` confusion matrix of patches (rows: true class, columns: predicted):
+    ``top1`` of every patch; with a ``background`` class, ``background`` (its patches) and ``objects``
+    (every other patch's class); and for each attribute, the object patches whose predicted class has
+    the true class's value of it (``{"shape": ...}``: the shape right, whatever the colour)."""
+    confusion = confusion.double()
+    percent = lambda hits, total: float(100 * hits / total) if total > 0 else float("nan")  # noqa: E731
+    result = {"top1": percent(confusion.trace(), confusion.sum())}
+    if background is None:
+        return result
+    objects = torch.ones(len(confusion), dtype=torch.bool)
+    objects[background] = False
+    on_objects = confusion[objects]
+    result["background"] = percent(confusion[background, background], confusion[background].sum())
+    result["objects"] = percent(on_objects[:, objects].diagonal().sum(), on_objects.sum())
+    for name, values in attributes.items():
+        same = torch.tensor([[a is not None and a == b for b in values] for a in values])
+        result[name] = percent((confusion * same)[objects].sum(), on_objects.sum())
+    return result
 
 
 def list_labelled(root: str | Path, split: str) -> list[tuple[str, str]]:

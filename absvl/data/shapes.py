@@ -1,7 +1,9 @@
 """Generating a Shapes world, deterministically from its arguments and seed, published atomically under a lock.
 
 ``generate_shapes`` always writes; ``ensure_shapes`` reuses a complete world made with the same arguments. What the
-world holds: data/README.md.
+world holds: data/README.md. Either writes only into a folder of its own: a new one (whose parent exists), an empty
+one, or a Shapes world's (which it replaces); anything else is refused before a byte is written, and a generation
+says on stderr where it writes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from PIL import Image
 
 from ..io import atomic_folder
 from ..models.vl.tiny_text import build_tiny_text_encoder
+from .patch_labels import ATTRIBUTES_FILE
 from .shapes_scene import COLORS, make_scene
 from .shapes_text import BALANCE_GROUP, FAMILIES, captions, human_answers, question_candidates, tokens
 from .shapes_world import (
@@ -34,13 +38,14 @@ from .shapes_world import (
     image_filename,
     image_folder,
     karpathy_split,
+    patch_label_attributes,
     patch_label_classes,
     questions_filename,
 )
 
 __all__ = ["DEFAULT_SPLITS", "ensure_shapes", "generate_shapes"]
 
-SHAPES_VERSION = "2"
+SHAPES_VERSION = "3"  # 3: patch_labels/attributes.json
 
 DEFAULT_SPLITS = (("train2014", 0.8), ("val2014", 0.1), ("test-dev2015", 0.1))
 
@@ -288,6 +293,7 @@ def _write_patch_labels(root: Path, scenes: list[dict]) -> None:
     out = root / PATCH_LABELS_DIR
     out.mkdir()
     _dump(out / "classes.json", classes)
+    _dump(out / ATTRIBUTES_FILE, patch_label_attributes())
     for scene in scenes:
         split = karpathy_split(scene["split"])
         if split == "test":
@@ -308,26 +314,58 @@ def _write_patch_labels(root: Path, scenes: list[dict]) -> None:
         Image.fromarray(lookup[mask]).save(labels / f"{Path(scene['file_name']).stem}.png")
 
 
+def _check_target(out_dir: Path) -> str:
+    """Refuse, before anything is written, a folder that is not the generator's to write: a file, a non-empty folder
+    that is no Shapes world, or a new folder whose parent does not exist either (a misspelt ``data.root`` would
+    otherwise get a world, and its lock beside it, wherever it points). Returns what the folder is now."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file: a Shapes world is generated into a folder of its own")
+    if out_dir.is_dir():
+        if (out_dir / META_FILE).exists():
+            return "replacing the Shapes world there"
+        if any(out_dir.iterdir()):
+            raise FileExistsError(
+                f"{out_dir} exists, is not empty and is not a Shapes world; refusing to write into it (a Shapes world "
+                "is generated into an empty folder or its own: is the path, e.g. data.root, misspelt?)"
+            )
+        return "an empty folder"
+    if not out_dir.parent.is_dir():
+        raise FileNotFoundError(
+            f"{out_dir} does not exist, nor does its parent {out_dir.parent}: is the path (e.g. data.root) misspelt? "
+            f"A Shapes world is generated into an empty folder or its own; create {out_dir.parent} first to generate "
+            "one there"
+        )
+    return "a new folder"
+
+
 @contextlib.contextmanager
 def _lock(out_dir: Path):
-    """An exclusive lock next to ``out_dir`` (POSIX only) so concurrent callers do not race."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    """An exclusive lock (POSIX only) so that concurrent callers do not race: on the folder that holds ``out_dir``,
+    which the staging folder shares, so that no lock file is left beside the world."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _generate_locked(out_dir: Path, args: dict[str, Any]) -> ShapesWorld:
-    if out_dir.exists() and not (out_dir / META_FILE).exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists, is not empty and is not a Shapes world; refusing to replace it")
+    state = _check_target(out_dir)  # again, under the lock: another process may have written meanwhile
+    print(
+        f"generating a Shapes world ({args['num_images']} images, seed {args['seed']}) in {out_dir.resolve()} "
+        f"({state})",
+        file=sys.stderr,
+        flush=True,
+    )
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # staging folders of absvl <= 0.2
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_folder(out_dir, clean_stale=True) as staging:  # we hold the lock: we are the one writer
@@ -379,6 +417,7 @@ def generate_shapes(
         text_pretrain_steps,
     )
     out_dir = Path(out_dir)
+    _check_target(out_dir)
     with _lock(out_dir):
         return _generate_locked(out_dir, args)
 
@@ -418,6 +457,7 @@ def ensure_shapes(out_dir: str | Path, **kwargs) -> ShapesWorld:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     args = _normalise_args(**{**defaults, **kwargs})
     out_dir = Path(out_dir)
+    _check_target(out_dir)
     with _lock(out_dir):
         if _is_complete(out_dir, args):
             return ShapesWorld.load(out_dir)

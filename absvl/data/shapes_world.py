@@ -22,6 +22,7 @@ __all__ = [
     "image_filename",
     "image_folder",
     "karpathy_split",
+    "patch_label_attributes",
     "patch_label_classes",
     "questions_filename",
     "target_mask",
@@ -130,6 +131,15 @@ class ShapesWorld:
     def mask_path(self, split: str, image_id: int) -> Path:
         return self.root / "masks" / image_folder(split) / f"{image_id:012d}.png"
 
+    @property
+    def relation_margin(self) -> float:
+        """Pixels by which centres must differ for a spatial relation to hold (its questions' margin)."""
+        return float(read_json(self.scenes_path, what="a Shapes world's scenes")["relation_margin"])
+
+    def mask_of(self, image_path: str | Path, image_id: int) -> Path:
+        """The object label map of the world's image ``image_path`` (of any split)."""
+        return self.root / "masks" / Path(image_path).parent.name / f"{int(image_id):012d}.png"
+
     def load_scenes(self) -> dict[int, dict]:
         """image_id → scene (``split``, ``folder``, ``objects``, ...)."""
         return {s["image_id"]: s for s in read_json(self.scenes_path, what="a Shapes world's scenes")["images"]}
@@ -138,6 +148,15 @@ class ShapesWorld:
 def patch_label_classes() -> list[str]:
     """The classes of the world's patch labels: ``background``, then every "<color> <shape>"."""
     return ["background"] + [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+
+
+def patch_label_attributes() -> dict[str, list[str | None]]:
+    """Each patch-label class's colour and shape (None for background): the world's ``attributes.json``,
+    so that stage 1 is judged by the object patches' shape and colour (``absvl.data.patch_labels``)."""
+    return {
+        "color": [None] + [color for color in COLORS for _ in SHAPES],
+        "shape": [None] + [shape for _ in COLORS for shape in SHAPES],
+    }
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,15 +4,21 @@ and their collation into model batches."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..images import DEFAULT_MAX_PIXELS, BadImageError
 from .answers import soft_targets
+from .patch_labels import patch_targets
 from .vqa_examples import VQAExample
 
 __all__ = ["VQACollator", "VQADataset"]
+
+MASK_CELL = 8  # pixels per patch cell when an object label map is put on the backbone's grid
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -25,6 +31,11 @@ class VQADataset(torch.utils.data.Dataset):
         drop_unanswerable: drop annotated questions none of whose answers is in the vocabulary
             (training, SPEC §6); their number is ``num_dropped``. Unannotated questions are kept.
         max_pixels: decompression-bomb limit for ``open_image``.
+        object_masks: for data that knows its objects (the Shapes world): (image path, image id) → the image's object
+            label map (0 background, ``k + 1`` object ``k``), read into ``patch_objects`` (each patch's
+            owner on the ``grid``, ``absvl.data.patch_labels.patch_targets``) and ``target_labels`` (the labels
+            of the question's ``target_objects``): the object-level prior loss's data.
+        grid: the backbone's patch grid ``(h, w)`` at the transform's image size, with ``object_masks``.
 
     An unreadable image never raises: the item is ``{"error": reason, "question_id", "image_path"}``
     and ``VQACollator`` drops it from the batch and lists it in ``batch["skipped"]``.
@@ -37,7 +48,12 @@ class VQADataset(torch.utils.data.Dataset):
         transform: Callable[[Any], torch.Tensor],
         drop_unanswerable: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        object_masks: Callable[[str, int], Path] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
+        if object_masks is not None and grid is None:
+            raise ValueError("object_masks need the backbone's patch grid")
+        self.object_masks, self.grid = object_masks, grid
         if not isinstance(answer_to_index, Mapping):
             answer_to_index = {a: i for i, a in enumerate(answer_to_index)}
         self.answer_to_index = answer_to_index
@@ -67,12 +83,24 @@ class VQADataset(torch.utils.data.Dataset):
             image = ex.open_image(self.max_pixels)
         except BadImageError as exc:
             return {"error": exc.reason, "question_id": ex.question_id, "image_path": exc.path}
-        return {
+        item = {
             "image": self.transform(image),
             "question": ex.question,
             "targets": dict(self.targets[index]),
             "question_id": ex.question_id,
+            "prior_positive": not ex.says_absent,
         }
+        if self.object_masks is not None:
+            path, (h, w) = self.object_masks(ex.image_path, ex.image_id), self.grid
+            try:  # the label map on the patch grid, MASK_CELL pixels a cell
+                with Image.open(path) as mask:
+                    labels = np.asarray(mask.resize((w * MASK_CELL, h * MASK_CELL), Image.Resampling.NEAREST))
+            except OSError as exc:
+                reason = f"unreadable object mask {path} ({exc})"
+                return {"error": reason, "question_id": ex.question_id, "image_path": str(path)}
+            item["patch_objects"] = torch.from_numpy(patch_targets(labels, MASK_CELL, int(labels.max()) + 1))
+            item["target_labels"] = [int(i) + 1 for i in ex.target_objects or ()]
+        return item
 
 
 class VQACollator:
@@ -80,7 +108,11 @@ class VQACollator:
 
     Returns ``images [B,3,S,S]``, ``input_ids``/``attention_mask [B,T]`` (padded to the longest,
     truncated to ``max_text_len``), ``vqa_targets [B, num_answers]`` (dense soft scores; zero rows
-    for unannotated questions), ``question_ids [B]``, ``questions`` (list of str) and ``skipped``:
+    for unannotated questions), ``question_ids [B]``, ``prior_positive [B]`` (bool: the pair is a positive
+    of the prior loss, i.e. its answer does not say the named object is absent, ``VQAExample.says_absent``),
+    ``questions`` (list of str), with a dataset's ``object_masks`` also ``patch_objects [B, h·w]`` (each
+    patch's object label, 0 background) and ``target_objects [B, K]`` (bool: label k is one of the question's
+    objects; K = the batch's largest label + 1), and ``skipped``:
     ``[(question_id, image_path, reason), ...]`` for the items whose image could not be read. If
     every item was bad the batch has ``B = 0`` (the trainer skips it; ``images`` is
     ``[0,3,S,S]`` with ``S = image_size`` or 0 when not given).
@@ -118,12 +150,21 @@ class VQACollator:
             images = torch.zeros(0, 3, size, size)
             input_ids = torch.zeros(0, 0, dtype=torch.long)
             attention_mask = torch.zeros(0, 0, dtype=torch.long)
-        return {
+        batch = {
             "images": images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "vqa_targets": targets,
             "question_ids": torch.tensor([it["question_id"] for it in good], dtype=torch.long),
+            "prior_positive": torch.tensor([it["prior_positive"] for it in good], dtype=torch.bool),
             "questions": questions,
             "skipped": skipped,
         }
+        if n and "patch_objects" in good[0]:
+            patch_objects = torch.stack([it["patch_objects"] for it in good])
+            labels = max([int(patch_objects.max()), *(max(it["target_labels"], default=0) for it in good)]) + 1
+            target_objects = torch.zeros(n, labels, dtype=torch.bool)
+            for row, it in enumerate(good):
+                target_objects[row, it["target_labels"]] = True
+            batch.update(patch_objects=patch_objects, target_objects=target_objects)
+        return batch

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from ..io import preview
+from .answer_processing import normalize_answer
 from .hf import HFImageRef
 from .problems import Issues, is_int
 
@@ -36,6 +37,17 @@ class VQAExample:
     multiple_choice_answer: str | None = None
     target_objects: Any = None
     image_data: bytes | HFImageRef | None = field(default=None, repr=False)
+
+    @property
+    def says_absent(self) -> bool:
+        """Whether the answer says that what the question names is not in the image: "how many ...?" →
+        0, "is there / are there ...?" → no (the majority answer, normalised). Such a (question, image)
+        pair is no positive of the prior loss: the image does not hold what the text's ξ asks for."""
+        answer = normalize_answer(self.multiple_choice_answer or "")
+        question = self.question.strip().lower()
+        return (answer == "0" and question.startswith("how many")) or (
+            answer == "no" and question.startswith(("is there", "are there"))
+        )
 
     def open_image(self, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         """The RGB PIL image (``BadImageError`` when missing or unreadable)."""

@@ -315,20 +315,31 @@ def evaluate_vqa_files(
         raise ValueError(f"{e} ({files})") from None
 
 
-def format_accuracy_table(result: Mapping[str, Any]) -> str:
-    """A plain-text table of an :func:`evaluate_vqa` result: overall, then per answer type,
-    then per question type (each sorted by name)."""
-    rows: list[tuple[str, str]] = []
+def format_accuracy_table(result: Mapping[str, Any], beside: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """A plain-text table of an :func:`evaluate_vqa` result: overall, then per answer type, then per
+    question type (each sorted by name). ``beside``: more results on the same questions (e.g. baselines),
+    one column each under its name, the ``result`` column headed "model"."""
+    columns = [result, *(beside or {}).values()]
+    rows: list[tuple[str, list[str]]] = []
     n = len(result.get("perQuestion", {}))
-    rows.append((f"overall ({n} questions)" if n else "overall", f"{result['overall']:.2f}"))
+    rows.append((f"overall ({n} questions)" if n else "overall", [f"{c['overall']:.2f}" for c in columns]))
     for title, key in (("answer type", "perAnswerType"), ("question type", "perQuestionType")):
         table = result.get(key) or {}
         if table:
-            rows.append((title, ""))
-            rows.extend((f"  {name}", f"{table[name]:.2f}") for name in sorted(table))
+            rows.append((title, []))
+            for name in sorted(table):
+                cells = [f"{c[key][name]:.2f}" if name in (c.get(key) or {}) else "-" for c in columns]
+                rows.append((f"  {name}", cells))
     width = max(len(label) for label, _ in rows)
     lines = ["VQA accuracy (%)"]
-    lines += [f"{label:<{width}}  {value:>6}".rstrip() for label, value in rows]
+    if beside:
+        names = ["model", *beside]
+        widths = [max(6, len(name)) for name in names]
+        lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>{w}}" for name, w in zip(names, widths)))
+    else:
+        widths = [6]
+    for label, cells in rows:
+        lines.append((f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths))).rstrip())
     return "\n".join(lines)
 
 

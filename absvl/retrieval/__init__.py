@@ -8,7 +8,9 @@ from typing import Any
 _HOMES = {
     **dict.fromkeys(["BuildReport", "add_to_index", "build_index", "list_images", "rebuild_index"], "build"),
     "ImageIndex": "index",
+    "IndexCorruptError": "folder",
     "IndexLockedError": "lock",
+    **dict.fromkeys(["VerifyReport", "verify_index"], "integrity"),
     **dict.fromkeys(["IndexMismatchError", "model_fingerprint"], "identity"),
     "choose_factory": "faiss_backend",
     "measure_recall": "vectors",
@@ -25,10 +27,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BuildReport",
     "ImageIndex",
+    "IndexCorruptError",
     "IndexLockedError",
     "IndexMismatchError",
     "Retriever",
     "SearchHit",
+    "VerifyReport",
     "add_to_index",
     "build_index",
     "choose_factory",
@@ -36,4 +40,5 @@ __all__ = [
     "measure_recall",
     "model_fingerprint",
     "rebuild_index",
+    "verify_index",
 ]

@@ -1,8 +1,9 @@
 """Writing an index: build it from a collection, add images to it, rebuild it with another factory.
 
-Each holds the write lock (:mod:`.lock`) and stages the new folder beside the old one, which it
-replaces with :func:`absvl.io.publish_folder`. In a process group every process embeds its shards;
-process 0 builds and writes the index.
+Each holds the write lock (:mod:`.lock`), checks before each shard and before publishing that it
+still holds it, and stages the new folder beside the old one, which it replaces with
+:func:`absvl.io.publish_folder`. ``add`` and ``rebuild`` check the checksums of the files they copy.
+In a process group every process embeds its shards; process 0 builds and writes the index.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..io import atomic_folder, publish_folder
 from .faiss_backend import gpu_available, to_cpu, to_gpu
-from .folder import EMBEDDINGS_FILE, IndexFolder, partial_folder, write_index_folder
+from .folder import EMBEDDINGS_FILE, INDEX_FILE, IndexFolder, partial_folder, write_index_folder
 from .identity import check_fingerprint, model_fingerprint, model_summary, resolve_model_source
+from .integrity import verify_checksums
 from .lock import process_group, writing
 from .shards import DEFAULT_SHARD_SIZE, drop_shards, embed_into_partial
-from .vectors import chunks, fill_index, recall_with, write_embeddings
+from .vectors import chunks, fill_index, open_rows, recall_with, write_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def build_index(
     """
     start = time.perf_counter()
     out = _absolute(out)
-    with writing(out):
+    with writing(out) as lock:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
         paths = _resolve_images(images)
@@ -184,6 +185,7 @@ def build_index(
             num_workers=num_workers,
             device=_model_device(model, device),
             progress=progress,
+            check_lock=lock.check,
         )
         if not done_paths:
             raise ValueError(
@@ -191,7 +193,7 @@ def build_index(
             )
         if process_group()[0] != 0:
             return _helper_report(out, done_paths, len(paths), skipped, start)
-        dim = np.load(files[0], mmap_mode="r", allow_pickle=False).shape[1]
+        dim = open_rows(files[0]).shape[1]
         write_embeddings(partial / EMBEDDINGS_FILE, files, dim)
         notes: list[str] = []
         index, used_factory, params = fill_index(factory, dim, [partial / EMBEDDINGS_FILE], notes)
@@ -208,6 +210,7 @@ def build_index(
             model_source=resolve_model_source(model_source),
             recall_at_10=recall,
         )
+        lock.check()
         _publish(partial, out, overwrite)
     for note in notes:
         logger.warning(note)
@@ -243,7 +246,7 @@ def add_to_index(
     """
     start = time.perf_counter()
     folder = _absolute(index_path)
-    with writing(folder):
+    with writing(folder) as lock:
         existing = IndexFolder.read(folder)
         fingerprint = model_fingerprint(model)
         check_fingerprint(existing.fingerprint, fingerprint, folder)
@@ -260,6 +263,7 @@ def add_to_index(
                 len(existing),
                 recall_at_10=existing.meta.get("recall_at_10"),
             )
+        verify_checksums(folder, existing.meta, (INDEX_FILE, EMBEDDINGS_FILE))  # never carry damage over
         partial = partial_folder(folder)
         files, new_paths, skipped = embed_into_partial(
             model,
@@ -272,6 +276,7 @@ def add_to_index(
             num_workers=num_workers,
             device=_model_device(model, device),
             progress=progress,
+            check_lock=lock.check,
         )
         if process_group()[0] != 0:
             return _helper_report(folder, new_paths, len(paths), skipped, start)
@@ -304,6 +309,7 @@ def add_to_index(
             recall_at_10=recall,
             created=existing.meta.get("created"),
         )
+        lock.check()
         _publish(partial, folder, overwrite=True)
     total = len(existing.paths) + len(new_paths)
     return BuildReport(
@@ -322,16 +328,21 @@ def add_to_index(
 def rebuild_index(index_path: str | Path, factory: str | None = None) -> BuildReport:
     """Replace the FAISS index of a folder with a new one of ``factory`` (None: chosen by size), built
     from its stored ``embeddings.npy``: no image is read and no model is needed. Paths, ids and the
-    fingerprint stay; recall@10 is measured again. Atomic and locked like :func:`build_index`."""
+    fingerprint stay; recall@10 is measured again. Atomic and locked like :func:`build_index`.
+
+    The old ``index.faiss`` is not read, so this is also the repair of a damaged one; the stored
+    embeddings are checked against their recorded checksum first. An index written before absvl
+    recorded checksums gets them recorded."""
     start = time.perf_counter()
     folder = _absolute(index_path)
-    with writing(folder):
-        existing = IndexFolder.read(folder)
+    with writing(folder) as lock:
+        existing = IndexFolder.read(folder, faiss_index=False)
         if existing.embeddings_file is None:
             raise ValueError(
                 f"index {folder} keeps no {EMBEDDINGS_FILE} (written by an older absvl): build it again from "
                 "the images once with `absvl index build --overwrite`, then rebuild freely"
             )
+        known = verify_checksums(folder, existing.meta, (EMBEDDINGS_FILE,))
         with atomic_folder(folder) as staging:  # a failed rebuild leaves nothing behind
             try:
                 os.link(
@@ -355,7 +366,9 @@ def rebuild_index(index_path: str | Path, factory: str | None = None) -> BuildRe
                 model_source=meta.get("model_source"),
                 recall_at_10=recall,
                 created=meta.get("created"),
+                known_records=known,
             )
+            lock.check()
     for note in notes:
         logger.warning(note)
     return BuildReport(

@@ -1,10 +1,11 @@
-"""CLI: ``absvl index build|add|rebuild`` and ``absvl search``."""
+"""CLI: ``absvl index build|add|rebuild|verify`` and ``absvl search``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 from ..runtime import is_main_process
 
@@ -106,6 +107,28 @@ def _cmd_index_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+VERIFY_DAMAGED, VERIFY_UNRECORDED = 1, 3  # exit codes of `absvl index verify` (0: verified; 2: not an index)
+
+
+def _cmd_index_verify(args: argparse.Namespace) -> int:
+    from .integrity import verify_index
+
+    report = verify_index(args.index)
+    for check in report.files:
+        print(f"  {check.status:<10s} {check.name:<15s} {check.detail}")
+    if report.problem:
+        print(f"absvl: index {report.folder} is damaged: {report.problem}\n  fix: {report.fix}", file=sys.stderr)
+        return VERIFY_DAMAGED
+    if not report.recorded:
+        print(
+            f"index {report.folder} reads, and its files' sizes and headers are consistent, but it was not "
+            f"verified: {report.fix}"
+        )
+        return VERIFY_UNRECORDED
+    print(f"index {report.folder} verified: {len(report.files)} files match the sizes and sha256 in meta.json")
+    return 0
+
+
 def format_hits(hits) -> str:
     """A ranked table: rank, score, rerank score, path."""
     lines = [f"{'rank':>4s}  {'score':>7s}  {'rerank':>7s}  path"]
@@ -198,12 +221,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
     p.add_argument("--factory", help="FAISS factory string, e.g. Flat, HNSW32, IVF4096,Flat (default: by size)")
     p.set_defaults(func=_cmd_index_rebuild)
+    p = index.add_parser(
+        "verify",
+        help="check every file of an index against the sizes and sha256 checksums in its meta.json",
+        description="Read every file of the index whole and compare it with the size and sha256 recorded in "
+        "meta.json at its last build/add/rebuild, then load it as a search would. Exit status: 0 verified; "
+        f"{VERIFY_DAMAGED} a file is damaged or missing (the message names it and the fix); {VERIFY_UNRECORDED} "
+        "the index was written before absvl recorded checksums (it loads, but cannot be verified: "
+        "`absvl index rebuild` records them); 2 not an index folder.",
+    )
+    p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
+    p.set_defaults(func=_cmd_index_verify)
 
     p = sub.add_parser("search", help="search an image index with a text query")
     p.add_argument("query", help="the text query")
     p.add_argument("--index", required=True, help="index folder written by `absvl index build`")
     p.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
-    p.add_argument("-k", "--k", type=_positive, default=10, help="number of results (default 10)")
+    p.add_argument(
+        "-k", "--k", type=_positive, default=10, help="number of results (default 10; at most the index's size)"
+    )
     p.add_argument(
         "--rerank",
         type=_non_negative,

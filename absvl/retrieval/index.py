@@ -69,12 +69,17 @@ class ImageIndex(IndexFolder):
         apply_search_params(self.index, params)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of the ``k`` nearest images by inner product; id -1 where fewer exist.
+        """(scores, ids) of the ``k`` nearest images by inner product; id -1 where fewer are found.
 
-        One query ``[C]`` gives ``[k]`` arrays, a batch ``[Q, C]`` gives ``[Q, k]`` (in one FAISS call).
+        ``k`` is clamped to the index size N (a larger k finds nothing more, and FAISS would allocate
+        ``Q × k`` results): one query ``[C]`` gives ``[min(k, N)]`` arrays, a batch ``[Q, C]`` gives
+        ``[Q, min(k, N)]`` (in one FAISS call).
         """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an integer, not {type(k).__name__}")
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
+        k = min(int(k), max(int(self.index.ntotal), 1))
         queries = np.ascontiguousarray(embeddings, dtype=np.float32)
         single = queries.ndim == 1
         queries = queries[None] if single else queries

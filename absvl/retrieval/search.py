@@ -86,7 +86,10 @@ class Retriever:
     def search_batch(
         self, queries: Sequence[str], k: int = 10, rerank: int = 0, batch_size: int = 32
     ) -> list[list[SearchHit]]:
-        """:meth:`search` for many queries: batched text encoding and one FAISS call."""
+        """:meth:`search` for many queries: batched text encoding and one FAISS call.
+
+        ``k`` and ``rerank`` larger than the index are clamped to its size: never more than N hits,
+        and nothing is allocated for the ones that cannot exist."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings (use search() for one query)")
         for query in queries:
@@ -102,7 +105,7 @@ class Retriever:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not queries:
             return []
-        depth = rerank if rerank else k
+        depth = min(rerank if rerank else k, max(len(self.index), 1))
         scores, ids = self.index.search(self.encode_queries(queries, batch_size), depth)
         results = [
             [SearchHit(0, int(i), self.index.path_of(i), float(s)) for s, i in zip(scores[q], ids[q]) if i >= 0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ..data.image_files import ImageFiles, collate_image_files
 from ..io import read_json, write_json
 from .lock import barrier, process_group
-from .vectors import write_npy
+from .vectors import open_rows, write_npy
 
 PARTIAL_FORMAT = "absvl-index-partial"
 PARTIAL_META = "partial.json"
@@ -46,9 +46,14 @@ def embed_into_partial(
     num_workers: int,
     device: torch.device,
     progress: bool,
+    check_lock: Callable[[], None] | None = None,
 ) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
     """Embed ``paths`` with ``model.encode_image_bottom_up`` into the shards of ``partial`` (every
-    process its share; all wait for all) and return (embedding files, embedded paths in order, skipped)."""
+    process its share; all wait for all) and return (embedding files, embedded paths in order, skipped).
+
+    ``check_lock`` is called before the partial folder is touched and before each shard is written
+    (the writer's :meth:`~absvl.retrieval.lock.HeldLock.check`: it raises once the lock is lost)."""
+    check = check_lock or (lambda: None)
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     expected = {
@@ -58,6 +63,7 @@ def embed_into_partial(
         "num_images": len(paths),
         "shard_size": shard_size,
     }
+    check()
     _prepare_partial(partial, expected, resume)
     model.to(device)
     _extract_shards(
@@ -69,6 +75,7 @@ def embed_into_partial(
         num_workers=num_workers,
         device=device,
         progress=progress,
+        check_lock=check,
     )
     barrier()  # every process's shards are written
     return _read_shards(partial)
@@ -114,6 +121,7 @@ def _extract_shards(
     num_workers: int,
     device: torch.device,
     progress: bool,
+    check_lock: Callable[[], None],
 ) -> None:
     """Embed the images of every shard not yet written under ``partial/shards`` (with several
     processes, this process's round-robin share of them)."""
@@ -159,6 +167,7 @@ def _extract_shards(
                 bar.set_postfix(skipped=len(bad))
                 shard_end = min((shard + 1) * shard_size, len(paths))
                 if len(done) + len(bad) == shard_end - shard * shard_size:
+                    check_lock()
                     _write_shard(shards_dir, shard, paths, done, embeddings, bad, model)
     finally:
         model.train(was_training)
@@ -190,7 +199,7 @@ def _read_shards(partial: Path) -> tuple[list[Path], list[Path], list[tuple[str,
     for info_file in sorted(shards_dir.glob("shard_*.json")):
         info = read_json(info_file, fix=f"delete {partial} and rebuild")
         vectors_file = info_file.with_suffix(".npy")
-        rows = np.load(vectors_file, mmap_mode="r", allow_pickle=False).shape[0]
+        rows = open_rows(vectors_file).shape[0]
         if rows != len(info["paths"]):
             raise ValueError(
                 f"{vectors_file} has {rows} rows for {len(info['paths'])} paths: delete {partial} and rebuild"

@@ -29,8 +29,14 @@ logger = logging.getLogger(__name__)
 RECALL_K, RECALL_QUERIES = 10, 1000  # recall@10 of a built index on 1,000 of its own vectors as queries
 
 
-def _rows(path: Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+def open_rows(path: Path) -> np.ndarray:
+    """The ``.npy`` file memory-mapped; a truncated or damaged one is a ValueError naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"embedding file {path} is truncated or damaged ({err})") from None
 
 
 def chunks(files: Iterable[Path], rows: int = 65_536) -> Iterable[tuple[int, np.ndarray]]:
@@ -38,7 +44,7 @@ def chunks(files: Iterable[Path], rows: int = 65_536) -> Iterable[tuple[int, np.
     rows numbered across the files."""
     start = 0
     for f in files:
-        vectors = _rows(f)
+        vectors = open_rows(f)
         for i in range(0, len(vectors), rows):
             yield start + i, np.ascontiguousarray(vectors[i : i + rows], dtype=np.float32)
         start += len(vectors)
@@ -52,7 +58,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 def write_embeddings(path: Path, files: list[Path], dim: int) -> None:
     """Concatenate the vectors of ``files`` into one float32 ``[N, dim]`` ``.npy`` (streamed, atomic)."""
-    total = sum(_rows(f).shape[0] for f in files)
+    total = sum(open_rows(f).shape[0] for f in files)
     with atomic_file(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
         for start, vectors in chunks(files):
@@ -67,7 +73,7 @@ def _training_sample(files: list[Path], total: int, size: int, seed: int = 0) ->
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
     parts, start = [], 0
     for f in files:
-        vectors = _rows(f)
+        vectors = open_rows(f)
         local = chosen[(chosen >= start) & (chosen < start + len(vectors))] - start
         parts.append(np.asarray(vectors[local], dtype=np.float32))
         start += len(vectors)
@@ -82,7 +88,7 @@ def fill_index(
     A training-based factory with too few vectors falls back to exact ``Flat`` (noted in ``notes``).
     Training and adding run on GPU when available; the returned index is on CPU.
     """
-    total = sum(_rows(f).shape[0] for f in vector_files)
+    total = sum(open_rows(f).shape[0] for f in vector_files)
     if factory is None:
         factory, params = choose_factory(total, dim)
         index = new_faiss_index(dim, factory)
@@ -110,7 +116,7 @@ def measure_recall(
     A returned id counts as a hit when its exact score reaches the exact k-th best score, so ties
     between equal vectors are not misses. Search parameters already set on ``index`` apply.
     """
-    vectors = _rows(vectors_file)
+    vectors = open_rows(vectors_file)
     k = min(k, len(vectors))
     rng = np.random.default_rng(seed)
     queries = np.ascontiguousarray(

@@ -17,15 +17,17 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from ..io import __version__
 from ..models.vl import AbsVLModel
-from .errors import ERRORS, ApiError, api_error, checked_text, internal_error, validation_error
+from .connections import BodyTimeoutMiddleware
+from .errors import ERRORS, ApiError, api_error, checked_text, http_error, internal_error, validation_error
 from .hardening import LOCAL_HOSTS, PAGE_CSP, AllowedHostsMiddleware, NoSniffMiddleware
 from .limits import Limits
 from .metrics import Metrics, MetricsMiddleware
 from .service import ModelService, attention_payload
-from .uploads import FORM_OVERHEAD_BYTES, BodySizeLimitMiddleware, check_upload_size, stored_image_type
+from .uploads import FORM_OVERHEAD_BYTES, BodySizeLimitMiddleware, FormRoute, check_upload_size, stored_image_type
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -111,9 +113,11 @@ def create_app(
         "search over an indexed image collection.",
         lifespan=lifespan,
     )
+    app.router.route_class = FormRoute  # multipart forms parsed strictly (uploads.FormRequest)
     app.state.service = service
     app.state.metrics = metrics
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
     app.add_middleware(
@@ -121,6 +125,7 @@ def create_app(
         max_bytes=limits.max_upload_bytes + FORM_OVERHEAD_BYTES,
         max_upload_bytes=limits.max_upload_bytes,
     )
+    app.add_middleware(BodyTimeoutMiddleware, seconds=limits.body_timeout_s)
     app.add_middleware(AllowedHostsMiddleware, hosts=tuple(allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts the 400s and 413s above too
     app.add_middleware(NoSniffMiddleware)  # outermost: on every response

@@ -13,6 +13,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from ..models.vl import AbsVLModel
     from .app import create_app
+    from .connections import uvicorn_options
     from .hardening import LOCAL_HOSTS
 
     if args.max_upload_mb <= 0:
@@ -24,6 +25,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_pending=args.max_pending,
         request_timeout_s=args.request_timeout,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
     )
     index = source = None
     if args.index:  # first: a wrong path or an impossible --index-device fails before the (slower) model load
@@ -59,7 +63,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else f"  {service.unavailable['search']}",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options(limits))
     return 0
 
 
@@ -135,7 +139,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=defaults.request_timeout_s,
         metavar="SECONDS",
-        help="a request waiting for and using the model longer gets 504 (default %(default)d)",
+        help="a request waiting for and using the model longer gets 504; counted once its body is in "
+        "(default %(default)d)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=int,
+        default=defaults.header_timeout_s,
+        metavar="SECONDS",
+        help="a client sends a request's headers within this many seconds of connecting (or of the previous "
+        "response), else 408 and the connection is closed (default %(default)d)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=int,
+        default=defaults.body_timeout_s,
+        metavar="SECONDS",
+        help="a client sends a request's whole body within this many seconds of its headers, else 408 and the "
+        "connection is closed (default %(default)d)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help="open connections; one more is answered 503 and closed at once (default %(default)d)",
     )
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

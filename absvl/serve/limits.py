@@ -19,6 +19,12 @@ class Limits:
     rerank_chunk: int = 32  #: candidates re-scored per model call; queued requests run between chunks
     max_pending: int = 64  #: requests queued for or using the model before 503 (``--max-pending``)
     request_timeout_s: int = 60  #: seconds a request may wait for and use the model before 504 (``--request-timeout``)
+    #: seconds a client has to send a request's headers, from opening the connection or (kept alive)
+    #: from the previous response (``--header-timeout``); then 408 and the connection is closed
+    header_timeout_s: int = 10
+    #: seconds a client has to send a request's body once its headers arrived (``--body-timeout``); then 408
+    body_timeout_s: int = 60
+    max_connections: int = 256  #: open connections; one more is answered 503 and closed (``--max-connections``)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -126,6 +126,8 @@ class ModelService:
             yield partial(self._call, deadline, gone)
         finally:
             gone.cancel()
+            if gone.done() and not gone.cancelled():
+                gone.exception()  # retrieved: no "exception was never retrieved" warning
             self.pending -= 1
             self.metrics.pending.dec()
 
@@ -138,6 +140,8 @@ class ModelService:
         if work.done():
             return work.result()
         work.cancel()  # not started yet: it never runs (once running, its result is dropped)
+        if gone.done() and isinstance(gone.exception(), ApiError):  # e.g. its body never came (408)
+            raise gone.exception()
         if gone.done():
             raise ApiError(499, "the client disconnected: its queued model work was dropped")
         raise ApiError(

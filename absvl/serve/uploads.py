@@ -1,4 +1,5 @@
-"""Images in and out: upload size limits, decoding an upload, the media type of an indexed image.
+"""Images in and out: upload size limits, the strict parsing of a form, decoding an upload, the media
+type of an indexed image.
 
 An upload waits in Starlette's spooled temporary file (in memory up to 1 MiB, on disk beyond) until
 the model thread decodes it (:class:`~.service.ModelService`), so at most one decoded upload exists.
@@ -7,17 +8,23 @@ the model thread decodes it (:class:`~.service.ModelService`), so at most one de
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from fastapi import UploadFile
+from fastapi import Request, Response, UploadFile
+from fastapi.routing import APIRoute
 from PIL import Image
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..images import BadImageError, open_image
-from .errors import ApiError
+from .errors import ApiError, bounded
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers and the text fields around the image
+MAX_FIELD_BYTES = FORM_OVERHEAD_BYTES  #: largest text field of a form (Starlette's default: 1 MiB)
 #: The image formats accepted as uploads and served by /images/{id} (PIL format → media type).
 IMAGE_TYPES = {
     "PNG": "image/png",
@@ -67,6 +74,63 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, refusing by name a text field that is not valid text in the
+    request's charset (UTF-8 unless it names another; Starlette would read it as Latin-1, turning the
+    bytes into other characters) or is over ``max_part_size`` bytes (413)."""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:
+            name = bounded(part.field_name)
+            raise ApiError(413, f"{name}: form field is larger than the limit of {self.max_part_size:,} bytes", name)
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except UnicodeDecodeError as err:
+                name = bounded(part.field_name)
+                raise ApiError(
+                    400,
+                    f"{name}: not valid {self._charset} text (byte 0x{part.data[err.start]:02x} at offset "
+                    f"{err.start}); send form fields as UTF-8",
+                    name,
+                ) from None
+        super().on_part_end()
+
+
+class FormRequest(Request):
+    """A request whose multipart form is read by :class:`StrictMultiPartParser`, text fields bounded by
+    :data:`MAX_FIELD_BYTES`, and whose malformed multipart bodies are JSON 400s (Starlette's carry
+    only a ``detail``)."""
+
+    async def _get_form(self, **limits: Any) -> FormData:
+        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+        if self._form is None and content_type == b"multipart/form-data":
+            limits["max_part_size"] = min(limits.get("max_part_size", MAX_FIELD_BYTES), MAX_FIELD_BYTES)
+            try:
+                async with aclosing(self.stream()) as stream:
+                    self._form = await StrictMultiPartParser(self.headers, stream, **limits).parse()
+            except MultiPartException as err:
+                raise ApiError(400, f"request body: not valid multipart/form-data: {err.message}") from None
+        return await super()._get_form(**limits)
+
+
+class FormRoute(APIRoute):
+    """Routes whose requests are :class:`FormRequest` (FastAPI's documented custom-request hook)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def form_request_handler(request: Request) -> Response:
+            return await handler(FormRequest(request.scope, request.receive))
+
+        return form_request_handler
 
 
 def check_upload_size(upload: UploadFile, max_bytes: int) -> None:

@@ -4,14 +4,21 @@ A checkpoint is a folder ``checkpoint-{step:08d}``: ``model.safetensors``, the o
 and (fp16) scaler's state dicts (read with weights_only=True), every process's RNG states
 (``rng-{rank}.pt``) and ``trainer_state.json``. All processes write into one staging folder, which
 the main process publishes only when complete (``absvl.io.publish_folder``).
+
+A resume (``train.resume=latest``) takes the newest checkpoint that verifies (``verify_checkpoint``: every file
+there, ``model.safetensors`` as long as its header says, the ``.pt`` archives whole, the trainer state valid
+JSON); a damaged newer one is named, with why, and set aside as ``checkpoint-XXXXXXXX.broken``.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,14 @@ from safetensors.torch import load_model, save_model
 from ..io import backup_of, publish_folder, read_json, recover_folder, write_json
 
 STATE_NAME = "trainer_state.json"
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", STATE_NAME)
+BROKEN_SUFFIX = ".broken"  # a damaged checkpoint that a resume skipped is renamed to checkpoint-XXXXXXXX.broken
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, truncated or unreadable files); the message names
+    the file and why."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,6 +129,76 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return read_json(Path(checkpoint) / STATE_NAME, what="a training checkpoint's trainer state")
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be whole, from its header alone (``None``: its size is what its
+    header says): the format's 8-byte header length, the JSON header, then the tensors' bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size:,} bytes: not even its header length)"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return f"{path.name} is truncated ({size:,} bytes, shorter than its own header of {header_len:,})"
+        try:
+            header = json.loads(f.read(header_len))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            return f"{path.name} has a damaged header ({err})"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"{path.name} is truncated ({size:,} of {expected:,} bytes)"
+    if size > expected:
+        return f"{path.name} is damaged ({size - expected:,} bytes more than its tensors: {size:,} of {expected:,})"
+    return None
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Why a ``torch.save`` file cannot be whole (``None``: its zip directory, at the end, is there and every
+    entry lies inside the file): a truncated file has lost its directory."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{path.name} is truncated ({size:,} bytes; its entry {info.filename} lies past the end)"
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        return f"{path.name} is truncated or damaged ({size:,} bytes, not a complete torch.save archive: {err})"
+    return None
+
+
+def verify_checkpoint(checkpoint: str | Path) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per problem (empty: it verifies). Cheap: every file
+    that ``load_checkpoint`` reads is there, ``model.safetensors`` has the size its header says, every
+    ``.pt`` (optimizer, scheduler, scaler, each process's RNG states) is a complete archive and
+    ``trainer_state.json`` is valid JSON. Content is checked when it is loaded."""
+    checkpoint = Path(checkpoint)
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (checkpoint / name).is_file()]
+    if not any(checkpoint.glob("rng-*.pt")):
+        problems.append("rng-0.pt is missing")
+    try:
+        if (checkpoint / "model.safetensors").is_file():
+            problems.append(_safetensors_problem(checkpoint / "model.safetensors"))
+        for path in sorted(checkpoint.glob("*.pt")):
+            problems.append(_archive_problem(path))
+        if (checkpoint / STATE_NAME).is_file():
+            try:
+                read_trainer_state(checkpoint)
+            except ValueError as err:
+                problems.append(f"{STATE_NAME} is not valid JSON ({err})")
+    except OSError as err:  # unreadable (permissions, I/O error) or gone meanwhile
+        problems.append(f"cannot be read ({err})")
+    return [p for p in problems if p]
+
+
+def _restore(path: Path, restore: Callable[[], Any]) -> Any:
+    """Run ``restore`` (which reads ``path``); an error names the file."""
+    try:
+        return restore()
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot restore {path}: {type(err).__name__}: {err}") from err
+
+
 def load_checkpoint(
     accelerator: Any,
     checkpoint: str | Path,
@@ -122,24 +206,30 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state. A file that cannot be read
+    raises ``CheckpointError`` naming it."""
     checkpoint = Path(checkpoint)
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", STATE_NAME):
+    for name in REQUIRED_FILES:
         if not (checkpoint / name).is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} has no {name}: not a complete absvl checkpoint")
-    load_model(accelerator.unwrap_model(model), str(checkpoint / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    weights, optimizer_file, scheduler_file = (checkpoint / n for n in REQUIRED_FILES[:3])
+    _restore(weights, lambda: load_model(accelerator.unwrap_model(model), str(weights), strict=True))
+    _restore(
+        optimizer_file,
+        lambda: optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True, map_location="cpu")),
+    )
+    _restore(scheduler_file, lambda: scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True)))
     scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and (checkpoint / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    scaler_file = checkpoint / "scaler.pt"
+    if scaler is not None and scaler_file.is_file():
+        _restore(scaler_file, lambda: scaler.load_state_dict(torch.load(scaler_file, weights_only=True)))
     rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(
             f"checkpoint {checkpoint} has no {rng_file.name}: it was written by fewer processes; "
             "resume with the same number of processes"
         )
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    _restore(rng_file, lambda: set_rng_state(torch.load(rng_file, weights_only=True)))
     return read_trainer_state(checkpoint)
 
 
@@ -160,14 +250,63 @@ def rotate_checkpoints(output_dir: str | Path, keep_last: int, best: str | None)
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``None``, ``latest`` (the newest complete checkpoint, or None on a fresh run) or a folder."""
+def _set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's checkpoints (kept for a look, never rotated or resumed)."""
+    target = checkpoint.with_name(checkpoint.name + BROKEN_SUFFIX)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{checkpoint.name}{BROKEN_SUFFIX}-{n}")
+    checkpoint.rename(target)
+    return target
+
+
+def resolve_resume(
+    resume: str | None,
+    output_dir: str | Path,
+    notify: Callable[[str], Any] | None = None,
+    set_aside: bool = False,
+) -> Path | None:
+    """``None``, ``latest`` (the newest checkpoint that verifies, or None on a fresh run) or a folder.
+
+    ``latest`` skips damaged checkpoints (``verify_checkpoint``), telling ``notify`` which and why; with
+    ``set_aside`` (the main process) they are renamed ``checkpoint-XXXXXXXX.broken`` so that rotation and
+    later resumes pass them by. None verifying, or a named folder that does not, raises ``CheckpointError``.
+    """
     if not resume:
         return None
-    if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint folder (no {STATE_NAME})")
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_NAME).is_file():
+            raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint folder (no {STATE_NAME})")
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(
+                f"cannot resume from {path}: {'; '.join(problems)}. Resume from its run folder ({path.parent}) to "
+                "take the newest checkpoint that verifies"
+            )
+        return path
+    checkpoints = list_checkpoints(output_dir)
+    skipped: list[tuple[Path, list[str]]] = []
+    for path in reversed(checkpoints):
+        problems = verify_checkpoint(path)
+        if not problems:
+            break
+        skipped.append((path, problems))
+    else:
+        if skipped:
+            found = "; ".join(f"{p.name}: {', '.join(why)}" for p, why in skipped)
+            raise CheckpointError(
+                f"no checkpoint of {output_dir} verifies ({found}): nothing to resume from. Set train.resume=null "
+                "(or move the run folder away) to start afresh"
+            )
+        return None
+    for broken, problems in skipped:
+        kept = _set_aside(broken) if set_aside else None
+        if notify is not None:
+            notify(
+                f"skipped {broken}: {', '.join(problems)}"
+                + (f" (kept as {kept.name}; delete it when done)" if kept else "")
+                + f"; resuming from the newest checkpoint that verifies, {path.name}"
+            )
     return path

@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
-from ..data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, read_classes
+from ..data.patch_labels import (
+    IGNORE_INDEX,
+    PatchLabelDataset,
+    list_labelled,
+    patch_accuracy,
+    read_attributes,
+    read_classes,
+)
 from ..io import CONFIG_NAME, WEIGHTS_NAME, read_backbone_folder, read_json, save_backbone_files, write_json
 from ..models.vision import create_backbone
 from ..models.vision.output import BackboneOutput
@@ -129,9 +136,9 @@ def classification_loss(
 
 
 def patch_logits(model: nn.Module, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """``[B, h·w, classes]``: the classifier applied to every spatial token (after ``fc_norm``)."""
+    """``[B, h·w, classes]``: the classifier applied to every spatial token (normalised: ``norm_tokens``)."""
     model = getattr(model, "module", model)  # DDP
-    return model.head(model.fc_norm(tokens[:, num_prefix_tokens:]))
+    return model.head(model.norm_tokens(tokens[:, num_prefix_tokens:]))
 
 
 def patch_classification_loss(
@@ -140,9 +147,11 @@ def patch_classification_loss(
     targets: torch.Tensor,
     label_smoothing: float = 0.0,
     var_weight: float = 0.1,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``classification_loss`` for patch labels: cross-entropy of every labelled patch token (``[B, h·w]``
-    targets, ``IGNORE_INDEX`` left out), averaged over the passes, plus ``var_weight``·L_var."""
+    targets, ``IGNORE_INDEX`` left out; ``class_weights`` ``[C]`` weigh each patch by its true class, the
+    mean is over the weights), averaged over the passes, plus ``var_weight``·L_var."""
     passes = [output.tokens]
     if output.bottom_up_tokens is not output.tokens:
         passes.append(output.bottom_up_tokens)
@@ -150,6 +159,7 @@ def patch_classification_loss(
         F.cross_entropy(
             patch_logits(model, tokens, output.num_prefix_tokens).flatten(0, 1).float(),
             targets.flatten(),
+            weight=None if class_weights is None else class_weights.to(tokens.device),
             ignore_index=IGNORE_INDEX,
             label_smoothing=label_smoothing,
         )
@@ -198,15 +208,17 @@ def classifier_param_groups(
 # --- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
 def predict_topk(
-    model: nn.Module, loader: DataLoader, accelerator: Accelerator, desc: str = "evaluate"
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_classes: int, desc: str = "evaluate"
 ) -> dict[str, Any]:
     """Top-1 / top-5 hits of the second-pass logits on every item of ``loader`` (gathered over
     processes at the end; ``loader`` holds this process's share, see ``eval_loader``):
-    ``{"correct1", "correct5", "images", "skipped": [(path, reason)]}``. With patch labels
-    (``[B, h·w]``) every labelled patch token counts as one item ("images" then counts patches)."""
+    ``{"confusion": [C, C] (rows: true class, columns: top-1), "correct5", "images", "skipped": [(path,
+    reason)]}``. With patch labels (``[B, h·w]``) every labelled patch token counts as one item
+    ("images" then counts patches)."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = images = 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    correct5 = 0
     skipped: list[tuple] = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         skipped.extend(batch.get("skipped", []))
@@ -220,32 +232,44 @@ def predict_topk(
             logits, labels = output.logits[:, None], labels[:, None]
         else:  # patch labels: score every labelled patch token
             logits = patch_logits(model, output.tokens, output.num_prefix_tokens)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         labelled = labels != IGNORE_INDEX
-        hit1 = ((top[..., 0] == labels) & labelled).sum(1)
-        hit5 = ((top == labels[..., None]).any(-1) & labelled).sum(1)
-        correct1 += int(hit1.sum())
-        correct5 += int(hit5.sum())
-        images += int(labelled.sum())
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices[labelled]
+        labels = labels[labelled]
+        correct5 += int((top == labels[:, None]).any(-1).sum())
+        confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(), minlength=num_classes * num_classes).view(
+            num_classes, num_classes
+        )
     model.train(was_training)
-    shares = [(correct1, correct5, images, skipped)]
+    shares = [(confusion, correct5, skipped)]
     if accelerator.num_processes > 1:
         shares = gather_object(shares)
+    confusion = sum(s[0] for s in shares)
     return {
-        "correct1": sum(s[0] for s in shares),
+        "confusion": confusion,
         "correct5": sum(s[1] for s in shares),
-        "images": sum(s[2] for s in shares),
-        "skipped": [item for s in shares for item in s[3]],
+        "images": int(confusion.sum()),
+        "skipped": [item for s in shares for item in s[2]],
     }
 
 
-def _accuracy(counts: dict[str, Any], total: int) -> dict[str, Any]:
-    return {
-        "top1": 100.0 * counts["correct1"] / max(total, 1),
+def _accuracy(
+    counts: dict[str, Any],
+    total: int,
+    background: int | None = None,
+    attributes: dict[str, list[str | None]] | None = None,
+) -> dict[str, Any]:
+    """top1 / top5 (%) over ``total`` items; with a ``background`` class (patch labels) also the
+    background and object patches' accuracies and each attribute's (``patch_accuracy``)."""
+    confusion = counts["confusion"]
+    result = {
+        "top1": 100.0 * float(confusion.trace()) / max(total, 1),
         "top5": 100.0 * counts["correct5"] / max(total, 1),
         "images": total,
         "skipped": len(counts["skipped"]),
     }
+    if background is not None:
+        result.update({k: v for k, v in patch_accuracy(confusion, background, attributes or {}).items() if k != "top1"})
+    return result
 
 
 def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -282,24 +306,28 @@ def evaluate_classifier(
     model_dir: str | Path, data_root: str | Path, split: str = "val", batch_size: int = 64, num_workers: int = 2
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) of an exported classifier on ``data_root/split`` (of every labelled
-    patch for a classifier trained on patch labels).
+    patch for a classifier trained on patch labels, then also of the background and the object patches,
+    and per attribute where the data has ``attributes.json``: see ``patch_accuracy``).
 
     Unreadable images are counted (``skipped``; ``unreadable``: their ``(path, reason)``) and scored
     wrong (patch labels: left out)."""
     model, info = load_classifier(model_dir)
     image_config = info.get("data_config") or resolve_image_config(model)
+    classes = info["classes"]
+    background, attributes = None, {}
     if info.get("labels") == "patch":
-        dataset = patch_dataset(model, data_root, split, info["classes"], image_config)
+        dataset = patch_dataset(model, data_root, split, classes, image_config)
+        background, attributes = dataset.background, read_attributes(data_root, classes)
     else:
         dataset = ImageFolderDataset(list_samples(data_root, split, info["classes"]), eval_transform(image_config))
     collator = ClassifyCollator(image_config["input_size"][-1])
     accelerator = Accelerator(cpu=cpu_only())
     loader = eval_loader(dataset, collator, batch_size, num_workers, accelerator)
     model.to(accelerator.device)
-    counts = predict_topk(model, loader, accelerator, desc=split)
+    counts = predict_topk(model, loader, accelerator, len(classes), desc=split)
     scored = counts["images"] + (0 if info.get("labels") == "patch" else len(counts["skipped"]))
     return {
-        **_accuracy(counts, scored),
+        **_accuracy(counts, scored, background, attributes),
         "split": split,
         "classes": len(info["classes"]),
         "unreadable": counts["skipped"],
@@ -309,6 +337,8 @@ def evaluate_classifier(
 # --- the task --------------------------------------------------------------------------------
 class ClassifyTask:
     """Image classification as a ``run_training`` task (see the module docstring)."""
+
+    diagnose = False  # set by the loop on the forward of a logged step (nothing extra to measure here)
 
     def __init__(self, config: ClassifyConfig) -> None:
         self.config = config
@@ -320,6 +350,9 @@ class ClassifyTask:
         self.classes = classes
         self.model = build_classifier(self.config, classes)
         self.image_config = resolve_image_config(self.model, d.image_size, d.crop_pct)
+        # patch labels: the background class (if any) and the classes' attributes, for the per-kind scores
+        self.background = classes.index("background") if self.patches and "background" in classes else None
+        self.attributes = read_attributes(d.root, classes) if self.patches else {}
 
     def restore(self, output_dir: Path) -> None:
         self._build(
@@ -357,6 +390,11 @@ class ClassifyTask:
                 else None
             )
         self.train_set = train_set
+        # patch labels: the loss weighs the background class by data.background_weight
+        self.class_weights = None
+        if self.background is not None and d.background_weight != 1.0:
+            self.class_weights = torch.ones(len(self.classes))
+            self.class_weights[self.background] = d.background_weight
         self.collator = ClassifyCollator(size)
         self.val_loader = None
         if val_set is not None:
@@ -412,7 +450,12 @@ class ClassifyTask:
         self.last_forward = (output, None)  # read only at log steps (diagnostics)
         if self.patches:
             return patch_classification_loss(
-                model, output, targets, self.config.data.label_smoothing, self.config.model.var_weight
+                model,
+                output,
+                targets,
+                self.config.data.label_smoothing,
+                self.config.model.var_weight,
+                self.class_weights,
             )
         return classification_loss(output, targets, self.criterion, self.config.model.var_weight)
 
@@ -422,10 +465,17 @@ class ClassifyTask:
     def validate(self, model: nn.Module, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
             return None
-        counts = predict_topk(model, self.val_loader, accelerator, desc="validate")
-        result = _accuracy(counts, counts["images"])
-        metrics = {"val/top1": result["top1"], "val/top5": result["top5"], "val/skipped": result["skipped"]}
-        return Validation(score=result["top1"], metrics=metrics, result=result)
+        counts = predict_topk(model, self.val_loader, accelerator, len(self.classes), desc="validate")
+        result = _accuracy(counts, counts["images"], self.background, self.attributes)
+        metrics = {f"val/{k}": result[k] for k in self._metric_names()}
+        metrics["val/skipped"] = result["skipped"]
+        # with a background class the object patches decide: background is most patches and easy
+        score = result["top1"] if self.background is None else result["objects"]
+        return Validation(score=score, metrics=metrics, result=result)
+
+    def _metric_names(self) -> list[str]:
+        extra = [] if self.background is None else ["background", "objects", *self.attributes]
+        return ["top1", "top5", *extra]
 
     def export(self, model: nn.Module, out_dir: Path, last: Validation | None) -> None:
         """A backbone folder (``absvl.io``) in the staging folder that ``run_training`` publishes."""
@@ -438,7 +488,7 @@ class ClassifyTask:
             classes=self.classes,
             labels="patch" if self.patches else "image",
             data_config=self.image_config,
-            metrics={k: last.metrics[f"val/{k}"] for k in ("top1", "top5")} if last else {},
+            metrics={k: last.metrics[f"val/{k}"] for k in self._metric_names()} if last else {},
         )
 
 

@@ -1,6 +1,6 @@
 """``absvl export CHECKPOINT --out DIR``: any training checkpoint as a ``from_pretrained`` folder.
 
-The task is told by what its run folder holds (``answers.json``: VQA, ``classes.json``: classification,
+The task is told by what its run folder holds (``task.json`` saying ``prior``: prior alignment, ``answers.json``: VQA, ``classes.json``: classification,
 ``data.captions`` in ``config.yaml``: retrieval); its model is rebuilt without reading the data and the
 task's own export writes the folder.
 """
@@ -12,18 +12,24 @@ from typing import Any
 
 import yaml
 
+from ..io import read_json
 from .checkpoint import STATE_NAME, list_checkpoints
 from .loop import export_checkpoint
 
 
 def run_task(run: str | Path) -> tuple[str, Any]:
-    """(task name, task with its run config) of a run folder: ``classify``, ``vqa`` or ``retrieval``."""
+    """(task name, task with its run config) of a run folder: ``prior``, ``classify``, ``vqa`` or ``retrieval``."""
     from .config import ClassifyConfig, RetrievalConfig, RunConfig, load_config
 
     run = Path(run)
     config_file = run / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: the run folder of a checkpoint holds the run's config.yaml")
+    task_file = run / "task.json"
+    if task_file.is_file() and read_json(task_file, what="a run's task marker").get("task") == "prior":
+        from .prior import PriorTask
+
+        return "prior", PriorTask(load_config(config_file, (), RunConfig))
     if (run / "classes.json").is_file():
         from .classify import ClassifyTask
 

@@ -69,6 +69,7 @@ class Task(Protocol):
     model: torch.nn.Module
     train_set: Dataset
     collator: Any
+    diagnose: bool  # set by the loop: this forward's step is logged (a task may measure more, e.g. gradients)
 
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None: ...
 
@@ -346,7 +347,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
     if main:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(t.seed)
-    checkpoint = resolve_resume(t.resume, out)
+    checkpoint = resolve_resume(t.resume, out, notify=say, set_aside=main)  # skips damaged checkpoints
     task.setup(accelerator, out, checkpoint)
     train_set, collator = task.train_set, task.collator
     stand_in_batch: dict[str, Any] = {}
@@ -437,6 +438,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
             state["skipped"].extend(list(s) for s in batch.get("skipped", []))
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
+            task.diagnose = (state["step"] + 1) % t.log_every == 0 or state["step"] + 1 == total_steps
             loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in)
             state["batches_in_epoch"] += 1
             window_samples += size * accelerator.num_processes

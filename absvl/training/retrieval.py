@@ -50,7 +50,7 @@ def check_caption_images(images: Sequence[CaptionedImage], key: str = "data.imag
 def build_model(config: RetrievalConfig) -> AbsVLModel:
     """A fresh model from ``config.model``, or ``train.init_from`` (e.g. a VQA-finetuned model)."""
     if config.train.init_from:
-        model = AbsVLModel.from_pretrained(config.train.init_from).train()
+        model = AbsVLModel.from_pretrained(config.train.init_from).with_loss_weights(config.model).train()
         if model.config.prior_visual == "top_down":
             raise ConfigError(
                 f"train.init_from={config.train.init_from!r} contrasts only the top-down image output "
@@ -102,8 +102,11 @@ class RetrievalTask:
     """Image-text retrieval as a ``run_training`` task; validation recall (re-ranked R mean) selects
     the best checkpoint; ``save_pretrained`` export."""
 
+    diagnose = False  # set by the loop on the forward of a logged step
+
     def __init__(self, config: RetrievalConfig) -> None:
         self.config = config
+        self.measured: dict[str, torch.Tensor] = {}
 
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
         d = self.config.data
@@ -147,10 +150,13 @@ class RetrievalTask:
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
         out = model(images, ids, mask, itm_labels=labels)
         self.last_forward = (out.vision, out.xi)  # read only at log steps (diagnostics)
+        if self.diagnose:
+            self.measured = self.model.loss_gradient_norms(out.losses)
+            self.measured.update({f"loss/{k}": v.detach() for k, v in out.losses.items()})
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return topdown_health(*self.last_forward)
+        return {**topdown_health(*self.last_forward), **self.measured}
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if not self.val_images:

@@ -4,6 +4,7 @@ official VQA accuracy, and prediction in the submission format.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..metrics.vqa import evaluate_vqa, format_accuracy_table
 from ..models.vision.topdown import topdown_health
 from ..models.vl import AbsVLModel
 from ..runtime import cpu_only
-from .config import ConfigError, RunConfig, check_vision_start
+from .config import ConfigError, RunConfig, check_vision_start, from_scratch_note
 from .loop import Validation, eval_loader, run_training, to_device
 
 
@@ -104,7 +105,7 @@ def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData
 def build_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
     init = config.train.init_from
     if init:
-        model = AbsVLModel.from_pretrained(init)
+        model = AbsVLModel.from_pretrained(init).with_loss_weights(config.model)
         if model.answers != answers:
             raise ConfigError(f"train.init_from={init!r} was trained with another answer vocabulary")
         return model.train()
@@ -165,8 +166,11 @@ class VQATask:
     """VQAv2 finetuning as a ``run_training`` task: soft-target BCE on the VQA head, the official
     VQA accuracy on the validation split selects the best checkpoint, ``save_pretrained`` export."""
 
+    diagnose = False  # set by the loop on the forward of a logged step
+
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        self.measured: dict[str, torch.Tensor] = {}
 
     def setup(self, accelerator: Accelerator, output_dir: Path, checkpoint: Path | None) -> None:
         config = self.config
@@ -180,7 +184,10 @@ class VQATask:
         self.model = model
         answer_index = {a: i for i, a in enumerate(data.answers)}
         self.train_set = VQADataset(
-            data.train, answer_index, image_transform(model.image_size, train=True, randaugment=config.data.randaugment)
+            data.train,
+            answer_index,
+            image_transform(model.image_size, train=True, randaugment=config.data.randaugment),
+            **object_regions(config, model),
         )
         self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
         self.val_loader = None
@@ -201,12 +208,23 @@ class VQATask:
         return len(batch["question_ids"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], vqa_targets=batch["vqa_targets"])
+        out = model(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            vqa_targets=batch["vqa_targets"],
+            prior_positive=batch["prior_positive"],
+            patch_objects=batch.get("patch_objects"),
+            target_objects=batch.get("target_objects"),
+        )
         self.last_forward = (out.vision, out.xi)  # read only at log steps (diagnostics)
+        if self.diagnose:
+            self.measured = self.model.loss_gradient_norms(out.losses)
+            self.measured.update({f"loss/{k}": v.detach() for k, v in out.losses.items()})
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return topdown_health(*self.last_forward)
+        return {**topdown_health(*self.last_forward), **self.measured}
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
@@ -217,9 +235,8 @@ class VQATask:
         metrics.update({f"val/{k}": v for k, v in result["perAnswerType"].items()})
         d = self.config.data
         if d.format == "vqav2" and not d.images and ShapesWorld.exists(d.root) and accelerator.is_main_process:
-            # the Shapes world knows each question's target objects: is the top-down map on them?
-            scores = shapes_attention(model, d.root, d.val_split)
-            metrics.update({f"val/attention_{kind}": score for kind, score in scores.items()})
+            # the Shapes world knows each question's objects: does the question steer the maps, what do the tokens know?
+            metrics.update({f"val/{k}": v for k, v in shapes_validation(model, d.root, d.val_split).items()})
         return Validation(score=result["overall"], metrics=metrics, result=result)
 
     def restore(self, output_dir: Path) -> None:
@@ -233,18 +250,59 @@ class VQATask:
         )
 
 
-def shapes_attention(model: AbsVLModel, root: str | Path, split: str, limit: int = 200) -> dict[str, float]:
-    """Target-attention scores (bottom-up, top-down) of ``model`` on the first ``limit`` questions
-    with target objects of a Shapes world's ``split`` (see ``absvl.metrics.attention``)."""
-    from ..metrics.attention import attention_scores
+def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
+    """``VQADataset``'s ``object_masks`` and ``grid`` when the prior loss has its object-level term
+    (``model.prior_object_weight > 0``): the objects come from a Shapes world's masks; other data has none."""
+    if model.config.prior_object_weight <= 0:
+        return {}
+    d = config.data
+    if d.format != "vqav2" or not ShapesWorld.exists(d.root):
+        raise ConfigError(
+            f"model.prior_object_weight={model.config.prior_object_weight} needs data that knows its objects (a "
+            f"Shapes world's masks and each question's target_objects); data.root={d.root} is not a Shapes world: "
+            "set model.prior_object_weight=0"
+        )
+    patch_embed = getattr(model.backbone, "patch_embed", None)
+    if patch_embed is None:
+        raise ConfigError(
+            f"model.prior_object_weight needs a ViT-family backbone (patch tokens), not {model.config.backbone}"
+        )
+    if d.randaugment:
+        raise ConfigError(
+            "data.randaugment moves the image (shear, translate, rotate) but not the object masks that "
+            "model.prior_object_weight reads: set data.randaugment=false or model.prior_object_weight=0"
+        )
+    world = ShapesWorld.load(d.root)
+    grid = (model.image_size // patch_embed.patch_size[0], model.image_size // patch_embed.patch_size[1])
+    return {"object_masks": world.mask_of, "grid": grid}
 
-    return attention_scores(model, ShapesWorld.load(root), SPLITS[canonical_split(split)].tag, limit)
+
+def shapes_validation(model: AbsVLModel, root: str | Path, split: str, images: int = 60) -> dict[str, float]:
+    """What a Shapes world lets validation measure beyond accuracy, on the first ``images`` images of
+    ``split``: the steering scores over all families (``steer/pointing_<map>`` in %, ``steer/paired_<map>``
+    medians; ``absvl.metrics.steering``) and linear probes of the tokens the fusion reads
+    (``probe/<pass>_<property>`` in %, fitted on one half of the images, scored on the other;
+    ``absvl.metrics.probes``)."""
+    from ..metrics.probes import split_probes
+    from ..metrics.steering import steering_pairs, steering_scores
+
+    world = ShapesWorld.load(root)
+    tag = SPLITS[canonical_split(split)].tag
+    steering = steering_scores(model, world, tag, steering_pairs(world, tag, limit=images))["all"]
+    metrics = {f"steer/pointing_{name}": value for name, value in steering["pointing"].items()}
+    metrics.update({f"steer/paired_{name}": value["median"] for name, value in steering["paired"].items()})
+    probes = split_probes(model, world, tag, limit=images)
+    for kind in ("bottom_up", "top_down"):
+        metrics.update({f"probe/{kind}_{name}": value for name, value in probes[kind].items()})
+    return metrics
 
 
 def train_vqa(config: RunConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run a finetuning job; returns a summary (final step, best/last validation, export folder).
     ``notify`` receives the run's messages (see ``run_training``)."""
     check_vision_start(config)
+    if note := from_scratch_note(config):
+        warnings.warn(note, UserWarning, stacklevel=2)
     return run_training(config, VQATask(config), notify)
 
 

@@ -122,6 +122,24 @@ def test_answers_file_and_missing_things(vqa_root, tmp_path, capsys):
     assert not report.ok and AFILE in report.errors[0]
 
 
+def test_deeply_nested_json_is_a_line_of_the_report(vqa_root, tmp_path, capsys):
+    # '[' x 50 MB as a questions file: json's parser recursed into a RecursionError traceback
+    deep = "[" * 200_000
+    (vqa_root / QFILE).write_text(deep)
+    (vqa_root / "v2_mscoco_val2014_annotations.json").write_text('{"annotations": ' + deep)
+    (tmp_path / "answers.json").write_text(deep)
+
+    assert data_check(vqa_root, "--splits", "train", "val", "test") == 1
+    out = capsys.readouterr().out
+    assert f"train: {vqa_root / QFILE} (a VQAv2 questions file) nests its JSON too deeply to read" in out
+    assert f"val: {vqa_root / 'v2_mscoco_val2014_annotations.json'} (a VQAv2 annotations file) nests its JSON" in out
+    assert "result: FAILED (2 error(s))" in out and "test " in out  # the other splits are still checked
+    report = check_vqa(vqa_root, answers=tmp_path / "answers.json", progress=False)
+    assert len(report.errors) == 1 and report.errors[0].startswith(
+        f"{tmp_path / 'answers.json'} (an answer vocabulary) nests its JSON too deeply to read"
+    )
+
+
 def test_shared_ids_between_train_and_val(vqa_root):
     _edit(vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json", lambda d: d["questions"][0].update(question_id=10))
     _edit(vqa_root / "v2_mscoco_val2014_annotations.json", lambda d: d["annotations"][0].update(question_id=10))

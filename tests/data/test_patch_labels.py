@@ -8,8 +8,17 @@ import torch
 from PIL import Image
 
 from absvl.data.imagefolder import ClassifyCollator, ImageFolderError
-from absvl.data.patch_labels import IGNORE_INDEX, PatchLabelDataset, list_labelled, patch_targets, read_classes
-from absvl.data.shapes_world import patch_label_classes
+from absvl.data.patch_labels import (
+    ATTRIBUTES_FILE,
+    IGNORE_INDEX,
+    PatchLabelDataset,
+    list_labelled,
+    patch_accuracy,
+    patch_targets,
+    read_attributes,
+    read_classes,
+)
+from absvl.data.shapes_world import patch_label_attributes, patch_label_classes
 
 
 def test_patch_targets_follow_the_object_share_rule():
@@ -98,3 +107,75 @@ def test_shapes_world_writes_patch_labels_of_its_objects(shapes_root):
     assert set(np.unique(labels[mask == 0])) == {0}
     # the images are the world's own
     assert Image.open(image_path).tobytes() == Image.open(world.image_path(scene["split"], scene["image_id"])).tobytes()
+
+
+# --------------------------------------------------------------------------- accuracies per kind of patch
+ATTRIBUTES = {"color": [None, "red", "red", "blue"], "shape": [None, "circle", "square", "circle"]}
+# classes: 0 background, 1 red circle, 2 red square, 3 blue circle; rows true, columns predicted
+CONFUSION = torch.tensor(
+    [
+        [50, 2, 0, 3],  # background: 50 of 55 right
+        [4, 10, 3, 1],  # red circle: 10 right, 3 red square (colour right), 1 blue circle (shape right)
+        [1, 2, 6, 0],  # red square: 6 right, 2 red circle (colour right)
+        [0, 5, 0, 8],  # blue circle: 8 right, 5 red circle (shape right)
+    ]
+)
+
+
+def test_patch_accuracy_from_a_hand_counted_confusion_matrix():
+    result = patch_accuracy(CONFUSION, 0, ATTRIBUTES)
+    assert set(result) == {"top1", "background", "objects", "color", "shape"}
+    assert result["top1"] == pytest.approx(100 * 74 / 95)
+    assert result["background"] == pytest.approx(100 * 50 / 55)
+    # the 40 object patches: 24 right; a patch taken for background is wrong in every attribute
+    assert result["objects"] == pytest.approx(100 * 24 / 40)
+    assert result["color"] == pytest.approx(100 * (13 + 8 + 8) / 40)
+    assert result["shape"] == pytest.approx(100 * (11 + 6 + 13) / 40)
+    # the background class need not be the first: the same data with the classes reordered
+    order = [2, 0, 3, 1]  # new class i is old class order[i]: background is now 1
+    permuted = CONFUSION[order][:, order]
+    reordered = {name: [values[i] for i in order] for name, values in ATTRIBUTES.items()}
+    assert patch_accuracy(permuted, 1, reordered) == pytest.approx(result)
+    # no background class: top-1 alone; no attributes: none scored
+    assert patch_accuracy(CONFUSION, None, ATTRIBUTES) == {"top1": pytest.approx(100 * 74 / 95)}
+    assert set(patch_accuracy(CONFUSION, 0, {})) == {"top1", "background", "objects"}
+
+
+def test_patch_accuracy_without_object_patches_is_nan_not_an_error():
+    confusion = torch.zeros(3, 3, dtype=torch.long)
+    confusion[0, 0], confusion[0, 2] = 3, 1
+    result = patch_accuracy(confusion, 0, {"color": [None, "red", "blue"]})
+    assert result["top1"] == result["background"] == pytest.approx(75.0)
+    assert np.isnan(result["objects"]) and np.isnan(result["color"])
+    assert np.isnan(patch_accuracy(torch.zeros(2, 2), None, {})["top1"])
+
+
+def test_read_attributes_checks_one_value_per_class(tmp_path):
+    classes = ["background", "red circle", "red square", "blue circle"]
+    assert read_attributes(tmp_path, classes) == {}  # optional
+    (tmp_path / ATTRIBUTES_FILE).write_text(json.dumps(ATTRIBUTES))
+    assert ATTRIBUTES_FILE == "attributes.json" and read_attributes(tmp_path, classes) == ATTRIBUTES
+    with pytest.raises(ImageFolderError, match=r"attributes.json must map each attribute name to a list of 3 values"):
+        read_attributes(tmp_path, classes[:3])
+    for bad in ({"color": [None, "red", 1, "blue"]}, ["red"], {"color": "red"}):
+        (tmp_path / ATTRIBUTES_FILE).write_text(json.dumps(bad))
+        with pytest.raises(ImageFolderError, match="one per class of classes.json"):
+            read_attributes(tmp_path, classes)
+    (tmp_path / ATTRIBUTES_FILE).write_text("{not json")
+    with pytest.raises(ImageFolderError, match="attributes.json"):
+        read_attributes(tmp_path, classes)
+
+
+def test_shapes_attributes_name_each_class_colour_and_shape(shapes_root):
+    from absvl.data.shapes_scene import COLORS, SHAPES
+
+    classes, attributes = patch_label_classes(), patch_label_attributes()
+    assert set(attributes) == {"color", "shape"}
+    assert attributes["color"][0] is None and attributes["shape"][0] is None  # background
+    for k, name in enumerate(classes[1:], start=1):
+        assert name == f"{attributes['color'][k]} {attributes['shape'][k]}"
+    assert set(attributes["color"][1:]) == set(COLORS) and set(attributes["shape"][1:]) == set(SHAPES)
+    # the world writes them beside classes.json, and they read back for its classes
+    root = shapes_root / "patch_labels"
+    assert json.loads((root / ATTRIBUTES_FILE).read_text()) == attributes
+    assert read_attributes(root, read_classes(root)) == attributes

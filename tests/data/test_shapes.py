@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from absvl.cli import main
 from absvl.data import shapes, shapes_scene
 from absvl.data.shapes import ensure_shapes, generate_shapes
 from absvl.data.shapes_scene import COLORS, SHAPES, SIZES
@@ -392,6 +393,39 @@ def test_refuses_to_replace_a_foreign_folder_and_validates_splits(tmp_path):
         generate_shapes(tmp_path / "bad", num_images=10, splits=(("minival", 1.0),))
 
 
+def test_the_generator_writes_only_into_its_own_folder_and_says_where(tmp_path, capsys):
+    # a misspelt data.root with data.shapes set generated a world wherever it pointed (files under /)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match=r"does not exist, nor does its parent .*misspelt.*create .*dtaa first"):
+        ensure_shapes(tmp_path / "dtaa" / "shapes", num_images=4, text_encoder=False)
+    assert not (tmp_path / "dtaa").exists()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is a file"):
+        generate_shapes(tmp_path / "notes.txt", num_images=4, text_encoder=False)
+    foreign = tmp_path / "mine"
+    (foreign / "sub").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="is not empty and is not a Shapes world; refusing to write into it"):
+        ensure_shapes(foreign, num_images=4, text_encoder=False)
+    assert capsys.readouterr().err == ""
+    assert main(["data", "shapes", "--out", str(foreign), "--images", "4"]) == 2
+    assert capsys.readouterr().err.startswith(f"absvl: error: {foreign} exists, is not empty")
+    # nothing was written by the refusals: no world, no lock file, no staging folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "notes.txt", "mine"])
+    assert [p.name for p in foreign.iterdir()] == ["sub"]
+
+    world = ensure_shapes(tmp_path / "w", num_images=4, text_encoder=False, questions_per_image=2)
+    assert f"generating a Shapes world (4 images, seed 0) in {world.root.resolve()} (a new folder)" in (
+        capsys.readouterr().err
+    )
+    ensure_shapes(tmp_path / "w", num_images=4, text_encoder=False, questions_per_image=2)
+    assert capsys.readouterr().err == ""  # reused: nothing written, nothing said
+    generate_shapes(tmp_path / "w", num_images=4, seed=1, text_encoder=False, questions_per_image=2)
+    assert f"seed 1) in {world.root.resolve()} (replacing the Shapes world there)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    generate_shapes(tmp_path / "empty", num_images=4, text_encoder=False, questions_per_image=2)
+    assert "(an empty folder)" in capsys.readouterr().err
+
+
 def test_stale_staging_folders_are_cleared(tmp_path):
     # left by a run killed mid-generation (io.atomic_folder's ``.tmp-NAME-*``; ``.NAME.tmp-*`` of absvl <= 0.2)
     stale = [tmp_path / ".tmp-w-abc123", tmp_path / ".w.tmp-xyz"]
@@ -399,4 +433,18 @@ def test_stale_staging_folders_are_cleared(tmp_path):
         (folder / "images").mkdir(parents=True)
     world = generate_shapes(tmp_path / "w", num_images=4, text_encoder=False, questions_per_image=2)
     assert ShapesWorld.exists(world.root) and not any(folder.exists() for folder in stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.lock", "w"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing beside the world, not even a lock file
+
+
+def test_relation_margin_and_mask_of_read_the_world(world):
+    # the margin the questions' spatial relations were generated with (a tenth of the image, at least 2 px)
+    assert world.relation_margin == float(_load(world.scenes_path)["relation_margin"])
+    assert world.relation_margin == max(2.0, round(0.1 * world.image_size))
+    for scene in _scenes(world).values():
+        image = world.image_path(scene["split"], scene["image_id"])
+        mask = world.mask_of(image, scene["image_id"])
+        assert mask == world.mask_path(scene["split"], scene["image_id"]) and mask.is_file()
+        assert np.asarray(Image.open(mask)).shape == (world.image_size,) * 2
+        # the image's folder names the split, wherever the images are kept (data.images)
+        moved = Path("/elsewhere/coco") / scene["folder"] / scene["file_name"]
+        assert world.mask_of(str(moved), str(scene["image_id"])) == mask

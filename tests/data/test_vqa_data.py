@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -468,3 +469,115 @@ def test_hf_hub_id_not_cached_offline_is_a_clear_error(offline):
         "cache, and offline mode is on \\(HF_HUB_OFFLINE",
     ):
         load_vqa_hf("absvl-test/not-cached", "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# the prior loss's data: which pairs are its positives, which patches are the question's objects
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "absent"),
+    [
+        ("is there a red circle?", "no", True),
+        ("  Are there any squares?", "No.", True),  # the answer normalised, the question lower-cased
+        ("how many circles are there?", "0", True),
+        ("How many blue squares?", "none", True),  # the official number words: "none" → "0"
+        ("how many circles are there?", "zero", True),
+        ("is there a red circle?", "yes", False),
+        ("are there two squares?", "yes", False),
+        ("how many circles are there?", "2", False),
+        ("is the circle red?", "no", False),  # names an object that is there
+        ("what color is the circle?", "0", False),
+        ("what is there left of the square?", "no", False),
+        ("is there a red circle?", None, False),  # unannotated
+    ],
+)
+def test_says_absent(question, answer, absent):
+    ex = VQAExample(question_id=1, image_id=1, question=question, image_path="x.jpg", multiple_choice_answer=answer)
+    assert ex.says_absent is absent
+
+
+def test_items_and_batches_say_which_pairs_are_prior_positives(vqa_root, tokenizer):
+    train = load_vqa_split(vqa_root, "train")
+    train[0].question, train[0].multiple_choice_answer = "is there a red circle?", "no"  # absent
+    train[1].question, train[1].multiple_choice_answer = "how many circles?", "0"  # absent
+    train[2].question, train[2].multiple_choice_answer = "how many circles?", "2"
+    ds = VQADataset(train, A2I, image_transform(16, train=False))
+    items = [ds[i] for i in range(4)]
+    assert [it["prior_positive"] for it in items] == [False, False, True, True]
+    assert "patch_objects" not in items[0] and "target_labels" not in items[0]  # no object masks given
+    batch = VQACollator(tokenizer, len(ANSWERS), 16)(items)
+    assert batch["prior_positive"].dtype == torch.bool and batch["prior_positive"].tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert "patch_objects" not in batch and "target_objects" not in batch
+    # an item whose image is unreadable leaves its row out of prior_positive too
+    bad = {"error": "broken", "question_id": 99, "image_path": "x.jpg"}
+    batch = VQACollator(tokenizer, len(ANSWERS), 16)([items[0], bad, items[2]])
+    assert batch["prior_positive"].tolist() == [False, True] and batch["question_ids"].tolist() == [10, 20]
+
+
+def _patch_owners(mask: np.ndarray, cell: int) -> list[int]:
+    """Each cell's object (row-major), counted by hand: the object with the most pixels when it covers at
+    least a quarter of the cell, else 0 (background)."""
+    owners = []
+    for y in range(0, mask.shape[0], cell):
+        for x in range(0, mask.shape[1], cell):
+            counts = np.bincount(mask[y : y + cell, x : x + cell].ravel(), minlength=mask.max() + 1)[1:]
+            owners.append(int(counts.argmax()) + 1 if counts.size and counts.max() >= cell * cell / 4 else 0)
+    return owners
+
+
+def test_object_masks_give_each_patch_its_object_and_each_question_its_objects(shapes_root, tokenizer):
+    from PIL import Image
+
+    from absvl.data.shapes_world import ShapesWorld
+
+    world = ShapesWorld.load(shapes_root)
+    examples = load_vqa_split(shapes_root, "train")[:24]
+    assert any(ex.target_objects for ex in examples) and any(not ex.target_objects for ex in examples)
+    answers = sorted({ex.multiple_choice_answer for ex in examples})
+    size = world.image_size  # 32: a 4x4 grid of 8-pixel patches
+    ds = VQADataset(examples, answers, image_transform(size, train=False), object_masks=world.mask_of, grid=(4, 4))
+    items = [ds[i] for i in range(len(examples))]
+    for ex, item in zip(examples, items):
+        mask = np.asarray(Image.open(world.mask_path("train2014", ex.image_id)))
+        assert item["patch_objects"].shape == (16,) and item["patch_objects"].dtype == torch.long
+        assert item["patch_objects"].tolist() == _patch_owners(mask, 8)
+        assert item["target_labels"] == [k + 1 for k in ex.target_objects or ()]
+        assert item["prior_positive"] is not ex.says_absent
+    batch = VQACollator(tokenizer, len(answers), 16)(items)
+    assert batch["patch_objects"].shape == (24, 16)
+    torch.testing.assert_close(batch["patch_objects"], torch.stack([it["patch_objects"] for it in items]))
+    labels = max(int(batch["patch_objects"].max()), max(max(it["target_labels"], default=0) for it in items)) + 1
+    assert batch["target_objects"].shape == (24, labels) and batch["target_objects"].dtype == torch.bool
+    for row, ex in enumerate(examples):
+        expected = {k + 1 for k in ex.target_objects or ()}
+        assert set(batch["target_objects"][row].nonzero().flatten().tolist()) == expected
+        assert not batch["target_objects"][row, 0]  # background is nobody's object
+    # a coarser grid: the map is put on it at 8 pixels a cell (nearest neighbour), then owned as above
+    coarse = VQADataset(examples, answers, image_transform(size, train=False), object_masks=world.mask_of, grid=(2, 3))
+    for i in range(4):
+        with Image.open(world.mask_path("train2014", examples[i].image_id)) as mask:
+            small = np.asarray(mask.resize((24, 16), Image.Resampling.NEAREST))
+        assert coarse[i]["patch_objects"].tolist() == _patch_owners(small, 8)
+
+
+def test_object_masks_need_the_grid_and_a_missing_mask_skips_the_item(shapes_root, tokenizer, tmp_path):
+    from absvl.data.shapes_world import ShapesWorld
+
+    world = ShapesWorld.load(shapes_root)
+    examples = load_vqa_split(shapes_root, "train")[:2]
+    transform = image_transform(world.image_size, train=False)
+    with pytest.raises(ValueError, match="object_masks need the backbone's patch grid"):
+        VQADataset(examples, ["yes"], transform, object_masks=world.mask_of)
+    missing = tmp_path / "nowhere.png"
+    ds = VQADataset(examples, ["yes"], transform, drop_unanswerable=False, object_masks=lambda *_: missing, grid=(4, 4))
+    item = ds[0]
+    assert item["image_path"] == str(missing) and "unreadable object mask" in item["error"]
+    batch = VQACollator(tokenizer, 1, 16)([ds[0], ds[1]])
+    assert len(batch["question_ids"]) == 0 and [s[0] for s in batch["skipped"]] == [ex.question_id for ex in examples]
+    assert "patch_objects" not in batch

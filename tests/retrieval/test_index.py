@@ -1,10 +1,14 @@
 """The FAISS image index: listing, building in shards, resuming, skipping bad files, appending, factories,
 the write lock, crash-safe swaps, stored embeddings, rebuilds and recall."""
 
+import fcntl
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -25,6 +29,7 @@ from absvl.retrieval import (
     model_fingerprint,
     rebuild_index,
 )
+from absvl.retrieval.lock import index_lock
 
 
 def _build(model, images, out, **kwargs):
@@ -354,11 +359,16 @@ def test_a_second_writer_is_refused_while_another_process_writes(model, collecti
     out = tmp_path / "idx"
     _build(model, paths[:6], out)
     before = (out / "index.faiss").read_bytes(), (out / "paths.jsonl").read_text()
-    holder = _hold_lock(tmp_path / "idx.lock")
+    lock = tmp_path / "idx.lock"
+    holder = _hold_lock(lock)
     try:
-        message = rf"index {out} is being written by another absvl process \(pid {holder.pid}\); wait for it or remove the stale lock {tmp_path / 'idx.lock'}"
-        with pytest.raises(IndexLockedError, match=message):
+        message = (
+            rf"index {out} is being written by absvl process {holder.pid}, running on this host; wait for it to "
+            rf"finish \(the lock {lock} is not stale: the OS releases it the moment that process exits"
+        )
+        with pytest.raises(IndexLockedError, match=message) as refused:
             add_to_index(model, paths, out, progress=False)
+        assert "remove" not in str(refused.value) and "delete" not in str(refused.value)
         with pytest.raises(IndexLockedError, match=message):
             _build(model, paths, out, overwrite=True)
         with pytest.raises(IndexLockedError):
@@ -366,11 +376,86 @@ def test_a_second_writer_is_refused_while_another_process_writes(model, collecti
         assert ((out / "index.faiss").read_bytes(), (out / "paths.jsonl").read_text()) == before
         assert not (tmp_path / "idx.partial").exists()
         assert len(ImageIndex.load(out)) == 6  # readers never wait
+
+        holder.send_signal(signal.SIGSTOP)  # a stopped writer is alive: its lock is not stale either
+        _wait_for_state(holder.pid, "T")
+        with pytest.raises(
+            IndexLockedError, match=rf"process {holder.pid} on this host, which is stopped .*`kill -CONT {holder.pid}`"
+        ) as refused:
+            add_to_index(model, paths, out, progress=False)
+        assert "remove" not in str(refused.value) and "not stale" in str(refused.value)
     finally:
         holder.kill()  # SIGKILL: the lock file stays, the OS drops the lock
         holder.wait()
-    assert (tmp_path / "idx.lock").exists()
+    assert lock.exists()
+    assert add_to_index(model, paths, out, progress=False).index_size == 12  # the dead holder's lock: taken over
+    pid, host, _ = lock.read_text().split()
+    assert (int(pid), host) == (os.getpid(), socket.gethostname())  # the holder record is this writer's now
+
+
+def _wait_for_state(pid, state, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] == state:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never reached state {state}")
+
+
+def test_a_writer_whose_lock_file_is_deleted_publishes_nothing(model, collection, tmp_path, monkeypatch):
+    """SIGSTOP a writer, delete its lock, let a second writer run: the first, resumed, must not publish
+    over the second's index (it stops with an error saying why)."""
+    paths, out = list_images(collection), tmp_path / "idx"
+    _build(model, paths[:6], out)
+    before = (out / "index.faiss").read_bytes(), (out / "meta.json").read_text()
+    original = model.encode_image_bottom_up
+
+    def lock_deleted_meanwhile(images):
+        (tmp_path / "idx.lock").unlink(missing_ok=True)
+        return original(images)
+
+    monkeypatch.setattr(model, "encode_image_bottom_up", lock_deleted_meanwhile)
+    with pytest.raises(IndexLockedError, match=r"idx.lock of index .* was deleted or replaced while this process"):
+        add_to_index(model, paths, out, progress=False)
+    assert ((out / "index.faiss").read_bytes(), (out / "meta.json").read_text()) == before
+    monkeypatch.undo()
+
+    with index_lock(out) as held:  # the same check guards every writer right up to its swap
+        (tmp_path / "idx.lock").unlink()
+        (tmp_path / "idx.lock").write_text("4242 otherhost\n")
+        with pytest.raises(IndexLockedError, match="nothing was published; run it again"):
+            held.check()
     assert add_to_index(model, paths, out, progress=False).index_size == 12
+
+
+def test_a_lock_file_replaced_while_it_is_being_locked_is_locked_again(tmp_path, monkeypatch):
+    """The takeover is atomic: a lock taken on a file that another process replaced meanwhile (its inode
+    no longer at the path) is dropped, and the file now at the path is locked, or refused if held."""
+    out, lock = tmp_path / "idx", tmp_path / "idx.lock"
+    lock.write_text("999999999\n")  # a dead holder's record
+    replacement = tmp_path / "replacement.lock"
+    replacement.touch()
+    real_flock, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:  # between our open and our flock, someone puts a held lock file at the path
+            os.replace(replacement, lock)
+            calls.append(_hold_lock(lock))
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    try:
+        with pytest.raises(IndexLockedError) as refused, index_lock(out):
+            pytest.fail("locked a file that is no longer at the lock's path")
+        assert f"being written by absvl process {calls[0].pid}, running on this host" in str(refused.value)
+    finally:
+        for holder in calls:
+            holder.kill()
+            holder.wait()
+    with index_lock(out) as held:  # the holder died: taken over
+        held.check()
+        assert lock.read_text().startswith(f"{os.getpid()} ")
 
 
 def _crash_mid_swap(monkeypatch, out, write):
@@ -433,7 +518,10 @@ def test_rebuild_makes_a_new_factory_from_the_stored_embeddings(model, collectio
     scores, ids = flat.search(embed(paths[5:6])[0], k=1)  # one [C] query → [k] arrays
     assert ids.tolist() == [5] and scores.shape == (1,)
 
-    (out / "embeddings.npy").unlink()  # an index written before indexes kept their vectors
+    (out / "embeddings.npy").unlink()  # an index written before indexes kept their vectors (or checksums)
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("files", None)
+    (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"keeps no embeddings.npy .*absvl index build --overwrite"):
         rebuild_index(out)
     report = add_to_index(model, [collection / "a" / "extra.jpg"], out, progress=False)

@@ -17,6 +17,7 @@ from PIL import Image
 from absvl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import ImageIndex, build_index
 from absvl.serve import Limits, create_app
+from absvl.serve.connections import uvicorn_options
 
 ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square", "triangle", "1", "2"]
 
@@ -101,14 +102,16 @@ def png_bytes():
 
 
 class LiveServer:
-    """uvicorn serving ``app`` on a free localhost port, in a background thread."""
+    """uvicorn serving ``app`` on a free localhost port, in a background thread, as ``absvl serve``
+    runs it (:func:`~absvl.serve.connections.uvicorn_options` of the app's limits)."""
 
     def __init__(self, app) -> None:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        options = uvicorn_options(app.state.service.limits)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -392,8 +392,16 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, mon
         "vqa.example",
         "--allowed-host",
         "vqa.internal",
+        "--header-timeout",
+        "3",
+        "--body-timeout",
+        "4",
+        "--max-connections",
+        "9",
     )
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
+    assert served["http"].limits == served["app"].state.service.limits  # the slow-client guard (connections.py)
+    assert (served["timeout_keep_alive"], served["h11_max_incomplete_event_size"]) == (5, 16 * 1024)
     name = f"{model_dir.parent.name}/tiny-absvit"  # the folder's last two parts: never the server's full path
     out = capsys.readouterr().out
     assert f"/vqa: model {name}\n" in out and f"/search: model {name}, 40 indexed images (FAISS on cpu)" in out
@@ -402,6 +410,8 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, mon
     assert health["model"] == health["retrieval_model"] == name and health["index_size"] == 40
     assert health["limits"]["max_upload_bytes"] == 524_288 and health["limits"]["max_pixels"] == 1000
     assert health["limits"]["max_pending"] == 5 and health["limits"]["request_timeout_s"] == 7
+    assert health["limits"]["header_timeout_s"] == 3 and health["limits"]["body_timeout_s"] == 4
+    assert health["limits"]["max_connections"] == 9
     for host, status in [("vqa.example", 200), ("vqa.internal:8123", 200), ("127.0.0.1", 200), ("evil.example", 400)]:
         assert client.get("/health", headers={"host": host}).status_code == status, host
     assert_refused(ask(client, png_of(48, 40)), 413, "image", "1,000 pixels")
@@ -414,6 +424,9 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, mon
         (["--max-pixels", "0"], "max_pixels must be a positive integer"),
         (["--max-pending", "0"], "max_pending must be a positive integer"),
         (["--request-timeout", "-1"], "request_timeout_s must be a positive integer"),
+        (["--header-timeout", "0"], "header_timeout_s must be a positive integer"),
+        (["--body-timeout", "0"], "body_timeout_s must be a positive integer"),
+        (["--max-connections", "0"], "max_connections must be a positive integer"),
     ],
 )
 def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):

@@ -94,6 +94,25 @@ def test_other_hosts_are_refused(app, host):
     assert (repr(host) if host else "missing") in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.com:80@127.0.0.1",  # user info: a URL parser finds the host 127.0.0.1 in it
+        "127.0.0.1:abc",
+        "localhost:99999",
+        "localhost:80:80",
+        "127.0.0.1/evil",
+        "[::1",
+        "local host",
+    ],
+)
+def test_hosts_that_are_not_a_host_and_port_are_refused(app, model, host):
+    response = local_client(app).get("/health", headers={"host": host})
+    assert_refused(response, 400, "Host", "is not a host name with an optional :port", repr(host))
+    any_host = local_client(create_app(model, allowed_hosts=("*",)))
+    assert any_host.get("/health", headers={"host": host}).status_code == 400  # "*" allows any name, not any text
+
+
 def test_allowed_hosts_are_configurable(model):
     client = local_client(create_app(model, allowed_hosts=(*LOCAL_HOSTS, "vqa.example")))
     assert client.get("/health", headers={"host": "VQA.example:443"}).status_code == 200
@@ -275,3 +294,71 @@ def test_metric_labels_stay_bounded(model):
     assert (
         samples[("absvl_http_requests_total", (("endpoint", "/health"), ("method", "other"), ("status", "405")))] == 3
     )
+
+
+# --- what a refusal echoes and how it is shaped (issue 22, items 11-12) ---------------------------
+def test_a_long_field_is_not_echoed_whole(client, png_bytes):
+    response = ask(client, png_bytes, "x" * 60_000)  # under the 64 KiB field limit: pydantic refuses it
+    assert_refused(response, 422, "question", "at most 80 characters")
+    assert len(response.content) < 1_000
+    error = response.json()["errors"][0]
+    assert error["input"] == "x" * 80 + "…" and error["input_length"] == 60_000
+    response = client.get("/search", params={"q": "y" * 5_000})
+    assert_refused(response, 422, "q", "at most 80 characters")
+    assert len(response.content) < 1_000 and response.json()["errors"][0]["input_length"] == 5_000
+    short = ask(client, png_bytes, top_k="many").json()["errors"][0]  # short inputs are echoed as they are
+    assert short["input"] == "many" and "input_length" not in short
+
+
+def test_a_form_field_over_its_size_limit_is_refused_by_name(client, png_bytes):
+    response = ask(client, png_bytes, "x" * 100_000)  # under the body limit (image + 64 KiB) of this app
+    assert_refused(response, 413, "question", "larger than the limit of 65,536 bytes")
+    assert len(response.content) < 1_000
+
+
+def multipart(*parts: tuple[str, bytes, str | None]) -> bytes:
+    """A multipart/form-data body (boundary ``x``) of (name, value, filename) parts, bytes as given."""
+    body = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--x\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return body + b"--x--\r\n"
+
+
+def post_form(client, body: bytes, content_type: str = "multipart/form-data; boundary=x"):
+    return client.post("/vqa", content=body, headers={"content-type": content_type})
+
+
+def test_invalid_utf8_in_a_form_field_is_refused_by_name(client, png_bytes):
+    body = multipart(("question", b"what \xff\xfe color?", None), ("image", png_bytes, "a.png"))
+    assert_refused(post_form(client, body), 400, "question", "not valid utf-8 text", "byte 0xff at offset 5")
+    body = multipart(("question", "what colour is the café?".encode(), None), ("image", png_bytes, "a.png"))
+    response = post_form(client, body)
+    assert response.status_code == 200 and response.json()["question"] == "what colour is the café?"
+
+
+@pytest.mark.parametrize(
+    "body, content_type, words",
+    [
+        (b"not multipart at all", "multipart/form-data; boundary=x", ["Invalid multipart data"]),
+        (b"--x\r\n", "multipart/form-data", ["Missing boundary"]),
+        (b"--x\r\nContent-Disposition: form-data\r\n\r\nv\r\n--x--\r\n", None, ['"name" must be provided']),
+    ],
+)
+def test_malformed_multipart_is_a_json_refusal(client, body, content_type, words):
+    response = post_form(client, body, content_type or "multipart/form-data; boundary=x")
+    assert_refused(response, 400, None, "request body: not valid multipart/form-data", *words)
+
+
+def test_the_frameworks_own_refusals_carry_field(client):
+    response = client.put("/health")
+    assert response.status_code == 405 and response.json() == {"detail": "Method Not Allowed", "field": None}
+    assert response.headers["allow"] == "GET"
+    assert client.get("/nowhere").json() == {"detail": "Not Found", "field": None}
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \u200b\t\u3000\u00ad ", "\u200e\u200f"])
+def test_invisible_text_is_refused_like_empty_text(client, png_bytes, text):
+    assert_refused(ask(client, png_bytes, text), 422, "question", "must not be empty or only whitespace")
+    assert_refused(client.get("/search", params={"q": text}), 422, "q", "must not be empty or only whitespace")
+    assert ask(client, png_bytes, text + "red?").status_code == 200  # visible text around them is kept

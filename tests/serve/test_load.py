@@ -1,4 +1,5 @@
-"""A bounded concurrent load test against the real server: 200 requests, 8 at a time, no errors."""
+"""A bounded concurrent load test against the real server: 200 requests, 8 at a time, no errors;
+200 requests 16 at a time while 50 slow clients hold connections open, no errors."""
 
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def test_200_requests_8_at_a_time_without_errors(live_server, png_bytes):
     }
     assert served[("/vqa", "200")] >= 20 and served[("/search", "200")] >= 100 and served[("/health", "200")] >= 80
     assert not any(status.startswith("5") for _, status in served)
+
+
+@pytest.mark.slow
+def test_200_requests_16_at_a_time_while_50_slow_clients_hold_connections(live_server, png_bytes):
+    """The load test with 50 slow connections held open throughout (issue 22): none of the 200 fails."""
+    report = LOADTEST["run_load"](
+        live_server.url, requests=200, concurrency=16, image=png_bytes, vqa_every=10, slow_clients=50
+    )
+    print(
+        f"\nload with 50 slow clients: {report.requests} requests, 16 concurrent, {report.seconds:.1f} s, "
+        f"{report.requests_per_second:.0f} req/s, p50 {report.p50_ms:.1f} ms, p99 {report.p99_ms:.1f} ms; "
+        f"slow: {report.slow_clients}"
+    )
+    assert report.errors == 0, report.failures
+    assert report.slow_clients["held"] == report.slow_clients["held_at_end"] == 50
 
 
 BIG_CLIENTS = 4  # enough to keep the model thread busy

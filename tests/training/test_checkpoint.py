@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from absvl.training.checkpoint import (
+    CheckpointError,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -14,6 +16,7 @@ from absvl.training.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
     set_rng_state,
+    verify_checkpoint,
 )
 
 
@@ -120,3 +123,73 @@ def test_cuda_rng_states_are_saved_and_restored(monkeypatch):
     with pytest.warns(UserWarning, match="RNG states of 2 CUDA devices and this machine has 1"):
         set_rng_state(state)
     assert list(restored) == [0]
+
+
+def _run_of(tmp_path, steps=(1, 2, 3)):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = _parts()
+    for step in steps:
+        save_checkpoint(accelerator, tmp_path, step, model, optimizer, scheduler, {"step": step})
+    return [tmp_path / f"checkpoint-{step:08d}" for step in steps]
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_resume_skips_damaged_checkpoints_saying_which_and_why(tmp_path):
+    first, second, third = _run_of(tmp_path)
+    assert [verify_checkpoint(p) for p in (first, second, third)] == [[], [], []]
+    _truncate(third / "model.safetensors", 100)  # truncate -s: a full disk, a killed copy
+    _truncate(second / "optimizer.pt", (second / "optimizer.pt").stat().st_size // 2)
+    (problem,) = verify_checkpoint(third)
+    assert re.fullmatch(r"model.safetensors is truncated \(100 bytes, shorter than its own header of \d+\)", problem)
+    assert verify_checkpoint(second)[0].startswith("optimizer.pt is truncated or damaged")
+
+    said = []
+    assert resolve_resume("latest", tmp_path, notify=said.append, set_aside=True) == first
+    assert len(said) == 2
+    assert said[0].startswith(f"skipped {third}: model.safetensors is truncated") and "kept as" in said[0]
+    assert said[1].startswith(f"skipped {second}: optimizer.pt is truncated") and "checkpoint-00000001" in said[1]
+    # set aside: rotation and later resumes pass them by, and they are kept for a look
+    assert list_checkpoints(tmp_path) == [first]
+    assert (tmp_path / "checkpoint-00000003.broken" / "model.safetensors").is_file()
+    assert resolve_resume("latest", tmp_path) == first
+    # the one resumed from loads whole
+    model, optimizer, scheduler = _parts(seed=1)
+    assert load_checkpoint(Accelerator(cpu=True), first, model, optimizer, scheduler) == {"step": 1}
+
+
+def test_a_checkpoint_cut_anywhere_is_caught_by_verify(tmp_path):
+    (checkpoint,) = _run_of(tmp_path, steps=(5,))
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"):
+        whole = (checkpoint / name).read_bytes()
+        for size in (0, 7, 9, len(whole) // 3, len(whole) - 1):
+            (checkpoint / name).write_bytes(whole[:size])
+            assert verify_checkpoint(checkpoint)[0].startswith(f"{name} is truncated"), (name, size)
+        (checkpoint / name).write_bytes(whole + b"x" * (name == "model.safetensors"))
+        if name == "model.safetensors":
+            assert verify_checkpoint(checkpoint) == [
+                f"{name} is damaged (1 bytes more than its tensors: {len(whole) + 1:,} of {len(whole):,})"
+            ]
+            (checkpoint / name).write_bytes(whole)
+        assert verify_checkpoint(checkpoint) == []
+    (checkpoint / "trainer_state.json").write_text("{")
+    assert verify_checkpoint(checkpoint)[0].startswith("trainer_state.json is not valid JSON")
+
+
+def test_a_damaged_named_checkpoint_or_run_without_a_whole_one_is_refused_naming_the_file(tmp_path):
+    (checkpoint,) = _run_of(tmp_path, steps=(6,))
+    _truncate(checkpoint / "model.safetensors", 50)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-00000006: model.safetensors is trunc"):
+        resolve_resume(str(checkpoint), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no checkpoint of .* verifies \(checkpoint-00000006: model.safetensors"):
+        resolve_resume("latest", tmp_path, set_aside=True)
+    assert list_checkpoints(tmp_path) == [checkpoint]  # nothing set aside when nothing is resumed
+    # a file that passes the cheap check but does not load: the error names it (no bare OSError/RuntimeError)
+    (other,) = _run_of(tmp_path / "other", steps=(2,))
+    torch.save({"not": "an optimizer state"}, other / "optimizer.pt")
+    model, optimizer, scheduler = _parts()
+    with pytest.raises(CheckpointError, match=r"cannot restore .*checkpoint-00000002/optimizer.pt"):
+        load_checkpoint(Accelerator(cpu=True), other, model, optimizer, scheduler)

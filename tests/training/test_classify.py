@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_model
 
 import absvl
 from absvl.cli import main
+from absvl.data.patch_labels import IGNORE_INDEX
 from absvl.io import read_backbone_folder
 from absvl.models.vision import create_backbone
 from absvl.training.classify import (
@@ -26,6 +28,8 @@ from absvl.training.classify import (
     classifier_param_groups,
     evaluate_classifier,
     load_classifier,
+    patch_classification_loss,
+    predict_topk,
     train_classifier,
 )
 from absvl.training.config import ClassifyConfig, ConfigError, load_config
@@ -460,3 +464,165 @@ def test_patch_labelled_run_classifies_every_patch_and_logs_the_gate(tmp_path, c
                 "train.max_steps=1",
             )
         )
+
+
+# --------------------------------------------------------------------------- confusion, class weights, attributes
+class _Logits(torch.nn.Module):
+    """A stand-in classifier whose logits are its input: image labels read ``logits``, patch labels
+    ``head(norm_tokens(tokens))`` of the tokens after one prefix token."""
+
+    def __init__(self, patches: bool) -> None:
+        super().__init__()
+        self.patches = patches
+        self.head = torch.nn.Identity()
+
+    def norm_tokens(self, tokens):
+        return tokens
+
+    def forward(self, images):
+        from types import SimpleNamespace
+
+        if self.patches:
+            return SimpleNamespace(tokens=torch.cat([images[:, :1] * 0, images], 1), num_prefix_tokens=1)
+        return SimpleNamespace(logits=images)
+
+
+def _ranked(*top1, classes=6):
+    """Logits ``[N, classes]`` whose top-1 is ``top1[i]`` and whose last-ranked class is ``top1[i] + 1``."""
+    logits = torch.zeros(len(top1), classes)
+    for row, best in enumerate(top1):
+        logits[row] = torch.arange(classes, dtype=torch.float).roll(best + 1)
+    return logits
+
+
+def test_predict_topk_counts_a_confusion_matrix_by_hand():
+    accelerator = Accelerator(cpu=True)
+    # one label per image: two batches, one of them with an unreadable image, and an empty batch
+    logits = _ranked(0, 1, 2, 2, 5)
+    assert logits.argmax(1).tolist() == [0, 1, 2, 2, 5] and logits.argmin(1).tolist() == [1, 2, 3, 3, 0]
+    loader = [
+        {"images": logits[:3], "labels": torch.tensor([0, 2, 2]), "skipped": [("bad.jpg", "broken")]},
+        {"images": logits[:0], "labels": torch.zeros(0, dtype=torch.long), "skipped": []},
+        {"images": logits[3:], "labels": torch.tensor([1, 0])},
+    ]
+    model = _Logits(patches=False).train()
+    counts = predict_topk(model, loader, accelerator, num_classes=6)
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    for true, predicted in ((0, 0), (2, 1), (2, 2), (1, 2), (0, 5)):
+        expected[true, predicted] += 1
+    assert torch.equal(counts["confusion"], expected) and counts["images"] == 5
+    # rows 2 and 5 rank their label last: the two top-5 misses
+    assert counts["correct5"] == 3 and counts["skipped"] == [("bad.jpg", "broken")]
+    assert model.training  # the mode is given back
+    # patch labels: every labelled patch is an item, unlabelled ones (IGNORE_INDEX) are left out
+    tokens = torch.stack([_ranked(0, 0, 3, 1), _ranked(2, 0, 0, 0)])  # [2 images, 4 patches, 6 classes]
+    labels = torch.tensor([[0, 1, 3, IGNORE_INDEX], [2, IGNORE_INDEX, 0, 5]])
+    counts = predict_topk(_Logits(patches=True), [{"images": tokens, "labels": labels}], accelerator, num_classes=6)
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    for true, predicted in ((0, 0), (1, 0), (3, 3), (2, 2), (0, 0), (5, 0)):
+        expected[true, predicted] += 1
+    assert torch.equal(counts["confusion"], expected) and counts["images"] == 6
+    assert counts["correct5"] == 5  # the class-1 patch is ranked last by its logits, the class-5 one fifth
+
+
+def test_patch_loss_weighs_each_patch_by_its_true_class():
+    torch.manual_seed(0)
+    model = create_backbone("absvit_test_patch8", num_classes=3, img_size=16).train()
+    output = model(torch.randn(2, 3, 16, 16))
+    targets = torch.tensor([[0, 0, 1, IGNORE_INDEX], [2, 0, 0, 1]])
+    weights = torch.tensor([0.1, 1.0, 2.0])
+
+    def weighted_ce(tokens):  # by hand: each labelled patch's CE times its class weight, over the weights' sum
+        logits = model.head(model.norm_tokens(tokens[:, output.num_prefix_tokens :])).flatten(0, 1)
+        keep = targets.flatten() != IGNORE_INDEX
+        nll = -logits[keep].log_softmax(-1).gather(1, targets.flatten()[keep][:, None]).squeeze(1)
+        w = weights[targets.flatten()[keep]]
+        return (w * nll).sum() / w.sum()
+
+    var = output.aux_losses["var"]
+    expected = (weighted_ce(output.tokens) + weighted_ce(output.bottom_up_tokens)) / 2 + 0.1 * var
+    got = patch_classification_loss(model, output, targets, var_weight=0.1, class_weights=weights)
+    torch.testing.assert_close(got, expected)
+    unweighted = patch_classification_loss(model, output, targets, var_weight=0.1)
+    torch.testing.assert_close(
+        unweighted, patch_classification_loss(model, output, targets, var_weight=0.1, class_weights=torch.ones(3))
+    )
+    assert not torch.allclose(got, unweighted)
+
+
+def _with_attributes(root: Path) -> Path:
+    (root / "attributes.json").write_text(
+        json.dumps({"color": [None, "red", "blue"], "form": [None, "square", "square"]})
+    )
+    return root
+
+
+def test_patch_labelled_validation_scores_background_objects_and_attributes(tmp_path, monkeypatch):
+    import absvl.training.classify as classify
+
+    data = _with_attributes(_make_patch_dataset(tmp_path / "patches", {"train": 16, "val": 8}))
+    seen = []
+    loss = classify.patch_classification_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("class_weights"))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(classify, "patch_classification_loss", spy)
+    run = tmp_path / "run"
+    config = _config(
+        data, run, "data.format=patches", "data.background_weight=0.25", "train.max_steps=4", "train.eval_every=2"
+    )
+    summary = train_classifier(config)
+    assert len(seen) == 4 and all(torch.equal(w, torch.tensor([0.25, 1.0, 1.0])) for w in seen)
+    vals = [r for r in _log(run) if "val/top1" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    for r in vals:
+        assert {"val/top1", "val/top5", "val/background", "val/objects", "val/color", "val/form"} <= set(r)
+        # 8 val images: 64 background and 64 object patches, so top-1 is the mean of the two
+        assert r["val/top1"] == pytest.approx((r["val/background"] + r["val/objects"]) / 2)
+        # a class is its colour here: colour right = class right; both classes are squares: form right = any object
+        assert r["val/color"] == pytest.approx(r["val/objects"]) and r["val/form"] >= r["val/objects"]
+    # the object patches pick the best checkpoint (the earliest of equals); the export keeps every score
+    objects = {r["step"]: r["val/objects"] for r in vals}
+    assert Path(summary["best_checkpoint"]).name == f"checkpoint-{max(objects, key=lambda s: (objects[s], -s)):08d}"
+    info = json.loads((Path(summary["export"]) / "config.json").read_text())
+    assert set(info["metrics"]) == {"top1", "top5", "background", "objects", "color", "form"}
+    assert info["metrics"]["objects"] == pytest.approx(vals[-1]["val/objects"])
+    # weight 1 (the default): no class weights
+    seen.clear()
+    train_classifier(
+        _config(data, tmp_path / "run1", "data.format=patches", "train.max_steps=1", "data.val_split=null")
+    )
+    assert seen == [None]
+
+
+def test_eval_classify_scores_patches_by_kind_and_attribute_on_a_known_case(tmp_path, capsys):
+    """A patch classifier that calls every patch "red": of 8 val images' 64 background, 32 red and 32 blue
+    patches, top-1 = 25 %, background 0 %, objects = colour 50 %, form (both classes are squares) 100 %."""
+    data = _with_attributes(_make_patch_dataset(tmp_path / "patches", {"train": 4, "val": 8}))
+    run = tmp_path / "run"
+    summary = train_classifier(
+        _config(data, run, "data.format=patches", "train.max_steps=1", "data.val_split=null", "train.batch_size=4")
+    )
+    export = Path(summary["export"])
+    model, _ = load_classifier(export)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 5.0, 1.0]))
+    save_model(model, str(export / "model.safetensors"))
+    result = evaluate_classifier(export, data, "val", batch_size=4, num_workers=0)
+    assert result["images"] == 128 and result["classes"] == 3
+    assert result["top1"] == pytest.approx(25.0) and result["top5"] == pytest.approx(100.0)
+    assert result["background"] == pytest.approx(0.0) and result["objects"] == pytest.approx(50.0)
+    assert result["color"] == pytest.approx(50.0) and result["form"] == pytest.approx(100.0)
+    out = tmp_path / "scores.json"
+    command = ["eval", "classify", "--model", str(export), "--data", str(data), "--out", str(out), "--num-workers", "0"]
+    assert main(command) == 0
+    assert "top-1 25.00 %" in capsys.readouterr().out
+    scores = json.loads(out.read_text())
+    assert (scores["background"], scores["objects"], scores["color"], scores["form"]) == pytest.approx((0, 50, 50, 100))
+    # without attributes.json the patches are still scored by kind, the attributes are not
+    (data / "attributes.json").unlink()
+    plain = evaluate_classifier(export, data, "val", batch_size=4, num_workers=0)
+    assert plain["objects"] == pytest.approx(50.0) and "color" not in plain and "form" not in plain

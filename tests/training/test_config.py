@@ -143,3 +143,49 @@ def test_yaml_words_yes_no_on_off_stay_words():
         ConfigError, match="data.randaugment='yes' in the command line is invalid: expected true or false"
     ):
         load_config("configs/shapes_absvit_tiny.yaml", ["data.randaugment=yes"])
+
+
+def test_background_weight_is_a_positive_weight_of_patch_labels():
+    from absvl.training.config import ClassifyConfig
+
+    patches = ["data.format=patches", "data.mixup=0", "data.cutmix=0", "data.randaugment=null"]
+    assert load_config(None, [], ClassifyConfig).data.background_weight == 1.0  # off by default
+    assert load_config(None, [*patches, "data.background_weight=0.1"], ClassifyConfig).data.background_weight == 0.1
+    for bad in ("0", "-0.5"):
+        with pytest.raises(ConfigError, match=rf"data.background_weight={float(bad)!r} is invalid: expected > 0"):
+            load_config(None, [*patches, f"data.background_weight={bad}"], ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"data.background_weight='heavy' .* is not a number"):
+        load_config(None, [*patches, "data.background_weight=heavy"], ClassifyConfig)
+    # image labels have no background class: the error names the key to change and the one that needs it
+    with pytest.raises(
+        ConfigError, match=r"data.format='imagefolder' is invalid: expected patches for data.background_weight"
+    ):
+        load_config(None, ["data.background_weight=0.5"], ClassifyConfig)
+
+
+def test_the_shapes_recipe_configs_load():
+    from absvl.training.config import ClassifyConfig
+
+    pretrain = load_config("configs/shapes_pretrain.yaml", [], ClassifyConfig)
+    assert pretrain.data.format == "patches" and 0 < pretrain.data.background_weight < 1
+    prior = load_config("configs/shapes_prior.yaml")  # a VQA run config (absvl train prior)
+    assert prior.model.prior_object_weight > 0 and prior.data.root == "data/shapes"
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    # PyYAML keeps the last silently: a second lr would win, a second train: section would replace the first whole
+    text = "train:\n  lr: 1.0e-4\n  output_dir: runs/mine\n  lr: 100.0\n"
+    with pytest.raises(ConfigError, match=r"run.yaml: key 'lr' appears twice in one mapping, on line 2 and on line 4"):
+        load_config(_write(tmp_path, text))
+    text = "train:\n  lr: 1.0e-4\n  output_dir: runs/mine\nmodel: {alpha: 1}\ntrain:\n  epochs: 2\n"
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping, on line 1 and on line 5"):
+        load_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"key 'alpha' appears twice .* on line 1 \(columns 9 and 19\)"):
+        load_config(_write(tmp_path, "model: {alpha: 1, alpha: 2}\n"))
+    with pytest.raises(ConfigError, match=r"train.betas=.*not valid YAML .*key 'a' appears twice"):
+        load_config(None, ["train.betas={a: 1, a: 2}"])
+    # a merge key's keys may be overridden: that is no duplicate
+    merged = "x: &base {lr: 1.0e-4, epochs: 2}\ntrain:\n  <<: *base\n  lr: 3.0e-5\n"
+    from absvl.training.config import _load_yaml
+
+    assert _load_yaml(merged)["train"] == {"lr": 3.0e-5, "epochs": 2}

@@ -88,3 +88,27 @@ def test_retrieval_checkpoint_exports_and_its_card_keeps_the_recalls(
         and card == (run / "best" / "README.md").read_text() == (run / "final" / "README.md").read_text()
     )
     assert summary["best_export"] == str(run / "best")
+
+
+def test_patch_classifier_checkpoint_exports_with_its_scores_per_kind_of_patch(tmp_path, capsys):
+    from .test_classify import _make_patch_dataset, _with_attributes
+
+    data = _with_attributes(_make_patch_dataset(tmp_path / "patches", {"train": 8, "val": 4}))
+    run = tmp_path / "run"
+    overrides = _overrides(
+        data, run, "data.format=patches", "train.max_steps=2", "train.eval_every=1", "train.save_every=1"
+    )
+    train_classifier(load_config(None, [*overrides, "train.keep_last=2"], ClassifyConfig))
+    first = run / "checkpoint-00000001"
+    out = tmp_path / "exported"
+    assert main(["export", str(first), "--out", str(out)]) == 0
+    assert "(classify)" in capsys.readouterr().out
+    info = json.loads((out / "config.json").read_text())
+    assert info["labels"] == "patch" and info["classes"] == ["background", "red", "blue"]
+    val = next(
+        r
+        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if r.get("step") == 1 and "val/top1" in r
+    )
+    assert info["metrics"] == {k: val[f"val/{k}"] for k in ("top1", "top5", "background", "objects", "color", "form")}
+    _same(load_classifier(out)[0].state_dict(), first)

@@ -75,3 +75,34 @@ def test_skipped_items_count_once_per_run():
     assert merged == [[1, "a.jpg", "truncated"], [2, "a.jpg", "truncated"], [3, "b.jpg", "missing"]]
     assert describe_skipped(merged) == "3 items (2 unreadable images)"
     assert json.loads(json.dumps(merged)) == merged
+
+
+def test_train_resume_skips_a_truncated_checkpoint_and_says_so(tiny_overrides, capsys):
+    # truncate -s 1000 RUN/checkpoint-00000006/model.safetensors; absvl train vqa --resume RUN
+    from absvl.cli import main
+
+    overrides = [*tiny_overrides, "train.max_steps=6", "train.save_every=2", "train.keep_last=5", "data.val_split=null"]
+    train_vqa(load_config(CONFIG, overrides))
+    run = Path(load_config(CONFIG, overrides).train.output_dir)
+    with open(run / "checkpoint-00000006" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    optimizer = run / "checkpoint-00000004" / "optimizer.pt"
+    with open(optimizer, "r+b") as f:
+        f.truncate(optimizer.stat().st_size - 10)
+    capsys.readouterr()
+
+    assert main(["train", "vqa", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {run / 'checkpoint-00000006'}: model.safetensors is truncated" in out
+    assert f"skipped {run / 'checkpoint-00000004'}: optimizer.pt is truncated" in out
+    assert f"resumed from {run / 'checkpoint-00000002'} at step 2" in out
+    assert (run / "checkpoint-00000006.broken").is_dir() and (run / "checkpoint-00000004.broken").is_dir()
+    # the run continued to its end, writing whole checkpoints again where the damaged ones were
+    assert (run / "final" / "model.safetensors").is_file()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-00000002",
+        "checkpoint-00000004",
+        "checkpoint-00000004.broken",
+        "checkpoint-00000006",
+        "checkpoint-00000006.broken",
+    ]

@@ -9,14 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from absvl.cli import main
 from absvl.models.vl import AbsVLModel
-from absvl.training.config import load_config
-from absvl.training.vqa import train_vqa
+from absvl.training.config import ConfigError, load_config
+from absvl.training.vqa import build_model, object_regions, train_vqa
 
 CONFIG = "configs/shapes_absvit_tiny.yaml"
 
@@ -48,7 +49,12 @@ def test_demo_config_trains_evaluates_and_exports(tiny_overrides, tmp_path):
         {"gate/mean", "gate/open", "prior/xi_pairwise_cos", "topdown/change"} <= set(r) for r in log if "loss" in r
     )
     val = [r for r in log if "val/accuracy" in r][-1]
-    assert {"val/attention_bottom_up", "val/attention_top_down", "val/attention_top_down_others"} <= set(val)
+    steering = {
+        f"val/steer/{score}_{m}" for score in ("pointing", "paired") for m in ("bottom_up", "top_down", "fusion")
+    }
+    probes = {f"val/probe/{p}_{x}" for p in ("bottom_up", "top_down") for x in ("color", "shape", "position")}
+    assert steering | probes <= set(val)
+    assert all(0 <= val[k] <= 100 for k in probes | {k for k in steering if "pointing" in k})
     # keep_last=1 plus the best
     names = sorted(p.name for p in run.glob("checkpoint-*"))
     assert "checkpoint-00000012" in names and len(names) <= 2
@@ -69,6 +75,7 @@ def test_a_gate_that_stays_shut_is_reported(tiny_overrides, tmp_path, capsys):
                 "data.val_split=null",
                 "model.alpha=1",
                 "model.gate_sparsity_weight=1000",
+                "model.prior_object_weight=0",  # the object-level prior term would hold the gate open on the objects
                 "train.lr=1e-2",
             ],
         ),
@@ -262,7 +269,8 @@ def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_o
     world, coco = tmp_path / "world", tmp_path / "coco"  # coco/ holds train2014/ val2014/ test2015/
     shutil.copytree(shapes_root, world, ignore=shutil.ignore_patterns("images"))
     shutil.copytree(shapes_root / "images", coco)
-    overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2"]
+    # the prior loss's object term reads the masks of a Shapes world that keeps its images: off here
+    overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2", "model.prior_object_weight=0"]
     with pytest.raises(FileNotFoundError, match="none of the first 20 images exists .*point data.images at the folder"):
         train_vqa(load_config(CONFIG, overrides))
     summary = train_vqa(load_config(CONFIG, [*overrides, f"data.images={coco}"]))
@@ -349,6 +357,7 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
         f"data.images={shapes_root / 'images'}",
         "data.hf_columns={question_id: id, image: file}",
         "train.max_steps=2",
+        "model.prior_object_weight=0",  # a Hub dataset does not know its objects
     ]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
@@ -366,3 +375,97 @@ def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(sh
     assert score_predictions(one_unreadable, examples) == score_predictions(
         {**one_unreadable, examples[0].question_id: ""}, examples
     )
+
+
+# --------------------------------------------------------------------------- loss diagnostics, object regions
+# each loss term's weight (VQA's is 1) and the override that sets it
+WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1}
+WEIGHT_KEYS = {
+    "var": "var_loss_weight",
+    "prior": "prior_loss_weight",
+    "prior_objects": "prior_object_weight",
+    "gate": "gate_sparsity_weight",
+}
+
+
+def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(tiny_overrides, monkeypatch):
+    measured = []
+    measure = AbsVLModel.loss_gradient_norms
+
+    def counting(self, losses):
+        measured.append(sorted(losses))
+        return measure(self, losses)
+
+    monkeypatch.setattr(AbsVLModel, "loss_gradient_norms", counting)
+    weights = [f"model.{key}={WEIGHTS[term]}" for term, key in WEIGHT_KEYS.items()]
+    config = load_config(
+        CONFIG, [*tiny_overrides, *weights, "train.max_steps=5", "train.log_every=2", "data.val_split=null"]
+    )
+    train_vqa(config)
+    terms = ["gate", "prior", "prior_objects", "var", "vqa"]
+    assert measured == [terms] * 3  # the logged steps 2, 4 and the last one, not the others
+    records = [r for r in map(json.loads, (Path(config.train.output_dir) / "log.jsonl").open()) if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    for r in records:
+        assert all(f"loss/{t}" in r for t in terms)
+        # the logged loss is the step's loss: the weighted sum of its terms
+        assert r["loss"] == pytest.approx(sum(WEIGHTS[t] * r[f"loss/{t}"] for t in terms), rel=1e-5)
+        grads = {k: v for k, v in r.items() if k.startswith("grad/")}
+        assert {
+            f"grad/{t}/{part}" for t in ("vqa", "prior", "prior_objects") for part in ("backbone", "text_encoder")
+        } <= set(grads)
+        assert set(grads) <= {f"grad/{t}/{part}" for t in terms for part in ("backbone", "text_encoder")}
+        assert all(v >= 0 and np.isfinite(v) for v in grads.values())
+        for t in ("vqa", "prior", "prior_objects"):  # the answer and the prior reach both encoders
+            assert grads[f"grad/{t}/backbone"] > 0 and grads[f"grad/{t}/text_encoder"] > 0, t
+
+
+def test_measuring_the_gradients_does_not_change_training(tiny_overrides, tmp_path):
+    finals = []
+    for name, every in (("each", 1), ("never", 100)):
+        overrides = [*tiny_overrides, "train.max_steps=3", f"train.log_every={every}", "data.val_split=null"]
+        config = load_config(CONFIG, [*overrides, f"train.output_dir={tmp_path / name}"])
+        finals.append(train_vqa(config)["export"])
+    log = [json.loads(line) for line in (tmp_path / "each" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in log if "grad/vqa/backbone" in r]) == 3
+    _assert_same_weights(_weights(finals[0]), _weights(finals[1]))
+
+
+def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, tiny_overrides, tmp_path):
+    from absvl.data.shapes_world import ShapesWorld
+    from absvl.training.config import ConfigError
+    from absvl.training.vqa import build_model, object_regions
+
+    config = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=1"])
+    model = build_model(config, ["yes", "no"])
+    regions = object_regions(config, model)
+    assert set(regions) == {"object_masks", "grid"} and regions["grid"] == (4, 4)  # 32 px, 8-px patches
+    world = ShapesWorld.load(shapes_root)
+    scene = next(iter(world.load_scenes().values()))
+    image = world.image_path(scene["split"], scene["image_id"])
+    assert regions["object_masks"](str(image), scene["image_id"]) == world.mask_path(scene["split"], scene["image_id"])
+    off = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0"])
+    assert object_regions(off, build_model(off, ["yes", "no"])) == {}
+
+    # an official-format VQAv2 folder that is no Shapes world: refused with the key to change, before training
+    plain = tmp_path / "vqav2"
+    shutil.copytree(shapes_root, plain, ignore=shutil.ignore_patterns("shapes_meta.json", "masks"))
+    refused = load_config(CONFIG, [*tiny_overrides, f"data.root={plain}", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"model.prior_object_weight=1.0 needs data that knows its objects"):
+        object_regions(refused, model)
+    with pytest.raises(ConfigError, match=r"set model.prior_object_weight=0"):
+        train_vqa(refused)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    # a backbone without patch tokens has no patch grid
+    cnn = load_config(CONFIG, [*tiny_overrides, "model.backbone=tdam_resnet_test", "model.backbone_kwargs={}"])
+    with pytest.raises(ConfigError, match=r"model.prior_object_weight needs a ViT-family backbone"):
+        object_regions(cnn, build_model(cnn, ["yes", "no"]))
+
+
+def test_object_prior_refuses_randaugment_that_moves_images_but_not_masks(tiny_overrides):
+    config = load_config(
+        "configs/shapes_absvit_tiny.yaml", [*tiny_overrides, "data.randaugment=true", "model.prior_object_weight=1"]
+    )
+    model = build_model(config, ["yes", "no"])
+    with pytest.raises(ConfigError, match="data.randaugment"):
+        object_regions(config, model)

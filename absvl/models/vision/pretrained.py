@@ -135,7 +135,7 @@ def folder_overrides(path: str | Path, name: str) -> dict[str, Any]:
     config = read_backbone_folder(path)
     if config["name"] != name:
         logger.warning(
-            "%s holds a converted %r, loaded into %r: its options %s are not applied",
+            "%s holds a %r: its weights load into %r, built with its own options (the folder's %s do not apply)",
             path,
             config["name"],
             name,

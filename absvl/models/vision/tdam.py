@@ -209,6 +209,14 @@ class ResNetBackbone(ResNet):
                             block.norm(i, t).load_state_dict(block.norm(i, 0).state_dict())
         return [k for k in missing if _EXTRA_KEYS.search(k)]
 
+    pools_mean = False  # the prefix token is the global average itself
+
+    def norm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens as they are: timm's ResNet head reads the feature map unnormalised."""
+        return tokens
+
+    gate_tokens = norm_tokens  # the space the prior loss aligns ξ with
+
     # --- timm's interface, xi accepted and ignored: TDAM's top-down signal is inside each block
     def forward_features(self, images: torch.Tensor, xi: torch.Tensor | None = None) -> torch.Tensor:
         """The last feature map ``[B, C, h, w]`` (timm's ``ResNet.forward_features``)."""

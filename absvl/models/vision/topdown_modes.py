@@ -84,7 +84,7 @@ class Perceiver(TopDown):
 
     def run(self, model, first, xi, return_maps=False, take=()):
         z, grid = first.bottom_up_tokens, first.grid_size
-        gate = self.gate(model, z, xi)
+        gate = self.gate(model, model.gate_tokens(z), xi)
         mask = model.alpha * gate
         # the bottom-up map (the same block) with its tokens masked
         maps = (
@@ -105,7 +105,8 @@ class SecondPass(TopDown, ABC):
         """(top-down tokens per block, value mask) for the second pass."""
 
     def run(self, model, first, xi, return_maps=False, take=()):
-        z, grid = first.bottom_up_tokens, first.grid_size
+        # z_L: the first pass's output tokens as the top-down pass reads them (Eq. 8; ``gate_tokens``)
+        z, grid = model.gate_tokens(first.bottom_up_tokens), first.grid_size
         gate = self.gate(model, z, xi) if self.uses_prior else None
         td, value_mask = self.inputs(model, z, gate)
         with_var = model.training and model.variational_loss and self.needs_decoders

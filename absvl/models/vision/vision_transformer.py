@@ -169,6 +169,7 @@ class VisionTransformer(nn.Module):
         attention_kwargs: dict[str, Any] | None = None,
         map_block: int | None = None,
         stem: str = "patch",
+        gate_fc_norm: bool = False,
     ) -> None:
         """
         Args:
@@ -188,6 +189,10 @@ class VisionTransformer(nn.Module):
                 stack of stride-2 3×3 convolutions (timm's ``ConvStem``) down to the patch grid
                 (Xiao et al. 2021, "Early convolutions help transformers see better"): a locality
                 prior that lets a small ViT trained from scratch on little data learn shapes.
+            gate_fc_norm: with ``global_pool="avg"``, the top-down pass reads z_L through ``fc_norm`` per
+                token (the normalised tokens the head and the VL fusion read) for its gate and feedback;
+                ``False`` is the authors' code, where z_L is the output after ``norm`` (Identity there).
+                A token-pooled ViT's z_L passed ``norm`` either way.
         """
         super().__init__()
         mode = get_topdown(topdown)
@@ -205,6 +210,7 @@ class VisionTransformer(nn.Module):
         self.alpha = alpha
         self.variational_loss = variational_loss
         self.global_pool = global_pool
+        self.gate_fc_norm = gate_fc_norm
         self.num_features = self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.num_prefix_tokens = 1 if class_token else 0
@@ -380,6 +386,24 @@ class VisionTransformer(nn.Module):
         first, _ = self.first_pass(images)
         second = self.topdown_mode.run(self, first, xi)
         return first.tokens if second is None else second.tokens
+
+    @property
+    def pools_mean(self) -> bool:
+        """Whether the pooled output is the mean of the spatial tokens (``global_pool="avg"``), not token 0."""
+        return self.global_pool == "avg"
+
+    def norm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` output tokens normalised as the head reads them, for a model that reads every token
+        (the VL fusion, SPEC §5; the patch classifier): a token-pooled ViT's tokens passed ``norm`` already
+        (its ``fc_norm`` is Identity); an average-pooled one's ``norm`` is Identity and its ``fc_norm``,
+        which normalises the pooled token, is applied to each token."""
+        return self.fc_norm(tokens)
+
+    def gate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` z_L as the top-down pass reads it (Eq. 8: the gate ``clamp(cos(ξ, z_L))`` and the
+        feedback), and so the space the prior loss aligns ξ with: ``norm_tokens`` with ``gate_fc_norm``,
+        the tokens as they are otherwise."""
+        return self.norm_tokens(tokens) if self.gate_fc_norm else tokens
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool ``[B, N, C]`` tokens ([cls] token, or ``fc_norm`` of the mean patch token); logits unless ``pre_logits``."""

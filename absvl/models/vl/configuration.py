@@ -9,9 +9,21 @@ from ...io import version_stamp
 
 PRIOR_POOLINGS = ("cls", "mean")
 PRIOR_VISUALS = ("bottom_up", "top_down", "both")
+FUSION_READS = ("top_down", "both")
 TASKS = ("vqa", "retrieval")
 # keys written to config.json for humans and tools, not constructor fields
 _META_KEYS = ("model_type", "absvl_version")
+
+
+# the training objective's weights: a run that starts from an export (``train.init_from``) takes these from
+# its own config (``AbsVLModel.with_loss_weights``) and the architecture from the export
+LOSS_WEIGHTS = (
+    "var_loss_weight",
+    "prior_loss_weight",
+    "prior_object_weight",
+    "itm_loss_weight",
+    "gate_sparsity_weight",
+)
 
 
 @dataclass
@@ -46,12 +58,21 @@ class AbsVLConfig:
         fusion_hidden_size, fusion_layers, fusion_heads, fusion_mlp_ratio, fusion_dropout,
             fusion_norm_eps: METER co-attention encoder (H=768, 6 layers, 12 heads, FFN 4H,
             dropout 0.1, BERT LayerNorm eps 1e-12).
+        fusion_reads: the image tokens the fusion reads: ``top_down`` (the backbone's output, the second
+            pass: the paper) or ``both``: each position's first- and second-pass tokens side by side (channels
+            concatenated), so that what the top-down pass overwrites stays readable next to what it selects.
+        fusion_image_positions: add fixed 2-D sine-cosine position embeddings to the image tokens the
+            fusion reads (``FusionEncoder``), for backbones whose output tokens do not keep their position.
         num_answers: VQA answer vocabulary size (0: no VQA head); the strings are in ``answers.json``.
         temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
         max_logit_scale: clamp of ``1/temperature`` (CLIP: 100).
         var_loss_weight: weight of L_var (AbSViT Eq. 13/14; 0.3 in the authors' VL code).
         prior_loss_weight: weight of the prior loss L_prior (Eq. 15). 1.0, as ALBEF/BLIP weigh their
             image-text contrastive loss against ITM: the authors' VL code has no working value.
+        prior_object_weight: weight of the prior loss's object-level term (``object_prior_loss``): ξ
+            against the tokens of its own image, the question's objects positive, the other objects and the
+            background negative, with the boundary at the gate's clamp. Needs data that knows its objects (the Shapes world's masks and each
+            question's ``target_objects``); 0: off, the paper's image-level loss alone.
         itm_loss_weight: weight of the image-text matching cross-entropy.
         gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
             over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
@@ -78,11 +99,14 @@ class AbsVLConfig:
     fusion_mlp_ratio: float = 4.0
     fusion_dropout: float = 0.1
     fusion_norm_eps: float = 1e-12
+    fusion_reads: str = "top_down"
+    fusion_image_positions: bool = False
     num_answers: int = 0
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
     var_loss_weight: float = 0.3
     prior_loss_weight: float = 1.0
+    prior_object_weight: float = 0.0
     itm_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
     trained_tasks: list[str] | None = None
@@ -93,6 +117,8 @@ class AbsVLConfig:
             raise ValueError(f"trained_tasks has unknown task(s) {sorted(unknown_tasks)}; known: {', '.join(TASKS)}")
         if self.prior_pooling not in PRIOR_POOLINGS:
             raise ValueError(f"prior_pooling={self.prior_pooling!r} must be one of {', '.join(PRIOR_POOLINGS)}")
+        if self.fusion_reads not in FUSION_READS:
+            raise ValueError(f"fusion_reads={self.fusion_reads!r} must be one of {', '.join(FUSION_READS)}")
         if self.prior_visual not in PRIOR_VISUALS:
             raise ValueError(f"prior_visual={self.prior_visual!r} must be one of {', '.join(PRIOR_VISUALS)}")
         if "alpha" in self.backbone_kwargs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
@@ -74,15 +75,16 @@ class CoAttentionLayer(nn.Module):
 
 
 class Pooler(nn.Module):
-    """``tanh(W·token_0 + b)``, or of the token mean for streams without a prefix token (METER/BERT pooler)."""
+    """``tanh(W·token_0 + b)`` (METER/BERT pooler), or of the mean of the tokens after the first
+    ``mean_after`` ones (an image stream whose backbone pools by the mean of its spatial tokens)."""
 
-    def __init__(self, dim: int, use_mean: bool = False) -> None:
+    def __init__(self, dim: int, mean_after: int | None = None) -> None:
         super().__init__()
-        self.use_mean = use_mean
+        self.mean_after = mean_after
         self.dense = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x.mean(dim=1) if self.use_mean else x[:, 0]))
+        return torch.tanh(self.dense(x[:, 0] if self.mean_after is None else x[:, self.mean_after :].mean(dim=1)))
 
 
 class FusionEncoder(nn.Module):
@@ -98,12 +100,20 @@ class FusionEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         norm_eps: float = 1e-12,
-        image_mean_pool: bool = False,
+        image_mean_after: int | None = None,
+        image_positions: bool = False,
     ) -> None:
-        """``image_mean_pool``: pool the image stream by its mean (backbones without a [cls] token)."""
+        """``image_mean_after``: pool the image stream by the mean of its tokens after the first
+        ``image_mean_after`` (the backbone's prefix tokens) instead of token 0: for backbones without a
+        [cls] token or whose pooled output is the mean of the spatial tokens (their [cls] is untrained).
+        ``image_positions``: add fixed 2-D sine-cosine position embeddings (MAE's, timm's
+        ``build_sincos2d_pos_embed``) of the patch grid to the spatial image tokens, as ViLT adds position
+        embeddings to the patches it reads: for a backbone whose tokens do not keep where they are (a ViT
+        pretrained on per-patch labels needs no position, and its tokens lose it)."""
         super().__init__()
         self.text_proj = nn.Linear(text_width, hidden_size)
         self.image_proj = nn.Linear(vision_width, hidden_size)
+        self.image_positions = image_positions
         self.token_type_embeddings = nn.Embedding(2, hidden_size)
         self.text_layers = nn.ModuleList(
             CoAttentionLayer(hidden_size, num_heads, mlp_ratio, dropout, norm_eps) for _ in range(num_layers)
@@ -112,15 +122,20 @@ class FusionEncoder(nn.Module):
             CoAttentionLayer(hidden_size, num_heads, mlp_ratio, dropout, norm_eps) for _ in range(num_layers)
         )
         self.text_pooler = Pooler(hidden_size)
-        self.image_pooler = Pooler(hidden_size, use_mean=image_mean_pool)
+        self.image_pooler = Pooler(hidden_size, mean_after=image_mean_after)
 
     def forward(
-        self, text: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor
+        self,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image: torch.Tensor,
+        grid_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             text: ``[B, T, text_width]`` text encoder states; ``attention_mask``: ``[B, T]``.
-            image: ``[B, N, vision_width]`` vision tokens.
+            image: ``[B, N, vision_width]`` vision tokens, the spatial ones last, row by row.
+            grid_size: ``(h, w)`` of the spatial tokens; needed with ``image_positions``.
 
         Returns:
             (text tokens ``[B, T, H]``, image tokens ``[B, N, H]``, pooled ``[B, 2H]`` = [text; image]).
@@ -128,6 +143,12 @@ class FusionEncoder(nn.Module):
         types = self.token_type_embeddings.weight
         x = self.text_proj(text) + types[TEXT_TYPE]
         y = self.image_proj(image) + types[IMAGE_TYPE]
+        if self.image_positions:
+            if grid_size is None:
+                raise ValueError("image_positions needs the grid_size of the image tokens")
+            h, w = grid_size
+            positions = build_sincos2d_pos_embed([h, w], y.shape[-1], device=y.device, dtype=y.dtype)
+            y = torch.cat([y[:, : y.shape[1] - h * w], y[:, y.shape[1] - h * w :] + positions], dim=1)
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
             x, y = text_layer(x, y, attention_mask, None), image_layer(y, x, None, attention_mask)
         return x, y, torch.cat([self.text_pooler(x), self.image_pooler(y)], dim=-1)

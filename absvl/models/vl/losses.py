@@ -41,35 +41,99 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(shards)
 
 
+def text_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64 ids that are equal exactly for rows holding the same tokenised text: a position-weighted
+    hash of the unpadded tokens (Knuth's multiplicative constants), the same on every process so that gathered
+    rows compare; two different texts of a batch collide with probability ~2^-31."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.int64)
+    coefficients = (positions * 2654435761 + 40503) % (2**31 - 1) + 1
+    tokens = (input_ids.long() + 1) * attention_mask.long()  # padding counts as 0, a token as its id + 1
+    return (tokens * coefficients).sum(dim=1) % (2**31 - 1)
+
+
 def contrastive_loss(
-    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None
+    text: torch.Tensor,
+    image: torch.Tensor,
+    logit_scale: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between matching rows of ``text`` (ξ) and ``image`` (AbSViT Eq. 15, CLIP).
 
     ``logits = s · t̂ îᵀ`` over the batch gathered from all processes; the loss is the mean of the
-    text→image and image→text cross-entropies with the diagonal as targets. Rows are normalised
-    here. ``valid`` (``[B]`` bool) drops rows that are not matching pairs (e.g. ITM negatives).
+    text→image and image→text cross-entropies. Rows are normalised here. ``valid`` (``[B]`` bool)
+    drops rows that are not matching pairs (ITM negatives, a question whose answer says its object is
+    absent). ``groups`` (``[B]`` int, e.g. :func:`text_groups`) makes the rows of one group one
+    positive class (multi-positive InfoNCE): a text's positives are the images of every row with the
+    same text, whose pairs would otherwise push each other apart as negatives; each direction's term is
+    ``-log Σ_positives softmax``. Without ``groups`` the positives are the diagonal (CLIP).
     Computed in fp32, autocast or not: at a logit scale up to 100 a bf16 matmul's rounding error
     (≈ 0.4 on a logit) would change the loss.
     """
     with torch.autocast(text.device.type, enabled=False):
-        return _contrastive_loss(text.float(), image.float(), logit_scale.float(), valid)
+        return _contrastive_loss(text.float(), image.float(), logit_scale.float(), valid, groups)
 
 
 def _contrastive_loss(
-    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None
+    text: torch.Tensor,
+    image: torch.Tensor,
+    logit_scale: torch.Tensor,
+    valid: torch.Tensor | None,
+    groups: torch.Tensor | None,
 ) -> torch.Tensor:
     text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
     text, image = gather_with_grad(text), gather_with_grad(image)
     logits = logit_scale * text @ image.t()
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    if valid is None:
+    n = logits.shape[0]
+    diagonal = torch.eye(n, dtype=torch.bool, device=logits.device)
+    if valid is None and groups is None:
+        targets = torch.arange(n, device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
     # Masks, not boolean indexing (a data-dependent shape: a GPU sync and a torch.compile graph
-    # break): a non-matching row is nobody's negative (-inf) and its own term weighs 0 (its
-    # diagonal stays finite so that the term is too).
-    valid = gather_with_grad(valid.long()).bool()
-    outside = ~(valid[:, None] & valid[None, :]) & ~torch.eye(len(valid), dtype=torch.bool, device=valid.device)
-    logits = logits.masked_fill(outside, float("-inf"))
-    terms = F.cross_entropy(logits, targets, reduction="none") + F.cross_entropy(logits.t(), targets, reduction="none")
+    # break): a row that is not a matching pair is nobody's negative (-inf) and its own terms weigh 0
+    # (its diagonal stays a finite positive so that the terms are too).
+    valid = torch.ones(n, dtype=torch.bool, device=logits.device) if valid is None else gather_with_grad(valid.long())
+    valid = valid.bool()
+    pairs = valid[:, None] & valid[None, :]
+    positive = diagonal
+    if groups is not None:
+        groups = gather_with_grad(groups.long())
+        positive = (groups[:, None] == groups[None, :]) & pairs | diagonal
+    logits = logits.masked_fill(~pairs & ~diagonal, float("-inf"))
+    on_positives = logits.masked_fill(~positive, float("-inf"))
+    terms = (logits.logsumexp(1) - on_positives.logsumexp(1)) + (logits.logsumexp(0) - on_positives.logsumexp(0))
     return (terms * valid).sum() / (2 * valid.sum().clamp(min=1))
+
+
+def object_prior_loss(
+    text: torch.Tensor,
+    tokens: torch.Tensor,
+    patch_objects: torch.Tensor,
+    target_objects: torch.Tensor,
+    scale: float = 5.0,
+) -> torch.Tensor:
+    """The prior loss's object-level term: ξ against the tokens of its own image, in the gate's space.
+
+    Each spatial token of ``tokens`` ``[B, P, C]`` is a positive when the object that owns it
+    (``patch_objects`` ``[B, P]``, 0 = background, negative = nobody) is one of the question's objects
+    (``target_objects`` ``[B, K]``, bool by label), a negative otherwise (the image's other objects and its
+    background); the term is a sigmoid cross-entropy on ``scale · cos(ξ, z_i)`` without a bias (SigLIP's
+    form), its positive and negative tokens weighted equally, averaged over the rows. Without a bias the
+    boundary is at cos = 0, the clamp of the prior gate ``clamp(cos(ξ, z_i), 0, 1)`` (Eq. 8): the gate learns
+    to open on the asked-about objects and stay shut elsewhere, including everywhere for a question whose
+    object is absent. The scale is fixed and moderate: a token's term is small only when |cos| is large
+    (0.07 at |cos| = 0.5 for scale 5), so the gate opens wide; at the contrastive head's learned scale
+    (~14) the term was as low with the gate at 0.1-0.2 on its targets, too little for α·gate to steer. A batch's other images rarely tell shape words apart (each shape is in most scenes); the other
+    objects of the same image do. In fp32, as ``contrastive_loss``.
+    """
+    with torch.autocast(text.device.type, enabled=False):
+        cos = F.normalize(tokens.float(), dim=-1) @ F.normalize(text.float(), dim=-1).unsqueeze(-1)
+        logits = scale * cos.squeeze(-1)  # [B, P]
+        labels = target_objects.shape[1]
+        labelled = patch_objects >= 0
+        positive = target_objects.gather(1, patch_objects.long().clamp(0, labels - 1)) & labelled
+        negative = ~positive & labelled
+        on_positives = (F.softplus(-logits) * positive).sum(1) / positive.sum(1).clamp(min=1)
+        on_negatives = (F.softplus(logits) * negative).sum(1) / negative.sum(1).clamp(min=1)
+        rows = positive.any(1).float() + negative.any(1).float()
+        return ((on_positives + on_negatives) / rows.clamp(min=1)).mean()

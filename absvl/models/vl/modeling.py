@@ -9,6 +9,7 @@ gate's own space (``ContrastiveHead``). ``save_pretrained`` writes everything ``
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -26,15 +27,24 @@ from transformers.utils import ModelOutput
 
 from ...io import CONFIG_NAME, WEIGHTS_NAME, read_json, write_json
 from ..vision import BackboneOutput, backbone_family, create_backbone
-from .configuration import AbsVLConfig
+from .configuration import LOSS_WEIGHTS, AbsVLConfig
 from .fusion import FusionEncoder
 from .heads import ContrastiveHead, ITMHead, VQAHead
-from .losses import contrastive_loss, vqa_loss
+from .losses import contrastive_loss, object_prior_loss, text_groups, vqa_loss
 from .model_card import CARD_DATA_KEYS, CARD_DATA_NAME, render_model_card
 from .processing import AbsVLProcessor, ImageInput, backbone_image_size
-from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
+from .text import (
+    PriorProjection,
+    channel_projection,
+    load_text_encoder,
+    text_config_dict,
+    text_encoder_from_config,
+    tokenizer_mismatches,
+)
 
 ANSWERS_NAME = "answers.json"
+# METER's fusion width, at which BERT's init std 0.02 is tuned (see _init_new_weights)
+METER_WIDTH = 768
 # the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
 LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 
@@ -151,14 +161,15 @@ class AbsVLModel(
         self.prior = PriorProjection(text_width, vision_width, config.prior_pooling)
         self.fusion = FusionEncoder(
             text_width,
-            vision_width,
+            vision_width * (2 if config.fusion_reads == "both" else 1),
             hidden_size=hidden,
             num_layers=config.fusion_layers,
             num_heads=config.fusion_heads,
             mlp_ratio=config.fusion_mlp_ratio,
             dropout=config.fusion_dropout,
             norm_eps=config.fusion_norm_eps,
-            image_mean_pool=self.backbone.num_prefix_tokens == 0,
+            image_mean_after=self.backbone.num_prefix_tokens if self.backbone.pools_mean else None,
+            image_positions=config.fusion_image_positions,
         )
         self.vqa_head = VQAHead(2 * hidden, config.num_answers) if config.num_answers else None
         self.itm_head = ITMHead(2 * hidden)
@@ -206,6 +217,22 @@ class AbsVLModel(
         with channel_projection(self.backbone, xi) if projected else contextlib.nullcontext():
             return self.backbone.top_down(first, xi, return_maps)
 
+    def fusion_image_tokens(self, vision: BackboneOutput, kind: str = "top_down") -> torch.Tensor:
+        """``[B, N, C]`` the image tokens the fusion reads: the backbone's output tokens normalised as its
+        head reads them (``norm_tokens``; SPEC §5), positions kept. ``kind``: ``top_down`` (the output,
+        what the fusion gets) or ``bottom_up`` (the first pass's, e.g. to probe what the second pass changed)."""
+        if kind not in ("top_down", "bottom_up"):
+            raise ValueError(f"kind={kind!r} must be 'top_down' or 'bottom_up'")
+        return self.backbone.norm_tokens(vision.tokens if kind == "top_down" else vision.bottom_up_tokens)
+
+    def fusion_input(self, vision: BackboneOutput) -> torch.Tensor:
+        """What the fusion reads (``config.fusion_reads``): the top-down tokens, or each position's
+        bottom-up and top-down tokens concatenated along the channels."""
+        tokens = self.fusion_image_tokens(vision)
+        if self.config.fusion_reads == "both":
+            tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
+        return tokens
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised ξ ``[B, C]``: the text side of the retrieval space."""
         return F.normalize(self.encode_prior(input_ids, attention_mask)[1], dim=-1)
@@ -214,7 +241,7 @@ class AbsVLModel(
         """``[B, C]`` image side of the prior loss from the bottom-up tokens (see ``ContrastiveHead``):
         query-independent, indexable once."""
         vision = self.first_pass(images)
-        return self.contrastive(vision.bottom_up_tokens, vision.num_prefix_tokens)
+        return self.contrastive(self.backbone.gate_tokens(vision.bottom_up_tokens), vision.num_prefix_tokens)
 
     # --- forward ----------------------------------------------------------------------
     def forward(
@@ -224,8 +251,12 @@ class AbsVLModel(
         attention_mask: torch.Tensor | None = None,
         vqa_targets: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
+        prior_positive: torch.Tensor | None = None,
+        patch_objects: torch.Tensor | None = None,
+        target_objects: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_maps: bool = False,
+        prior_only: bool = False,
     ) -> AbsVLOutput:
         """
         Args:
@@ -235,22 +266,44 @@ class AbsVLModel(
             vqa_targets: ``[B, num_answers]`` soft VQA scores → ``losses["vqa"]``.
             itm_labels: ``[B]`` 1 for matching pairs, 0 otherwise → ``losses["itm"]``; only matching
                 pairs enter the prior loss.
+            prior_positive: ``[B]`` bool, false for pairs that are no positive of the prior loss (a
+                question whose answer says its object is absent: ``VQAExample.says_absent``); default all.
+                Rows with the same text are one positive class of it (``text_groups``).
+            patch_objects, target_objects: ``[B, h·w]`` each patch's object label (0 background) and ``[B, K]``
+                the question's objects by label → ``losses["prior_objects"]`` (``prior_object_weight``).
             return_loss: compute the loss without task labels (L_var + L_prior only); default: when
                 labels are given.
             return_maps: ask the backbone for bottom-up / top-down maps (``out.vision.maps``).
+            prior_only: compute the prior loss's terms alone (``out.loss``, ``out.losses``), from the text and the
+                backbone's first pass (without gradients when the backbone is frozen): no second pass, no fusion,
+                a small share of a VQA step; what the prior alignment trains (``absvl train prior``).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden, xi = self.encode_prior(input_ids, attention_mask)
+        if prior_only:
+            if self.config.prior_visual == "top_down" and self.config.prior_loss_weight > 0:
+                raise ValueError("prior_only runs the first pass alone: it cannot train prior_visual=top_down")
+            frozen = not any(p.requires_grad for p in self.backbone.parameters())
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                first = images if isinstance(images, BackboneOutput) else self.first_pass(images)
+            losses = self.prior_losses(
+                xi, first, input_ids, attention_mask, prior_positive, patch_objects, target_objects
+            )
+            if not losses:
+                raise ValueError("prior_only needs prior_loss_weight > 0, or prior_object_weight > 0 and the objects")
+            return AbsVLOutput(loss=sum(self.weighted_losses(losses).values()), losses=losses, xi=xi, vision=first)
         needs_map = self.config.prior_visual == "both" and self.training
         vision = self.encode_vision(images, xi, return_maps or needs_map)
-        text_tokens, image_tokens, pooled = self.fusion(hidden, attention_mask, vision.tokens)
+        text_tokens, image_tokens, pooled = self.fusion(
+            hidden, attention_mask, self.fusion_input(vision), vision.grid_size
+        )
         vqa_logits = self.vqa_head(pooled) if self.vqa_head is not None else None
         itm_logits = self.itm_head(pooled)
         prior_visual, prefix = self.config.prior_visual, vision.num_prefix_tokens
         text_embeds = F.normalize(xi, dim=-1)
         image_embeds = self.contrastive(
-            vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens, prefix
+            self.backbone.gate_tokens(vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens), prefix
         )
 
         losses: dict[str, torch.Tensor] = {}
@@ -266,21 +319,13 @@ class AbsVLModel(
                 losses["var"] = vision.aux_losses["var"]
             if self.config.gate_sparsity_weight > 0 and vision.prior_mask is not None:
                 losses["gate"] = vision.prior_mask[:, vision.num_prefix_tokens :].mean()
-            if self.config.prior_loss_weight > 0:
-                valid = None if itm_labels is None else itm_labels == 1
-                losses["prior"] = contrastive_loss(text_embeds, image_embeds, self.contrastive.scale(), valid)
-                if prior_visual == "both" and "top_down" in vision.maps:
-                    attended = self.contrastive.attended(vision.bottom_up_tokens, prefix, vision.maps["top_down"])
-                    top_down = contrastive_loss(text_embeds, attended, self.contrastive.scale(), valid)
-                    losses["prior"] = (losses["prior"] + top_down) / 2
-            weights = {
-                "vqa": 1.0,
-                "itm": self.config.itm_loss_weight,
-                "var": self.config.var_loss_weight,
-                "prior": self.config.prior_loss_weight,
-                "gate": self.config.gate_sparsity_weight,
-            }
-            loss = sum(weights[k] * v for k, v in losses.items())
+            valid = prior_positive
+            if itm_labels is not None:
+                valid = itm_labels == 1 if valid is None else valid & (itm_labels == 1)
+            losses.update(
+                self.prior_losses(xi, vision, input_ids, attention_mask, valid, patch_objects, target_objects)
+            )
+            loss = sum(self.weighted_losses(losses).values())
         return AbsVLOutput(
             loss=loss,
             losses=losses,
@@ -294,6 +339,71 @@ class AbsVLModel(
             image_embeds=image_embeds,
             vision=vision,
         )
+
+    def prior_losses(
+        self,
+        xi: torch.Tensor,
+        vision: BackboneOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        patch_objects: torch.Tensor | None = None,
+        target_objects: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The prior loss's terms (unweighted) for ξ and a backbone output: ``prior`` (Eq. 15, the symmetric
+        InfoNCE with the image's pooled tokens in the gate's space; rows of the same text are one positive class,
+        rows not ``valid`` none), averaged with the top-down-attended term when ``prior_visual`` is ``both`` and
+        the output holds the top-down map; ``prior_objects`` (``object_prior_loss``) when the data gives the
+        objects. Terms whose weight is 0 are left out."""
+        losses: dict[str, torch.Tensor] = {}
+        # the gate's space (``gate_tokens``): the prior loss trains what the gate reads (SPEC §2)
+        prefix, tokens = vision.num_prefix_tokens, self.backbone.gate_tokens(vision.bottom_up_tokens)
+        if self.config.prior_loss_weight > 0:
+            text_embeds, groups, scale = (
+                F.normalize(xi, dim=-1),
+                text_groups(input_ids, attention_mask),
+                self.contrastive.scale(),
+            )
+            pooled = tokens if self.config.prior_visual != "top_down" else self.backbone.gate_tokens(vision.tokens)
+            losses["prior"] = contrastive_loss(text_embeds, self.contrastive(pooled, prefix), scale, valid, groups)
+            if self.config.prior_visual == "both" and "top_down" in vision.maps:
+                attended = self.contrastive.attended(tokens, prefix, vision.maps["top_down"])
+                top_down = contrastive_loss(text_embeds, attended, scale, valid, groups)
+                losses["prior"] = (losses["prior"] + top_down) / 2
+        if self.config.prior_object_weight > 0 and patch_objects is not None and target_objects is not None:
+            losses["prior_objects"] = object_prior_loss(xi, tokens[:, prefix:], patch_objects, target_objects)
+        return losses
+
+    def weighted_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each loss term times its weight (``vqa`` 1, the others their config weights): their sum is the loss."""
+        weights = {
+            "vqa": 1.0,
+            "itm": self.config.itm_loss_weight,
+            "var": self.config.var_loss_weight,
+            "prior": self.config.prior_loss_weight,
+            "prior_objects": self.config.prior_object_weight,
+            "gate": self.config.gate_sparsity_weight,
+        }
+        return {k: weights[k] * v for k, v in losses.items()}
+
+    def loss_gradient_norms(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"grad/<loss>/<part>": ‖∇ w·L‖}``: the gradient norm that each weighted loss term of a forward
+        (``out.losses``, graph still alive: it is kept) puts on the backbone and on the text encoder, so that a
+        log shows which loss drives the encoders. One extra backward per term: for log steps only."""
+        parts = {
+            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+            "text_encoder": [p for p in self.text_encoder.parameters() if p.requires_grad],
+        }
+        norms: dict[str, torch.Tensor] = {}
+        parts = {part: params for part, params in parts.items() if params}  # a frozen part has no gradient
+        for name, term in self.weighted_losses(losses).items():
+            if not term.requires_grad:
+                continue
+            for part, params in parts.items():
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                present = [g.float().norm() for g in grads if g is not None]
+                norms[f"grad/{name}/{part}"] = torch.stack(present).norm() if present else term.new_zeros(())
+        return norms
 
     def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
@@ -377,6 +487,12 @@ class AbsVLModel(
         return groups
 
     # --- Hub ----------------------------------------------------------------------------
+    def with_loss_weights(self, config: AbsVLConfig) -> AbsVLModel:
+        """Take the training objective's weights (``LOSS_WEIGHTS``) from ``config``, keeping this model's
+        architecture: a run that starts from an export trains with its own config's losses. Returns ``self``."""
+        self.config = replace(self.config, **{name: getattr(config, name) for name in LOSS_WEIGHTS})
+        return self
+
     def save_pretrained(
         self,
         save_directory: str | Path,
@@ -461,6 +577,7 @@ class AbsVLModel(
         """
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
+            _refuse_missing_path(pretrained_model_name_or_path)
             folder = Path(
                 snapshot_download(
                     repo_id=str(pretrained_model_name_or_path),
@@ -482,11 +599,49 @@ class AbsVLModel(
         # the text encoder's config tells AutoTokenizer the class (our config.json is not a transformers one)
         text_config = transformers.AutoConfig.for_model(**config.text_config)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=text_config)
+        _refuse_foreign_tokenizer(folder, tokenizer, config)
         model = cls(config, answers=answers, tokenizer=tokenizer)
         load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         if (folder / CARD_DATA_NAME).is_file():  # absent in folders saved by older versions
             model.card_data = read_json(folder / CARD_DATA_NAME, what="an AbsVLModel's model card data")
         return model.eval()
+
+
+def _refuse_missing_path(name: str | Path) -> None:
+    """A name that is no local folder and can only be meant as a path (not a Hub repo id ``ORG/NAME``, or its first
+    part a folder here) is refused as a missing folder, not sent to the Hub as a malformed repo id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.exists():
+        raise FileNotFoundError(
+            f"{name} is a file, not a model folder: give the folder that save_pretrained wrote (config.json, "
+            "model.safetensors, answers.json, the tokenizer's files)"
+        )
+    try:
+        validate_repo_id(str(name))
+        local = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    except HFValidationError:
+        local = True
+    if local:
+        raise FileNotFoundError(
+            f"{name}: no such folder (a model folder written by save_pretrained, e.g. RUN/final or RUN/best; a Hub "
+            "model is named ORG/NAME)"
+        )
+
+
+def _refuse_foreign_tokenizer(folder: Path, tokenizer: Any, config: AbsVLConfig) -> None:
+    """A folder whose tokenizer files are missing (transformers then builds a near-empty tokenizer that encodes
+    every question to its special tokens alone) or another model's answers wrongly without a word: refused."""
+    problems = tokenizer_mismatches(tokenizer, config.text_config)
+    if problems:
+        present = sorted(p.name for p in folder.glob("*") if p.name.startswith(("tokenizer", "vocab", "merges", "spm")))
+        raise ValueError(
+            f"{folder}: its tokenizer does not match its text encoder: {'; '.join(problems)}. Its tokenizer files "
+            f"({', '.join(present) or 'none here'}) are missing or another model's: copy those of the text encoder "
+            f"it was trained with ({config.text_encoder}) into the folder (tokenizer.save_pretrained)"
+        )
 
 
 def _refuse_projected_prior(weights: Path) -> None:
@@ -513,11 +668,21 @@ def _sorted_keys(tree: Any) -> Any:
 
 
 def _init_new_weights(module: nn.Module) -> None:
-    """METER/BERT init of the layers this model adds: normal(0, 0.02) linears and embeddings."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    """METER/BERT init of the layers this model adds, kept at METER's per-layer gain whatever the width:
+    linears normal(0, 0.02·√(768 / fan_in)) (0.02 at METER's 768), embeddings normal(0, 0.02), zero biases.
+
+    BERT's fixed 0.02 is tuned for width 768; at the demo's width 128 each linear would pass ~0.23 of its
+    input's scale instead of ~0.55, the product over a fusion layer, the pooler and the head vanishes,
+    and a fusion trained from scratch sat at the language prior: on the Shapes world's "what shape is the
+    <colour> object?" 55 % after 1,000 steps with 0.02, 86 % after 250 with this init (frozen stage-1
+    tokens, docs/results/answering.md).
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02 * math.sqrt(METER_WIDTH / module.in_features))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)

@@ -58,6 +58,30 @@ def text_config_dict(model: nn.Module) -> dict[str, Any]:
     return config
 
 
+# the special tokens whose ids a transformers config may hold: the tokenizer's must be the same
+SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
+
+
+def tokenizer_mismatches(tokenizer: Any, text_config: dict[str, Any]) -> list[str]:
+    """How a tokenizer disagrees with the text encoder's config it should feed (empty: it fits): more entries than
+    the embedding table has rows (ids past its end), far fewer (another model's tokenizer, or none: transformers
+    then builds a near-empty one that encodes every text to its special tokens alone; a table padded to a round
+    size has up to 1 % or 128 rows more), or a special token (pad, bos, eos, cls, sep) at another id than the
+    config's, where both name one."""
+    problems = []
+    vocab_size, size = text_config.get("vocab_size"), len(tokenizer)
+    if isinstance(vocab_size, int):
+        if size > vocab_size:
+            problems.append(f"the tokenizer has {size:,} entries, more than the {vocab_size:,} of the embedding table")
+        elif vocab_size - size > max(128, vocab_size // 100):
+            problems.append(f"the tokenizer has {size:,} entries where the text encoder has {vocab_size:,}")
+    for name in SPECIAL_TOKEN_IDS:
+        expected, found = text_config.get(name), getattr(tokenizer, name, None)
+        if isinstance(expected, int) and found is not None and found != expected:
+            problems.append(f"its {name} is {found} where the text encoder's is {expected}")
+    return problems
+
+
 class PriorProjection(nn.Module):
     """ξ = Linear(pool(text hidden states)) in the vision width (AbSViT Sec. 4, VL prior)."""
 

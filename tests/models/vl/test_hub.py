@@ -92,6 +92,43 @@ def test_from_pretrained_names_bad_folders_and_keys(make_model, tmp_path):
         AbsVLModel.from_pretrained(saved)
 
 
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused(make_model, bert_dir, tmp_path):
+    # without its tokenizer files transformers builds a 5-entry RobertaTokenizer that encodes every question to
+    # [2, 3]: the model answered "1" where the intact one says "cyan", without a word
+    saved = tmp_path / "saved"
+    make_model("absvit_test_patch8").save_pretrained(saved)
+    assert AbsVLModel.from_pretrained(saved).tokenizer("what color?")["input_ids"] != [2, 3]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(saved / name, kept / name)
+    with pytest.raises(ValueError) as refused:
+        AbsVLModel.from_pretrained(saved)
+    message = str(refused.value)
+    assert message.startswith(f"{saved}: its tokenizer does not match its text encoder: the tokenizer has 5 entries")
+    assert "its pad_token_id is 0 where the text encoder's is 1" in message
+    assert "tokenizer files (none here) are missing or another model's" in message
+    # another model's tokenizer (a BERT vocabulary of another size, other special tokens)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bert_dir / name, saved / name)
+    with pytest.raises(ValueError, match=r"the tokenizer has \d+ entries where the text encoder has \d+"):
+        AbsVLModel.from_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(kept / name, saved / name)
+    assert AbsVLModel.from_pretrained(saved).answers  # its own files back: it loads
+
+
+def test_a_missing_local_path_is_no_such_folder_not_a_hub_error(make_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for name in ("runs/vqa/final", "./final", str(tmp_path / "final"), "~/no/such/model", "runs/final"):
+        with pytest.raises(FileNotFoundError, match=r": no such folder \(a model folder written by save_pretrained"):
+            AbsVLModel.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="model.safetensors is a file, not a model folder"):
+        AbsVLModel.from_pretrained("model.safetensors")
+
+
 def test_push_to_hub_uploads_the_saved_folder_and_never_the_token(make_model, tmp_path, hub, caplog, capsys):
     token = "hf_NOT_A_REAL_TOKEN_1234567890"
     model = make_model("absvit_test_patch8")

@@ -88,3 +88,58 @@ def test_attend_loads_a_model_by_hub_id(make_model, tmp_path, hub, monkeypatch, 
     )
     assert out.is_file() and Image.open(out).width > 32
     assert AbsVLModel.from_pretrained("org/absvl-tiny", local_files_only=True).answers  # now in the cache
+
+
+def test_push_a_run_without_final_names_what_to_pass(make_model, tmp_path, hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run = _run_folder(make_model, tmp_path)
+    (run / "final").rename(run / "checkpoint-00000004")  # a run stopped before its export
+    capsys.readouterr()
+    assert main(["push", str(run), "--repo-id", "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"absvl: error: no final/ in {run}: pass {run / 'final'} or {run / 'best'}")
+    assert "absvl export" in err and not hub.repos
+    make_model("absvit_test_patch8").save_pretrained(run / "best")
+    capsys.readouterr()
+    assert main(["push", str(run), "--repo-id", "me/x"]) == 2
+    assert capsys.readouterr().err == f"absvl: error: no final/ in {run}: pass {run / 'final'} or {run / 'best'}\n"
+    assert main(["push", str(run / "best"), "--repo-id", "me/x"]) == 0
+
+
+def test_push_without_network_is_one_clear_line(make_model, tmp_path, hub, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: the connection is refused, as with no network
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = _run_folder(make_model, tmp_path) / "final"
+    capsys.readouterr()
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 1
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if "Loading weights" not in line]  # one line besides the load's bar
+    assert line.startswith(
+        f"absvl: error: cannot reach the Hugging Face Hub at http://127.0.0.1:{port} to push to me/x"
+    )
+    assert "ConnectError" in line and "check the network connection" in line
+    assert "Traceback" not in err and TOKEN not in out + err
+
+
+def test_push_and_attend_refuse_a_model_without_its_tokenizer(make_model, tmp_path, hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = _run_folder(make_model, tmp_path) / "final"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    assert main(["push", str(folder), "--repo-id", "me/x"]) == 2
+    assert "its tokenizer does not match its text encoder" in capsys.readouterr().err and not hub.repos
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(image)
+    args = ["attend", str(image), "--text", "what color is the circle?", "--out", str(tmp_path / "maps.png")]
+    assert main([*args, "--model", str(folder)]) == 2
+    assert "its tokenizer does not match its text encoder" in capsys.readouterr().err
+    # a --model path that is not there: no such folder, not a Hub repo-id error
+    assert main([*args, "--model", str(tmp_path / "runs" / "vqa" / "final")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs' / 'vqa' / 'final'}: no such folder" in err and "repo" not in err.split(":")[2]
+    assert not (tmp_path / "maps.png").exists()
