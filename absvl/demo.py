@@ -14,8 +14,8 @@
 6. what the tokens the fusion reads know (linear probes of shape, colour, position; bottom-up and
    top-down, ``absvl.metrics.probes``) and whether the question steers them (paired and pointing scores
    per question family, ``absvl.metrics.steering``);
-7. write a PNG: per row an image, its bottom-up map and the top-down maps of a pair of questions about
-   different objects (the rule that picks them is printed);
+7. write a PNG: per row an image, its bottom-up map, the top-down maps of a pair of questions about
+   different objects and the gate each opens (the rule that picks them is printed);
 8. retrieval: finetune the VQA model on the world's captions (``configs/shapes_retrieval.yaml``: prior loss
    + ITM on hard negatives), report test IR/TR@k (contrastive, then re-ranked by ITM with the caption
    steering the encoder), index the test images with FAISS and run a query.
@@ -228,7 +228,8 @@ def example_maps(model: AbsVLModel, world: ShapesWorld, split: str, png: Path) -
         picture.save(tmp)
     right = sum(sum(r["right"]) for r in reports)
     print(
-        f"wrote {png}: per row an image, its bottom-up map and the top-down maps of two questions "
+        f"wrote {png}: per row an image, its bottom-up map, the top-down maps of two questions and the gate each "
+        "question opens "
         f"({right} of {2 * len(reports)} answers right; distances: total variation of the maps as distributions, "
         "0 = the same map, 1 = disjoint)"
     )

@@ -67,11 +67,12 @@ def side_by_side(panels: Sequence[tuple[Image.Image, str]], size: int = 224) -> 
 def attention_figure(
     model: Any, image: ImageInput, texts: Sequence[str], out_png: str | Path | None = None, size: int = 224
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """The image, its bottom-up map, and one top-down map per text (AbSViT Fig. 4/6 layout).
+    """The image, its bottom-up map, one top-down map per text (AbSViT Fig. 4/6 layout) and, for a
+    backbone with a prior, the gate ``clamp(cos(ξ, z_i), 0, 1)`` each text opens (what ξ selects).
 
     A model with a VQA head labels each top-down panel with its answer. Returns the picture
     (also written to ``out_png`` when given) and ``{"bottom_up": map, "top_down": [maps],
-    "answers": [str] | None}`` on the patch grid.
+    "gate": [maps] | None, "answers": [str] | None}`` on the patch grid.
     """
     texts = list(texts)
     if not texts:
@@ -82,6 +83,10 @@ def attention_figure(
     maps = out.vision.maps
     bottom_up = maps["bottom_up"][0].float().cpu().numpy()
     top_down = [m.float().cpu().numpy() for m in maps.get("top_down", maps["bottom_up"])]
+    gate = None
+    if out.vision.prior_mask is not None:
+        spatial = out.vision.prior_mask[:, out.vision.num_prefix_tokens :, 0].reshape(len(texts), *bottom_up.shape)
+        gate = list(spatial.float().cpu().numpy())
     answers = None
     if out.vqa_logits is not None:
         answers = [model.answers[i] for i in out.vqa_logits.argmax(-1).tolist()]
@@ -90,9 +95,11 @@ def attention_figure(
     for i, text in enumerate(texts):
         label = f"top-down: {text}" + (f" -> {answers[i]}" if answers else "")
         panels.append((overlay(square, top_down[i]), label))
+    for i, text in enumerate(texts if gate is not None else ()):
+        panels.append((overlay(square, gate[i]), f"gate: {text}"))
     figure = side_by_side(panels, size)
     if out_png is not None:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out_png) as tmp:
             figure.save(tmp)  # the format follows the suffix, which tmp keeps
-    return figure, {"bottom_up": bottom_up, "top_down": top_down, "answers": answers}
+    return figure, {"bottom_up": bottom_up, "top_down": top_down, "gate": gate, "answers": answers}

@@ -74,7 +74,7 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
     )
     assert 0 <= report["accuracy"] <= 100 and 0 <= report["majority_baseline"] <= 100
     png = Image.open(report["png"])
-    assert png.size[0] == 4 * 224  # image | bottom-up | two top-down maps, one row per example
+    assert png.size[0] == 6 * 224  # image | bottom-up | two top-down maps | two gates, one row per example
     assert png.size[1] == len(report["examples"]) * (224 + 34)
     assert json.loads((tmp_path / "out" / "demo.json").read_text())["export"] == report["export"]
 

@@ -54,8 +54,16 @@ def test_attention_figure_has_one_top_down_map_per_text(saved_model, shapes_root
     figure, maps = attention_figure(
         model, image, ["what color is the circle?", "is there a square?"], tmp_path / "a.png", size=64
     )
-    assert figure.size == (4 * 64, 64 + 34) and Image.open(tmp_path / "a.png").size == figure.size
+    # image | bottom-up | two top-down maps | the gate each text opens
+    assert figure.size == (6 * 64, 64 + 34) and Image.open(tmp_path / "a.png").size == figure.size
     assert maps["bottom_up"].shape == (4, 4) and len(maps["top_down"]) == 2
+    inputs = model.prepare_inputs(images=[image], text=["is there a square?"])
+    with torch.no_grad():
+        _, xi = model.encode_prior(inputs["input_ids"], inputs["attention_mask"])
+        first = model.first_pass(inputs["images"])
+    z = model.backbone.gate_tokens(first.bottom_up_tokens)[0, first.num_prefix_tokens :]
+    gate = torch.nn.functional.cosine_similarity(z, xi, dim=-1).clamp(0, 1).reshape(4, 4)
+    np.testing.assert_allclose(maps["gate"][1], gate.numpy(), rtol=1e-4, atol=1e-6)
     assert not np.allclose(maps["top_down"][0], maps["top_down"][1])  # the text steers the top-down map
     assert all(a in model.answers for a in maps["answers"])
     with pytest.raises(ValueError, match="at least one text"):
@@ -80,7 +88,7 @@ def test_attend_command_writes_the_png(saved_model, shapes_root, tmp_path, capsy
         )
         == 0
     )
-    assert Image.open(out).size == (3 * 224, 224 + 34)  # image | bottom-up | top-down
+    assert Image.open(out).size == (4 * 224, 224 + 34)  # image | bottom-up | top-down | gate
     assert "answers:" in capsys.readouterr().out
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"nope")

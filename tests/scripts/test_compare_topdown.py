@@ -225,7 +225,7 @@ def test_quick_run_writes_the_results_and_skips_done_runs(compare, shapes_root, 
     assert "| ViT |" in table and "| AbSViT |" in table and "Pointing TD %" in table and "Paired fusion" in table
     assert "absvl.metrics.steering" in table and "| chance |" in table
     assert Image.open(out / "comparison.png").size[0] >= 900
-    assert Image.open(out / "attention.png").size[0] == 4 * 224  # image | bottom-up | two top-down maps
+    assert Image.open(out / "attention.png").size[0] == 6 * 224  # image | bottom-up | two top-down maps | two gates
     # a second invocation reuses both runs
     capsys.readouterr()
     again = compare.main(argv)
