@@ -42,7 +42,6 @@ from .metrics.retrieval import format_recall_table
 from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLModel
-from .models.vl.configuration import LOSS_WEIGHTS
 from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
 from .training.config import ClassifyConfig, RetrievalConfig, RunConfig, dump_config, load_config
@@ -148,8 +147,7 @@ def prior_stage(vqa_config: RunConfig, overrides: Sequence[str] = ()) -> dict[st
     """Stage 2a, prior alignment (``configs/shapes_prior.yaml``'s losses and schedule) of the model that
     stage 2b finetunes: ``vqa_config``'s model (architecture) and data. Returns the run's summary."""
     config = load_config(PRIOR_CONFIG, overrides)
-    weights = {name: getattr(config.model, name) for name in LOSS_WEIGHTS}
-    config = replace(config, model=replace(vqa_config.model, **weights), data=vqa_config.data)
+    config = replace(config, model=vqa_config.model.with_loss_weights(config.model), data=vqa_config.data)
     print("stage 2a (prior alignment): ξ learns to point at the objects a question names, the vision encoder frozen")
     summary = train_prior(config, notify=print)
     if summary["val"] and "gate_pointing" in summary["val"]:

@@ -376,19 +376,20 @@ class RetrievalConfig(_RunConfigBase):
         ]
 
 
+def _vision_starts_trained(config: Any) -> bool:
+    """The run's vision backbone gets weights: pretrained ones (``pretrained``/``pretrained_path``) or the
+    model of ``train.init_from``."""
+    kwargs = config.model.backbone_kwargs
+    return bool(kwargs.get("pretrained") or kwargs.get("pretrained_path") or config.train.init_from)
+
+
 def check_vision_start(config: Any) -> None:
     """A VL training run's vision backbone starts from pretrained weights, unless it is a test-size one
     (``*_test*``, e.g. the Shapes demo's), the run starts from ``train.init_from``, or the user asked
     for random weights (``train.vision_from_scratch``). Raises ``ConfigError`` naming the keys."""
     model, train = config.model, config.train
     kwargs = model.backbone_kwargs
-    if (
-        "_test" in model.backbone
-        or kwargs.get("pretrained")
-        or kwargs.get("pretrained_path")
-        or train.init_from
-        or train.vision_from_scratch
-    ):
+    if "_test" in model.backbone or _vision_starts_trained(config) or train.vision_from_scratch:
         return
     raise ConfigError(
         f"model.backbone_kwargs={kwargs!r} gives no pretrained weights for the paper-size vision backbone "
@@ -402,9 +403,8 @@ def check_vision_start(config: Any) -> None:
 def from_scratch_note(config: Any) -> str | None:
     """What to change when a VL run's test-size vision backbone (``*_test*``, which ``check_vision_start``
     lets start from random weights) has no pretrained weights and no ``train.init_from``; ``None`` otherwise."""
-    model, train = config.model, config.train
-    kwargs = model.backbone_kwargs
-    if "_test" not in model.backbone or kwargs.get("pretrained") or kwargs.get("pretrained_path") or train.init_from:
+    model = config.model
+    if "_test" not in model.backbone or _vision_starts_trained(config):
         return None
     return (
         f"model.backbone={model.backbone} starts from random weights (no backbone_kwargs.pretrained_path, no "

@@ -117,13 +117,13 @@ def evaluate_prior(model: AbsVLModel, loader: Any, accelerator: Accelerator) -> 
         if len(batch["question_ids"]) == 0:
             continue
         batch = to_device(batch, accelerator.device)
-        sums["prior_loss"] = sums.get("prior_loss", 0.0) + float(prior_forward(model, batch).loss)
+        out = prior_forward(model, batch)  # its first pass and ξ also give the gate
+        sums["prior_loss"] = sums.get("prior_loss", 0.0) + float(out.loss)
         batches += 1
         if "patch_objects" in batch:
-            _, xi = model.encode_prior(batch["input_ids"], batch["attention_mask"])
-            first = model.first_pass(batch["images"])
+            first = out.vision
             tokens = model.backbone.gate_tokens(first.bottom_up_tokens)[:, first.num_prefix_tokens :]
-            gate = prior_mask(tokens, xi)[..., 0]
+            gate = prior_mask(tokens, out.xi)[..., 0]
             for key, value in gate_hits(gate, batch["patch_objects"], batch["target_objects"]).items():
                 sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)

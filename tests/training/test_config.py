@@ -189,3 +189,29 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
     from absvl.training.config import _load_yaml
 
     assert _load_yaml(merged)["train"] == {"lr": 3.0e-5, "epochs": 2}
+
+
+def test_a_test_size_backbone_from_random_weights_is_told_what_to_run_first():
+    from absvl.training.config import from_scratch_note
+
+    config = load_config("configs/shapes_absvit_tiny.yaml", ["model.backbone_kwargs={img_size: 64}"])
+    note = from_scratch_note(config)
+    assert note is not None and "learns colour but not shape" in note
+    assert "absvl train classify --config configs/shapes_pretrain.yaml" in note and "absvl train prior" in note
+    # weights from stage 1 or from an export: nothing to say
+    assert from_scratch_note(load_config("configs/shapes_absvit_tiny.yaml")) is None
+    started = load_config("configs/shapes_absvit_tiny.yaml", ["model.backbone_kwargs={}", "train.init_from=runs/x"])
+    assert from_scratch_note(started) is None
+    # a paper-size backbone is refused by check_vision_start instead, not warned about
+    paper = load_config("configs/vqav2_absvit_base.yaml", ["model.backbone_kwargs={}"])
+    assert from_scratch_note(paper) is None
+
+
+def test_train_vqa_warns_a_test_size_backbone_from_random_weights(tiny_overrides):
+    from absvl.training.vqa import train_vqa
+
+    config = load_config(
+        "configs/shapes_absvit_tiny.yaml", [*tiny_overrides, "train.max_steps=1", "model.prior_object_weight=0"]
+    )
+    with pytest.warns(UserWarning, match="starts from random weights"):
+        train_vqa(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ...io import version_stamp
@@ -131,6 +131,10 @@ class AbsVLConfig:
             raise ValueError(f"num_answers={self.num_answers} must be >= 0")
         if not 0.0 < self.temperature_init:
             raise ValueError(f"temperature_init={self.temperature_init} must be > 0")
+
+    def with_loss_weights(self, other: AbsVLConfig) -> AbsVLConfig:
+        """This architecture with ``other``'s training objective (its ``LOSS_WEIGHTS``)."""
+        return replace(self, **{name: getattr(other, name) for name in LOSS_WEIGHTS})
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "absvl", **version_stamp(), **asdict(self)}

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from ...io import CONFIG_NAME, WEIGHTS_NAME, read_json, write_json
 from ..vision import BackboneOutput, backbone_family, create_backbone
-from .configuration import LOSS_WEIGHTS, AbsVLConfig
+from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
 from .heads import ContrastiveHead, ITMHead, VQAHead
 from .losses import contrastive_loss, object_prior_loss, text_groups, vqa_loss
@@ -394,14 +394,15 @@ class AbsVLModel(
             "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
             "text_encoder": [p for p in self.text_encoder.parameters() if p.requires_grad],
         }
-        norms: dict[str, torch.Tensor] = {}
         parts = {part: params for part, params in parts.items() if params}  # a frozen part has no gradient
+        params = [p for part_params in parts.values() for p in part_params]
+        norms: dict[str, torch.Tensor] = {}
         for name, term in self.weighted_losses(losses).items():
-            if not term.requires_grad:
+            if not term.requires_grad or not params:
                 continue
-            for part, params in parts.items():
-                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-                present = [g.float().norm() for g in grads if g is not None]
+            grads = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
+            for part, part_params in parts.items():
+                present = [g.float().norm() for g in (next(grads) for _ in part_params) if g is not None]
                 norms[f"grad/{name}/{part}"] = torch.stack(present).norm() if present else term.new_zeros(())
         return norms
 
@@ -488,9 +489,9 @@ class AbsVLModel(
 
     # --- Hub ----------------------------------------------------------------------------
     def with_loss_weights(self, config: AbsVLConfig) -> AbsVLModel:
-        """Take the training objective's weights (``LOSS_WEIGHTS``) from ``config``, keeping this model's
+        """Take the training objective's weights (``AbsVLConfig.with_loss_weights``) from ``config``, keeping this model's
         architecture: a run that starts from an export trains with its own config's losses. Returns ``self``."""
-        self.config = replace(self.config, **{name: getattr(config, name) for name in LOSS_WEIGHTS})
+        self.config = self.config.with_loss_weights(config)
         return self
 
     def save_pretrained(

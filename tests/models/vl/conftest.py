@@ -72,3 +72,15 @@ def _make_batch(model, questions=QUESTIONS, seed=0):
 def make_batch():
     """``make_batch(model, questions=QUESTIONS, seed=0)`` → forward keyword arguments."""
     return _make_batch
+
+
+def paper_loss(out, config, **extra):
+    """The total a forward should report: the VQA loss plus the ITM, L_var and prior terms at the config's
+    weights, plus each ``extra`` term (``name=weight``) of ``out.losses``."""
+    total = (
+        out.losses["vqa"]
+        + config.itm_loss_weight * out.losses["itm"]
+        + config.var_loss_weight * out.losses["var"]
+        + config.prior_loss_weight * out.losses["prior"]
+    )
+    return total + sum(weight * out.losses[name] for name, weight in extra.items())

@@ -9,6 +9,8 @@ from absvl import AbsVLModel
 from absvl.models.vision.topdown import prior_mask
 from absvl.models.vl.losses import contrastive_loss
 
+from .conftest import paper_loss
+
 
 def test_image_embedding_is_the_gate_space_mean_of_the_bottom_up_tokens(make_model, make_batch):
     model = make_model("absvit_test_patch8").eval()
@@ -70,15 +72,7 @@ def test_gate_sparsity_term(make_model, make_batch):
     gate = prior_mask(vision.bottom_up_tokens, out.xi)[:, vision.num_prefix_tokens :]
     torch.testing.assert_close(vision.prior_mask[:, vision.num_prefix_tokens :], gate)
     torch.testing.assert_close(out.losses["gate"], gate.mean())
-    cfg = model.config
-    total = (
-        out.losses["vqa"]
-        + cfg.itm_loss_weight * out.losses["itm"]
-        + cfg.var_loss_weight * out.losses["var"]
-        + cfg.prior_loss_weight * out.losses["prior"]
-        + 0.5 * out.losses["gate"]
-    )
-    torch.testing.assert_close(out.loss, total)
+    torch.testing.assert_close(out.loss, paper_loss(out, model.config, gate=0.5))
     # backbones without a prior have no gate and no such term
     vit = make_model("vit_test_patch8", gate_sparsity_weight=0.5).train()
     assert "gate" not in vit(**make_batch(vit)).losses

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from absvl.models.vl.losses import contrastive_loss, object_prior_loss, text_groups
 
+from .conftest import paper_loss
+
 # two rows with the same question: one positive class of the prior loss
 DUPLICATED = [
     "what color is the circle?",
@@ -60,15 +62,7 @@ def test_object_prior_term(make_model, make_batch):
     expected = object_prior_loss(out.xi, tokens, patch_objects, target_objects)
     torch.testing.assert_close(out.losses["prior_objects"], expected)
     assert out.losses["prior_objects"].item() > 0
-    cfg = model.config
-    total = (
-        out.losses["vqa"]
-        + cfg.itm_loss_weight * out.losses["itm"]
-        + cfg.var_loss_weight * out.losses["var"]
-        + cfg.prior_loss_weight * out.losses["prior"]
-        + 0.5 * out.losses["prior_objects"]
-    )
-    torch.testing.assert_close(out.loss, total)
+    torch.testing.assert_close(out.loss, paper_loss(out, model.config, prior_objects=0.5))
     # it trains ξ's projection and the backbone
     model.zero_grad()
     out.losses["prior_objects"].backward()
