@@ -1,6 +1,6 @@
 """absvl: vision-language models whose image encoder attends top-down."""
 
-from .io import __version__
+from ._version import __version__
 from .models.vision import BackboneOutput, create_backbone, list_backbones
 from .models.vl import AbsVLConfig, AbsVLModel
 from .pipelines import pipeline

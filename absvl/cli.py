@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .io import __version__
+from ._version import __version__
 from .retrieval.commands import add_commands as add_retrieval_commands
 from .runtime import is_main_process
 from .serve.commands import add_commands as add_serve_commands
@@ -148,10 +148,12 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         if not (args.model and (args.data or args.config)):
             print("give --model and --data (or --config), or --predictions/--questions/--annotations", file=sys.stderr)
             return 2
-        from .training.vqa import evaluate_model
+        from .evaluation.vqa import evaluate_vqa_model
+        from .training.vqa import load_split
 
         config = _run_config(args)
-        result, _ = evaluate_model(args.model, config, args.split, batch_size=args.batch_size)
+        examples = load_split(config, args.split)
+        result, _ = evaluate_vqa_model(args.model, examples, args.batch_size, config.data.num_workers)
         if result["skipped"]:
             print(f"{result['skipped']} questions skipped (unreadable images): they score 0")
     print(format_accuracy_table(result))
@@ -169,10 +171,10 @@ def _field_column(text: str) -> tuple[str, str]:
 
 
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from .evaluation.retrieval import evaluate_retrieval_model
     from .metrics.retrieval import format_recall_table
-    from .training.retrieval import evaluate_model
 
-    result = evaluate_model(
+    result = evaluate_retrieval_model(
         args.model,
         args.data,
         args.split,
@@ -244,10 +246,13 @@ def _cmd_eval_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict_vqa(args: argparse.Namespace) -> int:
-    from .training.vqa import predict_submission
+    from .evaluation.vqa import predict_vqa_submission
+    from .training.vqa import load_split
 
-    submission, unreadable, fallback = predict_submission(
-        args.model, _run_config(args), args.split, batch_size=args.batch_size
+    config = _run_config(args)
+    examples = load_split(config, args.split, require_annotations=False)
+    submission, unreadable, fallback = predict_vqa_submission(
+        args.model, examples, args.batch_size, config.data.num_workers
     )
     if unreadable:
         print(f"{unreadable} questions had unreadable images: answered {fallback!r}")
@@ -611,12 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [f"data.images={args.data_images}", *args.overrides]
     try:
         return args.func(args)
-    except (
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        FileExistsError,
-    ) as err:  # bad input: one clear line (ABSVL_DEBUG=1: traceback)
+    # bad input: one clear line (ABSVL_DEBUG=1: traceback); a TypeError is a bug unless it is an InputTypeError
+    # (a ValueError too), so it keeps its traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         if os.environ.get("ABSVL_DEBUG"):
             raise
         print(f"absvl: error: {err}", file=sys.stderr)

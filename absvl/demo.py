@@ -35,6 +35,8 @@ from PIL import Image
 
 from .data.shapes import ensure_shapes
 from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
+from .evaluation.retrieval import evaluate_retrieval_model
+from .evaluation.vqa import predict_vqa_submission
 from .io import atomic_file, read_json, write_json
 from .metrics.baselines import image_only_answers, question_only_answers
 from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
@@ -46,9 +48,8 @@ from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
 from .training.config import ClassifyConfig, RetrievalConfig, RunConfig, dump_config, load_config
 from .training.prior import train_prior
-from .training.retrieval import evaluate_model as evaluate_retrieval_model
 from .training.retrieval import train_retrieval
-from .training.vqa import predict_split, train_vqa
+from .training.vqa import load_split, train_vqa
 from .visualize import attention_figure
 
 DEFAULT_CONFIG = "configs/shapes_absvit_tiny.yaml"
@@ -281,7 +282,8 @@ def run(
 
     split = "test-dev2015"
     private = read_json(world.root / "shapes_test-dev2015_annotations.json")
-    result = evaluate_vqa(predict_split(model, config, "test-dev"), read_json(world.questions_path(split)), private)
+    answers, _, _ = predict_vqa_submission(model, load_split(config, "test-dev", require_annotations=False))
+    result = evaluate_vqa(answers, read_json(world.questions_path(split)), private)
     compared = baselines(model, world, split, private)
     print("\n== Shapes test-dev, official VQA accuracy: the model and what the question or the image alone answer ==")
     print(

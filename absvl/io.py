@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.2.0"  # stamped into every config absvl writes (``absvl_version``)
+from ._version import __version__
 
 BACKBONE_FORMAT = "absvl-backbone"
 CONFIG_NAME = "config.json"
@@ -25,6 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def version_stamp() -> dict[str, str]:
+    """What every config absvl writes carries: ``{"absvl_version": ...}``."""
     return {"absvl_version": __version__}
 
 

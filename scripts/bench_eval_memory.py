@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from absvl.data.captions import CaptionedImage
+from absvl.evaluation.retrieval import evaluate_retrieval
 from absvl.models.vl import AbsVLConfig, AbsVLModel
-from absvl.training.retrieval import evaluate_retrieval
 
 
 class PeakRSS:

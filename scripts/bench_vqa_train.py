@@ -317,10 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from absvl.data.answers import build_answer_vocab
     from absvl.data.vqa import load_vqa_split
     from absvl.data.vqa_dataset import VQACollator
+    from absvl.evaluation.vqa import annotation_entry
     from absvl.images import image_transform
     from absvl.runtime import keep_freed_memory
     from absvl.training.config import RunConfig
-    from absvl.training.vqa import annotation_entry
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     baseline = args.baseline or next((m for m in names if m.startswith("vit_")), names[-1])

@@ -36,11 +36,12 @@ def score_model(
     the world's test-dev), ``steering`` (``absvl.metrics.steering.steering_scores`` on ``pairs``),
     ``steering_other_block`` (the same with the maps after block ``extra_map_block``; the fusion and gate
     maps do not move; None without it), ``prior_mask_mean`` and ``topdown_change`` (``diagnostics``)."""
+    from absvl.evaluation.vqa import predict_vqa_submission
     from absvl.metrics.steering import steering_scores
     from absvl.metrics.vqa import evaluate_vqa
-    from absvl.training.vqa import predict_split
+    from absvl.training.vqa import load_split
 
-    predictions = predict_split(model, config, "test-dev")
+    predictions, _, _ = predict_vqa_submission(model, load_split(config, "test-dev", require_annotations=False))
     questions = json.loads(world.questions_path(TEST_SPLIT).read_text())
     private = json.loads(world.annotations_path(TEST_SPLIT).read_text())
     result = evaluate_vqa(predictions, questions, private)

@@ -151,10 +151,11 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import get_scheduler
 
+    from absvl.data.loaders import make_loader, to_device
     from absvl.data.vqa_dataset import VQADataset
     from absvl.models.vision import count_params, estimate_macs
     from absvl.training.data import EpochOrder
-    from absvl.training.loop import make_loader, to_device, train_step
+    from absvl.training.loop import train_step
     from absvl.training.vqa import VQATask
 
     device = accelerator.device
@@ -181,7 +182,7 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
     def step(batch: dict[str, Any]) -> torch.Tensor:
         # the trainer's own step (absvl.training.loop.train_step), then the scheduler as run_training does
         # (the names are deleted only after the last step: ruff cannot see it)
-        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, lambda: fixed)  # noqa: F821
+        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)  # noqa: F821
         scheduler.step()  # noqa: F821
         return loss
 

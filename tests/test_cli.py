@@ -5,6 +5,7 @@ import pytest
 
 from absvl import __version__
 from absvl.cli import main
+from absvl.models.vision import create_backbone
 
 
 def test_version_flag():
@@ -24,6 +25,30 @@ def test_backbones_lists_params_and_macs(capsys):
 def test_backbones_unknown_family_is_an_error(capsys):
     assert main(["backbones", "--family", "nope"]) == 2
     assert "no backbone in family 'nope'" in capsys.readouterr().err
+
+
+def test_bad_input_of_the_wrong_type_is_one_line_but_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import absvl.cli as cli
+    from absvl.errors import InputTypeError
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["backbones"])
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: args)
+
+    def raise_(error):
+        raise error
+
+    args.func = lambda a: raise_(InputTypeError("answers[0] must be a string"))
+    assert main(["backbones"]) == 2
+    assert capsys.readouterr().err.strip() == "absvl: error: answers[0] must be a string"
+    args.func = lambda a: raise_(TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["backbones"])
+    # a wrong option for a backbone in a config is bad input, said in one line
+    args.func = lambda a: create_backbone("vit_test_patch8", no_such_option=1)
+    assert main(["backbones"]) == 2
+    assert "bad option for backbone 'vit_test_patch8'" in capsys.readouterr().err
 
 
 def test_data_commands(tmp_path, capsys):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import absvl
 from absvl import io
 
 
@@ -85,7 +86,7 @@ def test_backbone_folder_round_trip(tmp_path):
         "name": "vit_test_patch8",
         "overrides": {"td_bias": True},
         "source": "x.pth",
-        "absvl_version": io.__version__,
+        "absvl_version": absvl.__version__,
     }
     from safetensors.torch import load_file
 

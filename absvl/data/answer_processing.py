@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from ..errors import InputTypeError
+
 __all__ = [
     "ARTICLES",
     "CONTRACTIONS",
@@ -248,5 +250,5 @@ def normalize_answer(answer: str, revision: str | VQARevision = DEFAULT_REVISION
     (typographic, revision 07aecec) but ``"don't"`` with ``revision="master"``.
     """
     if not isinstance(answer, str):
-        raise TypeError(f"answer must be a string, got {type(answer).__name__}: {answer!r}")
+        raise InputTypeError(f"answer must be a string, got {type(answer).__name__}: {answer!r}")
     return process_answer(clean_whitespace(answer), get_revision(revision))

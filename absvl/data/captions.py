@@ -23,6 +23,7 @@ from ..images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 from ..io import atomic_file
 from . import hf
 from .hf import HFImageRef
+from .image_files import check_image_root
 from .problems import Issues, is_int, read_dataset_json, top_list
 
 logger = logging.getLogger(__name__)
@@ -380,3 +381,10 @@ class CaptionCollator:
         )
         batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
         return batch
+
+
+def check_caption_images(images: Sequence[CaptionedImage], key: str = "data.images") -> None:
+    """``check_image_root`` on the images of a caption file."""
+    check_image_root(
+        [im.path for im in images[:20]], f"point {key} at the folder holding the caption file's filepath/filename"
+    )

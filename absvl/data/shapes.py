@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import InputTypeError
 from ..io import atomic_folder
 from ..models.vl.tiny_text import build_tiny_text_encoder
 from .patch_labels import ATTRIBUTES_FILE
@@ -454,7 +455,7 @@ def ensure_shapes(out_dir: str | Path, **kwargs) -> ShapesWorld:
     defaults = {p.name: p.default for p in params}
     unknown = set(kwargs) - set(defaults)
     if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+        raise InputTypeError(f"unexpected arguments {sorted(unknown)}")
     args = _normalise_args(**{**defaults, **kwargs})
     out_dir = Path(out_dir)
     _check_target(out_dir)

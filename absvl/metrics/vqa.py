@@ -21,6 +21,7 @@ from ..data.answer_processing import (
     process_digit_article,
     process_punctuation,
 )
+from ..errors import InputTypeError
 from ..io import preview, read_json
 
 __all__ = [
@@ -49,7 +50,7 @@ def question_accuracy(
     """
     rev = get_revision(revision)
     if not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a string, got {type(prediction).__name__}")
+        raise InputTypeError(f"prediction must be a string, got {type(prediction).__name__}")
     if not answers:
         raise ValueError("a question needs at least one human answer")
     human = clean_whitespace if rev.clean_human_answers else str
@@ -60,7 +61,9 @@ def question_accuracy(
         elif isinstance(item, Mapping) and isinstance(item.get("answer"), str):
             records.append(dict(item, answer=human(item["answer"])))
         else:
-            raise TypeError(f"answers[{position}] must be a string or an object with a string 'answer', got {item!r}")
+            raise InputTypeError(
+                f"answers[{position}] must be a string or an object with a string 'answer', got {item!r}"
+            )
     pred = clean_whitespace(prediction)
     differ = len({r["answer"] for r in records}) > 1
     if differ or rev.always_process_prediction:

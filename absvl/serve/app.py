@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..io import __version__
+from .._version import __version__
 from ..models.vl import AbsVLModel
 from .connections import BodyTimeoutMiddleware
 from .errors import ERRORS, ApiError, api_error, checked_text, http_error, internal_error, validation_error

@@ -1,7 +1,7 @@
 """Supervised image (or patch) classification of any registered backbone: ``ClassifyTask`` on the shared
 loop of ``absvl.training.loop``, with DeiT's recipe by default (timm's transforms, RandAugment, Mixup/CutMix,
 label smoothing 0.1, AdamW 0.05). Backbones with a feedback path (AbSViT) average the cross-entropy of
-both passes and add ``var_weight``·L_var. The export is a backbone folder (``absvl.io``), which
+both passes and add ``var_loss_weight``·L_var. The export is a backbone folder (``absvl.io``), which
 ``create_backbone(name, pretrained_path=DIR)`` and ``absvl eval classify --model DIR`` load.
 """
 
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.imagefolder import ClassifyCollator, ImageFolderDataset, find_classes, list_samples
+from ..data.loaders import eval_loader, to_device
 from ..data.patch_labels import (
     IGNORE_INDEX,
     PatchLabelDataset,
@@ -31,12 +32,13 @@ from ..data.patch_labels import (
     read_classes,
 )
 from ..io import CONFIG_NAME, WEIGHTS_NAME, read_backbone_folder, read_json, save_backbone_files, write_json
+from ..models.param_groups import param_groups
 from ..models.vision import create_backbone
 from ..models.vision.output import BackboneOutput
-from ..models.vision.topdown import topdown_health
+from ..models.vision.topdown import shut_gate_warning, topdown_health
 from ..runtime import cpu_only
 from .config import ClassifyConfig, ConfigError
-from .loop import Validation, eval_loader, run_training, to_device
+from .loop import Validation, run_training
 
 # keys of backbone_kwargs that say where weights come from, not how the model is built
 _WEIGHT_SOURCES = ("pretrained", "pretrained_path")
@@ -121,17 +123,17 @@ def train_transform(image_config: dict[str, Any], config: ClassifyConfig):
 
 
 def classification_loss(
-    output: BackboneOutput, targets: torch.Tensor, criterion: nn.Module, var_weight: float = 0.1
+    output: BackboneOutput, targets: torch.Tensor, criterion: nn.Module, var_loss_weight: float = 0.1
 ) -> torch.Tensor:
     """Mean of ``criterion`` over the passes' logits (the second pass and, when the backbone has a
-    distinct first pass, the first) plus ``var_weight``·L_var when the backbone returns one."""
+    distinct first pass, the first) plus ``var_loss_weight``·L_var when the backbone returns one."""
     passes = [output.logits]
     if output.bottom_up_logits is not None and output.bottom_up_logits is not output.logits:
         passes.append(output.bottom_up_logits)
     loss = sum(criterion(logits.float(), targets) for logits in passes) / len(passes)
     var = output.aux_losses.get("var")
-    if var is not None and var_weight:
-        loss = loss + var_weight * var
+    if var is not None and var_loss_weight:
+        loss = loss + var_loss_weight * var
     return loss
 
 
@@ -146,12 +148,12 @@ def patch_classification_loss(
     output: BackboneOutput,
     targets: torch.Tensor,
     label_smoothing: float = 0.0,
-    var_weight: float = 0.1,
+    var_loss_weight: float = 0.1,
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``classification_loss`` for patch labels: cross-entropy of every labelled patch token (``[B, h·w]``
     targets, ``IGNORE_INDEX`` left out; ``class_weights`` ``[C]`` weigh each patch by its true class, the
-    mean is over the weights), averaged over the passes, plus ``var_weight``·L_var."""
+    mean is over the weights), averaged over the passes, plus ``var_loss_weight``·L_var."""
     passes = [output.tokens]
     if output.bottom_up_tokens is not output.tokens:
         passes.append(output.bottom_up_tokens)
@@ -166,43 +168,30 @@ def patch_classification_loss(
         for tokens in passes
     ) / len(passes)
     var = output.aux_losses.get("var")
-    if var is not None and var_weight:
-        loss = loss + var_weight * var
+    if var is not None and var_loss_weight:
+        loss = loss + var_loss_weight * var
     return loss
 
 
 def classifier_param_groups(
     model: nn.Module, lr: float, weight_decay: float, lr_multipliers: dict[str, float] | None = None
 ) -> list[dict[str, Any]]:
-    """AdamW groups: backbone / head (``lr_multipliers["head"]``), each with and without weight
-    decay (none on biases, norms and other ≤1-D parameters and ``model.no_weight_decay()`` names).
-    Every trainable parameter lands in exactly one group."""
+    """AdamW groups (``absvl.models.param_groups``): backbone / head (``lr_multipliers["head"]``), each with
+    and without weight decay (none on biases, norms and other ≤1-D parameters and ``model.no_weight_decay()``
+    names)."""
     multipliers = {"backbone": 1.0, "head": 1.0, **(lr_multipliers or {})}
-    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     head_names = {
         f"{attr}.{n}"
         for attr in ("head", "fc")
         if isinstance(getattr(model, attr, None), nn.Module)
         for n, _ in getattr(model, attr).named_parameters()
     }
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim > 1 and name not in no_decay and not name.endswith(".bias")
-        buckets.setdefault(("head" if name in head_names else "backbone", decay), []).append(param)
-    groups = [
-        {
-            "name": f"{part}/{'decay' if decay else 'no_decay'}",
-            "params": params,
-            "lr": lr * multipliers[part],
-            "lr_scale": multipliers[part],
-            "weight_decay": weight_decay if decay else 0.0,
-        }
-        for (part, decay), params in buckets.items()
-    ]
-    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
-    return groups
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+
+    def group_of(name: str) -> str:
+        return "head" if name in head_names else "backbone"
+
+    return param_groups(model, lr, weight_decay, group_of, multipliers, no_decay)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -338,11 +327,13 @@ def evaluate_classifier(
 class ClassifyTask:
     """Image classification as a ``run_training`` task (see the module docstring)."""
 
-    diagnose = False  # set by the loop on the forward of a logged step (nothing extra to measure here)
+    diagnose = False  # set by the loop on the forward of a logged step
+    health_warning = staticmethod(shut_gate_warning)
 
     def __init__(self, config: ClassifyConfig) -> None:
         self.config = config
         self.mixup = None
+        self.measured: dict[str, torch.Tensor] = {}
 
     def _build(self, classes: list[str]) -> None:
         d = self.config.data
@@ -447,20 +438,21 @@ class ClassifyTask:
         if self.mixup is not None:
             images, targets = self.mix(images, targets)
         output = model(images)
-        self.last_forward = (output, None)  # read only at log steps (diagnostics)
+        if self.diagnose:
+            self.measured = topdown_health(output)
         if self.patches:
             return patch_classification_loss(
                 model,
                 output,
                 targets,
                 self.config.data.label_smoothing,
-                self.config.model.var_weight,
+                self.config.model.var_loss_weight,
                 self.class_weights,
             )
-        return classification_loss(output, targets, self.criterion, self.config.model.var_weight)
+        return classification_loss(output, targets, self.criterion, self.config.model.var_loss_weight)
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return topdown_health(*self.last_forward)
+        return self.measured
 
     def validate(self, model: nn.Module, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..models.vision import backbone_defaults
 from ..models.vl.configuration import AbsVLConfig
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -183,13 +184,13 @@ class ClassifyModelConfig:
         backbone_kwargs: constructor overrides passed to ``create_backbone`` (``img_size``,
             ``drop_path_rate``, ``pretrained``/``pretrained_path`` where supported, ...);
             ``num_classes`` comes from the data.
-        var_weight: weight of the AbSViT variational loss L_var (0.1 in the paper); ignored by
+        var_loss_weight: weight of the AbSViT variational loss L_var (0.1 in the paper); ignored by
             backbones without one.
     """
 
     backbone: str = "absvit_small_patch16_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    var_weight: float = 0.1
+    var_loss_weight: float = 0.1
 
 
 @dataclass
@@ -260,7 +261,7 @@ class ClassifyConfig(_RunConfigBase):
         m, d = self.model, self.data
         return super().checks() + [
             (bool(m.backbone), "model.backbone", "a backbone name"),
-            (m.var_weight >= 0, "model.var_weight", ">= 0"),
+            (m.var_loss_weight >= 0, "model.var_loss_weight", ">= 0"),
             (d.format in ("imagefolder", "patches"), "data.format", "imagefolder or patches"),
             (
                 d.format == "imagefolder" or (d.mixup == 0 and d.cutmix == 0 and not d.randaugment),
@@ -385,11 +386,11 @@ def _vision_starts_trained(config: Any) -> bool:
 
 def check_vision_start(config: Any) -> None:
     """A VL training run's vision backbone starts from pretrained weights, unless it is a test-size one
-    (``*_test*``, e.g. the Shapes demo's), the run starts from ``train.init_from``, or the user asked
+    (registered with ``test_size=True``, e.g. the Shapes demo's), the run starts from ``train.init_from``, or the user asked
     for random weights (``train.vision_from_scratch``). Raises ``ConfigError`` naming the keys."""
     model, train = config.model, config.train
     kwargs = model.backbone_kwargs
-    if "_test" in model.backbone or _vision_starts_trained(config) or train.vision_from_scratch:
+    if backbone_defaults(model.backbone).test_size or _vision_starts_trained(config) or train.vision_from_scratch:
         return
     raise ConfigError(
         f"model.backbone_kwargs={kwargs!r} gives no pretrained weights for the paper-size vision backbone "
@@ -401,10 +402,10 @@ def check_vision_start(config: Any) -> None:
 
 
 def from_scratch_note(config: Any) -> str | None:
-    """What to change when a VL run's test-size vision backbone (``*_test*``, which ``check_vision_start``
+    """What to change when a VL run's test-size vision backbone (``test_size``, which ``check_vision_start``
     lets start from random weights) has no pretrained weights and no ``train.init_from``; ``None`` otherwise."""
     model = config.model
-    if "_test" not in model.backbone or _vision_starts_trained(config):
+    if not backbone_defaults(model.backbone).test_size or _vision_starts_trained(config):
         return None
     return (
         f"model.backbone={model.backbone} starts from random weights (no backbone_kwargs.pretrained_path, no "

@@ -23,12 +23,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_model
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..data.loaders import make_loader, to_device
 from ..io import atomic_folder, write_json, write_text
-from ..models.vision.topdown import shut_gate_warning
 from ..runtime import cpu_only, keep_freed_memory
 from .checkpoint import (
     STATE_NAME,
@@ -98,44 +98,22 @@ class Task(Protocol):
         then loads a checkpoint's weights into it."""
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        """Scalars about the last training batch's forward, logged with the loss (e.g. the
-        top-down path's ``topdown_health``); ``{}`` for none. Called at log steps only: tasks keep
-        the last forward's outputs and compute here, not on every step."""
+        """Scalars about the last training forward, logged with the loss (e.g. the top-down path's
+        ``topdown_health``); ``{}`` for none. ``loss`` measures them when ``diagnose`` is set (log steps
+        only), so no step keeps its forward's outputs for later."""
+
+    def health_warning(self, stats: dict[str, float]) -> str | None:
+        """A warning about the run read from the last logged ``diagnostics`` (e.g. a prior gate that stayed
+        shut), said at the end of training; None when all is well."""
 
 
-def make_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int) -> DataLoader:
-    """A loader that never draws from the process's RNG (its own generator seeds the workers),
-    so creating one, e.g. for validation or on resume, leaves dropout's random stream alone."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,  # the order is EpochOrder's
-        num_workers=num_workers,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(0),
-        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
-        persistent_workers=num_workers > 0,
-    )
-
-
-def process_share(n: int, accelerator: Accelerator) -> range:
-    """This process's contiguous part of ``range(n)`` for evaluation (no padding, no item twice;
-    ``gather_object`` then concatenates the parts in rank order)."""
-    per = -(-n // accelerator.num_processes)
-    start = min(n, accelerator.process_index * per)
-    return range(start, min(n, start + per))
-
-
-def eval_loader(dataset: Any, collator: Any, batch_size: int, num_workers: int, accelerator: Accelerator) -> DataLoader:
-    """A loader over this process's share of ``dataset`` (see ``process_share``): processes may
-    then skip different numbers of unreadable items, as no collective runs per batch."""
-    share = Subset(dataset, process_share(len(dataset), accelerator))
-    return make_loader(share, collator, batch_size, num_workers)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of ``batch`` on ``device`` (non-blocking: the loader pins memory on CUDA machines)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def every_process_has_data(accelerator: Accelerator, size: int) -> bool:
+    """Whether every process's micro-batch holds a readable item (``size`` is this process's count): all
+    processes get the same answer, so they skip a micro-step together."""
+    if accelerator.num_processes == 1:
+        return size > 0
+    empty = torch.tensor([0 if size else 1], device=accelerator.device)
+    return int(accelerator.reduce(empty, reduction="sum").item()) == 0
 
 
 def train_step(
@@ -145,19 +123,17 @@ def train_step(
     task: Task,
     batch: dict[str, Any],
     max_grad_norm: float,
-    stand_in: Callable[[], dict[str, Any]],
-) -> torch.Tensor:
-    """One micro-step: loss, backward, clipping and the optimizer step when gradients sync.
+) -> torch.Tensor | None:
+    """One micro-step: loss, backward, clipping and the optimizer step when gradients sync; returns the loss.
 
-    A batch whose every image was unreadable runs the loss of ``stand_in()`` times zero: the same
-    forward as the other processes (the prior loss's all_gather, DDP's gradient all-reduce) with no
-    effect on the weights beyond what an all-zero gradient does.
+    A micro-step where any process's batch holds no readable item is skipped on every process and returns
+    None: no forward (BatchNorm statistics stay), no optimizer step (AdamW's moments, its step count and
+    weight decay stay), no gradient accumulated; the next micro-batch takes its place.
     """
+    if not every_process_has_data(accelerator, task.batch_size(batch)):
+        return None
     with accelerator.accumulate(model):
-        if task.batch_size(batch):
-            loss = task.loss(model, batch)
-        else:
-            loss = task.loss(model, stand_in()) * 0.0
+        loss = task.loss(model, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -350,15 +326,9 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
     checkpoint = resolve_resume(t.resume, out, notify=say, set_aside=main)  # skips damaged checkpoints
     task.setup(accelerator, out, checkpoint)
     train_set, collator = task.train_set, task.collator
-    stand_in_batch: dict[str, Any] = {}
-
-    def stand_in() -> dict[str, Any]:  # built on first use: most runs never need it
-        if not stand_in_batch:
-            stand_in_batch.update(to_device(readable_batch(task, train_set, collator, t.seed), accelerator.device))
-        return stand_in_batch
-
     if accelerator.num_processes > 1:
-        frozen = freeze_unreached(task, stand_in(), accelerator.device)
+        probe = to_device(readable_batch(task, train_set, collator, t.seed), accelerator.device)
+        frozen = freeze_unreached(task, probe, accelerator.device)
         if frozen:
             say(
                 f"{len(frozen)} parameters get no gradient in this run and are frozen: "
@@ -383,6 +353,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         "best_checkpoint": None,
         "best_accuracy": None,
         "skipped": [],
+        "skipped_steps": 0,
         "samples": 0,
     }
     shape = run_shape(config, accelerator.num_processes, total_steps, len(train_set))
@@ -390,6 +361,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         saved = read_trainer_state(checkpoint).get("run") if (checkpoint / STATE_NAME).is_file() else None
         check_resume(checkpoint, saved, shape, t.force_resume)
         state = load_checkpoint(accelerator, checkpoint, model, optimizer, scheduler)
+        state.setdefault("skipped_steps", 0)  # checkpoints written before absvl counted them
         say(f"resumed from {checkpoint} at step {state['step']}")
     state["run"] = shape
     if main:
@@ -427,20 +399,25 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         total=total_steps, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True
     )
     window_start, window_samples, last_result = time.perf_counter(), 0, None
-    last_stats: dict[str, float] = {}  # the last logged diagnostics (the gate's health)
+    last_stats: dict[str, float] = {}  # the last logged diagnostics
     model.train()
     while state["step"] < total_steps:
         epoch_set = EpochOrder(train_set, t.seed, state["epoch"])
         loader = accelerator.prepare_data_loader(make_loader(epoch_set, collator, t.batch_size, _num_workers(config)))
-        if state["batches_in_epoch"]:
+        whole_epoch, stepped = state["batches_in_epoch"] == 0, False
+        if not whole_epoch:
             loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
         for batch in loader:
             state["skipped"].extend(list(s) for s in batch.get("skipped", []))
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
             task.diagnose = (state["step"] + 1) % t.log_every == 0 or state["step"] + 1 == total_steps
-            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in)
+            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
             state["batches_in_epoch"] += 1
+            if loss is None:
+                state["skipped_steps"] += 1
+                continue
+            stepped = True
             window_samples += size * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -457,9 +434,8 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": window_samples / max(elapsed, 1e-9),
                 }
-                if task.batch_size(batch):  # a zero step ran no forward: nothing new to report
-                    last_stats = {k: float(v) for k, v in task.diagnostics().items()}
-                    record.update(last_stats)
+                last_stats = {k: float(v) for k, v in task.diagnostics().items()}
+                record.update(last_stats)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                 accelerator.log(record, step=state["step"])
                 log.write(record)
@@ -472,6 +448,11 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
             if at_end:
                 break
         else:  # the epoch ran out
+            if whole_epoch and not stepped:  # every process agrees: steps are skipped together
+                raise ValueError(
+                    f"none of the {len(train_set)} training items could be read in a whole epoch (or no micro-batch had "
+                    "a readable item on every process): check the dataset's image paths"
+                )
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
             if not t.eval_every:
@@ -479,14 +460,19 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
             if not t.save_every and state["step"] < total_steps:
                 checkpoint_now(score(last_result))
     bar.close()
-    shut = shut_gate_warning(last_stats)  # the gate may close for a while and re-open: judged at the end
-    if shut:
-        say(f"warning: {shut}")
+    warning = task.health_warning(last_stats)  # e.g. a gate may close for a while and re-open: judged at the end
+    if warning:
+        say(f"warning: {warning}")
     export = out / "final"
     best = out / Path(state["best_checkpoint"]).name if state["best_checkpoint"] else None  # by name: the run may move
     best = best if best is not None and best.is_dir() else None
     state["skipped"] = merge_skipped(accelerator, state["skipped"])
     if main:
+        if state["skipped_steps"]:
+            say(
+                f"{state['skipped_steps']} micro-batches were skipped on every process: a process's share of "
+                "them held no readable image"
+            )
         if state["skipped"]:
             say(f"{describe_skipped(state['skipped'])} were skipped, listed in {out / 'skipped.json'}")
             write_json(out / "skipped.json", state["skipped"], indent=1)
@@ -503,6 +489,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         "val_score": score(last_result),
         "best_checkpoint": state["best_checkpoint"],
         "skipped": len(state["skipped"]),
+        "skipped_steps": state["skipped_steps"],
         "checkpoints": [str(p) for p in list_checkpoints(out)],
     }
 

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from ..data.loaders import eval_loader, to_device
 from ..data.vqa_dataset import VQACollator, VQADataset
 from ..images import image_transform
 from ..io import write_json
@@ -31,7 +32,7 @@ from ..metrics.steering import gate_hits
 from ..models.vision.topdown import prior_mask
 from ..models.vl import AbsVLModel
 from .config import ConfigError, RunConfig
-from .loop import Validation, eval_loader, run_training, to_device
+from .loop import Validation, run_training
 from .vqa import VQATask, object_regions
 
 TASK_FILE = "task.json"  # marks a run folder as a prior alignment (it holds answers.json as a VQA run does)
@@ -67,11 +68,9 @@ class PriorTask(VQATask):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         out = prior_forward(model, batch)
-        self.last_losses = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
+        if self.diagnose:
+            self.measured = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
         return out.loss
-
-    def diagnostics(self) -> dict[str, torch.Tensor]:
-        return dict(self.last_losses)
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:

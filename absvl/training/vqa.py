@@ -1,5 +1,5 @@
-"""VQAv2 finetuning (``VQATask`` on the shared loop of ``absvl.training.loop``), evaluation with the
-official VQA accuracy, and prediction in the submission format.
+"""VQAv2 finetuning: ``VQATask`` on the shared loop of ``absvl.training.loop``; its validation is
+``absvl.evaluation.vqa``'s (the official VQA accuracy, and on a Shapes world the steering and probes).
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..data.answers import build_answer_vocab, load_answers, save_answers
 from ..data.image_files import check_image_root
@@ -22,13 +19,12 @@ from ..data.shapes_world import ShapesWorld
 from ..data.vqa import SPLITS, VQAv2Layout, canonical_split, holdout_split, load_vqa_hf, load_vqa_split
 from ..data.vqa_dataset import VQACollator, VQADataset
 from ..data.vqa_examples import VQAExample
+from ..evaluation.vqa import annotation_entry, predict_answers, score_predictions, shapes_diagnostics, vqa_loader
 from ..images import image_transform
-from ..metrics.vqa import evaluate_vqa, format_accuracy_table
-from ..models.vision.topdown import topdown_health
+from ..models.vision.topdown import shut_gate_warning
 from ..models.vl import AbsVLModel
-from ..runtime import cpu_only
 from .config import ConfigError, RunConfig, check_vision_start, from_scratch_note
-from .loop import Validation, eval_loader, run_training, to_device
+from .loop import Validation, run_training
 
 
 @dataclass
@@ -38,7 +34,9 @@ class VQAData:
     val: list[VQAExample]
 
 
-def _load_split(config: RunConfig, split: str, require_annotations: bool) -> list[VQAExample]:
+def load_split(config: RunConfig, split: str, require_annotations: bool = True) -> list[VQAExample]:
+    """The examples of one split of the run's data (``config.data``: VQAv2 files or a Hugging Face dataset),
+    its images checked to be where the config says."""
     d = config.data
     if d.format == "hf":
         examples = load_vqa_hf(d.root, split, columns=d.hf_columns, images_root=d.images)
@@ -55,25 +53,6 @@ def _load_split(config: RunConfig, split: str, require_annotations: bool) -> lis
     return examples
 
 
-def annotation_entry(example: VQAExample) -> dict[str, Any]:
-    """The official annotation record of an annotated example (for the metric and the vocabulary);
-    types a dataset does not give (many Hugging Face ones) are ``unknown``."""
-    return {
-        "question_id": example.question_id,
-        "image_id": example.image_id,
-        "question_type": example.question_type or "unknown",
-        "answer_type": example.answer_type or "unknown",
-        "multiple_choice_answer": example.multiple_choice_answer,
-        "answers": [
-            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(example.answers)
-        ],
-    }
-
-
-def question_entry(example: VQAExample) -> dict[str, Any]:
-    return {"question_id": example.question_id, "image_id": example.image_id, "question": example.question}
-
-
 def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData:
     """Training and validation examples and the answer vocabulary (built from the training
     splits with the official normalisation unless given)."""
@@ -82,14 +61,14 @@ def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData
         from ..data.shapes import ensure_shapes
 
         ensure_shapes(d.root, **d.shapes)
-    by_split = {split: _load_split(config, split, require_annotations=True) for split in d.train_splits}
+    by_split = {split: load_split(config, split, require_annotations=True) for split in d.train_splits}
     val: list[VQAExample] = []
     if d.holdout_images:
         if d.val_split not in by_split:
             raise ConfigError("data.holdout_images needs data.val_split to be one of data.train_splits")
         by_split[d.val_split], val = holdout_split(by_split[d.val_split], d.holdout_images, config.train.seed)
     elif d.val_split:
-        val = _load_split(config, d.val_split, require_annotations=True)
+        val = load_split(config, d.val_split, require_annotations=True)
     train = [ex for examples in by_split.values() for ex in examples]
     if d.max_val_questions is not None:
         val = val[: d.max_val_questions]
@@ -102,7 +81,7 @@ def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData
     return VQAData(answers=answers, train=train, val=val)
 
 
-def build_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
+def build_vqa_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
     init = config.train.init_from
     if init:
         model = AbsVLModel.from_pretrained(init).with_loss_weights(config.model)
@@ -115,58 +94,12 @@ def build_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
     return AbsVLModel(model_config, answers=answers)
 
 
-@torch.no_grad()
-def predict_answers(
-    model: AbsVLModel, loader: DataLoader, accelerator: Accelerator, answers: list[str], desc: str = "predict"
-) -> tuple[dict[int, str], list[tuple]]:
-    """question_id → best answer for every item of ``loader`` (this process's share, see
-    ``eval_loader``), and the skipped items; both gathered from every process at the end."""
-    was_training = model.training
-    model.eval()
-    predictions: dict[int, str] = {}
-    skipped: list[tuple] = []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        skipped.extend(batch.get("skipped", []))
-        if len(batch["question_ids"]) == 0:
-            continue
-        batch = to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            logits = model(batch["images"], batch["input_ids"], batch["attention_mask"]).vqa_logits
-        predictions.update(
-            (int(q), answers[int(a)]) for q, a in zip(batch["question_ids"].tolist(), logits.argmax(-1).tolist())
-        )
-    model.train(was_training)
-    if accelerator.num_processes > 1:
-        shares = gather_object([(predictions, skipped)])
-        predictions = {q: a for share, _ in shares for q, a in share.items()}
-        skipped = [item for _, items in shares for item in items]
-    return predictions, skipped
-
-
-def score_predictions(predictions: dict[int, str], examples: list[VQAExample]) -> dict[str, Any]:
-    """The official VQA accuracy of ``predictions`` on annotated ``examples``; a question without a
-    prediction (its image was unreadable) is answered "" and scores 0, in validation as in
-    ``absvl eval vqa``: leaving it out would raise the score."""
-    predictions = {**{ex.question_id: "" for ex in examples}, **predictions}
-    questions = [question_entry(ex) for ex in examples]
-    annotations = [annotation_entry(ex) for ex in examples]
-    return evaluate_vqa(predictions, questions, annotations)
-
-
-def _eval_loader(
-    model: AbsVLModel, examples: list[VQAExample], config: RunConfig, batch_size: int, accelerator: Accelerator
-) -> DataLoader:
-    index = {a: i for i, a in enumerate(model.answers)}
-    dataset = VQADataset(examples, index, image_transform(model.image_size, train=False), drop_unanswerable=False)
-    collator = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)
-    return eval_loader(dataset, collator, batch_size, config.data.num_workers, accelerator)
-
-
 class VQATask:
     """VQAv2 finetuning as a ``run_training`` task: soft-target BCE on the VQA head, the official
     VQA accuracy on the validation split selects the best checkpoint, ``save_pretrained`` export."""
 
     diagnose = False  # set by the loop on the forward of a logged step
+    health_warning = staticmethod(shut_gate_warning)
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -179,7 +112,7 @@ class VQATask:
         self.data = data = prepare_data(config, answers)
         if accelerator.is_main_process:
             save_answers(answers_file, data.answers)
-        model = build_model(config, data.answers)
+        model = build_vqa_model(config, data.answers)
         model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
         self.model = model
         answer_index = {a: i for i, a in enumerate(data.answers)}
@@ -192,7 +125,7 @@ class VQATask:
         self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
         self.val_loader = None
         if data.val:
-            self.val_loader = _eval_loader(model, data.val, config, config.train.batch_size, accelerator)
+            self.val_loader = vqa_loader(model, data.val, config.train.batch_size, config.data.num_workers, accelerator)
 
     def param_groups(self) -> list[dict[str, Any]]:
         t = self.config.train
@@ -217,14 +150,12 @@ class VQATask:
             patch_objects=batch.get("patch_objects"),
             target_objects=batch.get("target_objects"),
         )
-        self.last_forward = (out.vision, out.xi)  # read only at log steps (diagnostics)
         if self.diagnose:
-            self.measured = self.model.loss_gradient_norms(out.losses)
-            self.measured.update({f"loss/{k}": v.detach() for k, v in out.losses.items()})
+            self.measured = self.model.training_diagnostics(out)
         return out.loss
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
-        return {**topdown_health(*self.last_forward), **self.measured}
+        return self.measured
 
     def validate(self, model: AbsVLModel, accelerator: Accelerator) -> Validation | None:
         if self.val_loader is None:
@@ -236,11 +167,11 @@ class VQATask:
         d = self.config.data
         if d.format == "vqav2" and not d.images and ShapesWorld.exists(d.root) and accelerator.is_main_process:
             # the Shapes world knows each question's objects: does the question steer the maps, what do the tokens know?
-            metrics.update({f"val/{k}": v for k, v in shapes_validation(model, d.root, d.val_split).items()})
+            metrics.update({f"val/{k}": v for k, v in shapes_diagnostics(model, d.root, d.val_split).items()})
         return Validation(score=result["overall"], metrics=metrics, result=result)
 
     def restore(self, output_dir: Path) -> None:
-        self.model = build_model(self.config, load_answers(output_dir / "answers.json"))
+        self.model = build_vqa_model(self.config, load_answers(output_dir / "answers.json"))
 
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
         metrics = {"VQA accuracy (val)": last.metrics["val/accuracy"]} if last else {}
@@ -277,26 +208,6 @@ def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
     return {"object_masks": world.mask_of, "grid": grid}
 
 
-def shapes_validation(model: AbsVLModel, root: str | Path, split: str, images: int = 60) -> dict[str, float]:
-    """What a Shapes world lets validation measure beyond accuracy, on the first ``images`` images of
-    ``split``: the steering scores over all families (``steer/pointing_<map>`` in %, ``steer/paired_<map>``
-    medians; ``absvl.metrics.steering``) and linear probes of the tokens the fusion reads
-    (``probe/<pass>_<property>`` in %, fitted on one half of the images, scored on the other;
-    ``absvl.metrics.probes``)."""
-    from ..metrics.probes import split_probes
-    from ..metrics.steering import steering_pairs, steering_scores
-
-    world = ShapesWorld.load(root)
-    tag = SPLITS[canonical_split(split)].tag
-    steering = steering_scores(model, world, tag, steering_pairs(world, tag, limit=images))["all"]
-    metrics = {f"steer/pointing_{name}": value for name, value in steering["pointing"].items()}
-    metrics.update({f"steer/paired_{name}": value["median"] for name, value in steering["paired"].items()})
-    probes = split_probes(model, world, tag, limit=images)
-    for kind in ("bottom_up", "top_down"):
-        metrics.update({f"probe/{kind}_{name}": value for name, value in probes[kind].items()})
-    return metrics
-
-
 def train_vqa(config: RunConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run a finetuning job; returns a summary (final step, best/last validation, export folder).
     ``notify`` receives the run's messages (see ``run_training``)."""
@@ -312,50 +223,10 @@ def _describe_data(config: RunConfig) -> str:
     return f"{source}, splits {', '.join(d.train_splits)}"
 
 
-def _predict_split(
-    model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int, require_annotations: bool
-) -> tuple[AbsVLModel, list[VQAExample], dict[int, str], list[tuple]]:
-    accelerator = Accelerator(cpu=cpu_only())
-    model = AbsVLModel.from_pretrained(model) if not isinstance(model, AbsVLModel) else model
-    examples = _load_split(config, split, require_annotations=require_annotations)
-    loader = _eval_loader(model, examples, config, batch_size, accelerator)
-    model.to(accelerator.device)
-    predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc=split)
-    return model, examples, predictions, skipped
-
-
-def evaluate_model(
-    model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64
-) -> tuple[dict[str, Any], dict[int, str]]:
-    """Official VQA accuracy of a saved model on an annotated split, and its predictions.
-    Questions whose image is unreadable are answered "" and score 0; the result's ``skipped`` counts them."""
-    _, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=True)
-    predictions.update((ex.question_id, "") for ex in examples if ex.question_id not in predictions)  # returned too
-    return {**score_predictions(predictions, examples), "skipped": len(skipped)}, predictions
-
-
-def predict_submission(
-    model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64
-) -> tuple[list[dict[str, Any]], int, str]:
-    """``predict_split``'s answers, the number of questions whose image was unreadable, and the
-    answer they got (the first, most frequent one)."""
-    model, examples, predictions, skipped = _predict_split(model, config, split, batch_size, require_annotations=False)
-    fallback = model.answers[0]
-    answers = [{"question_id": ex.question_id, "answer": predictions.get(ex.question_id, fallback)} for ex in examples]
-    return answers, len(skipped), fallback
-
-
-def predict_split(model: AbsVLModel | str, config: RunConfig, split: str, batch_size: int = 64) -> list[dict[str, Any]]:
-    """Submission-format answers ``[{"question_id", "answer"}]`` for every question of ``split``;
-    a question whose image is unreadable gets the first (most frequent) answer."""
-    return predict_submission(model, config, split, batch_size)[0]
-
-
 __all__ = [
-    "evaluate_model",
-    "format_accuracy_table",
-    "predict_split",
-    "predict_submission",
+    "VQATask",
+    "build_vqa_model",
+    "load_split",
     "prepare_data",
     "train_vqa",
 ]

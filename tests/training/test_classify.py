@@ -229,7 +229,7 @@ def test_absvit_loss_is_mean_ce_of_both_passes_plus_var():
         return -(logits.log_softmax(-1)[torch.arange(4), labels]).mean()
 
     expected = (ce(out.logits) + ce(out.bottom_up_logits)) / 2 + 0.1 * var
-    loss = classification_loss(out, labels, torch.nn.CrossEntropyLoss(), var_weight=0.1)
+    loss = classification_loss(out, labels, torch.nn.CrossEntropyLoss(), var_loss_weight=0.1)
     torch.testing.assert_close(loss, expected)
     # soft targets (mixup) go through the same mean
     soft = F.one_hot(labels, 3).float() * 0.9 + 0.1 / 3
@@ -239,7 +239,7 @@ def test_absvit_loss_is_mean_ce_of_both_passes_plus_var():
         return (-(soft * logits.log_softmax(-1)).sum(-1)).mean()
 
     torch.testing.assert_close(
-        classification_loss(out, soft, SoftTargetCrossEntropy(), var_weight=0.1),
+        classification_loss(out, soft, SoftTargetCrossEntropy(), var_loss_weight=0.1),
         (soft_ce(out.logits) + soft_ce(out.bottom_up_logits)) / 2 + 0.1 * var,
     )
     # a plain ViT has one pass and no L_var: plain cross-entropy
@@ -541,11 +541,11 @@ def test_patch_loss_weighs_each_patch_by_its_true_class():
 
     var = output.aux_losses["var"]
     expected = (weighted_ce(output.tokens) + weighted_ce(output.bottom_up_tokens)) / 2 + 0.1 * var
-    got = patch_classification_loss(model, output, targets, var_weight=0.1, class_weights=weights)
+    got = patch_classification_loss(model, output, targets, var_loss_weight=0.1, class_weights=weights)
     torch.testing.assert_close(got, expected)
-    unweighted = patch_classification_loss(model, output, targets, var_weight=0.1)
+    unweighted = patch_classification_loss(model, output, targets, var_loss_weight=0.1)
     torch.testing.assert_close(
-        unweighted, patch_classification_loss(model, output, targets, var_weight=0.1, class_weights=torch.ones(3))
+        unweighted, patch_classification_loss(model, output, targets, var_loss_weight=0.1, class_weights=torch.ones(3))
     )
     assert not torch.allclose(got, unweighted)
 

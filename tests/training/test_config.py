@@ -52,7 +52,7 @@ def test_overrides_parse_values_and_reach_every_section(tmp_path):
         ("", ["train.batch_size=2.5"], r"train.batch_size=2.5 in the command line is invalid: expected a whole number"),
         ("", ["train.vision_from_scratch=maybe"], r"train.vision_from_scratch='maybe' .* expected true or false"),
         ("", ["train.lr_multipliers=[1, 2]"], r"train.lr_multipliers=\[1, 2\] .* expected a mapping"),
-        ("", ["train.lr_multipliers={vision: fast}"], r"train.lr_multipliers.vision='fast' .* is not a number"),
+        ("", ["train.lr_multipliers={backbone: fast}"], r"train.lr_multipliers.backbone='fast' .* is not a number"),
         ("", ["train.trackers=null"], r"train.trackers=None .* expected a list"),
         ("", ["train.betas=[0.9, {a: 1}]"], r"train.betas\[1\]=\{'a': 1\} .* expected a number"),
         ("train: {lr: [\n", [], r"is not valid YAML"),

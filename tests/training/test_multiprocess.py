@@ -18,13 +18,11 @@ CONFIG = "configs/shapes_absvit_tiny.yaml"
 RETRIEVAL_CONFIG = "configs/shapes_retrieval.yaml"
 
 
-def _torchrun(args, port, timeout=420):
+def _torchrun(args, port, timeout=420, program=("-m", "absvl.cli")):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     # a rank left waiting in a collective would hang: the timeout turns that into a failure
-    result = subprocess.run(
-        [*torchrun, "-m", "absvl.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    result = subprocess.run([*torchrun, *program, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000]
     return result
 
@@ -86,6 +84,20 @@ def test_vqa_with_validation_and_unreadable_images_on_every_rank(shapes_root, ti
     for two_record, one_record in zip(val_two, val_one):
         assert two_record["val/skipped"] == one_record["val/skipped"] == unreadable
         assert two_record["val/scored"] == one_record["val/scored"] == len(questions) - unreadable
+
+
+def test_a_micro_step_with_one_empty_process_changes_nothing_on_any_process(tmp_path):
+    # rank 1's batch is empty, rank 0's is not: neither process runs a forward or an optimizer step, so the
+    # weights, the BatchNorm statistics and AdamW's moments and step count stay; the next step runs on both
+    _torchrun([str(tmp_path)], 29579, timeout=180, program=(str(Path(__file__).with_name("skip_step_worker.py")),))
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert report["first_ran"] and report["skipped_returned_none"] and report["third_ran"]
+        assert report["changed_by_skip"] == []
+        assert any(name.startswith("param/") for name in report["changed_by_third"])
+        assert any(name.startswith("buffer/") and "running_mean" in name for name in report["changed_by_third"])
+        assert report["ranks_agree"]
+        assert report["adamw_steps"] and set(report["adamw_steps"]) == {2.0}
 
 
 def test_vqa_with_prior_loss_weight_zero(tiny_overrides, tmp_path):

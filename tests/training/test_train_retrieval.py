@@ -9,10 +9,11 @@ from accelerate import Accelerator
 
 from absvl.cli import main
 from absvl.data.captions import load_karpathy
+from absvl.evaluation.retrieval import _rerank, evaluate_retrieval, evaluate_retrieval_model
 from absvl.models.vl import AbsVLConfig, AbsVLModel
 from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
-from absvl.training.retrieval import _rerank, evaluate_model, evaluate_retrieval, sample_negatives, train_retrieval
+from absvl.training.retrieval import sample_negatives, train_retrieval
 
 
 def retrieval_overrides(shapes_root, tiny_model, out, steps):
@@ -166,7 +167,7 @@ def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(tr
     from collections import Counter
 
     from absvl.data.image_files import ImageFiles
-    from absvl.training.retrieval import _pair_scores
+    from absvl.evaluation.retrieval import _pair_scores
 
     model = AbsVLModel.from_pretrained(trained["export"])
     images = load_karpathy(shapes_root / "dataset_shapes.json", ["val", "test"], shapes_root / "images")
@@ -388,7 +389,7 @@ def test_training_and_evaluation_on_a_hugging_face_dataset(
     )
     assert f"of {repo} [test]" in capsys.readouterr().out
     hf = json.loads(out.read_text())
-    karpathy = evaluate_model(
+    karpathy = evaluate_retrieval_model(
         summary["export"],
         shapes_root / "dataset_shapes.json",
         "test",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from absvl.cli import main
 from absvl.models.vl import AbsVLModel
 from absvl.training.config import ConfigError, load_config
-from absvl.training.vqa import build_model, object_regions, train_vqa
+from absvl.training.vqa import build_vqa_model, object_regions, train_vqa
 
 CONFIG = "configs/shapes_absvit_tiny.yaml"
 
@@ -149,9 +149,9 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(sha
 def _initial_weights(overrides, tmp_path):
     config = load_config(CONFIG, [*overrides, f"train.output_dir={tmp_path / 'init'}"])
     torch.manual_seed(config.train.seed)
-    from absvl.training.vqa import build_model, prepare_data
+    from absvl.training.vqa import build_vqa_model, prepare_data
 
-    model = build_model(config, prepare_data(config).answers)
+    model = build_vqa_model(config, prepare_data(config).answers)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -365,7 +365,7 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
 
 def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(shapes_root):
     from absvl.data.vqa import load_vqa_split
-    from absvl.training.vqa import score_predictions
+    from absvl.evaluation.vqa import score_predictions
 
     examples = load_vqa_split(shapes_root, "val")
     perfect = {ex.question_id: ex.answers[0] for ex in examples}
@@ -434,10 +434,10 @@ def test_measuring_the_gradients_does_not_change_training(tiny_overrides, tmp_pa
 def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, tiny_overrides, tmp_path):
     from absvl.data.shapes_world import ShapesWorld
     from absvl.training.config import ConfigError
-    from absvl.training.vqa import build_model, object_regions
+    from absvl.training.vqa import build_vqa_model, object_regions
 
     config = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=1"])
-    model = build_model(config, ["yes", "no"])
+    model = build_vqa_model(config, ["yes", "no"])
     regions = object_regions(config, model)
     assert set(regions) == {"object_masks", "grid"} and regions["grid"] == (4, 4)  # 32 px, 8-px patches
     world = ShapesWorld.load(shapes_root)
@@ -445,7 +445,7 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     image = world.image_path(scene["split"], scene["image_id"])
     assert regions["object_masks"](str(image), scene["image_id"]) == world.mask_path(scene["split"], scene["image_id"])
     off = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0"])
-    assert object_regions(off, build_model(off, ["yes", "no"])) == {}
+    assert object_regions(off, build_vqa_model(off, ["yes", "no"])) == {}
 
     # an official-format VQAv2 folder that is no Shapes world: refused with the key to change, before training
     plain = tmp_path / "vqav2"
@@ -459,13 +459,13 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     # a backbone without patch tokens has no patch grid
     cnn = load_config(CONFIG, [*tiny_overrides, "model.backbone=tdam_resnet_test", "model.backbone_kwargs={}"])
     with pytest.raises(ConfigError, match=r"model.prior_object_weight needs a ViT-family backbone"):
-        object_regions(cnn, build_model(cnn, ["yes", "no"]))
+        object_regions(cnn, build_vqa_model(cnn, ["yes", "no"]))
 
 
 def test_object_prior_refuses_randaugment_that_moves_images_but_not_masks(tiny_overrides):
     config = load_config(
         "configs/shapes_absvit_tiny.yaml", [*tiny_overrides, "data.randaugment=true", "model.prior_object_weight=1"]
     )
-    model = build_model(config, ["yes", "no"])
+    model = build_vqa_model(config, ["yes", "no"])
     with pytest.raises(ConfigError, match="data.randaugment"):
         object_regions(config, model)

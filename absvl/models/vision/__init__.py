@@ -3,11 +3,13 @@
 from . import tdam, vit_models  # noqa: F401  (register the ResNet / TDAM and the ViT families)
 from .builder import count_params, create_backbone, estimate_macs
 from .output import BackboneOutput
-from .registry import backbone_family, list_backbones, register_backbone
+from .registry import backbone_defaults, backbone_family, backbone_options, list_backbones, register_backbone
 
 __all__ = [
     "BackboneOutput",
+    "backbone_defaults",
     "backbone_family",
+    "backbone_options",
     "count_params",
     "create_backbone",
     "estimate_macs",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ...errors import InputTypeError
 from .pretrained import folder_overrides, load_pretrained
 from .registry import backbone_constructor
 
@@ -41,7 +42,7 @@ def create_backbone(
     try:
         model = constructor(**overrides)
     except TypeError as err:
-        raise TypeError(f"bad option for backbone {name!r}: {err}") from err
+        raise InputTypeError(f"bad option for backbone {name!r}: {err}") from err
     model.backbone_config = {"name": name, **overrides}
     if pretrained or pretrained_path is not None:
         load_pretrained(model, name, pretrained=pretrained, pretrained_path=pretrained_path)

@@ -6,6 +6,8 @@ Building one (``create_backbone``) is :mod:`.builder`'s job.
 from __future__ import annotations
 
 import difflib
+import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,25 +22,30 @@ class BackboneDefaults:
 
     ``family`` groups the architectures (``vit``, ``absvit``, ``vars``, ``resnet``, ``tdam``);
     ``pretrained`` is the timm model ``arch.tag`` whose ImageNet weights ``pretrained=True`` loads
-    (the matching plain architecture, see docs/backbones.md), None where there is none.
+    (the matching plain architecture, see docs/backbones.md), None where there is none. ``test_size``:
+    a tiny model for tests and the offline demo, meant to train from random weights.
     """
 
     family: str
     pretrained: str | None = None
+    test_size: bool = False
 
 
 _CONSTRUCTORS: dict[str, Constructor] = {}
 _DEFAULTS: dict[str, BackboneDefaults] = {}
 
 
-def register_backbone(family: str, pretrained: str | None = None) -> Callable[[Constructor], Constructor]:
-    """Register a backbone constructor under its function name with its default config."""
+def register_backbone(
+    family: str, pretrained: str | None = None, test_size: bool = False
+) -> Callable[[Constructor], Constructor]:
+    """Register a backbone constructor under its function name with its default config. The constructor's
+    return annotation names the model class, whose ``__init__`` declares the options (:func:`backbone_options`)."""
 
     def wrap(fn: Constructor) -> Constructor:
         if fn.__name__ in _CONSTRUCTORS:
             raise ValueError(f"backbone {fn.__name__!r} is registered twice")
         _CONSTRUCTORS[fn.__name__] = fn
-        _DEFAULTS[fn.__name__] = BackboneDefaults(family, pretrained)
+        _DEFAULTS[fn.__name__] = BackboneDefaults(family, pretrained, test_size)
         return fn
 
     return wrap
@@ -64,6 +71,14 @@ def backbone_defaults(name: str) -> BackboneDefaults:
 
 def backbone_family(name: str) -> str:
     return backbone_defaults(name).family
+
+
+def backbone_options(name: str) -> set[str]:
+    """The keyword options the backbone's model class declares in its ``__init__`` (e.g. ``alpha``, the
+    top-down modulation scale of the ViT family)."""
+    model_class = typing.get_type_hints(backbone_constructor(name))["return"]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in inspect.signature(model_class).parameters.values() if p.kind in named}
 
 
 def backbone_constructor(name: str) -> Constructor:

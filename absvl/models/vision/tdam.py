@@ -341,25 +341,25 @@ def tdam_resnet101(**kwargs: Any) -> ResNetBackbone:
     return _resnet(Bottleneck, dict(layers=(3, 4, 23, 3), **_TDAM), kwargs)
 
 
-@register_backbone("resnet")
+@register_backbone("resnet", test_size=True)
 def resnet_test(**kwargs: Any) -> ResNetBackbone:
     """Test-sized ResNet (BasicBlock, [1, 1, 2, 2], widths 8-64)."""
     return _resnet(BasicBlock, dict(_TEST), kwargs)
 
 
-@register_backbone("tdam")
+@register_backbone("tdam", test_size=True)
 def tdam_resnet_test(**kwargs: Any) -> ResNetBackbone:
     """Test-sized TDAM ResNet (BasicBlock)."""
     return _resnet(BasicBlock, dict(_TEST, **_TDAM), kwargs)
 
 
-@register_backbone("resnet")
+@register_backbone("resnet", test_size=True)
 def resnet_test_bottleneck(**kwargs: Any) -> ResNetBackbone:
     """Test-sized ResNet (Bottleneck, [1, 1, 2, 2], widths 8-64)."""
     return _resnet(Bottleneck, dict(_TEST), kwargs)
 
 
-@register_backbone("tdam")
+@register_backbone("tdam", test_size=True)
 def tdam_resnet_test_bottleneck(**kwargs: Any) -> ResNetBackbone:
     """Test-sized TDAM ResNet (Bottleneck)."""
     return _resnet(Bottleneck, dict(_TEST, **_TDAM), kwargs)

@@ -141,6 +141,8 @@ class VARSDAttention(nn.Module):
     ``num_static_atoms`` is set by VARS-SD (extra atoms of the LISTA Gram transform).
     """
 
+    token_grid = True  # the prefix tokens are kept out of the spatial dictionary (VARS-SD) / the filter (VARS-S)
+
     def __init__(
         self,
         dim: int,
@@ -267,6 +269,8 @@ class VARSSAttention(nn.Module):
     is added to v for either ``td_target``, and ``num_heads``/``attn_drop`` are accepted for
     the drop-in interface only.
     """
+
+    token_grid = True  # the filter runs on the grid of the spatial tokens
 
     def __init__(
         self,

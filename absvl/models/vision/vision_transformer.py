@@ -39,7 +39,12 @@ class Attention(nn.Module):
     the top-down pass costs no more projection work than the bottom-up one. The authors' code sends ``td`` through the full qkv linear,
     adding the value bias a second time; ``td_bias=True`` reproduces that (for their
     checkpoints). ``value_mask`` (``[B, N, 1]``) reweights the values (MaskAtt).
+
+    ``token_grid``: whether the layer needs the token layout (``num_prefix_tokens`` when built, ``grid_size``
+    when called); softmax attention does not, the VARS layers do.
     """
+
+    token_grid = False
 
     def __init__(
         self,
@@ -50,7 +55,6 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         td_target: str = "v",
         td_bias: bool = False,
-        num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -69,7 +73,6 @@ class Attention(nn.Module):
         x: torch.Tensor,
         td: torch.Tensor | None = None,
         value_mask: torch.Tensor | None = None,
-        grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         B, N, C = x.shape
         heads = lambda t, n: t.view(B, N, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # noqa: E731
@@ -127,7 +130,8 @@ class Block(nn.Module):
         value_mask: torch.Tensor | None = None,
         grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), td=td, value_mask=value_mask, grid_size=grid_size))
+        layout = {"grid_size": grid_size} if self.attn.token_grid else {}
+        x = x + self.drop_path1(self.attn(self.norm1(x), td=td, value_mask=value_mask, **layout))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -226,7 +230,9 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         attn_kwargs = dict(attention_kwargs or {})
-        attn_kwargs.update(td_target=mode.td_target, td_bias=td_bias, num_prefix_tokens=self.num_prefix_tokens)
+        attn_kwargs.update(td_target=mode.td_target, td_bias=td_bias)
+        if ATTENTION_LAYERS[attention].token_grid:
+            attn_kwargs["num_prefix_tokens"] = self.num_prefix_tokens
         if attention == "vars_sd":  # its learned token x atom matrix lives on the native grid
             attn_kwargs.setdefault("grid_size", self.patch_embed.grid_size)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay

@@ -88,49 +88,49 @@ def absvit_tiny_patch8_224_gap(**kwargs: Any) -> VisionTransformer:
     return _vit("tiny", dict(patch_size=8, topdown="absvit", global_pool="avg"), kwargs)
 
 
-@register_backbone("vit")
+@register_backbone("vit", test_size=True)
 def vit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized ViT: 4 blocks of width 64, 2 heads, 32 px."""
     return _vit("test", dict(patch_size=8, topdown="none"), kwargs)
 
 
-@register_backbone("absvit")
+@register_backbone("absvit", test_size=True)
 def absvit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized AbSViT."""
     return _vit("test", dict(patch_size=8, topdown="absvit"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_d_vit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized ViT with VARS-D attention."""
     return _vit("test", dict(patch_size=8, topdown="none", attention="vars_d"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_d_absvit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized AbSViT with VARS-D attention."""
     return _vit("test", dict(patch_size=8, topdown="absvit", attention="vars_d"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_s_vit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized ViT with VARS-S attention."""
     return _vit("test", dict(patch_size=8, topdown="none", attention="vars_s"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_s_absvit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized AbSViT with VARS-S attention."""
     return _vit("test", dict(patch_size=8, topdown="absvit", attention="vars_s"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_sd_vit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized ViT with VARS-SD attention."""
     return _vit("test", dict(patch_size=8, topdown="none", attention="vars_sd"), kwargs)
 
 
-@register_backbone("vars")
+@register_backbone("vars", test_size=True)
 def vars_sd_absvit_test_patch8(**kwargs: Any) -> VisionTransformer:
     """Test-sized AbSViT with VARS-SD attention."""
     return _vit("test", dict(patch_size=8, topdown="absvit", attention="vars_sd"), kwargs)

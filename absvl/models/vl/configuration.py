@@ -9,7 +9,7 @@ from ...io import version_stamp
 
 PRIOR_POOLINGS = ("cls", "mean")
 PRIOR_VISUALS = ("bottom_up", "top_down", "both")
-FUSION_READS = ("top_down", "both")
+FUSION_READS = ("top_down", "both", "both_gate")
 TASKS = ("vqa", "retrieval")
 # keys written to config.json for humans and tools, not constructor fields
 _META_KEYS = ("model_type", "absvl_version")
@@ -60,7 +60,9 @@ class AbsVLConfig:
             dropout 0.1, BERT LayerNorm eps 1e-12).
         fusion_reads: the image tokens the fusion reads: ``top_down`` (the backbone's output, the second
             pass: the paper) or ``both``: each position's first- and second-pass tokens side by side (channels
-            concatenated), so that what the top-down pass overwrites stays readable next to what it selects.
+            concatenated), so that what the top-down pass overwrites stays readable next to what it selects;
+            ``both_gate``: those and, as one more channel, the prior gate ξ opened on each token (AbSViT Eq. 8's
+            ``clamp(cos(ξ, z_i), 0, 1)``): where the question points, for the fusion to read the answer from.
         fusion_image_positions: add fixed 2-D sine-cosine position embeddings to the image tokens the
             fusion reads (``FusionEncoder``), for backbones whose output tokens do not keep their position.
         num_answers: VQA answer vocabulary size (0: no VQA head); the strings are in ``answers.json``.

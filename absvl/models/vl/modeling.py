@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ...io import CONFIG_NAME, WEIGHTS_NAME, read_json, write_json
-from ..vision import BackboneOutput, backbone_family, create_backbone
+from ..param_groups import param_groups
+from ..vision import BackboneOutput, backbone_options, create_backbone
+from ..vision.topdown import topdown_health
 from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
 from .heads import ContrastiveHead, ITMHead, VQAHead
@@ -48,15 +49,10 @@ METER_WIDTH = 768
 # the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
 LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 
-# families built on VisionTransformer, which takes the modulation scale ``alpha``
-_VIT_FAMILIES = ("vit", "absvit", "vars")
-
 # SPEC §5: encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3; ``encoders`` is the default of the
 # two encoder groups, each settable alone (a pretrained text encoder with a differently pretrained backbone)
 LR_MULTIPLIERS = {"encoders": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
 ENCODER_GROUPS = ("backbone", "text_encoder")
-# the encoder groups' names in configs written before the split (runs/, configs/)
-_LR_ALIASES = {"vision": "backbone", "text": "text_encoder"}
 # first matching prefix wins; the prior projection and the temperature are new layers: heads
 _GROUP_PREFIXES = (
     ("backbone.decoders.", "decoders"),
@@ -140,7 +136,7 @@ class AbsVLModel(
         self.card_data: dict[str, Any] = {}
 
         overrides = dict(config.backbone_kwargs)
-        if backbone_family(config.backbone) in _VIT_FAMILIES:
+        if "alpha" in backbone_options(config.backbone):  # the top-down modulation scale (VisionTransformer)
             overrides["alpha"] = config.alpha
         self.backbone = create_backbone(config.backbone, **overrides)
         if {"pretrained", "pretrained_path"} & set(config.backbone_kwargs):
@@ -161,7 +157,9 @@ class AbsVLModel(
         self.prior = PriorProjection(text_width, vision_width, config.prior_pooling)
         self.fusion = FusionEncoder(
             text_width,
-            vision_width * (2 if config.fusion_reads == "both" else 1),
+            {"top_down": vision_width, "both": 2 * vision_width, "both_gate": 2 * vision_width + 1}[
+                config.fusion_reads
+            ],
             hidden_size=hidden,
             num_layers=config.fusion_layers,
             num_heads=config.fusion_heads,
@@ -229,8 +227,12 @@ class AbsVLModel(
         """What the fusion reads (``config.fusion_reads``): the top-down tokens, or each position's
         bottom-up and top-down tokens concatenated along the channels."""
         tokens = self.fusion_image_tokens(vision)
-        if self.config.fusion_reads == "both":
-            tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
+        if self.config.fusion_reads == "top_down":
+            return tokens
+        tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
+        if self.config.fusion_reads == "both_gate":
+            gate = vision.prior_mask if vision.prior_mask is not None else tokens.new_zeros(*tokens.shape[:2], 1)
+            tokens = torch.cat([tokens, gate.to(tokens.dtype)], dim=-1)
         return tokens
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -406,6 +408,16 @@ class AbsVLModel(
                 norms[f"grad/{name}/{part}"] = torch.stack(present).norm() if present else term.new_zeros(())
         return norms
 
+    def training_diagnostics(self, out: AbsVLOutput) -> dict[str, torch.Tensor]:
+        """What a log step records of a training forward (graph still alive): the top-down path's health
+        (``topdown_health``), the gradient norm each loss term puts on the encoders (:meth:`loss_gradient_norms`)
+        and the unweighted loss terms (``loss/<term>``)."""
+        return {
+            **topdown_health(out.vision, out.xi),
+            **self.loss_gradient_norms(out.losses),
+            **{f"loss/{k}": v.detach() for k, v in out.losses.items()},
+        }
+
     def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
         return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
@@ -443,15 +455,15 @@ class AbsVLModel(
         """AdamW parameter groups (SPEC §5): encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3.
 
         ``lr_multipliers`` overrides :data:`LR_MULTIPLIERS`; ``encoders`` sets both the ``backbone``
-        and the ``text_encoder`` group, which a key of their own overrides (``vision`` and ``text``
-        are read as ``backbone`` and ``text_encoder``), e.g. ``{"encoders": 0.5, "backbone": 0.1}``.
+        and the ``text_encoder`` group, which a key of their own overrides, e.g.
+        ``{"encoders": 0.5, "backbone": 0.1}``.
 
         No weight decay on biases, norm weights, the logit scale (all ≤ 1-D) and the backbone's
         ``no_weight_decay()`` embeddings (pos_embed, cls_token, prompt) and the token-type
         embeddings. Every trainable parameter lands in exactly one group; otherwise a
         ``ValueError`` names it. Each group carries ``name`` and ``lr_scale`` for schedulers.
         """
-        given = {_LR_ALIASES.get(k, k): v for k, v in (lr_multipliers or {}).items()}
+        given = dict(lr_multipliers or {})
         known = [*LR_MULTIPLIERS, *ENCODER_GROUPS]
         unknown = set(given) - set(known)
         if unknown:
@@ -460,32 +472,8 @@ class AbsVLModel(
         for group in ENCODER_GROUPS:
             multipliers.setdefault(group, multipliers["encoders"])
         backbone_no_decay = getattr(self.backbone, "no_weight_decay", lambda: set())()
-        no_decay_names = {f"backbone.{n}" for n in backbone_no_decay} | {"fusion.token_type_embeddings.weight"}
-        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            group = next((g for prefix, g in _GROUP_PREFIXES if name.startswith(prefix)), None)
-            if group is None:
-                prefixes = [p for p, _ in _GROUP_PREFIXES]
-                raise ValueError(f"parameter {name!r} matches no parameter group (prefixes: {prefixes})")
-            decay = param.ndim > 1 and name not in no_decay_names
-            buckets.setdefault((group, decay), []).append(param)
-        groups = [
-            {
-                "name": f"{group}/{'decay' if decay else 'no_decay'}",
-                "params": params,
-                "lr": lr * multipliers[group],
-                "lr_scale": multipliers[group],
-                "weight_decay": weight_decay if decay else 0.0,
-            }
-            for (group, decay), params in buckets.items()
-        ]
-        counts = Counter(id(p) for g in groups for p in g["params"])
-        for name, param in self.named_parameters():
-            if param.requires_grad and counts[id(param)] != 1:
-                raise ValueError(f"parameter {name!r} is in {counts[id(param)]} parameter groups, expected exactly 1")
-        return groups
+        no_decay = {f"backbone.{n}" for n in backbone_no_decay} | {"fusion.token_type_embeddings.weight"}
+        return param_groups(self, lr, weight_decay, _parameter_group, multipliers, no_decay)
 
     # --- Hub ----------------------------------------------------------------------------
     def with_loss_weights(self, config: AbsVLConfig) -> AbsVLModel:
@@ -606,6 +594,15 @@ class AbsVLModel(
         if (folder / CARD_DATA_NAME).is_file():  # absent in folders saved by older versions
             model.card_data = read_json(folder / CARD_DATA_NAME, what="an AbsVLModel's model card data")
         return model.eval()
+
+
+def _parameter_group(name: str) -> str:
+    """The parameter group of a parameter, by the first of :data:`_GROUP_PREFIXES` its name starts with."""
+    group = next((g for prefix, g in _GROUP_PREFIXES if name.startswith(prefix)), None)
+    if group is None:
+        prefixes = [p for p, _ in _GROUP_PREFIXES]
+        raise ValueError(f"parameter {name!r} matches no parameter group (prefixes: {prefixes})")
+    return group
 
 
 def _refuse_missing_path(name: str | Path) -> None:

@@ -186,7 +186,6 @@ def test_parameter_groups(make_model):
         ({"encoders": 0.5}, 0.5, 0.5),  # the default of both encoders
         ({"backbone": 0.1}, 0.1, 1.0),
         ({"encoders": 0.5, "text_encoder": 0.2}, 0.5, 0.2),
-        ({"vision": 0.1, "text": 0.3}, 0.1, 0.3),  # the names of configs written before the split
     ],
 )
 def test_encoder_lr_multipliers(make_model, given, backbone, text_encoder):
@@ -219,6 +218,8 @@ def test_parameter_groups_name_a_parameter_they_would_drop(make_model):
         model.parameter_groups(lr=1e-5)
     with pytest.raises(ValueError, match="lr_multipliers"):
         make_model("vit_test_patch8").parameter_groups(lr=1e-5, lr_multipliers={"fuson": 5.0})
+    with pytest.raises(ValueError, match=r"unknown lr_multipliers key\(s\) \['vision'\]; known: .*'backbone'"):
+        make_model("vit_test_patch8").parameter_groups(lr=1e-5, lr_multipliers={"vision": 0.1})
 
 
 def test_config_errors_name_the_field(make_model, roberta_dir):

@@ -1,0 +1,72 @@
+"""Run by torchrun (2 processes, see test_multiprocess.py): the trainer's micro-step when one process's
+batch holds no readable item. Writes ``{rank}.json`` into the folder given as the first argument."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from absvl.training.loop import train_step
+
+
+class RegressionTask:
+    """The two methods of a task that ``train_step`` calls."""
+
+    def batch_size(self, batch):
+        return len(batch["x"])
+
+    def loss(self, model, batch):
+        return nn.functional.mse_loss(model(batch["x"]).squeeze(-1), batch["y"])
+
+
+def state(model, optimizer):
+    """Every float the step may change: weights, buffers (BatchNorm statistics), AdamW's moments and count."""
+    tensors = {f"param/{n}": p for n, p in model.named_parameters()}
+    tensors.update({f"buffer/{n}": b for n, b in model.named_buffers()})
+    for index, values in optimizer.state_dict()["state"].items():
+        tensors.update({f"adamw/{index}/{k}": torch.as_tensor(v) for k, v in values.items()})
+    return {name: t.detach().clone().float() for name, t in tensors.items()}
+
+
+def main(out: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    task, data = RegressionTask(), torch.Generator().manual_seed(rank)
+
+    def batch(n):
+        return {"x": torch.randn(n, 4, generator=data), "y": torch.randn(n, generator=data)}
+
+    first = train_step(accelerator, model, optimizer, task, batch(4), max_grad_norm=1.0)
+    before = state(model, optimizer)
+    # rank 1's share of this micro-batch was all unreadable; rank 0's was fine
+    skipped = train_step(accelerator, model, optimizer, task, batch(4 if rank == 0 else 0), max_grad_norm=1.0)
+    after = state(model, optimizer)
+    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    third = train_step(accelerator, model, optimizer, task, batch(4), max_grad_norm=1.0)
+    final = state(model, optimizer)
+    # weights and AdamW's state are the same on every process (DDP averages the gradients); BatchNorm
+    # statistics are each process's own until DDP broadcasts rank 0's at the next forward
+    synced = torch.cat([t.flatten() for name, t in final.items() if not name.startswith("buffer/")])
+    everyone = accelerator.gather(synced[None])
+    report = {
+        "first_ran": first is not None,
+        "skipped_returned_none": skipped is None,
+        "changed_by_skip": changed,
+        "third_ran": third is not None,
+        "changed_by_third": sorted(name for name in after if not torch.equal(after[name], final[name])),
+        "ranks_agree": bool((everyone == everyone[0]).all()),
+        "adamw_steps": [float(v) for k, v in final.items() if k.endswith("/step")],
+    }
+    (out / f"{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
