@@ -2,11 +2,13 @@
 
 from ._version import __version__
 from .models.vision import BackboneOutput, create_backbone, list_backbones
-from .models.vl import AbsVLConfig, AbsVLModel
+from .models.vl import AbsVLConfig, AbsVLForQuestionAnswering, AbsVLForRetrieval, AbsVLModel
 from .pipelines import pipeline
 
 __all__ = [
     "AbsVLConfig",
+    "AbsVLForQuestionAnswering",
+    "AbsVLForRetrieval",
     "AbsVLModel",
     "BackboneOutput",
     "__version__",

@@ -204,10 +204,10 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def _cmd_attend(args: argparse.Namespace) -> int:
-    from .models.vl import AbsVLModel
+    from .models.vl import load_model
     from .visualize import attention_figure
 
-    model = AbsVLModel.from_pretrained(args.model)
+    model = load_model(args.model)
     _, maps = attention_figure(model, args.image, args.text, args.out, size=args.size)
     answers = f"; answers: {', '.join(maps['answers'])}" if maps["answers"] else ""
     print(
@@ -314,10 +314,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub import constants, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .models.vl import AbsVLModel
+    from .models.vl import load_model
 
     folder = _push_folder(Path(args.folder))
-    model = AbsVLModel.from_pretrained(folder)  # first: a folder that would not load (or answer wrongly) is refused
+    model = load_model(folder)  # first: a folder that would not load (or answer wrongly) is refused
     if get_token() is None:
         raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     try:
@@ -410,17 +410,8 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="absvl", description="Top-down vision-language models (AbSViT, VARS, TDAM).")
-    parser.add_argument("--version", action="version", version=f"absvl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("backbones", help="list registered vision backbones with parameters and MACs")
-    p.add_argument("--family", help="only this family (vit, absvit, vars, tdam, resnet)")
-    p.add_argument("--img-size", type=int, default=224, help="input size for the MACs estimate (default 224)")
-    p.add_argument("--no-macs", action="store_true", help="skip the MACs estimate")
-    p.set_defaults(func=_cmd_backbones)
-
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """``absvl train vqa|prior|retrieval|classify``."""
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", metavar="TASK", required=True)
     p = train.add_parser("vqa", help="finetune on VQAv2 (or the Shapes world)")
     p.add_argument("--config", help="run config YAML (see configs/); optional with --resume RUN")
@@ -451,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train_classify)
 
+
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """``absvl eval vqa|classify|retrieval``."""
     evaluate = sub.add_parser("eval", help="evaluate").add_subparsers(dest="task", metavar="TASK", required=True)
     p = evaluate.add_parser("vqa", help="official VQA accuracy of a model or of a results file")
     p.add_argument("--model", help="a save_pretrained folder")
@@ -515,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the recalls as JSON here")
     p.set_defaults(func=_cmd_eval_retrieval, overrides=[])
 
+
+def _add_predict_commands(sub: argparse._SubParsersAction) -> None:
+    """``absvl predict vqa|vqa-file``."""
     predict = sub.add_parser("predict", help="write predictions").add_subparsers(
         dest="task", metavar="TASK", required=True
     )
@@ -538,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.set_defaults(func=_cmd_predict_vqa_file)
 
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``absvl data check|shapes``."""
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="task", metavar="TASK", required=True)
     p = data.add_parser("check", help="validate a VQAv2-format dataset (non-zero exit on errors)")
     p.add_argument("path", help="dataset root")
@@ -555,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_shapes)
 
+
+def _add_model_folder_commands(sub: argparse._SubParsersAction) -> None:
+    """``absvl convert``, ``export``, ``push``, ``attend``: model folders in and out."""
     p = sub.add_parser("convert", help="convert the authors' AbSViT / TDAM checkpoints to absvl backbone folders")
     p.add_argument(
         "checkpoint", help="the authors' checkpoint (.pth/.pt/.bin/.safetensors; read with weights_only=True)"
@@ -589,6 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="panel side in pixels (default 224)")
     p.set_defaults(func=_cmd_attend, overrides=[])
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="absvl", description="Top-down vision-language models (AbSViT, VARS, TDAM).")
+    parser.add_argument("--version", action="version", version=f"absvl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list registered vision backbones with parameters and MACs")
+    p.add_argument("--family", help="only this family (vit, absvit, vars, tdam, resnet)")
+    p.add_argument("--img-size", type=int, default=224, help="input size for the MACs estimate (default 224)")
+    p.add_argument("--no-macs", action="store_true", help="skip the MACs estimate")
+    p.set_defaults(func=_cmd_backbones)
+
+    _add_train_commands(sub)
+    _add_eval_commands(sub)
+    _add_predict_commands(sub)
+    _add_data_commands(sub)
+    _add_model_folder_commands(sub)
     add_retrieval_commands(sub)  # index build|add, search
     add_serve_commands(sub)  # serve
 

@@ -43,7 +43,7 @@ from .metrics.probes import format_probe_table, object_patch_tokens, token_probe
 from .metrics.retrieval import format_recall_table
 from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
-from .models.vl import AbsVLModel
+from .models.vl import AbsVLForQuestionAnswering, AbsVLForRetrieval, AbsVLModel
 from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
 from .training.config import ClassifyConfig, RetrievalConfig, RunConfig, dump_config, load_config
@@ -91,8 +91,9 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
             }
         )
     )
+    model = AbsVLForRetrieval.from_pretrained(export)
     report = build_index(
-        AbsVLModel.from_pretrained(export),
+        model,
         images_root / "test2015",
         out_dir / "index",
         overwrite=True,
@@ -100,7 +101,7 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
         progress=False,
     )
     print(f"indexed {report.num_indexed} test images with FAISS ({report.factory}) in {out_dir / 'index'}")
-    retriever = Retriever(AbsVLModel.from_pretrained(export), report.out)
+    retriever = Retriever(model, report.out)
     query = "a red circle left of a blue square."
     hits = retriever.search(query, k=5, rerank=20)
     print(f"search {query!r} (top-20 re-ranked with the query steering the encoder):")
@@ -277,7 +278,7 @@ def run(
     print("stage 2b (VQA finetuning): the question's ξ steers the pretrained backbone's second pass")
     summary = train_vqa(config, notify=print)
     trained_s = time.perf_counter() - started
-    model = AbsVLModel.from_pretrained(summary["export"])
+    model = AbsVLForQuestionAnswering.from_pretrained(summary["export"])
     world = ShapesWorld.load(config.data.root)
 
     split = "test-dev2015"

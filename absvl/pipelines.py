@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .images import BadImageError
 from .io import atomic_file
-from .models.vl import AbsVLModel
+from .models.vl import AbsVLForQuestionAnswering, AbsVLModel, load_model
 from .models.vl.processing import ImageInput, load_image
 
 
@@ -53,7 +53,7 @@ class _Pipeline:
         self, model: AbsVLModel | str | Path, device: str | torch.device | None = None, batch_size: int = 8
     ) -> None:
         if not isinstance(model, AbsVLModel):
-            model = AbsVLModel.from_pretrained(model)
+            model = load_model(model)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -81,8 +81,11 @@ class VQAPipeline(_Pipeline):
         self, model: AbsVLModel | str | Path, device: str | torch.device | None = None, batch_size: int = 8
     ) -> None:
         super().__init__(model, device, batch_size)
-        if not self.model.answers:
-            raise ValueError("the model has no VQA answer vocabulary (num_answers=0)")
+        if not isinstance(self.model, AbsVLForQuestionAnswering):
+            raise ValueError(
+                f"the vqa pipeline needs a VQA model (AbsVLForQuestionAnswering), not {type(self.model).__name__}: "
+                "give the folder of a model trained with absvl train vqa"
+            )
 
     def __call__(
         self,

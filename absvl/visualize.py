@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .io import atomic_file
+from .models.vl import AbsVLForQuestionAnswering
 from .models.vl.processing import ImageInput, load_image
 
 LABEL_HEIGHT = 34
@@ -88,7 +89,7 @@ def attention_figure(
         spatial = out.vision.prior_mask[:, out.vision.num_prefix_tokens :, 0].reshape(len(texts), *bottom_up.shape)
         gate = list(spatial.float().cpu().numpy())
     answers = None
-    if out.vqa_logits is not None:
+    if isinstance(model, AbsVLForQuestionAnswering):
         answers = [model.answers[i] for i in out.vqa_logits.argmax(-1).tolist()]
     square = picture.resize((size, size), Image.Resampling.BICUBIC)
     panels = [(square, "image"), (overlay(square, bottom_up), "bottom-up")]

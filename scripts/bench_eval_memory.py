@@ -25,7 +25,7 @@ from PIL import Image
 
 from absvl.data.captions import CaptionedImage
 from absvl.evaluation.retrieval import evaluate_retrieval
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval
 
 
 class PeakRSS:
@@ -77,7 +77,7 @@ def main() -> None:
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config).eval()
+    model = AbsVLForRetrieval(config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         images = write_images(Path(tmp), args.images, args.size)
         for count in (args.images // 10, args.images):

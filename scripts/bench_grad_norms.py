@@ -16,7 +16,7 @@ import torch
 
 from absvl.data.vqa_dataset import VQACollator, VQADataset
 from absvl.images import image_transform
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import AbsVLForQuestionAnswering
 from absvl.training.config import load_config
 from absvl.training.vqa import object_regions, prepare_data
 
@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    model = AbsVLModel.from_pretrained(args.model).train()
+    model = AbsVLForQuestionAnswering.from_pretrained(args.model).train()
     config = load_config(args.config)
     examples = prepare_data(config, model.answers).train[: args.batch_size]
     dataset = VQADataset(
@@ -43,7 +43,8 @@ def main() -> None:
     batch = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)(
         [dataset[i] for i in range(len(dataset))]
     )
-    inputs = {k: batch[k] for k in ("vqa_targets", "prior_positive", "patch_objects", "target_objects") if k in batch}
+    inputs = {k: batch[k] for k in ("prior_positive", "patch_objects", "target_objects") if k in batch}
+    inputs["labels"] = batch["vqa_targets"]
 
     def step(logged: bool) -> None:
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"], **inputs)

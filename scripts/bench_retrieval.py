@@ -260,7 +260,7 @@ def bench_e2e(args: argparse.Namespace) -> dict:
     import torch
 
     from absvl.data.shapes import ensure_shapes
-    from absvl.models.vl import AbsVLConfig, AbsVLModel
+    from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval
     from absvl.retrieval import Retriever, build_index
 
     results = {}
@@ -278,7 +278,7 @@ def bench_e2e(args: argparse.Namespace) -> dict:
             fusion_heads=2,
             max_text_len=24,
         )
-        model = AbsVLModel(config).eval()
+        model = AbsVLForRetrieval(config).eval()
         report = build_index(model, world.root / "images", Path(tmp) / "index", batch_size=64, progress=False)
         captions = [s["raw"] for im in json.loads(world.karpathy_path.read_text())["images"] for s in im["sentences"]]
         queries = captions[: args.e2e_queries]

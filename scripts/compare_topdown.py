@@ -253,7 +253,7 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
     """Train (the prior alignment for variants with a prior, then VQA: the real trainers), score test-dev
     and the steering; returns the run record."""
     from absvl.data.shapes_world import ShapesWorld
-    from absvl.models.vl import AbsVLModel
+    from absvl.models.vl import AbsVLForQuestionAnswering
     from absvl.training.config import load_config
     from absvl.training.prior import train_prior
     from absvl.training.vqa import train_vqa
@@ -281,7 +281,7 @@ def run_one(variant: Variant, seed: int, args: argparse.Namespace, out: Path) ->
     train_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    model = AbsVLModel.from_pretrained(summary["export"]).eval()
+    model = AbsVLForQuestionAnswering.from_pretrained(summary["export"]).eval()
     world = ShapesWorld.load(config.data.root)
     scores = score_model(model, config, world, steering_pairs_for(args, world), args.extra_map_block)
     eval_s = time.perf_counter() - t1
@@ -470,12 +470,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     absvit = [r for r in runs if r["variant"] == "absvit" and Path(r["export"]).is_dir()]
     active = [r for r in absvit if r.get("topdown_change", 0) > ACTIVE_CHANGE]
     if absvit and pairs:
-        from absvl.models.vl import AbsVLModel
+        from absvl.models.vl import AbsVLForQuestionAnswering
 
         best = max(active or absvit, key=lambda r: r["accuracy"])
         pair = next((p for p in pairs if p["family"] in ("shape", "color")), pairs[0])
         image_path, texts = world.image_path(TEST_SPLIT, pair["image_id"]), list(pair["questions"])
-        model = AbsVLModel.from_pretrained(best["export"]).eval()
+        model = AbsVLForQuestionAnswering.from_pretrained(best["export"]).eval()
         attention_figure(model, image_path, texts, out / "attention.png")
         meta["attention_png"] = {
             "run": f"{best['variant']}_seed{best['seed']}",

@@ -37,7 +37,7 @@ class _Cycle(torch.utils.data.Sampler):
 def build_model(name: str, args: argparse.Namespace, answers: list[str], tokenizer: Any, tokenizer_dir: Path):
     import transformers
 
-    from absvl.models.vl import AbsVLConfig, AbsVLModel
+    from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering
 
     text = transformers.RobertaConfig(num_hidden_layers=args.text_layers).to_dict()
     if args.text_hidden:  # a reduced encoder (tests): heads of 64 channels, FFN 4x
@@ -58,8 +58,7 @@ def build_model(name: str, args: argparse.Namespace, answers: list[str], tokeniz
         fusion_heads=args.fusion_heads,
     )
     torch.manual_seed(0)
-    model = AbsVLModel(config, answers=answers, tokenizer=tokenizer)
-    model.itm_head.requires_grad_(False)  # as VQATask.setup: VQA finetuning has no ITM term
+    model = AbsVLForQuestionAnswering(config, answers=answers, tokenizer=tokenizer)
     return model
 
 
@@ -182,7 +181,7 @@ def measure_model(name: str, args: argparse.Namespace, accelerator, data: dict[s
     def step(batch: dict[str, Any]) -> torch.Tensor:
         # the trainer's own step (absvl.training.loop.train_step), then the scheduler as run_training does
         # (the names are deleted only after the last step: ruff cannot see it)
-        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)  # noqa: F821
+        loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, lambda: fixed)  # noqa: F821
         scheduler.step()  # noqa: F821
         return loss
 

@@ -327,7 +327,7 @@ def test_tdam_conversion_errors(tmp_path):
 
 
 def test_converted_folder_in_the_vl_model(tmp_path):
-    from absvl.models.vl import AbsVLConfig, AbsVLModel, build_tiny_text_encoder
+    from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering, build_tiny_text_encoder
 
     sd = absvit_checkpoint()
     ckpt = tmp_path / "absvit.pth"
@@ -342,7 +342,7 @@ def test_converted_folder_in_the_vl_model(tmp_path):
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config, answers=["yes", "no"])
+    model = AbsVLForQuestionAnswering(config, answers=["yes", "no"])
     assert model.backbone.blocks[0].attn.td_bias
     assert torch.equal(model.backbone.blocks[2].attn.qkv.weight, sd["blocks.2.attn.qkv.weight"])
     assert model.config.backbone_kwargs == {"td_bias": True, "num_classes": CLASSES}  # self-contained config
@@ -350,7 +350,7 @@ def test_converted_folder_in_the_vl_model(tmp_path):
     import shutil
 
     shutil.rmtree(out)  # the saved model no longer needs the converted folder
-    again = AbsVLModel.from_pretrained(tmp_path / "vl")
+    again = AbsVLForQuestionAnswering.from_pretrained(tmp_path / "vl")
     assert again.backbone.blocks[0].attn.td_bias
     assert torch.equal(again.backbone.blocks[2].attn.qkv.weight, sd["blocks.2.attn.qkv.weight"])
 

@@ -17,7 +17,7 @@ from absvl.data.shapes_world import ShapesWorld
 from absvl.metrics.baselines import pooled_image_features
 from absvl.metrics.probes import object_patch_tokens
 from absvl.metrics.steering import steering_pairs, steering_scores
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering, AbsVLForRetrieval
 from absvl.retrieval import Retriever, build_index
 from absvl.visualize import attention_figure
 
@@ -48,7 +48,7 @@ def model(shapes_root):
         fusion_heads=2,
         max_text_len=16,
     )
-    return AbsVLModel(config, answers=["yes", "no", "red"]).eval()
+    return AbsVLForQuestionAnswering(config, answers=["yes", "no", "red"]).eval()
 
 
 @pytest.fixture
@@ -96,6 +96,7 @@ def test_steering_probes_baselines_and_figures_run_on_the_model_device(model, im
 
 
 def test_retriever_search_and_rerank_run_on_the_model_device(model, shapes_root, tmp_path):
+    model = AbsVLForRetrieval(model.config).eval()  # the same architecture with the ITM head
     images = sorted((shapes_root / "images").rglob("*.jpg"))[:6]
     index = build_index(model, images, tmp_path / "index", batch_size=4, progress=False)
     retriever = Retriever(model, index.out, device="meta")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import absvl
-from absvl import AbsVLConfig, AbsVLModel
+from absvl import AbsVLConfig, AbsVLForQuestionAnswering
 from absvl.cli import main
 from absvl.models.vl import build_tiny_text_encoder, preprocess_image
 
@@ -28,7 +28,7 @@ def model(tmp_path_factory):
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config, answers=ANSWERS)
+    model = AbsVLForQuestionAnswering(config, answers=ANSWERS)
     with torch.no_grad():  # a feedback path strong enough for visible top-down effects
         for p in model.backbone.decoders.parameters():
             p.mul_(10.0)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from absvl.cli import main
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering
 from absvl.visualize import attention_figure, heatmap, overlay, side_by_side
 
 
@@ -39,7 +39,7 @@ def saved_model(shapes_root, tmp_path_factory):
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config, answers=["red", "blue", "yes"])
+    model = AbsVLForQuestionAnswering(config, answers=["red", "blue", "yes"])
     with torch.no_grad():  # a feedback path strong enough for the text to change the top-down map
         for p in model.backbone.decoders.parameters():
             p.mul_(10.0)
@@ -49,7 +49,7 @@ def saved_model(shapes_root, tmp_path_factory):
 
 
 def test_attention_figure_has_one_top_down_map_per_text(saved_model, shapes_root, tmp_path):
-    model = AbsVLModel.from_pretrained(saved_model)
+    model = AbsVLForQuestionAnswering.from_pretrained(saved_model)
     image = next((shapes_root / "images").rglob("*.jpg"))
     figure, maps = attention_figure(
         model, image, ["what color is the circle?", "is there a square?"], tmp_path / "a.png", size=64

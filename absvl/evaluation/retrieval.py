@@ -21,7 +21,7 @@ from ..data.captions import CaptionedImage, check_caption_images, load_captions
 from ..data.image_files import ImageFiles, collate_image_files
 from ..data.loaders import make_loader, process_share
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
-from ..models.vl import AbsVLModel
+from ..models.vl import AbsVLForRetrieval, AbsVLModel
 from ..runtime import cpu_only
 
 
@@ -257,7 +257,8 @@ def evaluate_retrieval_model(
     Face caption dataset (``load_captions``: ``format`` ``karpathy``/``hf``, ``None`` to tell by the
     name; ``columns``: the dataset's column mapping)."""
     accelerator = Accelerator(cpu=cpu_only())
-    model = model if isinstance(model, AbsVLModel) else AbsVLModel.from_pretrained(model)
+    if not isinstance(model, AbsVLModel):  # re-ranking needs the ITM head; the contrastive ranking any encoder
+        model = AbsVLForRetrieval.from_pretrained(model) if rerank else AbsVLModel.from_pretrained(model)
     model.to(accelerator.device)
     with accelerator.main_process_first():
         images = load_captions(captions_file, [split], images_root, format, columns)[:max_images]

@@ -22,7 +22,7 @@ from ..data.vqa_dataset import VQACollator, VQADataset
 from ..data.vqa_examples import VQAExample
 from ..images import image_transform
 from ..metrics.vqa import evaluate_vqa
-from ..models.vl import AbsVLModel
+from ..models.vl import AbsVLForQuestionAnswering, AbsVLModel
 from ..runtime import cpu_only
 
 
@@ -95,10 +95,10 @@ def vqa_loader(
 
 
 def _predict(
-    model: AbsVLModel | str | Path, examples: list[VQAExample], batch_size: int, num_workers: int
-) -> tuple[AbsVLModel, dict[int, str], list[tuple]]:
+    model: AbsVLForQuestionAnswering | str | Path, examples: list[VQAExample], batch_size: int, num_workers: int
+) -> tuple[AbsVLForQuestionAnswering, dict[int, str], list[tuple]]:
     accelerator = Accelerator(cpu=cpu_only())
-    model = model if isinstance(model, AbsVLModel) else AbsVLModel.from_pretrained(model)
+    model = model if isinstance(model, AbsVLModel) else AbsVLForQuestionAnswering.from_pretrained(model)
     loader = vqa_loader(model, examples, batch_size, num_workers, accelerator)
     model.to(accelerator.device)
     predictions, skipped = predict_answers(model, loader, accelerator, model.answers, desc="predict")
@@ -106,7 +106,10 @@ def _predict(
 
 
 def evaluate_vqa_model(
-    model: AbsVLModel | str | Path, examples: list[VQAExample], batch_size: int = 64, num_workers: int = 0
+    model: AbsVLForQuestionAnswering | str | Path,
+    examples: list[VQAExample],
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[dict[str, Any], dict[int, str]]:
     """The official VQA accuracy of a model (or its folder) on annotated ``examples``, and its predictions.
     Questions whose image is unreadable are answered "" and score 0; the result's ``skipped`` counts them."""
@@ -116,7 +119,10 @@ def evaluate_vqa_model(
 
 
 def predict_vqa_submission(
-    model: AbsVLModel | str | Path, examples: list[VQAExample], batch_size: int = 64, num_workers: int = 0
+    model: AbsVLForQuestionAnswering | str | Path,
+    examples: list[VQAExample],
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[list[dict[str, Any]], int, str]:
     """Submission-format answers ``[{"question_id", "answer"}]`` for every question of ``examples``, the
     number of questions whose image was unreadable, and the answer they got (the first, most frequent one)."""

@@ -11,9 +11,9 @@ from ..runtime import is_main_process
 
 
 def _load_model(source: str):
-    from ..models.vl import AbsVLModel
+    from ..models.vl import load_model
 
-    return AbsVLModel.from_pretrained(source)
+    return load_model(source)
 
 
 def _device(args: argparse.Namespace) -> str | None:

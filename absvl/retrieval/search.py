@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..images import BadImageError
+from ..models.vl import AbsVLForRetrieval
 from .faiss_backend import gpu_available
 from .identity import check_fingerprint, model_fingerprint
 from .index import ImageIndex
@@ -30,7 +31,7 @@ class SearchHit:
         id: the image's id in the index.
         path: the image file.
         score: cosine similarity of the query's ξ and the image's bottom-up embedding.
-        rerank_score: ``AbsVLModel.rerank_score`` (ITM log-odds with the query as top-down prior +
+        rerank_score: ``AbsVLForRetrieval.rerank_score`` (ITM log-odds with the query as top-down prior +
             the contrastive logit; None without re-ranking).
     """
 
@@ -52,7 +53,7 @@ class Retriever:
     ) -> None:
         """
         Args:
-            model: the :class:`~absvl.models.vl.AbsVLModel` whose image embeddings the index holds.
+            model: the model (an ``AbsVLForRetrieval`` to re-rank) whose image embeddings the index holds.
             index: a loaded index or its folder.
             device: where the model runs (None: where it is; the model is moved otherwise).
 
@@ -101,6 +102,11 @@ class Retriever:
             raise ValueError(f"k={k} must be >= 1")
         if rerank < 0:
             raise ValueError(f"rerank={rerank} must be >= 0 (0: no re-ranking)")
+        if rerank and not isinstance(self.model, AbsVLForRetrieval):
+            raise ValueError(
+                f"re-ranking needs a retrieval model's ITM head; the index's model is an {type(self.model).__name__}: "
+                "search with rerank=0, or index with a model from absvl train retrieval"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not queries:

@@ -11,7 +11,7 @@ from .limits import Limits
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..models.vl import AbsVLModel
+    from ..models.vl import load_model
     from .app import create_app
     from .connections import uvicorn_options
     from .hardening import LOCAL_HOSTS
@@ -42,8 +42,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         source = resolve_model_source(args.retrieval_model) if args.retrieval_model else _index_model(index)
         if source in (None, resolve_model_source(args.model)):
             source = None  # --model searches too
-    model = AbsVLModel.from_pretrained(args.model).to(args.device)
-    retrieval_model = AbsVLModel.from_pretrained(source).to(args.device) if source else None
+    model = load_model(args.model).to(args.device)
+    retrieval_model = load_model(source).to(args.device) if source else None
     name = _model_name(args.model)
     app = create_app(
         model,

@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import Request
 from PIL import Image
 
-from ..models.vl import AbsVLModel
+from ..models.vl import AbsVLForQuestionAnswering, AbsVLModel
 from ..pipelines import pipeline
 from ..visualize import overlay, png_bytes
 from .errors import ApiError
@@ -29,25 +29,14 @@ OVERLAY_SIDE = 320  # longest side of the attention overlays sent back (pixels)
 
 
 def vqa_unavailable(model: AbsVLModel, name: str) -> str | None:
-    """Why ``model`` cannot answer /vqa; None when it can.
-
-    It cannot without an answer vocabulary, nor when its config's ``trained_tasks`` (recorded at export
-    by the trainer) leave out ``"vqa"``: retrieval finetuning keeps the VQA head frozen while the
-    features it reads change, so its answers no longer fit. Without the record (older exports, models
-    built in code) a VQA head counts as trained.
-    """
-    if not model.answers:
-        return (
-            f"/vqa is unavailable: model {name} has no VQA head (no answer vocabulary); serve a VQA model with --model"
-        )
-    tasks = model.config.trained_tasks
-    if tasks is not None and "vqa" not in tasks:
-        return (
-            f"/vqa is unavailable: model {name} was last finetuned for {', '.join(tasks) or 'another task'} "
-            "with its VQA head frozen, so its answers no longer fit; serve a VQA model with --model and this "
-            "one with --retrieval-model"
-        )
-    return None
+    """Why ``model`` cannot answer /vqa (it is no VQA model: an encoder or a retrieval model, whose folder holds
+    no trained VQA head); None when it can."""
+    if isinstance(model, AbsVLForQuestionAnswering):
+        return None
+    return (
+        f"/vqa is unavailable: model {name} is an {type(model).__name__}, not a VQA model; serve a VQA model "
+        "(absvl train vqa) with --model and this one with --retrieval-model"
+    )
 
 
 class ModelService:

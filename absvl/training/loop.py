@@ -107,13 +107,13 @@ class Task(Protocol):
         shut), said at the end of training; None when all is well."""
 
 
-def every_process_has_data(accelerator: Accelerator, size: int) -> bool:
-    """Whether every process's micro-batch holds a readable item (``size`` is this process's count): all
-    processes get the same answer, so they skip a micro-step together."""
+def processes_with_data(accelerator: Accelerator, size: int) -> int:
+    """How many processes' micro-batches hold a readable item (``size`` is this process's count); the same
+    number on every process."""
     if accelerator.num_processes == 1:
-        return size > 0
-    empty = torch.tensor([0 if size else 1], device=accelerator.device)
-    return int(accelerator.reduce(empty, reduction="sum").item()) == 0
+        return int(size > 0)
+    has = torch.tensor([1 if size else 0], device=accelerator.device)
+    return int(accelerator.reduce(has, reduction="sum").item())
 
 
 def train_step(
@@ -123,22 +123,36 @@ def train_step(
     task: Task,
     batch: dict[str, Any],
     max_grad_norm: float,
+    stand_in: Callable[[], dict[str, Any]],
 ) -> torch.Tensor | None:
     """One micro-step: loss, backward, clipping and the optimizer step when gradients sync; returns the loss.
 
-    A micro-step where any process's batch holds no readable item is skipped on every process and returns
-    None: no forward (BatchNorm statistics stay), no optimizer step (AdamW's moments, its step count and
-    weight decay stay), no gradient accumulated; the next micro-batch takes its place.
+    A micro-step where no process's batch holds a readable item is skipped on every process and returns None: no
+    forward (BatchNorm statistics stay), no optimizer step (AdamW's moments, its step count and weight decay stay),
+    no gradient accumulated; the next micro-batch takes its place. Where only some processes have items, the
+    others run ``stand_in()`` at loss weight 0 (the same forward and gradient all-reduce as everyone, no gradient
+    of their own; their buffers, e.g. BatchNorm statistics, are put back) and the step averages the gradients of
+    the processes with items.
     """
-    if not every_process_has_data(accelerator, task.batch_size(batch)):
+    with_data = processes_with_data(accelerator, task.batch_size(batch))
+    if with_data == 0:
         return None
+    mine = task.batch_size(batch) > 0
+    unwrapped = accelerator.unwrap_model(model)
+    kept = None if mine else {name: b.detach().clone() for name, b in unwrapped.named_buffers()}
     with accelerator.accumulate(model):
-        loss = task.loss(model, batch)
-        accelerator.backward(loss)
+        loss = task.loss(model, batch if mine else stand_in())
+        # DDP averages over all processes: those with items carry the step
+        scale = accelerator.num_processes / with_data if mine else 0.0
+        accelerator.backward(loss * scale)
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if kept is not None:
+        with torch.no_grad():
+            for name, buffer in unwrapped.named_buffers():
+                buffer.copy_(kept[name])
     return loss
 
 
@@ -326,9 +340,15 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
     checkpoint = resolve_resume(t.resume, out, notify=say, set_aside=main)  # skips damaged checkpoints
     task.setup(accelerator, out, checkpoint)
     train_set, collator = task.train_set, task.collator
+    stand_in_batch: dict[str, Any] = {}
+
+    def stand_in() -> dict[str, Any]:  # built on first use: most runs never need it
+        if not stand_in_batch:
+            stand_in_batch.update(to_device(readable_batch(task, train_set, collator, t.seed), accelerator.device))
+        return stand_in_batch
+
     if accelerator.num_processes > 1:
-        probe = to_device(readable_batch(task, train_set, collator, t.seed), accelerator.device)
-        frozen = freeze_unreached(task, probe, accelerator.device)
+        frozen = freeze_unreached(task, stand_in(), accelerator.device)
         if frozen:
             say(
                 f"{len(frozen)} parameters get no gradient in this run and are frozen: "
@@ -412,7 +432,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
             task.diagnose = (state["step"] + 1) % t.log_every == 0 or state["step"] + 1 == total_steps
-            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm)
+            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in)
             state["batches_in_epoch"] += 1
             if loss is None:
                 state["skipped_steps"] += 1
@@ -450,8 +470,8 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         else:  # the epoch ran out
             if whole_epoch and not stepped:  # every process agrees: steps are skipped together
                 raise ValueError(
-                    f"none of the {len(train_set)} training items could be read in a whole epoch (or no micro-batch had "
-                    "a readable item on every process): check the dataset's image paths"
+                    f"none of the {len(train_set)} training items could be read in a whole epoch: check the dataset's "
+                    "image paths"
                 )
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
@@ -470,8 +490,8 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
     if main:
         if state["skipped_steps"]:
             say(
-                f"{state['skipped_steps']} micro-batches were skipped on every process: a process's share of "
-                "them held no readable image"
+                f"{state['skipped_steps']} micro-batches were skipped on every process: no process's share of "
+                "them held a readable image"
             )
         if state["skipped"]:
             say(f"{describe_skipped(state['skipped'])} were skipped, listed in {out / 'skipped.json'}")

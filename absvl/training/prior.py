@@ -16,6 +16,7 @@ the best checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,29 @@ class PriorTask(VQATask):
             write_json(output_dir / TASK_FILE, {"task": "prior"})
         for name, param in self.model.named_parameters():
             param.requires_grad_(name.startswith(TRAINED))
-        if self.data.val:
-            model, config = self.model, self.config
-            dataset = VQADataset(
-                self.data.val,
-                {a: i for i, a in enumerate(model.answers)},
-                image_transform(model.image_size, train=False),
-                drop_unanswerable=False,
-                **object_regions(config, model),
-            )
-            collator = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)
-            self.val_loader = eval_loader(
-                dataset, collator, config.train.batch_size, config.data.num_workers, accelerator
-            )
+
+    def build_model(self, answers: list[str]) -> AbsVLModel:
+        """The shared encoder (no task head): ``train.init_from``'s, or fresh from ``config.model``."""
+        config = self.config
+        if config.train.init_from:
+            return AbsVLModel.from_pretrained(config.train.init_from).with_loss_weights(config.model).train()
+        model_config = config.model
+        if config.data.image_size is not None:
+            model_config = replace(model_config, image_size=config.data.image_size)
+        return AbsVLModel(model_config)
+
+    def validation_loader(self, accelerator: Accelerator) -> Any:
+        """The validation questions with their objects (the gate's pointing is scored on them)."""
+        model, config, answers = self.model, self.config, self.data.answers
+        dataset = VQADataset(
+            self.data.val,
+            {a: i for i, a in enumerate(answers)},
+            image_transform(model.image_size, train=False),
+            drop_unanswerable=False,
+            **object_regions(config, model),
+        )
+        collator = VQACollator(model.tokenizer, len(answers), model.config.max_text_len)
+        return eval_loader(dataset, collator, config.train.batch_size, config.data.num_workers, accelerator)
 
     def describe(self) -> str:
         return super().describe() + "; prior alignment: the text encoder and ξ train, the rest is frozen"
@@ -84,7 +95,6 @@ class PriorTask(VQATask):
         metrics = {}
         if last and "val/gate_pointing" in last.metrics:
             metrics["prior gate pointing (val)"] = last.metrics["val/gate_pointing"]
-        model.config.trained_tasks = []  # ξ is aligned; no head is trained yet
         model.save_pretrained(
             out_dir,
             model_card_kwargs={"training_data": f"prior alignment on {self.config.data.root}", "metrics": metrics},

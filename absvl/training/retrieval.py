@@ -17,7 +17,7 @@ from ..data.captions import CaptionCollator, CaptionedImageDataset, check_captio
 from ..evaluation.retrieval import evaluate_retrieval
 from ..images import image_transform
 from ..models.vision.topdown import shut_gate_warning
-from ..models.vl import AbsVLModel
+from ..models.vl import AbsVLForRetrieval, AbsVLModel
 from .config import ConfigError, RetrievalConfig, check_vision_start
 from .loop import Validation, run_training
 
@@ -31,10 +31,12 @@ def _ensure_data(config: RetrievalConfig) -> None:
         ensure_shapes(Path(config.data.captions).parent, **config.data.shapes)
 
 
-def build_model(config: RetrievalConfig) -> AbsVLModel:
-    """A fresh model from ``config.model``, or ``train.init_from`` (e.g. a VQA-finetuned model)."""
+def build_retrieval_model(config: RetrievalConfig) -> AbsVLForRetrieval:
+    """A fresh model from ``config.model``, or ``train.init_from``'s: a retrieval model, or any other absvl model
+    (e.g. a VQA-finetuned one), whose encoder gets a fresh ITM head."""
     if config.train.init_from:
-        model = AbsVLModel.from_pretrained(config.train.init_from).with_loss_weights(config.model).train()
+        model = AbsVLForRetrieval.from_pretrained(config.train.init_from, new_head=True)
+        model = model.with_loss_weights(config.model).train()
         if model.config.prior_visual == "top_down":
             raise ConfigError(
                 f"train.init_from={config.train.init_from!r} contrasts only the top-down image output "
@@ -44,9 +46,7 @@ def build_model(config: RetrievalConfig) -> AbsVLModel:
         model_config = config.model
         if config.data.image_size is not None:
             model_config = replace(model_config, image_size=config.data.image_size)
-        model = AbsVLModel(model_config)
-    if model.vqa_head is not None:
-        model.vqa_head.requires_grad_(False)  # no VQA term here; DDP needs every trainable weight used
+        model = AbsVLForRetrieval(model_config)
     return model
 
 
@@ -102,7 +102,7 @@ class RetrievalTask:
             val = load_captions(d.captions, [d.val_split], d.images, d.format, d.hf_columns) if d.val_split else []
             self.val_images = val[: d.max_val_images]
         check_caption_images(self.train_images)
-        self.model = model = build_model(self.config)
+        self.model = model = build_retrieval_model(self.config)
         transform = image_transform(model.image_size, train=True, randaugment=d.randaugment)
         self.train_set = CaptionedImageDataset(self.train_images, transform)
         self.collator = CaptionCollator(model.tokenizer, model.config.max_text_len, model.image_size)
@@ -133,7 +133,7 @@ class RetrievalTask:
             images = torch.cat([images, images[neg_image], images])
             ids, mask = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
-        out = model(images, ids, mask, itm_labels=labels)
+        out = model(images, ids, mask, labels=labels)
         if self.diagnose:
             self.measured = self.model.training_diagnostics(out)
         return out.loss
@@ -160,7 +160,7 @@ class RetrievalTask:
         return Validation(score=best["r_mean"], metrics=metrics, result=result)
 
     def restore(self, output_dir: Path) -> None:
-        self.model = build_model(self.config)
+        self.model = build_retrieval_model(self.config)
 
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
         d = self.config.data
@@ -172,7 +172,6 @@ class RetrievalTask:
                 if k.startswith(("val/ir@", "val/tr@")) or k == "val/r_mean"
             }
         data = "the generated Shapes world" if d.shapes else f"captions {d.captions}"
-        model.config.trained_tasks = ["retrieval"]  # the VQA head was frozen while the rest changed: it no longer fits
         model.save_pretrained(
             out_dir,
             model_card_kwargs={

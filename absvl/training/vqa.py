@@ -22,7 +22,7 @@ from ..data.vqa_examples import VQAExample
 from ..evaluation.vqa import annotation_entry, predict_answers, score_predictions, shapes_diagnostics, vqa_loader
 from ..images import image_transform
 from ..models.vision.topdown import shut_gate_warning
-from ..models.vl import AbsVLModel
+from ..models.vl import AbsVLForQuestionAnswering, AbsVLModel
 from .config import ConfigError, RunConfig, check_vision_start, from_scratch_note
 from .loop import Validation, run_training
 
@@ -81,17 +81,16 @@ def prepare_data(config: RunConfig, answers: list[str] | None = None) -> VQAData
     return VQAData(answers=answers, train=train, val=val)
 
 
-def build_vqa_model(config: RunConfig, answers: list[str]) -> AbsVLModel:
-    init = config.train.init_from
-    if init:
-        model = AbsVLModel.from_pretrained(init).with_loss_weights(config.model)
-        if model.answers != answers:
-            raise ConfigError(f"train.init_from={init!r} was trained with another answer vocabulary")
-        return model.train()
+def build_vqa_model(config: RunConfig, answers: list[str]) -> AbsVLForQuestionAnswering:
+    """A fresh VQA model from ``config.model``, or ``train.init_from``'s: a VQA model trained with these answers,
+    or any other absvl model (e.g. the prior alignment's encoder), whose encoder gets a fresh VQA head."""
+    if config.train.init_from:
+        model = AbsVLForQuestionAnswering.from_pretrained(config.train.init_from, answers=answers)
+        return model.with_loss_weights(config.model).train()
     model_config = config.model
     if config.data.image_size is not None:
         model_config = replace(model_config, image_size=config.data.image_size)
-    return AbsVLModel(model_config, answers=answers)
+    return AbsVLForQuestionAnswering(model_config, answers=answers)
 
 
 class VQATask:
@@ -112,9 +111,7 @@ class VQATask:
         self.data = data = prepare_data(config, answers)
         if accelerator.is_main_process:
             save_answers(answers_file, data.answers)
-        model = build_vqa_model(config, data.answers)
-        model.itm_head.requires_grad_(False)  # VQA finetuning has no ITM term; DDP needs every trainable weight used
-        self.model = model
+        self.model = model = self.build_model(data.answers)
         answer_index = {a: i for i, a in enumerate(data.answers)}
         self.train_set = VQADataset(
             data.train,
@@ -123,9 +120,16 @@ class VQATask:
             **object_regions(config, model),
         )
         self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
-        self.val_loader = None
-        if data.val:
-            self.val_loader = vqa_loader(model, data.val, config.train.batch_size, config.data.num_workers, accelerator)
+        self.val_loader = self.validation_loader(accelerator) if data.val else None
+
+    def build_model(self, answers: list[str]) -> AbsVLModel:
+        """The model this task trains."""
+        return build_vqa_model(self.config, answers)
+
+    def validation_loader(self, accelerator: Accelerator) -> Any:
+        """This process's share of the validation questions."""
+        t, d = self.config.train, self.config.data
+        return vqa_loader(self.model, self.data.val, t.batch_size, d.num_workers, accelerator)
 
     def param_groups(self) -> list[dict[str, Any]]:
         t = self.config.train
@@ -145,7 +149,7 @@ class VQATask:
             batch["images"],
             batch["input_ids"],
             batch["attention_mask"],
-            vqa_targets=batch["vqa_targets"],
+            labels=batch["vqa_targets"],
             prior_positive=batch["prior_positive"],
             patch_objects=batch.get("patch_objects"),
             target_objects=batch.get("target_objects"),
@@ -171,11 +175,10 @@ class VQATask:
         return Validation(score=result["overall"], metrics=metrics, result=result)
 
     def restore(self, output_dir: Path) -> None:
-        self.model = build_vqa_model(self.config, load_answers(output_dir / "answers.json"))
+        self.model = self.build_model(load_answers(output_dir / "answers.json"))
 
     def export(self, model: AbsVLModel, out_dir: Path, last: Validation | None) -> None:
         metrics = {"VQA accuracy (val)": last.metrics["val/accuracy"]} if last else {}
-        model.config.trained_tasks = ["vqa"]  # the ITM head was frozen: retrieval re-ranking is not trained
         model.save_pretrained(
             out_dir, model_card_kwargs={"training_data": _describe_data(self.config), "metrics": metrics}
         )

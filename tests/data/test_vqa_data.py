@@ -388,11 +388,11 @@ def test_collator_shapes_and_targets(vqa_root, tokenizer):
 
 
 def test_batch_feeds_the_model(vqa_root, tokenizer, tmp_path):
-    from absvl.models.vl import AbsVLConfig, AbsVLModel, build_tiny_text_encoder
+    from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering, build_tiny_text_encoder
 
     text_dir = build_tiny_text_encoder(tmp_path / "text", kind="roberta")
     torch.manual_seed(0)
-    model = AbsVLModel(
+    model = AbsVLForQuestionAnswering(
         AbsVLConfig(
             backbone="absvit_test_patch8",
             text_encoder=str(text_dir),
@@ -408,7 +408,7 @@ def test_batch_feeds_the_model(vqa_root, tokenizer, tmp_path):
         images=batch["images"],
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        vqa_targets=batch["vqa_targets"],
+        labels=batch["vqa_targets"],
     )
     assert torch.isfinite(out.losses["vqa"])
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from absvl.data.shapes_world import ShapesWorld
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForQuestionAnswering
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny_vl(shapes_root):
             fusion_heads=2,
             fusion_dropout=0.0,
         )
-        model = AbsVLModel(config, answers=["yes", "no"]).eval()
+        model = AbsVLForQuestionAnswering(config, answers=["yes", "no"]).eval()
         if hasattr(model.backbone, "decoders"):
             with torch.no_grad():
                 for p in model.backbone.decoders.parameters():

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def model_dir(shapes_root, tmp_path_factory):
         fusion_dropout=0.0,
         max_text_len=16,
     )
-    model = AbsVLModel(config)
+    model = AbsVLForRetrieval(config)
     with torch.no_grad():  # a feedback path strong enough for the query to matter in re-ranking
         for p in model.backbone.decoders.parameters():
             p.mul_(10.0)
@@ -33,7 +33,7 @@ def model_dir(shapes_root, tmp_path_factory):
 
 @pytest.fixture
 def model(model_dir):
-    return AbsVLModel.from_pretrained(model_dir)
+    return AbsVLForRetrieval.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="session")

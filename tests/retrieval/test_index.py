@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import AbsVLForRetrieval
 from absvl.retrieval import (
     BuildReport,
     ImageIndex,
@@ -190,7 +190,7 @@ def test_interrupted_build_resumes_from_its_shards(model, model_dir, collection,
     assert sum(embedded) == 12 - 5 and report.num_indexed == 12
     assert not (tmp_path / "idx.partial").exists()
 
-    fresh = AbsVLModel.from_pretrained(model_dir)
+    fresh = AbsVLForRetrieval.from_pretrained(model_dir)
     _build(fresh, collection, tmp_path / "uninterrupted", batch_size=3, shard_size=100)
     resumed, uninterrupted = ImageIndex.load(out), ImageIndex.load(tmp_path / "uninterrupted")
     assert resumed.paths == uninterrupted.paths
@@ -213,9 +213,9 @@ def test_a_partial_build_of_something_else_is_not_resumed(model, collection, tmp
 # --------------------------------------------------------------------------- fingerprint and append
 def test_fingerprint_survives_save_load_and_changes_with_any_weight(model, model_dir, tmp_path):
     fingerprint = model_fingerprint(model)
-    assert fingerprint == model_fingerprint(AbsVLModel.from_pretrained(model_dir))
+    assert fingerprint == model_fingerprint(AbsVLForRetrieval.from_pretrained(model_dir))
     model.save_pretrained(tmp_path / "again")
-    assert fingerprint == model_fingerprint(AbsVLModel.from_pretrained(tmp_path / "again"))
+    assert fingerprint == model_fingerprint(AbsVLForRetrieval.from_pretrained(tmp_path / "again"))
     with torch.no_grad():
         model.fusion.token_type_embeddings.weight[0, 0] += 1e-3
     assert model_fingerprint(model) != fingerprint
@@ -233,7 +233,7 @@ def test_add_to_index_appends_and_new_images_are_findable(model, model_dir, coll
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     assert add_to_index(model, paths, tmp_path / "idx", progress=False).num_indexed == 0  # all present
 
-    other = AbsVLModel.from_pretrained(model_dir)
+    other = AbsVLForRetrieval.from_pretrained(model_dir)
     with torch.no_grad():
         other.backbone.norm.bias.add_(0.1)
     with pytest.raises(IndexMismatchError, match="rebuild the index with this model"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from absvl.cli import main
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import AbsVLForRetrieval
 from absvl.retrieval import ImageIndex, IndexMismatchError, Retriever, SearchHit, build_index, model_fingerprint
 
 QUERIES = ["a red circle", "two blue squares and a green triangle", "a small yellow triangle"]
@@ -118,7 +118,7 @@ def test_bad_arguments_are_named(retriever):
 
 
 def test_index_of_another_model_is_refused(model_dir, index_dir):
-    other = AbsVLModel.from_pretrained(model_dir)
+    other = AbsVLForRetrieval.from_pretrained(model_dir)
     with torch.no_grad():
         other.backbone.decoders[0].linear.weight.mul_(1.01)
     index = ImageIndex.load(index_dir)

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from absvl import AbsVLConfig, AbsVLModel
+from absvl import AbsVLConfig, AbsVLForQuestionAnswering, AbsVLForRetrieval
 from absvl.retrieval import ImageIndex, build_index
 from absvl.serve import Limits, create_app
 from absvl.serve.connections import uvicorn_options
@@ -35,28 +35,46 @@ def tiny_config(shapes_root) -> AbsVLConfig:
     )
 
 
-@pytest.fixture(scope="session")
-def model_dir(shapes_root, tmp_path_factory):
-    """A tiny AbsVLModel written with save_pretrained (as `absvl serve --model` gets it)."""
-    torch.manual_seed(0)
-    model = AbsVLModel(tiny_config(shapes_root), answers=ANSWERS)
+def _saved(model, folder):
     with torch.no_grad():  # a feedback path strong enough for visible top-down effects
         for p in model.backbone.decoders.parameters():
             p.mul_(10.0)
-    folder = tmp_path_factory.mktemp("model") / "tiny-absvit"
     model.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def model(model_dir):
-    return AbsVLModel.from_pretrained(model_dir)
+def model_dir(shapes_root, tmp_path_factory):
+    """A tiny VQA model written with save_pretrained (as `absvl serve --model` gets it)."""
+    torch.manual_seed(0)
+    model = AbsVLForQuestionAnswering(tiny_config(shapes_root), answers=ANSWERS)
+    return _saved(model, tmp_path_factory.mktemp("model") / "tiny-absvit")
 
 
 @pytest.fixture(scope="session")
-def index_dir(model, model_dir, shapes_root, tmp_path_factory):
+def model(model_dir):
+    return AbsVLForQuestionAnswering.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def retrieval_dir(shapes_root, tmp_path_factory):
+    """A tiny retrieval model (the index's: `absvl serve --retrieval-model`, or the model the index records)."""
+    torch.manual_seed(0)
+    model = AbsVLForRetrieval(tiny_config(shapes_root))
+    return _saved(model, tmp_path_factory.mktemp("retrieval") / "tiny-absvit-retrieval")
+
+
+@pytest.fixture(scope="session")
+def retrieval_model(retrieval_dir):
+    return AbsVLForRetrieval.from_pretrained(retrieval_dir)
+
+
+@pytest.fixture(scope="session")
+def index_dir(retrieval_model, retrieval_dir, shapes_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "shapes-index"
-    build_index(model, shapes_root / "images", out, batch_size=16, progress=False, model_source=str(model_dir))
+    build_index(
+        retrieval_model, shapes_root / "images", out, batch_size=16, progress=False, model_source=str(retrieval_dir)
+    )
     return out
 
 
@@ -80,8 +98,15 @@ def limits():
 
 
 @pytest.fixture(scope="session")
-def app(model, index, limits):
-    return create_app(model, index, limits, model_name="tiny-absvit")
+def app(model, retrieval_model, index, limits):
+    return create_app(
+        model,
+        index,
+        limits,
+        model_name="tiny-absvit",
+        retrieval_model=retrieval_model,
+        retrieval_model_name="retrieval",
+    )
 
 
 def local_client(app, **options) -> TestClient:
@@ -130,7 +155,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def live_server(model, index_dir):
+def live_server(model, retrieval_model, index_dir):
     """A real server with default limits (its own app: the TestClient app's metrics stay separate)."""
-    with LiveServer(create_app(model, ImageIndex.load(index_dir), model_name="tiny-absvit")) as server:
+    app = create_app(model, ImageIndex.load(index_dir), model_name="tiny-absvit", retrieval_model=retrieval_model)
+    with LiveServer(app) as server:
         yield server

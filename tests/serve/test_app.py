@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import copy
 import io
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import absvl
-from absvl import AbsVLModel
+from absvl import AbsVLForQuestionAnswering, AbsVLModel
 from absvl.retrieval import IndexMismatchError, Retriever
 from absvl.retrieval.faiss_backend import gpu_available
 from absvl.serve import Limits, create_app
@@ -69,7 +68,7 @@ def metric_samples(text: str) -> dict[tuple, float]:
 def test_health_reports_model_index_and_limits(client, limits):
     body = client.get("/health").json()
     assert body["status"] == "ok" and body["version"] == absvl.__version__
-    assert body["model"] == body["retrieval_model"] == "tiny-absvit"
+    assert (body["model"], body["retrieval_model"]) == ("tiny-absvit", "retrieval")
     assert body["vqa"] is True and body["search"] is True and body["unavailable"] == {}
     assert body["index_size"] == 40 and body["index_device"] == "cpu"
     assert body["limits"] == limits.as_dict()
@@ -186,12 +185,15 @@ def test_vqa_refuses_too_large_uploads(client):
     assert_refused(ask(client, b"\x89PNG" + bytes(200_000)), 413, "image", "200,000 bytes")
 
 
-def test_vqa_without_a_vqa_head_answers_503(shapes_root, png_bytes):
+def test_vqa_without_a_vqa_head_answers_503(shapes_root, retrieval_model, png_bytes):
     torch.manual_seed(0)
-    no_head = AbsVLModel(tiny_config(shapes_root)).eval()
-    client = local_client(create_app(no_head))
-    assert client.get("/health").json()["vqa"] is False
-    assert_refused(ask(client, png_bytes), 503, None, "no VQA head")
+    for no_head in (AbsVLModel(tiny_config(shapes_root)).eval(), retrieval_model):
+        client = local_client(create_app(no_head, model_name="no-head"))
+        health = client.get("/health").json()
+        assert health["vqa"] is False
+        words = ("no-head", f"is an {type(no_head).__name__}, not a VQA model", "--retrieval-model")
+        assert all(word in health["unavailable"]["vqa"] for word in words)
+        assert_refused(ask(client, png_bytes), 503, None, *words)
 
 
 def test_an_index_of_another_model_is_refused(vqa_model, index):
@@ -208,7 +210,7 @@ def test_an_index_of_another_model_is_refused(vqa_model, index):
 def vqa_model(shapes_root):
     """A VQA model other than the one that built the index (other weights, another answer order)."""
     torch.manual_seed(1)
-    return AbsVLModel(tiny_config(shapes_root), answers=ANSWERS[::-1]).eval()
+    return AbsVLForQuestionAnswering(tiny_config(shapes_root), answers=ANSWERS[::-1]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +220,11 @@ def vqa_dir(vqa_model, tmp_path_factory):
     return folder
 
 
-def test_each_half_is_served_by_its_own_model(vqa_model, model, index, png_bytes):
+def test_each_half_is_served_by_its_own_model(vqa_model, model, index, png_bytes, retrieval_model):
     client = local_client(
-        create_app(vqa_model, index, model_name="vqa", retrieval_model=model, retrieval_model_name="retrieval")
+        create_app(
+            vqa_model, index, model_name="vqa", retrieval_model=retrieval_model, retrieval_model_name="retrieval"
+        )
     )
     health = client.get("/health").json()
     assert (health["model"], health["retrieval_model"]) == ("vqa", "retrieval")
@@ -230,22 +234,9 @@ def test_each_half_is_served_by_its_own_model(vqa_model, model, index, png_bytes
     assert answers == absvl.pipeline("vqa", vqa_model)(image, QUESTION, top_k=3)
     assert answers != absvl.pipeline("vqa", model)(image, QUESTION, top_k=3)
     results = client.get("/search", params={"q": "a red circle", "k": 5}).json()["results"]
-    assert [r["id"] for r in results] == [hit.id for hit in Retriever(model, index).search("a red circle", k=5)]
-
-
-def test_a_model_finetuned_for_retrieval_does_not_claim_vqa(model, png_bytes):
-    """Retrieval training keeps the VQA head frozen while the features it reads move on: the export records
-    ``trained_tasks`` without "vqa", and such a head is not served."""
-    retrieval_tuned = copy.deepcopy(model)
-    retrieval_tuned.config.trained_tasks = ["retrieval"]
-    client = local_client(create_app(retrieval_tuned, model_name="shapes_retrieval"))
-    health = client.get("/health").json()
-    assert health["vqa"] is False and set(health["unavailable"]) == {"vqa", "search"}
-    words = ("shapes_retrieval", "finetuned for retrieval", "--retrieval-model")
-    assert all(word in health["unavailable"]["vqa"] for word in words)
-    assert_refused(ask(client, png_bytes), 503, None, *words)
-    retrieval_tuned.config.trained_tasks = ["vqa", "retrieval"]  # trained for both: served
-    assert local_client(create_app(retrieval_tuned)).get("/health").json()["vqa"] is True
+    assert [r["id"] for r in results] == [
+        hit.id for hit in Retriever(retrieval_model, index).search("a red circle", k=5)
+    ]
 
 
 def test_busy_service_answers_503(model, png_bytes):
@@ -326,8 +317,8 @@ def test_images_never_take_a_path(client, path):
 
 
 # --- GET /metrics ----------------------------------------------------------------------------
-def test_metrics_count_requests_by_endpoint_and_status(model, index, png_bytes):
-    client = local_client(create_app(model, index, Limits(max_k=5)))
+def test_metrics_count_requests_by_endpoint_and_status(model, index, png_bytes, retrieval_model):
+    client = local_client(create_app(model, index, Limits(max_k=5), retrieval_model=retrieval_model))
     for _ in range(3):
         client.get("/health")
     client.get("/search", params={"q": "red", "k": 2})
@@ -371,7 +362,7 @@ def serve(monkeypatch, *argv: str) -> dict:
     return served
 
 
-def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, monkeypatch, capsys):
+def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, retrieval_dir, index_dir, monkeypatch, capsys):
     served = serve(
         monkeypatch,
         "--model",
@@ -403,11 +394,12 @@ def test_serve_command_builds_the_app_and_runs_uvicorn(model_dir, index_dir, mon
     assert served["http"].limits == served["app"].state.service.limits  # the slow-client guard (connections.py)
     assert (served["timeout_keep_alive"], served["h11_max_incomplete_event_size"]) == (5, 16 * 1024)
     name = f"{model_dir.parent.name}/tiny-absvit"  # the folder's last two parts: never the server's full path
+    index_model = f"{retrieval_dir.parent.name}/tiny-absvit-retrieval"  # the model the index records
     out = capsys.readouterr().out
-    assert f"/vqa: model {name}\n" in out and f"/search: model {name}, 40 indexed images (FAISS on cpu)" in out
+    assert f"/vqa: model {name}\n" in out and f"/search: model {index_model}, 40 indexed images (FAISS on cpu)" in out
     client = local_client(served["app"])
     health = client.get("/health").json()
-    assert health["model"] == health["retrieval_model"] == name and health["index_size"] == 40
+    assert (health["model"], health["retrieval_model"], health["index_size"]) == (name, index_model, 40)
     assert health["limits"]["max_upload_bytes"] == 524_288 and health["limits"]["max_pixels"] == 1000
     assert health["limits"]["max_pending"] == 5 and health["limits"]["request_timeout_s"] == 7
     assert health["limits"]["header_timeout_s"] == 3 and health["limits"]["body_timeout_s"] == 4
@@ -437,20 +429,20 @@ def test_serve_command_refuses_bad_limits(model_dir, capsys, extra, message):
     assert err.startswith("absvl: error: ") and message in err and err.count("\n") == 1
 
 
-def test_serve_command_serves_a_vqa_model_beside_the_index_model(vqa_dir, model_dir, index_dir, monkeypatch, capsys):
+def test_serve_command_serves_a_vqa_model_beside_the_index_model(
+    vqa_dir, retrieval_dir, index_dir, monkeypatch, capsys
+):
     """--retrieval-model defaults to the model the index records; --model answers the questions."""
-    for extra in ([], ["--retrieval-model", str(model_dir)]):
+    for extra in ([], ["--retrieval-model", str(retrieval_dir)]):
         health = (
             local_client(serve(monkeypatch, "--model", str(vqa_dir), "--index", str(index_dir), *extra)["app"])
             .get("/health")
             .json()
         )
-        assert (health["model"], health["retrieval_model"]) == (
-            f"{vqa_dir.parent.name}/vqa-model",
-            f"{model_dir.parent.name}/tiny-absvit",
-        )
+        index_model = f"{retrieval_dir.parent.name}/tiny-absvit-retrieval"
+        assert (health["model"], health["retrieval_model"]) == (f"{vqa_dir.parent.name}/vqa-model", index_model)
         assert health["vqa"] and health["search"]
-        assert f"/search: model {model_dir.parent.name}/tiny-absvit, 40 indexed images" in capsys.readouterr().out
+        assert f"/search: model {index_model}, 40 indexed images" in capsys.readouterr().out
 
 
 def test_serve_command_refuses_a_retrieval_model_that_did_not_build_the_index(vqa_dir, model_dir, index_dir, capsys):

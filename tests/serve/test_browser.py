@@ -121,16 +121,16 @@ def test_ask_error_is_shown(page, tmp_path):
     assert page.locator("#vqa-result").is_hidden()
 
 
-def test_only_the_served_halves_are_shown(page, model, index_dir, shapes_root):
+def test_only_the_served_halves_are_shown(page, model, retrieval_model, index_dir, shapes_root):
     """A service whose --model cannot answer questions shows only the search box, one without an index only the
     question form; each lists why the other half is not served."""
     no_head = AbsVLModel(tiny_config(shapes_root)).eval()
     for app, shown, hidden, reason in [
         (
-            create_app(no_head, ImageIndex.load(index_dir), model_name="no-head", retrieval_model=model),
+            create_app(no_head, ImageIndex.load(index_dir), model_name="no-head", retrieval_model=retrieval_model),
             "#search-section",
             "#vqa-section",
-            "model no-head has no VQA head",
+            "model no-head is an AbsVLModel, not a VQA model",
         ),
         (create_app(model), "#vqa-section", "#search-section", "no image index is loaded"),
     ]:

@@ -26,9 +26,11 @@ SLACK_S = 1.5  # a loaded 2-core machine may close a connection this late
 
 
 @pytest.fixture(scope="module")
-def server(model, index):
+def server(model, index, retrieval_model):
     limits = Limits(header_timeout_s=TIMEOUT_S, body_timeout_s=TIMEOUT_S, max_connections=100)
-    with LiveServer(create_app(model, index, limits, model_name="tiny-absvit")) as live:
+    with LiveServer(
+        create_app(model, index, limits, model_name="tiny-absvit", retrieval_model=retrieval_model)
+    ) as live:
         yield live
 
 

@@ -123,8 +123,8 @@ def test_allowed_hosts_are_configurable(model):
 
 
 # --- nosniff and the page's CSP -----------------------------------------------------------------
-def test_every_response_says_nosniff(model, index, limits):
-    app = create_app(model, index, limits)
+def test_every_response_says_nosniff(model, index, limits, retrieval_model):
+    app = create_app(model, index, limits, retrieval_model=retrieval_model)
 
     @app.get("/boom")
     async def boom():
@@ -170,7 +170,7 @@ def test_page_is_sent_with_its_csp(client):
 
 # --- /images/{id}: the decoded format's type, never the file name's ----------------------------
 @pytest.fixture(scope="module")
-def odd_files_app(model, tmp_path_factory):
+def odd_files_app(model, tmp_path_factory, retrieval_model):
     """An index of a PNG named evil.html, a PPM (decodes, not an allowed format) and a JPEG; the
     fourth file is replaced by HTML after indexing."""
     folder = tmp_path_factory.mktemp("odd-files")
@@ -178,10 +178,12 @@ def odd_files_app(model, tmp_path_factory):
     files = {"evil.html": "PNG", "plain.ppm": "PPM", "photo.jpg": "JPEG", "swapped.png": "PNG"}
     for name, image_format in files.items():
         picture.save(folder / name, format=image_format)
-    build_index(model, [folder / name for name in files], folder / "index", progress=False)
+    build_index(retrieval_model, [folder / name for name in files], folder / "index", progress=False)
     (folder / "swapped.png").write_text("<html><script>alert(1)</script></html>")
     index = ImageIndex.load(folder / "index")
-    return local_client(create_app(model, index)), {index.path_of(i).name: i for i in index.ids}
+    return local_client(create_app(model, index, retrieval_model=retrieval_model)), {
+        index.path_of(i).name: i for i in index.ids
+    }
 
 
 def test_images_are_served_as_their_decoded_format(odd_files_app):
@@ -218,8 +220,8 @@ def test_uploads_in_each_allowed_format_are_answered(client, image_format):
 
 # --- deadlines, vanished clients, big searches --------------------------------------------------
 @pytest.mark.timeout(60)
-def test_a_request_past_its_deadline_gets_504_and_its_work_is_dropped(model, index):
-    app = create_app(model, index, Limits(request_timeout_s=1))
+def test_a_request_past_its_deadline_gets_504_and_its_work_is_dropped(model, index, retrieval_model):
+    app = create_app(model, index, Limits(request_timeout_s=1), retrieval_model=retrieval_model)
     client = local_client(app)
     with BlockedModelThread(app):
         start = time.monotonic()
@@ -232,8 +234,8 @@ def test_a_request_past_its_deadline_gets_504_and_its_work_is_dropped(model, ind
 
 
 @pytest.mark.timeout(60)
-def test_work_of_a_client_that_went_away_is_dropped(model, index):
-    app = create_app(model, index)
+def test_work_of_a_client_that_went_away_is_dropped(model, index, retrieval_model):
+    app = create_app(model, index, retrieval_model=retrieval_model)
     with LiveServer(app) as server, BlockedModelThread(app) as blocked:
         with pytest.raises(httpx.ReadTimeout):
             httpx.get(server.url + "/search", params={"q": "a red circle"}, timeout=0.5)
@@ -245,10 +247,10 @@ def test_work_of_a_client_that_went_away_is_dropped(model, index):
     assert 'absvl_http_requests_total{endpoint="/search",method="GET",status="499"} 1.0' in metrics
 
 
-def test_chunked_reranking_ranks_as_the_retriever_does(model, index):
-    client = local_client(create_app(model, index, Limits(rerank_chunk=3)))
+def test_chunked_reranking_ranks_as_the_retriever_does(model, index, retrieval_model):
+    client = local_client(create_app(model, index, Limits(rerank_chunk=3), retrieval_model=retrieval_model))
     body = client.get("/search", params={"q": "a blue square", "k": 7, "rerank": 20}).json()
-    expected = Retriever(model, index).search("a blue square", k=7, rerank=20)
+    expected = Retriever(retrieval_model, index).search("a blue square", k=7, rerank=20)
     assert [r["id"] for r in body["results"]] == [hit.id for hit in expected]
     assert [r["rank"] for r in body["results"]] == list(range(1, 8))
     np.testing.assert_allclose(
@@ -257,8 +259,8 @@ def test_chunked_reranking_ranks_as_the_retriever_does(model, index):
 
 
 @pytest.mark.timeout(120)
-def test_a_cheap_request_runs_between_the_chunks_of_a_big_rerank(model, index):
-    app = create_app(model, index, Limits(rerank_chunk=4))
+def test_a_cheap_request_runs_between_the_chunks_of_a_big_rerank(model, index, retrieval_model):
+    app = create_app(model, index, Limits(rerank_chunk=4), retrieval_model=retrieval_model)
     finished = {}
 
     def get(name: str, params: dict) -> None:

@@ -57,7 +57,7 @@ BIG_CLIENTS = 4  # enough to keep the model thread busy
 
 
 @pytest.mark.slow
-def test_cheap_searches_run_between_the_chunks_of_big_reranks(model, index):
+def test_cheap_searches_run_between_the_chunks_of_big_reranks(model, retrieval_model, index):
     """A cheap search's latency while big re-rankings (rerank=40, the whole index) run back to back,
     re-ranked in one model call (rerank_chunk=100) and in chunks of 8 (the default is 32)."""
     import threading
@@ -76,7 +76,9 @@ def test_cheap_searches_run_between_the_chunks_of_big_reranks(model, index):
 
     figures = {}
     for chunk in (100, 8):
-        with LiveServer(create_app(model, index, Limits(rerank_chunk=chunk))) as server:
+        with LiveServer(
+            create_app(model, index, Limits(rerank_chunk=chunk), retrieval_model=retrieval_model)
+        ) as server:
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 idle = [timed(client, {"q": "a blue square", "k": 5}) for _ in range(20)]
             stop, big = threading.Event(), []

@@ -1,5 +1,5 @@
-"""Run by torchrun (2 processes, see test_multiprocess.py): the trainer's micro-step when one process's
-batch holds no readable item. Writes ``{rank}.json`` into the folder given as the first argument."""
+"""Run by torchrun (2 processes, see test_multiprocess.py): the trainer's micro-step when no process's batch, or
+one process's batch, holds a readable item. Writes ``{rank}.json`` into the folder given as the first argument."""
 
 import json
 import sys
@@ -44,26 +44,36 @@ def main(out: Path) -> None:
     def batch(n):
         return {"x": torch.randn(n, 4, generator=data), "y": torch.randn(n, generator=data)}
 
-    first = train_step(accelerator, model, optimizer, task, batch(4), max_grad_norm=1.0)
+    def step(n):
+        return train_step(accelerator, model, optimizer, task, batch(n), 1.0, lambda: batch(4))
+
+    first = step(4)
     before = state(model, optimizer)
-    # rank 1's share of this micro-batch was all unreadable; rank 0's was fine
-    skipped = train_step(accelerator, model, optimizer, task, batch(4 if rank == 0 else 0), max_grad_norm=1.0)
-    after = state(model, optimizer)
-    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
-    third = train_step(accelerator, model, optimizer, task, batch(4), max_grad_norm=1.0)
+    # no process's share of this micro-batch was readable: skipped everywhere
+    skipped = step(0)
+    after_skip = state(model, optimizer)
+    # rank 1's share was all unreadable, rank 0's was fine: rank 0's gradient carries the step
+    partial = step(4 if rank == 0 else 0)
+    after_partial = state(model, optimizer)
+    third = step(4)
     final = state(model, optimizer)
     # weights and AdamW's state are the same on every process (DDP averages the gradients); BatchNorm
     # statistics are each process's own until DDP broadcasts rank 0's at the next forward
-    synced = torch.cat([t.flatten() for name, t in final.items() if not name.startswith("buffer/")])
+    synced = torch.cat([t.flatten() for name, t in after_partial.items() if not name.startswith("buffer/")])
     everyone = accelerator.gather(synced[None])
+
+    def changed(a, b, prefix):
+        return sorted(name for name in a if name.startswith(prefix) and not torch.equal(a[name], b[name]))
+
     report = {
-        "first_ran": first is not None,
+        "ran": [first is not None, partial is not None, third is not None],
         "skipped_returned_none": skipped is None,
-        "changed_by_skip": changed,
-        "third_ran": third is not None,
-        "changed_by_third": sorted(name for name in after if not torch.equal(after[name], final[name])),
+        "changed_by_skip": sorted(name for name in before if not torch.equal(before[name], after_skip[name])),
+        "params_changed_by_partial": changed(after_skip, after_partial, "param/"),
+        "buffers_changed_by_partial": changed(after_skip, after_partial, "buffer/"),
+        "params_changed_by_third": changed(after_partial, final, "param/"),
         "ranks_agree": bool((everyone == everyone[0]).all()),
-        "adamw_steps": [float(v) for k, v in final.items() if k.endswith("/step")],
+        "adamw_steps": sorted({float(v) for k, v in final.items() if k.endswith("/step")}),
     }
     (out / f"{rank}.json").write_text(json.dumps(report))
 

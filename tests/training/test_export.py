@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from absvl.cli import main
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import load_model
 from absvl.training.classify import load_classifier, train_classifier
 from absvl.training.config import ClassifyConfig, RetrievalConfig, load_config
 from absvl.training.retrieval import train_retrieval
@@ -37,17 +37,17 @@ def test_vqa_run_exports_best_and_any_checkpoint_exports(tiny_overrides, tmp_pat
     }
     assert best.name == f"checkpoint-{max(scores, key=lambda s: (scores[s], -s)):08d}"
     assert summary["best_export"] == str(run / "best")
-    _same(AbsVLModel.from_pretrained(run / "best").state_dict(), best)
+    _same(load_model(run / "best").state_dict(), best)
     assert f"{scores[int(best.name.split('-')[1])]}" in (run / "best" / "README.md").read_text()
 
     last = run / "checkpoint-00000006"
     out = tmp_path / "exported"
     assert main(["export", str(last), "--out", str(out)]) == 0
     assert f"exported {last} (vqa) to {out}" in capsys.readouterr().out
-    exported = AbsVLModel.from_pretrained(out)
+    exported = load_model(out)
     _same(exported.state_dict(), last)
     assert exported.answers == json.loads((run / "answers.json").read_text())
-    _same(AbsVLModel.from_pretrained(run / "final").state_dict(), last)  # final/ is the last step
+    _same(load_model(run / "final").state_dict(), last)  # final/ is the last step
 
     assert main(["export", str(last), "--out", str(out)]) == 2
     assert "not empty: choose another --out or pass --overwrite" in capsys.readouterr().err
@@ -81,7 +81,7 @@ def test_retrieval_checkpoint_exports_and_its_card_keeps_the_recalls(
     out = tmp_path / "exported"
     assert main(["export", str(run / "checkpoint-00000002"), "--out", str(out)]) == 0
     assert "(retrieval)" in capsys.readouterr().out
-    _same(AbsVLModel.from_pretrained(out).state_dict(), run / "checkpoint-00000002")
+    _same(load_model(out).state_dict(), run / "checkpoint-00000002")
     card = (out / "README.md").read_text()
     assert (
         "R_MEAN (val)" in card

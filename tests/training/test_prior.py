@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from absvl.cli import main
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import AbsVLForQuestionAnswering, AbsVLModel, load_model
 from absvl.training.config import ConfigError, load_config
 from absvl.training.prior import PriorTask, evaluate_prior, train_prior
 
@@ -74,10 +74,11 @@ def test_prior_alignment_trains_the_text_side_alone_and_exports_a_model(prior_ru
     moved = {k.split(".")[0] for k in first if k.startswith(TRAINED) and not torch.equal(first[k], last[k])}
     assert {"text_encoder", "prior"} <= moved
 
-    # the export: a VL model with no trained task yet, the run's answers, the gate's pointing on its card
-    final = AbsVLModel.from_pretrained(run / "final")
-    assert final.config.trained_tasks == [] and final.config.prior_object_weight == 1.0
-    assert final.answers == json.loads((run / "answers.json").read_text())
+    # the export: the shared encoder, no task head yet, the gate's pointing on its card
+    final = load_model(run / "final")
+    assert type(final) is AbsVLModel and final.config.prior_object_weight == 1.0
+    assert not (run / "final" / "answers.json").exists() and (run / "answers.json").is_file()
+    assert final.state_dict().keys() == last.keys()
     assert all(torch.equal(v, last[k]) for k, v in final.state_dict().items())
     assert "prior gate pointing (val)" in (run / "final" / "README.md").read_text()
 
@@ -145,11 +146,9 @@ def test_a_prior_checkpoint_exports_as_a_prior_run_and_vqa_starts_from_it(prior_
     checkpoint, out = run / "checkpoint-00000003", tmp_path / "exported"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0
     assert f"exported {checkpoint} (prior) to {out}" in capsys.readouterr().out
-    exported = AbsVLModel.from_pretrained(out)
+    exported = load_model(out)
     saved = load_file(str(checkpoint / "model.safetensors"))
-    assert exported.config.trained_tasks == [] and all(
-        torch.equal(v, saved[k]) for k, v in exported.state_dict().items()
-    )
+    assert type(exported) is AbsVLModel and all(torch.equal(v, saved[k]) for k, v in exported.state_dict().items())
 
     # stage 2b: VQA finetuning from the alignment, its own loss weights on the export's architecture
     vqa = load_config(
@@ -165,8 +164,8 @@ def test_a_prior_checkpoint_exports_as_a_prior_run_and_vqa_starts_from_it(prior_
         ],
     )
     summary = train_vqa(vqa)
-    finetuned = AbsVLModel.from_pretrained(summary["export"])
-    assert finetuned.config.trained_tasks == ["vqa"] and finetuned.config.prior_object_weight == 0.5
+    finetuned = load_model(summary["export"])
+    assert type(finetuned) is AbsVLForQuestionAnswering and finetuned.config.prior_object_weight == 0.5
     record = [r for r in _log(tmp_path / "vqa") if "loss" in r][-1]
     assert record["loss"] == pytest.approx(
         record["loss/vqa"] + 0.3 * record["loss/var"] + 0.5 * record["loss/prior_objects"], rel=1e-5

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from absvl.models.vl import AbsVLModel
+from absvl.models.vl import AbsVLForQuestionAnswering
 from absvl.training.config import load_config
 from absvl.training.vqa import train_vqa
 
@@ -96,7 +96,7 @@ def test_a_sentencepiece_text_encoder_trains_and_reloads(kind, sentencepiece_mod
     config = load_config(CONFIG, [*tiny_overrides, f"model.text_encoder={folder}", "train.max_steps=2"])
     summary = train_vqa(config)
     assert summary["step"] == 2 and summary["val"]["overall"] >= 0
-    model = AbsVLModel.from_pretrained(summary["export"])
+    model = AbsVLForQuestionAnswering.from_pretrained(summary["export"])
     assert type(model.tokenizer) is tokenizer_class
     question = "what color is the circle left of the square?"
     assert model.tokenizer(question)["input_ids"] == tokenizer(question)["input_ids"]

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from absvl.cli import main
 from absvl.data.captions import load_karpathy
 from absvl.evaluation.retrieval import _rerank, evaluate_retrieval, evaluate_retrieval_model
-from absvl.models.vl import AbsVLConfig, AbsVLModel
+from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval, load_model
 from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
 from absvl.training.retrieval import sample_negatives, train_retrieval
@@ -56,9 +56,8 @@ def test_training_exports_a_model_and_validates_with_recall(trained):
     val = trained["val"]
     assert set(val["contrastive"]) == {"ir@1", "ir@5", "ir@10", "tr@1", "tr@5", "tr@10", "r_mean"}
     assert val["images"] > 0 and val["captions"] == 5 * val["images"]
-    model = AbsVLModel.from_pretrained(trained["export"])
-    assert model.answers == [] and model.vqa_head is None
-    assert model.config.trained_tasks == ["retrieval"]  # a served model claims only what it was trained for
+    model = load_model(trained["export"])
+    assert type(model) is AbsVLForRetrieval and not hasattr(model, "vqa_head")  # it claims only what it trained
 
 
 def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root, tmp_path, capsys):
@@ -85,7 +84,7 @@ def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root
     printed = json.loads(capsys.readouterr().out)
     assert printed["query"] == query and [h["rank"] for h in printed["hits"]] == [1, 2, 3, 4, 5]
 
-    retriever = Retriever(AbsVLModel.from_pretrained(trained["export"]), ImageIndex.load(index))
+    retriever = Retriever(AbsVLForRetrieval.from_pretrained(trained["export"]), ImageIndex.load(index))
     queries = [(caption, image.path.name) for image in images for caption in image.captions]
     results = retriever.search_batch([q for q, _ in queries], k=5, rerank=0)
     recall_at_5 = np.mean([any(h.path.name == name for h in hits) for (_, name), hits in zip(queries, results)])
@@ -94,7 +93,7 @@ def test_search_finds_the_captioned_image_well_above_chance(trained, shapes_root
 
 
 def test_reranking_does_not_lower_recall_at_1_on_the_test_split(trained, shapes_root):
-    model = AbsVLModel.from_pretrained(trained["export"])
+    model = AbsVLForRetrieval.from_pretrained(trained["export"])
     images = load_karpathy(shapes_root / "dataset_shapes.json", ["val", "test"], shapes_root / "images")
     result = evaluate_retrieval(model, images, rerank_k=4, batch_size=8)
     for key in ("ir@1", "tr@1"):
@@ -153,7 +152,7 @@ def test_eval_command_prints_the_recall_table_and_writes_json(trained, shapes_ro
 
 
 def test_evaluation_leaves_out_unreadable_images_and_lists_them(trained, shapes_root, tmp_path):
-    model = AbsVLModel.from_pretrained(trained["export"])
+    model = AbsVLForRetrieval.from_pretrained(trained["export"])
     images = load_karpathy(shapes_root / "dataset_shapes.json", ["test"], shapes_root / "images")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -169,7 +168,7 @@ def test_evaluation_streams_the_images_and_scores_each_pair_as_the_model_does(tr
     from absvl.data.image_files import ImageFiles
     from absvl.evaluation.retrieval import _pair_scores
 
-    model = AbsVLModel.from_pretrained(trained["export"])
+    model = AbsVLForRetrieval.from_pretrained(trained["export"])
     images = load_karpathy(shapes_root / "dataset_shapes.json", ["val", "test"], shapes_root / "images")
     decoded = Counter()
     read = ImageFiles.__getitem__
@@ -237,7 +236,7 @@ def test_negatives_are_never_the_pair_itself(shapes_root, hard):
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config).eval()
+    model = AbsVLForRetrieval(config).eval()
     texts = [f"a {c} circle." for c in ("red", "blue", "green", "cyan", "orange", "purple")]
     batch = model.processor(images=[np.full((32, 32, 3), 40 * i, np.uint8) for i in range(6)], text=texts)
     for _ in range(20):
@@ -261,7 +260,7 @@ def test_hard_negatives_follow_the_similarities(shapes_root):
         fusion_heads=2,
         max_logit_scale=1e4,
     )
-    model = AbsVLModel(config).eval()
+    model = AbsVLForRetrieval(config).eval()
     with torch.no_grad():
         model.contrastive.logit_scale.fill_(np.log(1e4))
     texts = [f"a {c} square." for c in ("red", "blue", "green", "cyan")]
@@ -317,7 +316,7 @@ def test_hard_negatives_are_mined_in_eval_mode(shapes_root):
         fusion_layers=1,
         fusion_heads=2,
     )
-    model = AbsVLModel(config).train()
+    model = AbsVLForRetrieval(config).train()
     seen = []
     encode = model.encode_image_bottom_up
     model.encode_image_bottom_up = lambda images: seen.append(model.training) or encode(images)

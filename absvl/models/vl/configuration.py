@@ -9,8 +9,7 @@ from ...io import version_stamp
 
 PRIOR_POOLINGS = ("cls", "mean")
 PRIOR_VISUALS = ("bottom_up", "top_down", "both")
-FUSION_READS = ("top_down", "both", "both_gate")
-TASKS = ("vqa", "retrieval")
+FUSION_READS = ("top_down", "both")
 # keys written to config.json for humans and tools, not constructor fields
 _META_KEYS = ("model_type", "absvl_version")
 
@@ -60,12 +59,11 @@ class AbsVLConfig:
             dropout 0.1, BERT LayerNorm eps 1e-12).
         fusion_reads: the image tokens the fusion reads: ``top_down`` (the backbone's output, the second
             pass: the paper) or ``both``: each position's first- and second-pass tokens side by side (channels
-            concatenated), so that what the top-down pass overwrites stays readable next to what it selects;
-            ``both_gate``: those and, as one more channel, the prior gate ξ opened on each token (AbSViT Eq. 8's
-            ``clamp(cos(ξ, z_i), 0, 1)``): where the question points, for the fusion to read the answer from.
+            concatenated), so that what the top-down pass overwrites stays readable next to what it selects.
         fusion_image_positions: add fixed 2-D sine-cosine position embeddings to the image tokens the
             fusion reads (``FusionEncoder``), for backbones whose output tokens do not keep their position.
-        num_answers: VQA answer vocabulary size (0: no VQA head); the strings are in ``answers.json``.
+        num_answers: VQA answer vocabulary size, set by ``AbsVLForQuestionAnswering`` (0 for the encoder and the
+            retrieval model); the strings are in ``answers.json``.
         temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
         max_logit_scale: clamp of ``1/temperature`` (CLIP: 100).
         var_loss_weight: weight of L_var (AbSViT Eq. 13/14; 0.3 in the authors' VL code).
@@ -79,9 +77,6 @@ class AbsVLConfig:
         gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
             over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
             need it open (0: off).
-        trained_tasks: the tasks whose heads fit the current weights, recorded at export by the
-            training task (``["vqa"]``; ``["retrieval"]``: the VQA head was frozen while the rest
-            changed, so it no longer fits); ``None`` for a model built in code or saved before.
     """
 
     backbone: str = "absvit_base_patch16_224"
@@ -111,12 +106,8 @@ class AbsVLConfig:
     prior_object_weight: float = 0.0
     itm_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
-    trained_tasks: list[str] | None = None
 
     def __post_init__(self) -> None:
-        unknown_tasks = set(self.trained_tasks or ()) - set(TASKS)
-        if unknown_tasks:
-            raise ValueError(f"trained_tasks has unknown task(s) {sorted(unknown_tasks)}; known: {', '.join(TASKS)}")
         if self.prior_pooling not in PRIOR_POOLINGS:
             raise ValueError(f"prior_pooling={self.prior_pooling!r} must be one of {', '.join(PRIOR_POOLINGS)}")
         if self.fusion_reads not in FUSION_READS:

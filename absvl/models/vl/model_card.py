@@ -1,4 +1,4 @@
-"""The generated ``README.md`` model card of a saved :class:`AbsVLModel`, rendered from its config."""
+"""The generated ``README.md`` model card of a saved AbSViT-VL model, rendered from its config and class."""
 
 from __future__ import annotations
 
@@ -29,7 +29,12 @@ _CITATIONS = """```bibtex
 # the card's inputs a saved folder keeps (model_card.json), so that a loaded model renders the same card
 CARD_DATA_NAME = "model_card.json"
 CARD_DATA_KEYS = ("training_data", "metrics", "datasets", "task")
-PIPELINE_TAG = "visual-question-answering"
+# each class's Hub pipeline tag
+PIPELINE_TAGS = {
+    "AbsVLModel": "feature-extraction",
+    "AbsVLForQuestionAnswering": "visual-question-answering",
+    "AbsVLForRetrieval": "image-feature-extraction",
+}
 
 
 def hub_model_id(source: str | None) -> str | None:
@@ -53,25 +58,30 @@ def render_model_card(
     training_data: str | Sequence[str] | None = None,
     metrics: dict[str, float] | None = None,
     datasets: Sequence[str] | None = None,
-    task: str = PIPELINE_TAG,
+    task: str | None = None,
     *,
     vision_width: int,
     image_size: int,
     num_parameters: int,
+    architecture: str = "AbsVLForQuestionAnswering",
+    heads: str = "",
 ) -> ModelCard:
     """Card with architecture, training data, metrics (when known) and a usage snippet; its YAML
     metadata holds ``base_model`` (the text encoder and the backbone weights that are Hub ids),
     ``datasets`` and the metrics as ``model-index`` results.
 
     Args:
-        config: the model's config; ``vision_width``, ``image_size`` and ``num_parameters`` are what
-            the built model adds to it (the backbone's width, its input size, its parameter count).
+        config: the model's config; ``vision_width``, ``image_size``, ``num_parameters`` and ``heads`` are what
+            the built model adds to it (the backbone's width, its input size, its parameter count, its heads).
+        architecture: the model's class: its pipeline tag and usage snippet.
         repo_id: where the model is published; the usage snippet loads from it.
         training_data: a description or a list of data sets the model was trained on.
         metrics: ``{name: value}``, e.g. ``{"VQA accuracy (val)": 68.72}``.
         datasets: Hub ids of the training data sets.
-        task: Hub task id of the metrics (``model-index``).
+        task: Hub task id of the metrics (``model-index``); default the class's pipeline tag.
     """
+    pipeline_tag = PIPELINE_TAGS[architecture]
+    task = task or pipeline_tag
     cfg, text_cfg = config, config.text_config or {}
     family = backbone_family(cfg.backbone)
     if training_data is None:
@@ -96,8 +106,8 @@ def render_model_card(
     data = ModelCardData(
         library_name="absvl",
         license="apache-2.0",
-        pipeline_tag=PIPELINE_TAG,
-        tags=sorted({"absvl", "vision-language", "top-down-attention", PIPELINE_TAG, family}),
+        pipeline_tag=pipeline_tag,
+        tags=sorted({"absvl", "vision-language", "top-down-attention", pipeline_tag, family}),
         base_model=base_models or None,
         datasets=list(datasets) if datasets else None,
         model_name=repo_id.split("/")[-1] if repo_id else f"absvl-{cfg.backbone}",
@@ -124,7 +134,8 @@ def render_model_card(
             "Fusion",
             f"METER co-attention, {cfg.fusion_layers} layers, H = {cfg.fusion_hidden_size}, {cfg.fusion_heads} heads",
         ),
-        ("Heads", f"VQA ({cfg.num_answers} answers), ITM, prior loss on {cfg.prior_visual} tokens in the gate's space"),
+        ("Class", f"`{architecture}`"),
+        ("Heads", heads),
         ("Parameters", f"{num_parameters / 1e6:.1f} M"),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -157,13 +168,7 @@ Training loss: task + {cfg.var_loss_weight}·L_var + {cfg.prior_loss_weight}·L_
 ## Usage
 
 ```python
-import absvl
-
-vqa = absvl.pipeline("vqa", model="{source}")
-vqa("image.jpg", "What color is the car?", top_k=5)  # [{{"answer": ..., "score": ...}}, ...]
-
-maps = absvl.pipeline("attention", model="{source}")("image.jpg", "the car")
-maps["bottom_up"], maps["top_down"]  # numpy arrays on the patch grid
+{_usage(architecture, source)}
 ```
 
 ## Citation
@@ -171,3 +176,27 @@ maps["bottom_up"], maps["top_down"]  # numpy arrays on the patch grid
 {_CITATIONS}
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _usage(architecture: str, source: str) -> str:
+    """The card's usage snippet for the class."""
+    attention = f"""maps = absvl.pipeline("attention", model="{source}")("image.jpg", "the car")
+maps["bottom_up"], maps["top_down"]  # numpy arrays on the patch grid"""
+    if architecture == "AbsVLForQuestionAnswering":
+        return f"""import absvl
+
+vqa = absvl.pipeline("vqa", model="{source}")
+vqa("image.jpg", "What color is the car?", top_k=5)  # [{{"answer": ..., "score": ...}}, ...]
+
+{attention}"""
+    if architecture == "AbsVLForRetrieval":
+        return f"""# absvl index build --model {source} --images photos/ --out index/
+# absvl search --index index/ "a red car left of a tree" --rerank 50
+import absvl
+
+model = absvl.AbsVLForRetrieval.from_pretrained("{source}")
+{attention}"""
+    return f"""import absvl
+
+model = absvl.AbsVLModel.from_pretrained("{source}")  # the shared encoder: finetune it with a task head
+{attention}"""

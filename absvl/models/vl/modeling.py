@@ -1,59 +1,46 @@
-"""``AbsVLModel``: text prior → top-down vision backbone → METER fusion → heads (SPEC §1, §2, §5).
+"""``AbsVLModel``: the shared encoder of AbSViT-VL, text prior → top-down vision backbone → METER fusion (SPEC §1,
+§2, §5), and its auxiliary losses.
 
-The text's prior ξ steers the backbone's second pass (AbSViT Eq. 8; ViT/CNN backbones ignore it); the
-co-attention fusion of text states and output tokens feeds the VQA and ITM heads. Loss = task + w_var·L_var
-+ w_prior·L_prior (+ w_gate·L_gate), L_prior the symmetric InfoNCE between ξ and the image embedding in the
-gate's own space (``ContrastiveHead``). ``save_pretrained`` writes everything ``from_pretrained`` needs.
+The text's prior ξ steers the backbone's second pass (AbSViT Eq. 8; ViT/CNN backbones ignore it); the co-attention
+fusion of text states and output tokens gives the pooled pair the task heads read (``AbsVLForQuestionAnswering``,
+``AbsVLForRetrieval`` in ``tasks.py``). Its own losses, which every task adds to its task loss: w_var·L_var +
+w_prior·L_prior (+ w_objects·L_objects + w_gate·L_gate), L_prior the symmetric InfoNCE between ξ and the image
+embedding in the gate's own space (``ContrastiveHead``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import transformers
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelHubMixin, snapshot_download
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ...io import CONFIG_NAME, WEIGHTS_NAME, read_json, write_json
 from ..param_groups import param_groups
 from ..vision import BackboneOutput, backbone_options, create_backbone
 from ..vision.topdown import topdown_health
 from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
-from .heads import ContrastiveHead, ITMHead, VQAHead
-from .losses import contrastive_loss, object_prior_loss, text_groups, vqa_loss
-from .model_card import CARD_DATA_KEYS, CARD_DATA_NAME, render_model_card
+from .heads import ContrastiveHead
+from .losses import contrastive_loss, object_prior_loss, text_groups
+from .pretrained import AbsVLPreTrainedModel
 from .processing import AbsVLProcessor, ImageInput, backbone_image_size
-from .text import (
-    PriorProjection,
-    channel_projection,
-    load_text_encoder,
-    text_config_dict,
-    text_encoder_from_config,
-    tokenizer_mismatches,
-)
+from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
 
-ANSWERS_NAME = "answers.json"
-# METER's fusion width, at which BERT's init std 0.02 is tuned (see _init_new_weights)
+# METER's fusion width, at which BERT's init std 0.02 is tuned (see init_new_weights)
 METER_WIDTH = 768
-# the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
-LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 
 # SPEC §5: encoders lr, fusion ×5, heads ×50, AbSViT decoders ×3; ``encoders`` is the default of the
 # two encoder groups, each settable alone (a pretrained text encoder with a differently pretrained backbone)
 LR_MULTIPLIERS = {"encoders": 1.0, "decoders": 3.0, "fusion": 5.0, "heads": 50.0}
 ENCODER_GROUPS = ("backbone", "text_encoder")
-# first matching prefix wins; the prior projection and the temperature are new layers: heads
+# first matching prefix wins; the prior projection, the temperature and the task heads are new layers: heads
 _GROUP_PREFIXES = (
     ("backbone.decoders.", "decoders"),
     ("backbone.", "backbone"),
@@ -64,19 +51,25 @@ _GROUP_PREFIXES = (
     ("itm_head.", "heads"),
     ("contrastive.", "heads"),
 )
+# each loss term's weight in the config (``vqa`` weighs 1)
+_LOSS_WEIGHT_FIELDS = {
+    "itm": "itm_loss_weight",
+    "var": "var_loss_weight",
+    "prior": "prior_loss_weight",
+    "prior_objects": "prior_object_weight",
+    "gate": "gate_sparsity_weight",
+}
 
 
 @dataclass
-class AbsVLOutput(ModelOutput):
-    """What :meth:`AbsVLModel.forward` computed: a transformers ``ModelOutput`` (attribute, key and
-    tuple access; fields that are None are left out of the keys and the tuple).
+class AbsVLModelOutput(ModelOutput):
+    """What :meth:`AbsVLModel.forward` computed: a transformers ``ModelOutput`` (attribute, key and tuple access;
+    fields that are None are left out of the keys and the tuple). The task models' outputs add their logits.
 
     Attributes:
-        loss: weighted total, when a loss was asked for (labels given or ``return_loss=True``).
-        losses: the unweighted terms: ``vqa``, ``itm``, ``var`` (training mode, backbones with a
-            feedback path), ``prior``, ``gate`` (with ``gate_sparsity_weight > 0``).
-        vqa_logits: ``[B, num_answers]`` (None without a VQA head).
-        itm_logits: ``[B, 2]``.
+        loss: weighted total of ``losses``, when a loss was asked for.
+        losses: the unweighted terms: the task's (``vqa``, ``itm``) and the encoder's: ``var`` (training mode,
+            backbones with a feedback path), ``prior``, ``prior_objects``, ``gate`` (with ``gate_sparsity_weight > 0``).
         pooled: ``[B, 2H]`` fused [text; image] pooled pair.
         text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.
         xi: ``[B, C]`` prior given to the backbone.
@@ -87,8 +80,6 @@ class AbsVLOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] | None = None
-    vqa_logits: torch.Tensor | None = None
-    itm_logits: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     text_tokens: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
@@ -98,31 +89,18 @@ class AbsVLOutput(ModelOutput):
     vision: BackboneOutput | None = field(default=None, repr=False)
 
 
-class AbsVLModel(
-    nn.Module,
-    ModelHubMixin,
-    library_name="absvl",
-    license="apache-2.0",
-    pipeline_tag="visual-question-answering",
-    tags=["absvl", "vision-language", "top-down-attention"],
-):
-    """AbSViT-VL: a METER-style VQA / retrieval model whose image encoder attends top-down."""
+class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
+    """AbSViT-VL's shared encoder: a METER-style text-image encoder whose image encoder attends top-down."""
 
-    def __init__(self, config: AbsVLConfig, answers: list[str] | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: AbsVLConfig, tokenizer: Any = None) -> None:
         """
         Args:
             config: architecture; ``config.text_config`` None loads the pretrained text encoder from
                 ``config.text_encoder`` (hub name or folder), otherwise it is built from that config.
-            answers: VQA answer strings, index = logit; sets ``config.num_answers``.
             tokenizer: defaults to the one of ``config.text_encoder``.
         """
         super().__init__()
-        if answers is not None:
-            if config.num_answers not in (0, len(answers)):
-                raise ValueError(f"num_answers={config.num_answers} but {len(answers)} answers were given")
-            config = replace(config, num_answers=len(answers))
-        elif config.num_answers:
-            raise ValueError(f"num_answers={config.num_answers} needs the answer strings: pass answers=[...]")
+        config = replace(config, num_answers=0)  # a VQA head's size: AbsVLForQuestionAnswering sets it
         if config.text_config is None:
             self.text_encoder, loaded_tokenizer = load_text_encoder(config.text_encoder)
             tokenizer = tokenizer or loaded_tokenizer
@@ -131,7 +109,6 @@ class AbsVLModel(
             self.text_encoder = text_encoder_from_config(config.text_config)
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(config.text_encoder)
         self.config = config
-        self.answers = list(answers or [])
         # what the model card records about training (see save_pretrained)
         self.card_data: dict[str, Any] = {}
 
@@ -153,14 +130,11 @@ class AbsVLModel(
         self.image_size = config.image_size or backbone_image_size(self.backbone)
 
         text_width, vision_width = self.text_encoder.config.hidden_size, self.backbone.num_features
-        hidden = config.fusion_hidden_size
         self.prior = PriorProjection(text_width, vision_width, config.prior_pooling)
         self.fusion = FusionEncoder(
             text_width,
-            {"top_down": vision_width, "both": 2 * vision_width, "both_gate": 2 * vision_width + 1}[
-                config.fusion_reads
-            ],
-            hidden_size=hidden,
+            vision_width * (2 if config.fusion_reads == "both" else 1),
+            hidden_size=config.fusion_hidden_size,
             num_layers=config.fusion_layers,
             num_heads=config.fusion_heads,
             mlp_ratio=config.fusion_mlp_ratio,
@@ -169,12 +143,9 @@ class AbsVLModel(
             image_mean_after=self.backbone.num_prefix_tokens if self.backbone.pools_mean else None,
             image_positions=config.fusion_image_positions,
         )
-        self.vqa_head = VQAHead(2 * hidden, config.num_answers) if config.num_answers else None
-        self.itm_head = ITMHead(2 * hidden)
         self.contrastive = ContrastiveHead(config.temperature_init, config.max_logit_scale)
-        for module in (self.prior, self.fusion, self.vqa_head, self.itm_head):
-            if module is not None:
-                module.apply(_init_new_weights)
+        for module in (self.prior, self.fusion):
+            module.apply(init_new_weights)
         self.train()  # AutoModel.from_pretrained returns the text encoder in eval mode
 
     # --- encoders ---------------------------------------------------------------------
@@ -227,12 +198,8 @@ class AbsVLModel(
         """What the fusion reads (``config.fusion_reads``): the top-down tokens, or each position's
         bottom-up and top-down tokens concatenated along the channels."""
         tokens = self.fusion_image_tokens(vision)
-        if self.config.fusion_reads == "top_down":
-            return tokens
-        tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
-        if self.config.fusion_reads == "both_gate":
-            gate = vision.prior_mask if vision.prior_mask is not None else tokens.new_zeros(*tokens.shape[:2], 1)
-            tokens = torch.cat([tokens, gate.to(tokens.dtype)], dim=-1)
+        if self.config.fusion_reads == "both":
+            tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
         return tokens
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -251,30 +218,25 @@ class AbsVLModel(
         images: torch.Tensor | BackboneOutput,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        vqa_targets: torch.Tensor | None = None,
-        itm_labels: torch.Tensor | None = None,
         prior_positive: torch.Tensor | None = None,
         patch_objects: torch.Tensor | None = None,
         target_objects: torch.Tensor | None = None,
-        return_loss: bool | None = None,
+        return_loss: bool = False,
         return_maps: bool = False,
         prior_only: bool = False,
-    ) -> AbsVLOutput:
+    ) -> AbsVLModelOutput:
         """
         Args:
             images: ``[B, 3, S, S]`` normalised images (see :meth:`prepare_inputs`), or their
                 :meth:`first_pass` (computed with ``return_maps`` when maps are asked for).
             input_ids, attention_mask: ``[B, T]`` tokenised texts (mask defaults to all ones).
-            vqa_targets: ``[B, num_answers]`` soft VQA scores → ``losses["vqa"]``.
-            itm_labels: ``[B]`` 1 for matching pairs, 0 otherwise → ``losses["itm"]``; only matching
-                pairs enter the prior loss.
-            prior_positive: ``[B]`` bool, false for pairs that are no positive of the prior loss (a
-                question whose answer says its object is absent: ``VQAExample.says_absent``); default all.
+            prior_positive: ``[B]`` bool, false for pairs that are no positive of the prior loss (a question whose
+                answer says its object is absent: ``VQAExample.says_absent``; a mismatched ITM pair); default all.
                 Rows with the same text are one positive class of it (``text_groups``).
             patch_objects, target_objects: ``[B, h·w]`` each patch's object label (0 background) and ``[B, K]``
                 the question's objects by label → ``losses["prior_objects"]`` (``prior_object_weight``).
-            return_loss: compute the loss without task labels (L_var + L_prior only); default: when
-                labels are given.
+            return_loss: compute the encoder's losses (``out.losses``: L_var, L_prior, ...; ``out.loss`` their
+                weighted sum); the task models add their own term.
             return_maps: ask the backbone for bottom-up / top-down maps (``out.vision.maps``).
             prior_only: compute the prior loss's terms alone (``out.loss``, ``out.losses``), from the text and the
                 backbone's first pass (without gradients when the backbone is frozen): no second pass, no fusion,
@@ -294,50 +256,33 @@ class AbsVLModel(
             )
             if not losses:
                 raise ValueError("prior_only needs prior_loss_weight > 0, or prior_object_weight > 0 and the objects")
-            return AbsVLOutput(loss=sum(self.weighted_losses(losses).values()), losses=losses, xi=xi, vision=first)
+            return AbsVLModelOutput(loss=self.total_loss(losses), losses=losses, xi=xi, vision=first)
         needs_map = self.config.prior_visual == "both" and self.training
         vision = self.encode_vision(images, xi, return_maps or needs_map)
         text_tokens, image_tokens, pooled = self.fusion(
             hidden, attention_mask, self.fusion_input(vision), vision.grid_size
         )
-        vqa_logits = self.vqa_head(pooled) if self.vqa_head is not None else None
-        itm_logits = self.itm_head(pooled)
         prior_visual, prefix = self.config.prior_visual, vision.num_prefix_tokens
-        text_embeds = F.normalize(xi, dim=-1)
         image_embeds = self.contrastive(
             self.backbone.gate_tokens(vision.tokens if prior_visual == "top_down" else vision.bottom_up_tokens), prefix
         )
-
         losses: dict[str, torch.Tensor] = {}
-        if vqa_targets is not None:
-            if vqa_logits is None:
-                raise ValueError("vqa_targets given but the model has no VQA head (num_answers=0)")
-            losses["vqa"] = vqa_loss(vqa_logits, vqa_targets)
-        if itm_labels is not None:
-            losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
-        loss = None
-        if return_loss or (return_loss is None and losses):
+        if return_loss:
             if "var" in vision.aux_losses:
                 losses["var"] = vision.aux_losses["var"]
             if self.config.gate_sparsity_weight > 0 and vision.prior_mask is not None:
                 losses["gate"] = vision.prior_mask[:, vision.num_prefix_tokens :].mean()
-            valid = prior_positive
-            if itm_labels is not None:
-                valid = itm_labels == 1 if valid is None else valid & (itm_labels == 1)
             losses.update(
-                self.prior_losses(xi, vision, input_ids, attention_mask, valid, patch_objects, target_objects)
+                self.prior_losses(xi, vision, input_ids, attention_mask, prior_positive, patch_objects, target_objects)
             )
-            loss = sum(self.weighted_losses(losses).values())
-        return AbsVLOutput(
-            loss=loss,
+        return AbsVLModelOutput(
+            loss=self.total_loss(losses) if return_loss else None,
             losses=losses,
-            vqa_logits=vqa_logits,
-            itm_logits=itm_logits,
             pooled=pooled,
             text_tokens=text_tokens,
             image_tokens=image_tokens,
             xi=xi,
-            text_embeds=text_embeds,
+            text_embeds=F.normalize(xi, dim=-1),
             image_embeds=image_embeds,
             vision=vision,
         )
@@ -377,16 +322,15 @@ class AbsVLModel(
         return losses
 
     def weighted_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each loss term times its weight (``vqa`` 1, the others their config weights): their sum is the loss."""
-        weights = {
-            "vqa": 1.0,
-            "itm": self.config.itm_loss_weight,
-            "var": self.config.var_loss_weight,
-            "prior": self.config.prior_loss_weight,
-            "prior_objects": self.config.prior_object_weight,
-            "gate": self.config.gate_sparsity_weight,
+        """Each loss term times its weight (``vqa`` 1, the others their config weights)."""
+        return {
+            k: (getattr(self.config, _LOSS_WEIGHT_FIELDS[k]) if k in _LOSS_WEIGHT_FIELDS else 1.0) * v
+            for k, v in losses.items()
         }
-        return {k: weights[k] * v for k, v in losses.items()}
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss: the weighted terms summed in their order."""
+        return sum(self.weighted_losses(losses).values())
 
     def loss_gradient_norms(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"grad/<loss>/<part>": ‖∇ w·L‖}``: the gradient norm that each weighted loss term of a forward
@@ -408,7 +352,7 @@ class AbsVLModel(
                 norms[f"grad/{name}/{part}"] = torch.stack(present).norm() if present else term.new_zeros(())
         return norms
 
-    def training_diagnostics(self, out: AbsVLOutput) -> dict[str, torch.Tensor]:
+    def training_diagnostics(self, out: AbsVLModelOutput) -> dict[str, torch.Tensor]:
         """What a log step records of a training forward (graph still alive): the top-down path's health
         (``topdown_health``), the gradient norm each loss term puts on the encoders (:meth:`loss_gradient_norms`)
         and the unweighted loss terms (``loss/<term>``)."""
@@ -418,24 +362,11 @@ class AbsVLModel(
             **{f"loss/{k}": v.detach() for k, v in out.losses.items()},
         }
 
-    def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B]`` probability that each (image, text) pair matches (re-ranking score)."""
-        return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
-
-    def rerank_score(
-        self, images: torch.Tensor | BackboneOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(ξ, image embedding).
-
-        The ITM term comes from a forward pass whose top-down pass the text steers; the second is
-        the contrastive logit of the prior loss. Their sum is the log-product of the two matching
-        models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
-        the contrastive order. ``images`` may be their :meth:`first_pass`, computed once per image
-        and paired with many texts by ``first.select(rows)``.
-        """
-        out = self(images, input_ids, attention_mask)
-        log_odds = out.itm_logits[:, 1] - out.itm_logits[:, 0]
-        return log_odds + self.contrastive.scale() * (out.text_embeds * out.image_embeds).sum(-1)
+    def with_loss_weights(self, config: AbsVLConfig) -> AbsVLModel:
+        """Take the training objective's weights (``AbsVLConfig.with_loss_weights``) from ``config``, keeping this model's
+        architecture: a run that starts from an export trains with its own config's losses. Returns ``self``."""
+        self.config = self.config.with_loss_weights(config)
+        return self
 
     def attention_maps(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -476,124 +407,6 @@ class AbsVLModel(
         return param_groups(self, lr, weight_decay, _parameter_group, multipliers, no_decay)
 
     # --- Hub ----------------------------------------------------------------------------
-    def with_loss_weights(self, config: AbsVLConfig) -> AbsVLModel:
-        """Take the training objective's weights (``AbsVLConfig.with_loss_weights``) from ``config``, keeping this model's
-        architecture: a run that starts from an export trains with its own config's losses. Returns ``self``."""
-        self.config = self.config.with_loss_weights(config)
-        return self
-
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        *,
-        model_card_kwargs: dict[str, Any] | None = None,
-        push_to_hub: bool = False,
-        repo_id: str | None = None,
-        **push_kwargs: Any,
-    ) -> CommitInfo | None:
-        """The mixin's. The card's ``training_data``, ``metrics``, ``datasets`` and ``task`` (see
-        :func:`render_model_card`) are kept in :attr:`card_data` and ``model_card.json``: a model
-        loaded from the folder renders the same card, e.g. when pushed. ``push_to_hub=True`` then
-        pushes to ``repo_id`` (default: the folder's name) with :meth:`push_to_hub`'s ``push_kwargs``."""
-        card_kwargs = dict(model_card_kwargs or {})
-        self.card_data.update({k: card_kwargs.pop(k) for k in CARD_DATA_KEYS if k in card_kwargs})
-        super().save_pretrained(save_directory, model_card_kwargs=card_kwargs)
-        if push_to_hub:
-            return self.push_to_hub(repo_id or Path(save_directory).name, model_card_kwargs=card_kwargs, **push_kwargs)
-        return None
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """Weights (safetensors), config, tokenizer, answers, card data; the mixin then writes the card."""
-        save_model(self, str(save_directory / WEIGHTS_NAME))
-        write_json(save_directory / CONFIG_NAME, _sorted_keys(self.config.to_dict()))
-        write_json(save_directory / ANSWERS_NAME, self.answers, indent=0)
-        write_json(save_directory / CARD_DATA_NAME, self.card_data)
-        self.tokenizer.save_pretrained(save_directory)
-        (save_directory / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card: regenerate
-
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """``README.md`` from :attr:`card_data` and the keyword arguments of :func:`render_model_card`."""
-        built = {
-            "vision_width": self.backbone.num_features,
-            "image_size": self.image_size,
-            "num_parameters": sum(p.numel() for p in self.parameters()),
-        }
-        return render_model_card(self.config, *args, **built, **{**self.card_data, **kwargs})
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        branch: str | None = None,
-        commit_message: str = "Upload AbsVLModel",
-        create_pr: bool | None = None,
-        token: str | None = None,
-        model_card_kwargs: dict[str, Any] | None = None,
-    ) -> CommitInfo:
-        """Upload the :meth:`save_pretrained` folder in one commit, creating the repository and
-        ``branch`` when missing; the card's usage snippet loads from ``repo_id``.
-
-        ``token`` defaults to huggingface_hub's: ``HF_TOKEN``, else ``hf auth login``'s. Returns the
-        commit (``.commit_url``, ``.oid``).
-        """
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if branch:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, model_card_kwargs={"repo_id": repo_id, **(model_card_kwargs or {})})
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=branch, create_pr=create_pr
-            )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-    ) -> AbsVLModel:
-        """Load a folder written by :meth:`save_pretrained`, or download a Hub repository of one.
-
-        The text encoder is rebuilt from the saved config (its weights are in ``model.safetensors``),
-        the tokenizer and answers come from the folder: nothing else is fetched. Weights are loaded
-        from safetensors only, strictly. The model is returned in eval mode.
-        """
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            _refuse_missing_path(pretrained_model_name_or_path)
-            folder = Path(
-                snapshot_download(
-                    repo_id=str(pretrained_model_name_or_path),
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    local_files_only=local_files_only,
-                    token=token,
-                )
-            )
-        for name in (CONFIG_NAME, WEIGHTS_NAME, ANSWERS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder} has no {name}: not a folder written by AbsVLModel.save_pretrained")
-        _refuse_projected_prior(folder / WEIGHTS_NAME)
-        config = AbsVLConfig.from_dict(read_json(folder / CONFIG_NAME, what="an AbsVLModel config"))
-        if config.text_config is None:
-            raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
-        answers = read_json(folder / ANSWERS_NAME, what="an AbsVLModel's answer list")
-        # the text encoder's config tells AutoTokenizer the class (our config.json is not a transformers one)
-        text_config = transformers.AutoConfig.for_model(**config.text_config)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, config=text_config)
-        _refuse_foreign_tokenizer(folder, tokenizer, config)
-        model = cls(config, answers=answers, tokenizer=tokenizer)
-        load_model(model, str(folder / WEIGHTS_NAME), strict=True)
-        if (folder / CARD_DATA_NAME).is_file():  # absent in folders saved by older versions
-            model.card_data = read_json(folder / CARD_DATA_NAME, what="an AbsVLModel's model card data")
-        return model.eval()
 
 
 def _parameter_group(name: str) -> str:
@@ -605,67 +418,7 @@ def _parameter_group(name: str) -> str:
     return group
 
 
-def _refuse_missing_path(name: str | Path) -> None:
-    """A name that is no local folder and can only be meant as a path (not a Hub repo id ``ORG/NAME``, or its first
-    part a folder here) is refused as a missing folder, not sent to the Hub as a malformed repo id."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name).expanduser()
-    if path.exists():
-        raise FileNotFoundError(
-            f"{name} is a file, not a model folder: give the folder that save_pretrained wrote (config.json, "
-            "model.safetensors, answers.json, the tokenizer's files)"
-        )
-    try:
-        validate_repo_id(str(name))
-        local = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
-    except HFValidationError:
-        local = True
-    if local:
-        raise FileNotFoundError(
-            f"{name}: no such folder (a model folder written by save_pretrained, e.g. RUN/final or RUN/best; a Hub "
-            "model is named ORG/NAME)"
-        )
-
-
-def _refuse_foreign_tokenizer(folder: Path, tokenizer: Any, config: AbsVLConfig) -> None:
-    """A folder whose tokenizer files are missing (transformers then builds a near-empty tokenizer that encodes
-    every question to its special tokens alone) or another model's answers wrongly without a word: refused."""
-    problems = tokenizer_mismatches(tokenizer, config.text_config)
-    if problems:
-        present = sorted(p.name for p in folder.glob("*") if p.name.startswith(("tokenizer", "vocab", "merges", "spm")))
-        raise ValueError(
-            f"{folder}: its tokenizer does not match its text encoder: {'; '.join(problems)}. Its tokenizer files "
-            f"({', '.join(present) or 'none here'}) are missing or another model's: copy those of the text encoder "
-            f"it was trained with ({config.text_encoder}) into the folder (tokenizer.save_pretrained)"
-        )
-
-
-def _refuse_projected_prior(weights: Path) -> None:
-    """Models saved before absvl 0.2 contrasted ξ with a learned projection of the image
-    (``contrastive.proj``), a space the prior gate never reads; their ξ does not fit the gate, and
-    their retrieval embeddings are another vector. They are refused rather than half-loaded."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        if any(key.startswith(LEGACY_PRIOR_PROJECTION) for key in f.keys()):
-            raise ValueError(
-                f"{weights.parent} was saved by absvl < 0.2, whose prior loss aligned ξ with a separate projection "
-                f"({LEGACY_PRIOR_PROJECTION}*) instead of the tokens the prior gate reads (SPEC §2, prior loss): its "
-                "top-down prior does not fit this version. Retrain it (absvl train vqa / retrieval), or load it with "
-                "absvl 0.1.x"
-            )
-
-
-def _sorted_keys(tree: Any) -> Any:
-    """``tree`` with every dict's keys in sorted order (config.json is written sorted)."""
-    if isinstance(tree, dict):
-        return {key: _sorted_keys(tree[key]) for key in sorted(tree)}
-    return [_sorted_keys(item) for item in tree] if isinstance(tree, list) else tree
-
-
-def _init_new_weights(module: nn.Module) -> None:
+def init_new_weights(module: nn.Module) -> None:
     """METER/BERT init of the layers this model adds, kept at METER's per-layer gain whatever the width:
     linears normal(0, 0.02·√(768 / fan_in)) (0.02 at METER's 768), embeddings normal(0, 0.02), zero biases.
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from absvl.models.vl import AbsVLConfig, AbsVLModel, build_tiny_text_encoder
+from absvl.models.vl import (
+    AbsVLConfig,
+    AbsVLForQuestionAnswering,
+    AbsVLForRetrieval,
+    AbsVLModel,
+    build_tiny_text_encoder,
+)
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # tests/ (pytest runs with --import-mode=importlib)
 from hub_stand_in import hub  # noqa: E402,F401
@@ -29,9 +35,10 @@ def bert_dir(tmp_path_factory):
 
 @pytest.fixture
 def make_model(roberta_dir):
-    """``make_model(backbone, text_dir=None, seed=0, **config_overrides)`` → a tiny model in train mode."""
+    """``make_model(backbone, text_dir=None, seed=0, task="vqa", **config_overrides)`` → a tiny model in train mode:
+    ``AbsVLForQuestionAnswering`` (``task="vqa"``), ``AbsVLForRetrieval`` (``"retrieval"``) or the encoder (None)."""
 
-    def make(backbone="absvit_test_patch8", text_dir=None, seed=0, **overrides):
+    def make(backbone="absvit_test_patch8", text_dir=None, seed=0, task="vqa", **overrides):
         torch.manual_seed(seed)
         if backbone.startswith(("resnet", "tdam")):
             overrides.setdefault("image_size", CNN_IMAGE_SIZE)
@@ -44,28 +51,29 @@ def make_model(roberta_dir):
             fusion_dropout=0.0,
             **overrides,
         )
-        return AbsVLModel(config, answers=ANSWERS)
+        if task == "vqa":
+            return AbsVLForQuestionAnswering(config, answers=ANSWERS)
+        return AbsVLForRetrieval(config) if task == "retrieval" else AbsVLModel(config)
 
     return make
 
 
 def _make_batch(model, questions=QUESTIONS, seed=0):
-    """Random images, tokenised questions, soft VQA targets and ITM labels for ``model``."""
+    """Random images, tokenised questions and the model's labels: soft VQA targets for a VQA model, ITM labels for
+    a retrieval model, none for the encoder."""
     g = torch.Generator().manual_seed(seed)
     n = len(questions)
     text = model.processor(text=questions)
     images = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
-    targets = torch.zeros(n, len(model.answers))
-    targets[torch.arange(n), torch.arange(n) % len(model.answers)] = 1.0
-    targets[0, 1] = 0.3
-    itm_labels = torch.tensor([1, 1, 0, 1])[:n]
-    return dict(
-        images=images,
-        input_ids=text["input_ids"],
-        attention_mask=text["attention_mask"],
-        vqa_targets=targets,
-        itm_labels=itm_labels,
-    )
+    batch = dict(images=images, input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+    if isinstance(model, AbsVLForQuestionAnswering):
+        targets = torch.zeros(n, len(model.answers))
+        targets[torch.arange(n), torch.arange(n) % len(model.answers)] = 1.0
+        targets[0, 1] = 0.3
+        batch["labels"] = targets
+    elif isinstance(model, AbsVLForRetrieval):
+        batch["labels"] = torch.tensor([1, 1, 0, 1])[:n]
+    return batch
 
 
 @pytest.fixture
@@ -75,12 +83,8 @@ def make_batch():
 
 
 def paper_loss(out, config, **extra):
-    """The total a forward should report: the VQA loss plus the ITM, L_var and prior terms at the config's
-    weights, plus each ``extra`` term (``name=weight``) of ``out.losses``."""
-    total = (
-        out.losses["vqa"]
-        + config.itm_loss_weight * out.losses["itm"]
-        + config.var_loss_weight * out.losses["var"]
-        + config.prior_loss_weight * out.losses["prior"]
-    )
+    """The total a forward should report: the task's loss (VQA at weight 1, ITM at its config weight) plus the L_var
+    and prior terms at the config's weights, plus each ``extra`` term (``name=weight``) of ``out.losses``."""
+    task = out.losses["vqa"] if "vqa" in out.losses else config.itm_loss_weight * out.losses["itm"]
+    total = task + config.var_loss_weight * out.losses["var"] + config.prior_loss_weight * out.losses["prior"]
     return total + sum(weight * out.losses[name] for name, weight in extra.items())

@@ -12,7 +12,7 @@ from torch import nn
 
 from absvl import AbsVLConfig, AbsVLModel
 from absvl.models.vl.fusion import IMAGE_TYPE, FusionEncoder, Pooler
-from absvl.models.vl.modeling import _init_new_weights
+from absvl.models.vl.modeling import init_new_weights
 
 
 # --- the pooler and the fusion encoder alone ------------------------------------------------
@@ -232,7 +232,7 @@ def test_new_options_survive_save_and_load(make_model, make_batch, tmp_path):
 def test_new_linears_keep_meters_gain_whatever_the_width(fan_in):
     torch.manual_seed(0)
     linear = nn.Linear(fan_in, 2000)
-    _init_new_weights(linear)
+    init_new_weights(linear)
     expected = 0.02 * math.sqrt(768 / fan_in)
     assert linear.weight.std().item() == pytest.approx(expected, rel=0.03)
     assert abs(linear.weight.mean().item()) < 0.05 * expected
@@ -247,8 +247,8 @@ def test_embeddings_and_norms_keep_berts_init():
     with torch.no_grad():
         norm.weight.fill_(3.0)
         norm.bias.fill_(1.0)
-    _init_new_weights(embedding)
-    _init_new_weights(norm)
+    init_new_weights(embedding)
+    init_new_weights(norm)
     assert embedding.weight.std().item() == pytest.approx(0.02, rel=0.03)  # no width scaling
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
 

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import absvl
-from absvl import AbsVLModel
+from absvl import AbsVLForQuestionAnswering, AbsVLModel
 from absvl.models.vl import build_tiny_text_encoder
 from absvl.models.vl.model_card import render_model_card
 
@@ -28,7 +28,7 @@ def _tokenizer_files(model, tmp_path):
 def _outputs(model, batch):
     with torch.no_grad():
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-    return out.vqa_logits, out.itm_logits, out.text_embeds, out.image_embeds, out.vision.tokens
+    return out.vqa_logits, out.pooled, out.text_embeds, out.image_embeds, out.vision.tokens
 
 
 @pytest.mark.parametrize("kind", ["roberta", "bert"])
@@ -50,6 +50,7 @@ def test_save_pretrained_roundtrip_is_exact_and_self_contained(make_model, make_
     config = json.loads((saved / "config.json").read_text())
     assert config["backbone"] == "absvit_test_patch8" and config["alpha"] == 10.0
     assert config["text_config"]["model_type"] == kind and config["num_answers"] == len(model.answers)
+    assert config["architecture"] == "AbsVLForQuestionAnswering" and "trained_tasks" not in config
     assert json.loads((saved / "answers.json").read_text()) == model.answers
     card = (saved / "README.md").read_text()
     for text in (
@@ -63,7 +64,7 @@ def test_save_pretrained_roundtrip_is_exact_and_self_contained(make_model, make_
         assert text in card
 
     shutil.rmtree(text_dir)  # loading must not need the original text encoder
-    loaded = AbsVLModel.from_pretrained(saved)
+    loaded = AbsVLForQuestionAnswering.from_pretrained(saved)
     assert not loaded.training
     for a, b in zip(expected, _outputs(loaded, batch)):
         assert torch.equal(a, b)
@@ -87,9 +88,12 @@ def test_from_pretrained_names_bad_folders_and_keys(make_model, tmp_path):
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'fusion_layer'"):
         AbsVLModel.from_pretrained(saved)
+    del config["fusion_layer"]
+    (saved / "config.json").write_text(json.dumps(config))
     (saved / "answers.json").unlink()
     with pytest.raises(FileNotFoundError, match="answers.json"):
-        AbsVLModel.from_pretrained(saved)
+        AbsVLForQuestionAnswering.from_pretrained(saved)
+    assert AbsVLModel.from_pretrained(saved).config.num_answers == 0  # the encoder needs no answers
 
 
 def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused(make_model, bert_dir, tmp_path):
@@ -115,7 +119,7 @@ def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused(make_model, b
         AbsVLModel.from_pretrained(saved)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(kept / name, saved / name)
-    assert AbsVLModel.from_pretrained(saved).answers  # its own files back: it loads
+    assert AbsVLForQuestionAnswering.from_pretrained(saved).answers  # its own files back: it loads
 
 
 def test_a_missing_local_path_is_no_such_folder_not_a_hub_error(make_model, tmp_path, monkeypatch):
@@ -166,7 +170,7 @@ def test_push_to_hub_keeps_the_exported_card_and_its_metadata(make_model, tmp_pa
     }
     make_model("absvit_test_patch8").save_pretrained(exported, model_card_kwargs=card_kwargs)
 
-    AbsVLModel.from_pretrained(exported).push_to_hub("me/vqa", branch="v1")
+    AbsVLForQuestionAnswering.from_pretrained(exported).push_to_hub("me/vqa", branch="v1")
     repo = hub.repos["me/vqa"]
     assert set(repo.files("main")) == {".gitattributes"}  # the branch was made from main, main untouched
     card = ModelCard(repo.files("v1")["README.md"].decode())
@@ -221,7 +225,7 @@ def test_from_pretrained_by_hub_id(make_model, make_batch, tmp_path, hub, monkey
     model.push_to_hub("org/absvl-tiny", branch="dev", model_card_kwargs={"metrics": {"acc": 1.0}})
     batch = make_batch(model)
 
-    loaded = AbsVLModel.from_pretrained("org/absvl-tiny")
+    loaded = AbsVLForQuestionAnswering.from_pretrained("org/absvl-tiny")
     for a, b in zip(_outputs(model, batch), _outputs(loaded, batch)):
         assert torch.equal(a, b)
     assert AbsVLModel.from_pretrained("org/absvl-tiny", revision="dev").card_data["metrics"] == {"acc": 1.0}

@@ -1,32 +1,37 @@
-"""AbsVLModel: every backbone family end to end, the prior ξ, losses, parameter groups, config errors."""
+"""AbsVLModel and its task models: every backbone family end to end, the prior ξ, each task's head and loss,
+parameter groups, config errors."""
 
 import pytest
 import torch
 from torch import nn
 
-from absvl import AbsVLConfig, AbsVLModel
+from absvl import AbsVLConfig, AbsVLForQuestionAnswering, AbsVLModel
 from absvl.models.vl.modeling import LR_MULTIPLIERS
 
 FAMILIES = ["absvit_test_patch8", "vit_test_patch8", "vars_d_absvit_test_patch8", "tdam_resnet_test"]
 WITH_VAR_LOSS = {"absvit_test_patch8", "vars_d_absvit_test_patch8"}
 
 
+@pytest.mark.parametrize("task", ["vqa", "retrieval"])
 @pytest.mark.parametrize("backbone", FAMILIES)
-def test_forward_backward_and_loss_decreases(make_model, make_batch, backbone):
-    model = make_model(backbone).train()
+def test_forward_backward_and_loss_decreases(make_model, make_batch, backbone, task):
+    model = make_model(backbone, task=task).train()
     batch = make_batch(model)
     out = model(**batch)
     B, T = batch["input_ids"].shape
-    assert out.vqa_logits.shape == (B, len(model.answers))
-    assert out.itm_logits.shape == (B, 2)
+    logits = out.vqa_logits if task == "vqa" else out.itm_logits
+    assert logits.shape == (B, len(model.answers) if task == "vqa" else 2)
+    assert not hasattr(model, "itm_head" if task == "vqa" else "vqa_head")  # one task's head, one task's loss
     assert out.pooled.shape == (B, 2 * model.config.fusion_hidden_size)
     assert out.text_tokens.shape == (B, T, model.config.fusion_hidden_size)
     assert out.image_tokens.shape[:2] == out.vision.tokens.shape[:2]
     assert out.text_embeds.shape == out.image_embeds.shape == (B, model.backbone.num_features)
-    expected = {"vqa", "itm", "prior"} | ({"var"} if backbone in WITH_VAR_LOSS else set())
-    assert set(out.losses) == expected
+    task_loss = "vqa" if task == "vqa" else "itm"
+    expected = {task_loss, "prior"} | ({"var"} if backbone in WITH_VAR_LOSS else set())
+    assert set(out.losses) == expected and next(iter(out.losses)) == task_loss
     cfg = model.config
-    total = out.losses["vqa"] + cfg.itm_loss_weight * out.losses["itm"] + cfg.prior_loss_weight * out.losses["prior"]
+    weight = 1.0 if task == "vqa" else cfg.itm_loss_weight
+    total = weight * out.losses[task_loss] + cfg.prior_loss_weight * out.losses["prior"]
     if "var" in out.losses:
         total = total + cfg.var_loss_weight * out.losses["var"]
     torch.testing.assert_close(out.loss, total)
@@ -38,7 +43,7 @@ def test_forward_backward_and_loss_decreases(make_model, make_batch, backbone):
 
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=5e-4), betas=(0.9, 0.98), eps=1e-8)
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         optimizer.zero_grad()
         loss = model(**batch).loss
         loss.backward()
@@ -94,7 +99,7 @@ def test_prior_options_change_the_computation(make_model, make_batch):
 
 
 def test_encoders_for_retrieval(make_model, make_batch):
-    model = make_model("absvit_test_patch8").eval()
+    model = make_model("absvit_test_patch8", task="retrieval").eval()
     batch = make_batch(model)
     with torch.no_grad():
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
@@ -120,7 +125,7 @@ def test_encoders_for_retrieval(make_model, make_batch):
 )
 def test_rerank_score_from_one_first_pass_per_image(make_model, make_batch, backbone, options):
     """Pairs sharing an image share its first pass: the scores equal a full forward per pair."""
-    model = make_model(backbone, **options).eval()
+    model = make_model(backbone, task="retrieval", **options).eval()
     batch = make_batch(model)
     rows = torch.tensor([0, 0, 1, 0])  # texts 0-3 paired with images 0, 0, 1, 0
     with torch.no_grad():
@@ -131,16 +136,22 @@ def test_rerank_score_from_one_first_pass_per_image(make_model, make_batch, back
 
 
 def test_return_loss_without_labels_and_itm_negatives_leave_the_prior_loss(make_model, make_batch):
-    model = make_model("absvit_test_patch8").train()
+    model = make_model("absvit_test_patch8", task="retrieval").train()
     batch = make_batch(model)
     inputs = {k: batch[k] for k in ("images", "input_ids", "attention_mask")}
     assert model(**inputs).loss is None
     out = model(**inputs, return_loss=True)
     assert set(out.losses) == {"var", "prior"}
+    encoder = make_model("absvit_test_patch8", task=None).train()
+    encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("itm_head.")})
+    torch.manual_seed(0)
+    alone = encoder(**inputs, return_loss=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(alone.loss, model(**inputs, return_loss=True).loss)  # the encoder's own losses
     from absvl.models.vl.losses import contrastive_loss
 
-    out = model(**inputs, itm_labels=batch["itm_labels"])
-    keep = batch["itm_labels"] == 1
+    out = model(**inputs, labels=batch["labels"])
+    keep = batch["labels"] == 1
     expected = contrastive_loss(out.text_embeds[keep], out.image_embeds[keep], model.contrastive.scale())
     torch.testing.assert_close(out.losses["prior"], expected)
 
@@ -162,7 +173,7 @@ def test_parameter_groups(make_model):
     assert group_of("text_encoder.encoder.layer.0.attention.self.query.weight") == "text_encoder"
     assert group_of("backbone.decoders.0.linear.weight") == "decoders"
     assert group_of("fusion.text_layers.0.cross_attn.q.weight") == "fusion"
-    for head in ("vqa_head.fc2.weight", "itm_head.fc.weight", "contrastive.logit_scale", "prior.proj.weight"):
+    for head in ("vqa_head.fc2.weight", "contrastive.logit_scale", "prior.proj.weight"):
         assert group_of(head) == "heads"
     multipliers = {**LR_MULTIPLIERS, "backbone": LR_MULTIPLIERS["encoders"], "text_encoder": LR_MULTIPLIERS["encoders"]}
     for g in groups:
@@ -204,10 +215,11 @@ def test_output_is_a_transformers_model_output(make_model, make_batch):
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
         trained = model(**batch)
     assert isinstance(out, ModelOutput) and out.loss is None and "loss" not in out
-    assert out["vqa_logits"] is out.vqa_logits and out[1] is out.vqa_logits  # None fields are skipped
-    assert list(out.keys())[:3] == ["losses", "vqa_logits", "itm_logits"] and len(out.to_tuple()) == len(out.keys())
-    loss, losses, vqa_logits = trained[:3]
-    assert loss is trained.loss and losses is trained.losses and vqa_logits is trained.vqa_logits
+    assert out["pooled"] is out.pooled and out[1] is out.pooled  # None fields are skipped
+    assert list(out.keys())[:2] == ["losses", "pooled"] and list(out.keys())[-1] == "vqa_logits"
+    assert len(out.to_tuple()) == len(out.keys())
+    loss, losses, pooled = trained[:3]
+    assert loss is trained.loss and losses is trained.losses and pooled is trained.pooled
     assert trained["vision"].tokens.shape[0] == batch["images"].shape[0]
 
 
@@ -233,8 +245,12 @@ def test_config_errors_name_the_field(make_model, roberta_dir):
         AbsVLConfig.from_dict({"backbone": "vit_test_patch8", "colour": "red"})
     with pytest.raises(ValueError, match="prior_channel_projection"):
         make_model("vit_test_patch8", prior_channel_projection=True)
-    with pytest.raises(ValueError, match="num_answers"):
-        AbsVLModel(AbsVLConfig(backbone="vit_test_patch8", text_encoder=str(roberta_dir), num_answers=4))
+    config = AbsVLConfig(backbone="vit_test_patch8", text_encoder=str(roberta_dir))
+    with pytest.raises(ValueError, match="num_answers=4 but 2 answers"):
+        AbsVLForQuestionAnswering(AbsVLConfig(**{**config.__dict__, "num_answers": 4}), answers=["yes", "no"])
+    with pytest.raises(ValueError, match="needs its answer vocabulary"):
+        AbsVLForQuestionAnswering(config, answers=[])
+    assert AbsVLModel(AbsVLConfig(**{**config.__dict__, "num_answers": 4})).config.num_answers == 0
 
 
 def test_bert_style_text_encoder(make_model, make_batch, bert_dir):

@@ -32,14 +32,14 @@ def _objects(model, batch_size=4):
 
 
 def test_rows_of_one_text_are_one_positive_class(make_model, make_batch):
-    model = make_model("absvit_test_patch8").train()
+    model = make_model("absvit_test_patch8", task="retrieval").train()
     batch = make_batch(model, questions=DUPLICATED)
     groups = text_groups(batch["input_ids"], batch["attention_mask"])
     assert groups[0] == groups[2] and len(set(groups.tolist())) == 3
     positive = torch.tensor([True, True, True, False])  # e.g. "how many ...?" answered 0
-    out = model(**batch, prior_positive=positive)  # itm_labels [1, 1, 0, 1]: row 2 is a negative pair
+    out = model(**batch, prior_positive=positive)  # ITM labels [1, 1, 0, 1]: row 2 is a negative pair
     scale = model.contrastive.scale()
-    valid = positive & (batch["itm_labels"] == 1)
+    valid = positive & (batch["labels"] == 1)
     expected = contrastive_loss(out.text_embeds, out.image_embeds, scale, valid, groups)
     torch.testing.assert_close(out.losses["prior"], expected)
     # only rows 0 and 1 are left: the duplicate (row 2) and the non-positive (row 3) are out of it
@@ -56,7 +56,7 @@ def test_object_prior_term(make_model, make_batch):
     batch = make_batch(model)
     patch_objects, target_objects = _objects(model)
     out = model(**batch, patch_objects=patch_objects, target_objects=target_objects)
-    assert set(out.losses) == {"vqa", "itm", "var", "prior", "prior_objects"}
+    assert set(out.losses) == {"vqa", "var", "prior", "prior_objects"}
     vision, prefix = out.vision, out.vision.num_prefix_tokens
     tokens = model.fusion_image_tokens(vision, "bottom_up")[:, prefix:]  # ξ against its own image's first pass
     expected = object_prior_loss(out.xi, tokens, patch_objects, target_objects)
@@ -76,16 +76,18 @@ def test_object_prior_term(make_model, make_batch):
 
 def test_weighted_losses_are_the_terms_of_the_loss(make_model, make_batch):
     weights = dict(itm_loss_weight=0.7, var_loss_weight=0.2, prior_loss_weight=1.5, prior_object_weight=0.4)
-    model = make_model("absvit_test_patch8", gate_sparsity_weight=0.3, **weights).train()
-    batch = make_batch(model)
-    patch_objects, target_objects = _objects(model)
-    out = model(**batch, patch_objects=patch_objects, target_objects=target_objects)
-    weighted = model.weighted_losses(out.losses)
-    assert set(weighted) == set(out.losses) == {"vqa", "itm", "var", "prior", "prior_objects", "gate"}
     factors = {"vqa": 1.0, "itm": 0.7, "var": 0.2, "prior": 1.5, "prior_objects": 0.4, "gate": 0.3}
-    for name, value in weighted.items():
-        torch.testing.assert_close(value, factors[name] * out.losses[name])
-    torch.testing.assert_close(out.loss, sum(weighted.values()))
+    for task, head_loss in (("vqa", "vqa"), ("retrieval", "itm")):
+        model = make_model("absvit_test_patch8", task=task, gate_sparsity_weight=0.3, **weights).train()
+        batch = make_batch(model)
+        objects = dict(zip(("patch_objects", "target_objects"), _objects(model))) if task == "vqa" else {}
+        out = model(**batch, **objects)
+        weighted = model.weighted_losses(out.losses)
+        expected = {head_loss, "var", "prior", "gate"} | ({"prior_objects"} if task == "vqa" else set())
+        assert set(weighted) == set(out.losses) == expected
+        for name, value in weighted.items():
+            torch.testing.assert_close(value, factors[name] * out.losses[name])
+        torch.testing.assert_close(out.loss, sum(weighted.values()))
 
 
 def test_prior_losses_leave_out_terms_of_weight_zero(make_model, make_batch):
@@ -113,7 +115,7 @@ def test_prior_only_forward(make_model, make_batch):
     inputs = (batch["images"], batch["input_ids"], batch["attention_mask"])
     out = model(*inputs, **kwargs, prior_only=True)
     assert set(out.losses) == {"prior", "prior_objects"}
-    assert out.vqa_logits is None and out.itm_logits is None  # no second pass, no fusion
+    assert "vqa_logits" not in out and out.pooled is None  # no second pass, no fusion
     assert "top_down" not in out.vision.maps
     # the same terms as the full forward's (the prior reads the first pass either way)
     full = model(*inputs, **kwargs, return_loss=True)
@@ -157,7 +159,7 @@ def test_loss_gradient_norms_are_each_weighted_terms_gradient_on_each_encoder(ma
     patch_objects, target_objects = _objects(model)
     out = model(**batch, patch_objects=patch_objects, target_objects=target_objects)
     norms = model.loss_gradient_norms(out.losses)
-    terms = {"vqa", "itm", "var", "prior", "prior_objects"}
+    terms = {"vqa", "var", "prior", "prior_objects"}
     assert set(norms) == {f"grad/{t}/{part}" for t in terms for part in ("backbone", "text_encoder")}
     assert all(v.ndim == 0 for v in norms.values())
     # L_var reads stop-gradients of the tokens: it trains the decoders (in the backbone), never the text encoder
@@ -224,6 +226,6 @@ def test_with_loss_weights_takes_the_objective_and_keeps_the_architecture(make_m
     model.train()
     patch_objects, target_objects = _objects(model)
     out = model(**make_batch(model), patch_objects=patch_objects, target_objects=target_objects)
-    assert set(out.losses) == {"vqa", "itm", "var", "prior_objects", "gate"}
+    assert set(out.losses) == {"vqa", "var", "prior_objects", "gate"}
     torch.testing.assert_close(out.loss, sum(model.weighted_losses(out.losses).values()))
     torch.testing.assert_close(model.weighted_losses(out.losses)["prior_objects"], 0.6 * out.losses["prior_objects"])

@@ -6,7 +6,7 @@ import numpy as np
 from huggingface_hub import ModelCard, constants
 from PIL import Image
 
-from absvl import AbsVLModel
+from absvl import AbsVLForQuestionAnswering
 from absvl.cli import main
 
 TOKEN = "hf_FAKE_TOKEN_FOR_TESTS_0123456789"
@@ -87,7 +87,7 @@ def test_attend_loads_a_model_by_hub_id(make_model, tmp_path, hub, monkeypatch, 
         == 0
     )
     assert out.is_file() and Image.open(out).width > 32
-    assert AbsVLModel.from_pretrained("org/absvl-tiny", local_files_only=True).answers  # now in the cache
+    assert AbsVLForQuestionAnswering.from_pretrained("org/absvl-tiny", local_files_only=True).answers  # now cached
 
 
 def test_push_a_run_without_final_names_what_to_pass(make_model, tmp_path, hub, monkeypatch, capsys):

@@ -1,0 +1,188 @@
+"""The task models: the shared encoder (``AbsVLModel``) with one task's head, which owns its loss, the transformers
+way (``ViltForQuestionAnswering``): ``AbsVLForQuestionAnswering`` (METER's VQA classifier, soft-target BCE) and
+``AbsVLForRetrieval`` (the ITM head on in-batch negatives; re-ranks the contrastive order top-down). Their loss is
+the task's term plus the encoder's (L_var, L_prior, ...), each at its config weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...io import read_json
+from ..vision import BackboneOutput
+from .configuration import AbsVLConfig
+from .heads import ITMHead, VQAHead
+from .losses import vqa_loss
+from .modeling import AbsVLModel, AbsVLModelOutput, init_new_weights
+from .pretrained import ANSWERS_NAME, HEAD_PREFIXES, SavedModel
+
+
+@dataclass
+class AbsVLQuestionAnsweringOutput(AbsVLModelOutput):
+    """:class:`AbsVLModelOutput` with ``vqa_logits`` ``[B, num_answers]``; ``losses["vqa"]`` with labels."""
+
+    vqa_logits: torch.Tensor | None = None
+
+
+@dataclass
+class AbsVLRetrievalOutput(AbsVLModelOutput):
+    """:class:`AbsVLModelOutput` with ``itm_logits`` ``[B, 2]`` (0: mismatch, 1: match); ``losses["itm"]`` with labels."""
+
+    itm_logits: torch.Tensor | None = None
+
+
+class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answering"):
+    """AbSViT-VL for VQA: the encoder's pooled pair → METER's VQA classifier over ``answers``."""
+
+    task = "vqa"
+
+    def __init__(self, config: AbsVLConfig, answers: list[str], tokenizer: Any = None) -> None:
+        """``answers``: the answer strings, index = logit (``config.num_answers`` follows them)."""
+        if not answers:
+            raise ValueError("AbsVLForQuestionAnswering needs its answer vocabulary: answers=[...]")
+        if config.num_answers not in (0, len(answers)):
+            raise ValueError(f"num_answers={config.num_answers} but {len(answers)} answers were given")
+        super().__init__(config, tokenizer)
+        self.config = replace(self.config, num_answers=len(answers))
+        self.answers = list(answers)
+        self.vqa_head = VQAHead(2 * config.fusion_hidden_size, len(answers))
+        self.vqa_head.apply(init_new_weights)
+
+    def head_description(self) -> str:
+        return f"VQA ({len(self.answers)} answers); prior loss on {self.config.prior_visual} tokens in the gate's space"
+
+    @classmethod
+    def _from_folder(
+        cls, folder: Path, saved: SavedModel, tokenizer: Any, answers: list[str] | None = None
+    ) -> AbsVLForQuestionAnswering:
+        """``answers``: start a fresh VQA head over them when the folder holds none (finetuning another task's
+        model); a folder with a trained head must have been trained with the same answers."""
+        config = saved.config
+        if "vqa" in saved.heads:
+            saved = read_json(folder / ANSWERS_NAME, what="an absvl VQA model's answer list")
+            if answers is not None and list(answers) != saved:
+                raise ValueError(f"{folder} was trained with another answer vocabulary than the {len(answers)} given")
+            return cls(config, saved, tokenizer)
+        if answers is None:
+            raise ValueError(
+                f"{folder} holds no trained VQA head ({saved.describe()}): give a VQA model's folder, or answers=[...] to "
+                "start a VQA head on its encoder (what `absvl train vqa` does with train.init_from)"
+            )
+        model = cls(replace(config, num_answers=0), answers, tokenizer)
+        model._fresh_prefixes = (HEAD_PREFIXES["vqa"],)
+        return model
+
+    def forward(
+        self,
+        images: torch.Tensor | BackboneOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prior_positive: torch.Tensor | None = None,
+        patch_objects: torch.Tensor | None = None,
+        target_objects: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_maps: bool = False,
+        prior_only: bool = False,
+    ) -> AbsVLQuestionAnsweringOutput | AbsVLModelOutput:
+        """The encoder's forward (see :meth:`AbsVLModel.forward`) and the answer logits. ``labels``: ``[B,
+        num_answers]`` soft VQA scores → ``losses["vqa"]``; ``return_loss`` defaults to whether they are given."""
+        return_loss = labels is not None if return_loss is None else return_loss
+        out = super().forward(
+            images,
+            input_ids,
+            attention_mask,
+            prior_positive,
+            patch_objects,
+            target_objects,
+            return_loss=return_loss,
+            return_maps=return_maps,
+            prior_only=prior_only,
+        )
+        if prior_only:
+            return out
+        logits = self.vqa_head(out.pooled)
+        losses = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
+        losses.update(out.losses)
+        return AbsVLQuestionAnsweringOutput(
+            **{**out, "loss": self.total_loss(losses) if return_loss else None, "losses": losses},
+            vqa_logits=logits,
+        )
+
+
+class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
+    """AbSViT-VL for image-text retrieval: ξ and the bottom-up image embedding rank (the index), the ITM head on
+    the pooled pair, under the text's top-down pass, re-ranks (:meth:`rerank_score`)."""
+
+    task = "retrieval"
+
+    def __init__(self, config: AbsVLConfig, tokenizer: Any = None) -> None:
+        super().__init__(config, tokenizer)
+        self.itm_head = ITMHead(2 * config.fusion_hidden_size)
+        self.itm_head.apply(init_new_weights)
+
+    def head_description(self) -> str:
+        return f"ITM (re-ranking); prior loss on {self.config.prior_visual} tokens in the gate's space (ranking)"
+
+    @classmethod
+    def _from_folder(cls, folder: Path, saved: SavedModel, tokenizer: Any, new_head: bool = False) -> AbsVLForRetrieval:
+        """``new_head=True``: start a fresh ITM head when the folder holds none (finetuning another task's model)."""
+        model = cls(saved.config, tokenizer)
+        if "retrieval" not in saved.heads:
+            if not new_head:
+                raise ValueError(
+                    f"{folder} holds no trained ITM head ({saved.describe()}): give a retrieval model's folder (absvl train "
+                    "retrieval), or new_head=True to start one on its encoder"
+                )
+            model._fresh_prefixes = (HEAD_PREFIXES["retrieval"],)
+        return model
+
+    def forward(
+        self,
+        images: torch.Tensor | BackboneOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prior_positive: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_maps: bool = False,
+    ) -> AbsVLRetrievalOutput:
+        """The encoder's forward (see :meth:`AbsVLModel.forward`) and the ITM logits. ``labels``: ``[B]`` 1 for
+        matching pairs, 0 otherwise → ``losses["itm"]``; only matching pairs enter the prior loss."""
+        return_loss = labels is not None if return_loss is None else return_loss
+        if labels is not None:
+            prior_positive = labels == 1 if prior_positive is None else prior_positive & (labels == 1)
+        out = super().forward(
+            images, input_ids, attention_mask, prior_positive, return_loss=return_loss, return_maps=return_maps
+        )
+        logits = self.itm_head(out.pooled)
+        losses = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}
+        losses.update(out.losses)
+        return AbsVLRetrievalOutput(
+            **{**out, "loss": self.total_loss(losses) if return_loss else None, "losses": losses},
+            itm_logits=logits,
+        )
+
+    def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` probability that each (image, text) pair matches."""
+        return self(images, input_ids, attention_mask).itm_logits.softmax(dim=-1)[:, 1]
+
+    def rerank_score(
+        self, images: torch.Tensor | BackboneOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(ξ, image embedding).
+
+        The ITM term comes from a forward pass whose top-down pass the text steers; the second is
+        the contrastive logit of the prior loss. Their sum is the log-product of the two matching
+        models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
+        the contrastive order. ``images`` may be their :meth:`first_pass`, computed once per image
+        and paired with many texts by ``first.select(rows)``.
+        """
+        out = self(images, input_ids, attention_mask)
+        log_odds = out.itm_logits[:, 1] - out.itm_logits[:, 0]
+        return log_odds + self.contrastive.scale() * (out.text_embeds * out.image_embeds).sum(-1)
