@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .model_commands import add_commands as add_model_folder_commands
 from .retrieval.commands import add_commands as add_retrieval_commands
 from .runtime import is_main_process
 from .serve.commands import add_commands as add_serve_commands
@@ -48,7 +49,6 @@ def _run_config(args: argparse.Namespace, run_class: type | None = None):
     ``config.yaml`` unless ``--config`` is given. A ``key=value`` right after ``--resume`` is an
     override (argparse hands it to the optional value), not a checkpoint path.
     """
-    from pathlib import Path
 
     from .training.checkpoint import STATE_NAME
     from .training.config import RunConfig, load_config
@@ -120,7 +120,6 @@ def _report_training(summary: dict, describe_val) -> int:
 
 
 def _write_json(path: str | None, payload) -> None:
-    from pathlib import Path
 
     from .io import write_json
 
@@ -203,19 +202,6 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_attend(args: argparse.Namespace) -> int:
-    from .models.vl import load_model
-    from .visualize import attention_figure
-
-    model = load_model(args.model)
-    _, maps = attention_figure(model, args.image, args.text, args.out, size=args.size)
-    answers = f"; answers: {', '.join(maps['answers'])}" if maps["answers"] else ""
-    print(
-        f"wrote {args.out}: {args.image}, its bottom-up map and the top-down map for {len(args.text)} text(s){answers}"
-    )
-    return 0
-
-
 def _cmd_train_classify(args: argparse.Namespace) -> int:
     from .training.classify import train_classifier
     from .training.config import ClassifyConfig
@@ -277,69 +263,6 @@ def _cmd_predict_vqa_file(args: argparse.Namespace) -> int:
     return 0
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What a request that never reached the Hub raises: the HTTP client's transport error (connect, DNS, proxy,
-    TLS, timeout; ``httpx`` under huggingface_hub 1.x, ``httpx2`` under 2.x), a ``ConnectionError`` (offline
-    mode) or a socket's."""
-    import importlib
-    import socket
-
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
-    for client in ("httpx", "httpx2"):
-        try:
-            found.append(importlib.import_module(client).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
-def _push_folder(folder: Path) -> Path:
-    """The model folder ``absvl push`` uploads: ``folder`` itself, or a training run's ``final/``."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (give a run folder or a save_pretrained folder)")
-    if (folder / "config.json").is_file():
-        return folder
-    if (folder / "final" / "config.json").is_file():
-        print(f"{folder} is a training run: pushing its final export, {folder / 'final'}")
-        return folder / "final"
-    if (folder / "config.yaml").is_file() or any(folder.glob("checkpoint-*")):  # a run that has not finished
-        hint = ""
-        if not (folder / "best" / "config.json").is_file():
-            hint = f" (it has no best/ either: `absvl export {folder}/checkpoint-XXXXXXXX --out DIR`, then push DIR)"
-        raise FileNotFoundError(f"no final/ in {folder}: pass {folder / 'final'} or {folder / 'best'}{hint}")
-    return folder  # from_pretrained says what is missing
-
-
-def _cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from .models.vl import load_model
-
-    folder = _push_folder(Path(args.folder))
-    model = load_model(folder)  # first: a folder that would not load (or answer wrongly) is refused
-    if get_token() is None:
-        raise ValueError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    try:
-        commit = model.push_to_hub(args.repo_id, private=args.private, branch=args.revision)
-    except HfHubHTTPError as err:
-        print(f"absvl: error: pushing to {args.repo_id} failed: {err}", file=sys.stderr)
-        return 1
-    except _network_errors() as err:  # no network, DNS, proxy, timeout: one line, not the client's traceback
-        if os.environ.get("ABSVL_DEBUG"):
-            raise
-        print(
-            f"absvl: error: cannot reach the Hugging Face Hub at {constants.ENDPOINT} to push to {args.repo_id} "
-            f"({type(err).__name__}: {err}): check the network connection (or HF_ENDPOINT, a proxy) and push again",
-            file=sys.stderr,
-        )
-        return 1
-    print(
-        f"pushed {folder} to {args.repo_id}{f' (branch {args.revision})' if args.revision else ''}: {commit.commit_url}"
-    )
-    return 0
-
-
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import check_vqa
 
@@ -360,30 +283,6 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
         f"{split}: {n} images / {world.num_questions[split]} questions" for split, n in world.splits.items()
     )
     print(f"wrote the Shapes world to {world.root} ({splits}); text encoder in {world.text_encoder_dir}")
-    return 0
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint, load_backbone
-
-    out = convert_checkpoint(args.checkpoint, args.arch, args.out, overwrite=args.overwrite)
-    model = load_backbone(out)  # proves the folder loads back
-    extra = {k: v for k, v in model.backbone_config.items() if k != "name"}
-    print(
-        f"converted {args.checkpoint} -> {out} ({args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-        f"parameters, options {extra}); load it with create_backbone({args.arch!r}, pretrained_path={str(out)!r})"
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .training.export import export_run_checkpoint
-
-    task = export_run_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
-    load = (
-        f"absvl eval classify --model {args.out}" if task == "classify" else f"AbsVLModel.from_pretrained({args.out!r})"
-    )
-    print(f"exported {args.checkpoint} ({task}) to {args.out}; load it with {load}")
     return 0
 
 
@@ -556,43 +455,6 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data_shapes)
 
 
-def _add_model_folder_commands(sub: argparse._SubParsersAction) -> None:
-    """``absvl convert``, ``export``, ``push``, ``attend``: model folders in and out."""
-    p = sub.add_parser("convert", help="convert the authors' AbSViT / TDAM checkpoints to absvl backbone folders")
-    p.add_argument(
-        "checkpoint", help="the authors' checkpoint (.pth/.pt/.bin/.safetensors; read with weights_only=True)"
-    )
-    p.add_argument("--arch", required=True, help="backbone it holds, e.g. absvit_base_patch16_224 or tdam_resnet50")
-    p.add_argument("--out", required=True, help="folder to write (model.safetensors + config.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser("export", help="turn a training checkpoint into a from_pretrained folder")
-    p.add_argument("checkpoint", help="a checkpoint folder of a run (RUN/checkpoint-XXXXXXXX)")
-    p.add_argument(
-        "--out", required=True, help="folder to write (VQA/retrieval: save_pretrained; classify: backbone folder)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("push", help="upload a model folder (or a run's final export) to the Hugging Face Hub")
-    p.add_argument("folder", metavar="RUN_OR_MODEL_DIR", help="a save_pretrained folder, or a run folder (its final/)")
-    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created when missing)")
-    p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--revision", help="branch to commit to (created from main when missing; default main)")
-    p.set_defaults(func=_cmd_push)
-
-    p = sub.add_parser("attend", help="PNG of an image, its bottom-up and its text-steered top-down attention map")
-    p.add_argument("image", help="image file")
-    p.add_argument(
-        "--text", required=True, action="append", help="question or query steering the top-down pass (repeatable)"
-    )
-    p.add_argument("--model", required=True, help="a save_pretrained folder or Hub id")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--size", type=int, default=224, help="panel side in pixels (default 224)")
-    p.set_defaults(func=_cmd_attend, overrides=[])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="absvl", description="Top-down vision-language models (AbSViT, VARS, TDAM).")
     parser.add_argument("--version", action="version", version=f"absvl {__version__}")
@@ -608,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     _add_predict_commands(sub)
     _add_data_commands(sub)
-    _add_model_folder_commands(sub)
+    add_model_folder_commands(sub)  # convert, export, push, attend
     add_retrieval_commands(sub)  # index build|add, search
     add_serve_commands(sub)  # serve
 
