@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .data.shapes import ensure_shapes
+from .data.shapes_text import caption_holds
 from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
 from .evaluation.retrieval import evaluate_retrieval_model
 from .evaluation.vqa import predict_vqa_submission
@@ -41,6 +42,7 @@ from .io import atomic_file, read_json, write_json
 from .metrics.baselines import image_only_answers, question_only_answers
 from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
 from .metrics.retrieval import format_recall_table
+from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
 from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
 from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLForQuestionAnswering, AbsVLForRetrieval, AbsVLModel
@@ -91,6 +93,9 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
             }
         )
     )
+    print(f"{SCENE_TABLE_TITLE} ({result['scene']['relational']} of the captions name a relation):")
+    print(format_scene_table(result["scene"]))
+    print(f"paired-caption IR@1 ceiling (several images fit a caption): {result['scene']['ir@1_ceiling']:.2f}")
     model = AbsVLForRetrieval.from_pretrained(export)
     report = build_index(
         model,
@@ -104,12 +109,23 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
     retriever = Retriever(model, report.out)
     query = "a red circle left of a blue square."
     hits = retriever.search(query, k=5, rerank=20)
-    print(f"search {query!r} (top-20 re-ranked with the query steering the encoder):")
-    for hit in hits:
-        print(f"  {hit.rank}. {hit.path.name}  re-rank score {hit.rerank_score:.3f}  cosine {hit.score:.3f}")
+    print(f"search {query!r} (top-20 re-ranked with the query steering the encoder), checked against each scene:")
+    world = ShapesWorld.load(Path(d.captions).parent)
+    scenes = {scene["file_name"]: scene["objects"] for scene in world.load_scenes().values()}
+    checks = [caption_holds(query, scenes[hit.path.name], world.relation_margin) for hit in hits]
+    for hit, (present, related) in zip(hits, checks):
+        print(
+            f"  {hit.rank}. {hit.path.name}  re-rank score {hit.rerank_score:.3f}  cosine {hit.score:.3f}  "
+            f"objects {'present' if present else 'missing'}, relation {'right' if present and related else 'wrong'}"
+        )
     return {
         "export": export,
         "recall": {k: result[k] for k in ("contrastive", "reranked")},
+        "scene": result["scene"],
+        "query_hits_right": {
+            "objects present": sum(present for present, _ in checks),
+            "relation right": sum(bool(present and related) for present, related in checks),
+        },
         "index": str(report.out),
         "query": query,
         "hits": [str(h.path) for h in hits],

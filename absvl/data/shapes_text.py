@@ -12,7 +12,15 @@ import numpy as np
 
 from .shapes_scene import COLORS, RELATIONS, SHAPES, SIZES, relation
 
-__all__ = ["BALANCE_GROUP", "FAMILIES", "captions", "human_answers", "question_candidates", "tokens"]
+__all__ = [
+    "BALANCE_GROUP",
+    "FAMILIES",
+    "caption_holds",
+    "captions",
+    "human_answers",
+    "question_candidates",
+    "tokens",
+]
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FAMILIES = ("color", "shape", "exist", "count", "rel_yn", "rel_what")
@@ -189,6 +197,78 @@ def captions(objects: list[dict], bg_kind: str, margin: float, rng: np.random.Ge
         if cap and cap + "." not in out and len(out) < 5:
             out.append(cap + ".")
     return out
+
+
+_ORDERS = {"from left to right: ": 0, "from top to bottom: ": 1}
+
+
+def _mentions(text: str) -> list[tuple[int, tuple]] | None:
+    """The objects a list of phrases names ("a large red circle, two blue shapes and a square"): (count,
+    (size, color, shape)) each, ``shape`` None for "shape"/"object"; None if a phrase is not one of the world's."""
+    out = []
+    for phrase in re.split(r", | and ", text):
+        words = phrase.split()
+        if len(words) < 2 or (words[0] not in ("a", "an") and words[0] not in NUMBER_WORDS):
+            return None
+        count = 1 if words[0] in ("a", "an") else NUMBER_WORDS.index(words[0])
+        *attributes, noun = words[1:]
+        noun = noun[:-1] if count > 1 and noun.endswith("s") else noun
+        size = next((w for w in attributes if w in SIZES), None)
+        color = next((w for w in attributes if w in COLORS), None)
+        if noun not in (*SHAPES, "shape", "object") or len(attributes) != (size is not None) + (color is not None):
+            return None
+        out.append((count, (size, color, noun if noun in SHAPES else None)))
+    return out
+
+
+def _present(objects: list[dict], mentions: list[tuple[int, tuple]]) -> bool:
+    """Every mentioned description is matched by at least as many objects as the mentions of it count."""
+    wanted = Counter()
+    for count, desc in mentions:
+        wanted[desc] += count
+    return all(sum(_matches(o, desc) for o in objects) >= n for desc, n in wanted.items())
+
+
+def _in_order(objects: list[dict], descs: list[tuple], axis: int) -> bool:
+    """Distinct objects match ``descs`` one each and lie in that order along ``axis`` (0: x, 1: y; ties allowed)."""
+
+    def place(i: int, used: frozenset, last: float) -> bool:
+        if i == len(descs):
+            return True
+        return any(
+            place(i + 1, used | {j}, o["center"][axis])
+            for j, o in enumerate(objects)
+            if j not in used and _matches(o, descs[i]) and o["center"][axis] >= last
+        )
+
+    return place(0, frozenset(), float("-inf"))
+
+
+def caption_holds(caption: str, objects: list[dict], margin: float) -> tuple[bool, bool | None] | None:
+    """Whether a scene satisfies a caption of the world's language (``captions``): (every named object present,
+    its relation right — the pair relation of "A left of B", the order of "from left to right: A, B, C" —
+    or None for a caption that names no relation). None for a text the world's captions never take."""
+    text = caption.strip().lower().rstrip(".")
+    text = re.sub(r" on an? \w+ background$", "", text)
+    text = re.sub(r"^\w+ shapes: ", "", text)  # "three shapes: ..." lists them
+    for prefix, axis in _ORDERS.items():
+        if text.startswith(prefix):
+            mentions = _mentions(text[len(prefix) :])
+            if mentions is None:
+                return None
+            present = _present(objects, mentions)
+            descs = [desc for count, desc in mentions for _ in range(count)]
+            return present, present and _in_order(objects, descs, axis)
+    for rel in RELATIONS:
+        if f" {rel} " in text:
+            left, right = (_mentions(part) for part in text.split(f" {rel} ", 1))
+            if not left or not right or len(left) != 1 or len(right) != 1:
+                return None
+            (_, a), (_, b) = left[0], right[0]
+            pairs = [(x, y) for x in objects for y in objects if x is not y and _matches(x, a) and _matches(y, b)]
+            return bool(pairs), any(relation(x, y, rel, margin) for x, y in pairs)
+    mentions = _mentions(text)
+    return None if mentions is None else (_present(objects, mentions), None)
 
 
 def tokens(text: str) -> list[str]:

@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 from ..data.captions import CaptionedImage, check_caption_images, load_captions
 from ..data.image_files import ImageFiles, collate_image_files
 from ..data.loaders import make_loader, process_share
+from ..data.shapes_text import caption_holds
+from ..data.shapes_world import ShapesWorld
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
+from ..metrics.scene_retrieval import scene_retrieval_scores
 from ..models.vl import AbsVLForRetrieval, AbsVLModel
 from ..runtime import cpu_only
 
@@ -162,6 +165,7 @@ def evaluate_retrieval(
     num_workers: int = 0,
     rerank: bool = True,
     ks: Sequence[int] = RECALL_KS,
+    keep_rankings: bool = False,
 ) -> dict[str, Any]:
     """IR@k / TR@k of ``model`` on ``images`` and their captions (Karpathy protocol).
 
@@ -170,6 +174,8 @@ def evaluate_retrieval(
     read are left out with their captions, and listed. Images are streamed from disk (embedded,
     then decoded again image by image for re-ranking), never all held in memory, and each query
     keeps only its first ``max(ks, rerank_k)`` candidates; work is split over Accelerate processes.
+    ``keep_rankings``: also return the caption → image rankings (``"rankings"``: ``{"contrastive", "reranked"}``
+    ``[captions, depth]`` indices into ``"image_paths"``) and the ``"captions"`` texts, for scene-true scores.
     """
     accelerator = accelerator or Accelerator(cpu=cpu_only())
     begin = time.perf_counter()
@@ -215,6 +221,7 @@ def evaluate_retrieval(
         "rerank_k": rerank_k,
         "skipped": skipped,
     }
+    rankings = {"contrastive": t2i}
     if rerank:
         reranked = {}
         for name, order, query_is_text in (("ir", t2i, True), ("tr", i2t, False)):
@@ -235,6 +242,9 @@ def evaluate_retrieval(
             )
             reranked[name] = _rerank(order, k, scores.reshape(order.shape[0], k))
         result["reranked"] = retrieval_recalls(reranked["ir"], caption_image, reranked["tr"], image_captions, ks)
+        rankings["reranked"] = reranked["ir"]
+    if keep_rankings:
+        result.update(rankings=rankings, image_paths=kept_paths, query_captions=captions)
     model.train(was_training)
     result["seconds"] = time.perf_counter() - begin
     return result
@@ -255,12 +265,45 @@ def evaluate_retrieval_model(
 ) -> dict[str, Any]:
     """``evaluate_retrieval`` of a saved model on one split of a Karpathy caption file or a Hugging
     Face caption dataset (``load_captions``: ``format`` ``karpathy``/``hf``, ``None`` to tell by the
-    name; ``columns``: the dataset's column mapping)."""
+    name; ``columns``: the dataset's column mapping). The caption file of a Shapes world adds ``"scene"``:
+    the scene-true scores (``shapes_scene_scores``)."""
     accelerator = Accelerator(cpu=cpu_only())
     if not isinstance(model, AbsVLModel):  # re-ranking needs the ITM head; the contrastive ranking any encoder
         model = AbsVLForRetrieval.from_pretrained(model) if rerank else AbsVLModel.from_pretrained(model)
     model.to(accelerator.device)
+    shapes_root = Path(captions_file).parent
+    shapes = ShapesWorld.exists(shapes_root)  # a Shapes world keeps its images in images/ and knows every scene
+    if shapes and images_root is None:
+        images_root = shapes_root / "images"
     with accelerator.main_process_first():
         images = load_captions(captions_file, [split], images_root, format, columns)[:max_images]
     check_caption_images(images, "--images")
-    return evaluate_retrieval(model, images, accelerator, rerank_k, batch_size, num_workers, rerank)
+    if not shapes:
+        return evaluate_retrieval(model, images, accelerator, rerank_k, batch_size, num_workers, rerank)
+    # the hits are also checked against what each caption says
+    result = evaluate_retrieval(
+        model, images, accelerator, rerank_k, batch_size, num_workers, rerank, keep_rankings=True
+    )
+    result["scene"] = shapes_scene_scores(result, ShapesWorld.load(shapes_root))
+    for key in ("rankings", "image_paths", "query_captions"):
+        del result[key]
+    return result
+
+
+def shapes_scene_scores(result: dict[str, Any], world: ShapesWorld) -> dict[str, Any]:
+    """``scene_retrieval_scores`` of an ``evaluate_retrieval(..., keep_rankings=True)`` result on a Shapes world's
+    images: each caption against every evaluated image's scene (``caption_holds``)."""
+    scenes = {scene["file_name"]: scene["objects"] for scene in world.load_scenes().values()}
+    margin = world.relation_margin
+    objects_of = [scenes[Path(path).name] for path in result["image_paths"]]
+    shape = (len(result["query_captions"]), len(objects_of))
+    objects, relations, relational = np.zeros(shape, bool), np.zeros(shape, bool), np.zeros(shape[0], bool)
+    for q, caption in enumerate(result["query_captions"]):
+        for i, scene in enumerate(objects_of):
+            holds = caption_holds(caption, scene, margin)
+            if holds is None:
+                raise ValueError(f"caption {caption!r} is not one of the Shapes world's: no scene check for it")
+            objects[q, i] = holds[0]
+            relations[q, i] = holds[0] and holds[1] is not False
+            relational[q] = holds[1] is not None
+    return scene_retrieval_scores(result["rankings"], objects, relations, relational)
