@@ -213,6 +213,8 @@ def test_eval_command_names_a_wrong_image_root(trained, shapes_root, capsys):
             "test",
             "--num-workers",
             "0",
+            "--images",
+            str(shapes_root),  # the world's root, not its images/ (which it finds without --images)
         ]
     )
     assert code == 2
