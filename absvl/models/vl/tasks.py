@@ -88,8 +88,7 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         target_objects: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_maps: bool = False,
-        prior_only: bool = False,
-    ) -> AbsVLQuestionAnsweringOutput | AbsVLModelOutput:
+    ) -> AbsVLQuestionAnsweringOutput:
         """The encoder's forward (see :meth:`AbsVLModel.forward`) and the answer logits. ``labels``: ``[B,
         num_answers]`` soft VQA scores → ``losses["vqa"]``; ``return_loss`` defaults to whether they are given."""
         return_loss = labels is not None if return_loss is None else return_loss
@@ -102,10 +101,7 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
             target_objects,
             return_loss=return_loss,
             return_maps=return_maps,
-            prior_only=prior_only,
         )
-        if prior_only:
-            return out
         logits = self.vqa_head(out.pooled)
         losses = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
         losses.update(out.losses)

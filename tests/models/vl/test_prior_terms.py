@@ -106,7 +106,7 @@ def test_prior_losses_leave_out_terms_of_weight_zero(make_model, make_batch):
 
 
 def test_prior_only_forward(make_model, make_batch):
-    model = make_model("absvit_test_patch8", prior_object_weight=0.5).train()
+    model = make_model("absvit_test_patch8", task=None, prior_object_weight=0.5).train()
     model.text_encoder.eval()  # no dropout: the two forwards below compare
     batch = make_batch(model, questions=DUPLICATED)
     patch_objects, target_objects = _objects(model)
@@ -115,7 +115,7 @@ def test_prior_only_forward(make_model, make_batch):
     inputs = (batch["images"], batch["input_ids"], batch["attention_mask"])
     out = model(*inputs, **kwargs, prior_only=True)
     assert set(out.losses) == {"prior", "prior_objects"}
-    assert "vqa_logits" not in out and out.pooled is None  # no second pass, no fusion
+    assert out.pooled is None  # no second pass, no fusion
     assert "top_down" not in out.vision.maps
     # the same terms as the full forward's (the prior reads the first pass either way)
     full = model(*inputs, **kwargs, return_loss=True)
@@ -138,11 +138,11 @@ def test_prior_only_forward(make_model, make_batch):
     assert model.prior.proj.weight.grad.abs().sum() > 0
     torch.testing.assert_close(frozen.loss, out.loss)
     # nothing to compute: an error, not a zero loss
-    none = make_model("absvit_test_patch8", prior_loss_weight=0.0, prior_object_weight=1.0)
+    none = make_model("absvit_test_patch8", task=None, prior_loss_weight=0.0, prior_object_weight=1.0)
     with pytest.raises(ValueError, match="prior_only"):
         none(*inputs, prior_only=True)
     # the paper's z_L form needs the second pass, which prior_only skips
-    second = make_model("absvit_test_patch8", prior_visual="top_down")
+    second = make_model("absvit_test_patch8", task=None, prior_visual="top_down")
     with pytest.raises(ValueError, match="prior_visual=top_down"):
         second(*inputs, prior_only=True)
 
