@@ -86,6 +86,7 @@ def peak_tflops(device_name: str) -> float | None:
 def _shapes_world(root: Path, num_images: int, image_size: int) -> Path:
     from absvl.data.shapes import ensure_shapes
 
+    root.parent.mkdir(parents=True, exist_ok=True)  # the generator writes into an existing folder's child
     ensure_shapes(root, num_images=num_images, image_size=image_size, seed=0, splits=(("train2014", 1.0),))
     return root
 

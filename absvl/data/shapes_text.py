@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from .shapes_scene import COLORS, RELATIONS, SHAPES, SIZES, relation
 __all__ = [
     "BALANCE_GROUP",
     "FAMILIES",
+    "caption_check",
     "caption_holds",
     "captions",
     "human_answers",
@@ -244,31 +245,50 @@ def _in_order(objects: list[dict], descs: list[tuple], axis: int) -> bool:
     return place(0, frozenset(), float("-inf"))
 
 
-def caption_holds(caption: str, objects: list[dict], margin: float) -> tuple[bool, bool | None] | None:
-    """Whether a scene satisfies a caption of the world's language (``captions``): (every named object present,
-    its relation right — the pair relation of "A left of B", the order of "from left to right: A, B, C" —
-    or None for a caption that names no relation). None for a text the world's captions never take."""
+Check = Callable[[list[dict], float], tuple[bool, bool | None]]
+
+
+def caption_check(caption: str) -> Check | None:
+    """The caption of the world's language (``captions``) parsed once, as a check of any scene: ``check(objects,
+    margin)`` says (every named object present, its relation right — the pair relation of "A left of B", the order
+    of "from left to right: A, B, C" — or None for a caption that names no relation). None for a text the world's
+    captions never take."""
     text = caption.strip().lower().rstrip(".")
     text = re.sub(r" on an? \w+ background$", "", text)
     text = re.sub(r"^\w+ shapes: ", "", text)  # "three shapes: ..." lists them
-    for prefix, axis in _ORDERS.items():
-        if text.startswith(prefix):
-            mentions = _mentions(text[len(prefix) :])
-            if mentions is None:
-                return None
+    order = next(((prefix, axis) for prefix, axis in _ORDERS.items() if text.startswith(prefix)), None)
+    if order is not None:
+        prefix, axis = order
+        mentions = _mentions(text[len(prefix) :])
+        if mentions is None:
+            return None
+        descs = [desc for count, desc in mentions for _ in range(count)]
+
+        def ordered(objects: list[dict], margin: float) -> tuple[bool, bool | None]:
             present = _present(objects, mentions)
-            descs = [desc for count, desc in mentions for _ in range(count)]
             return present, present and _in_order(objects, descs, axis)
-    for rel in RELATIONS:
-        if f" {rel} " in text:
-            left, right = (_mentions(part) for part in text.split(f" {rel} ", 1))
-            if not left or not right or len(left) != 1 or len(right) != 1:
-                return None
-            (_, a), (_, b) = left[0], right[0]
+
+        return ordered
+    rel = next((rel for rel in RELATIONS if f" {rel} " in text), None)
+    if rel is not None:
+        left, right = (_mentions(part) for part in text.split(f" {rel} ", 1))
+        if not left or not right or len(left) != 1 or len(right) != 1:
+            return None
+        (_, a), (_, b) = left[0], right[0]
+
+        def related(objects: list[dict], margin: float) -> tuple[bool, bool | None]:
             pairs = [(x, y) for x in objects for y in objects if x is not y and _matches(x, a) and _matches(y, b)]
             return bool(pairs), any(relation(x, y, rel, margin) for x, y in pairs)
+
+        return related
     mentions = _mentions(text)
-    return None if mentions is None else (_present(objects, mentions), None)
+    return None if mentions is None else lambda objects, margin: (_present(objects, mentions), None)
+
+
+def caption_holds(caption: str, objects: list[dict], margin: float) -> tuple[bool, bool | None] | None:
+    """``caption_check(caption)`` applied to one scene; None for a text outside the world's language."""
+    check = caption_check(caption)
+    return None if check is None else check(objects, margin)
 
 
 def tokens(text: str) -> list[str]:

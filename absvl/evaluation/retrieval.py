@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data.captions import CaptionedImage, check_caption_images, load_captions
 from ..data.image_files import ImageFiles, collate_image_files
 from ..data.loaders import make_loader, process_share
-from ..data.shapes_text import caption_holds
+from ..data.shapes_text import caption_check
 from ..data.shapes_world import ShapesWorld
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
 from ..metrics.scene_retrieval import scene_retrieval_scores
@@ -292,17 +292,18 @@ def evaluate_retrieval_model(
 
 def shapes_scene_scores(result: dict[str, Any], world: ShapesWorld) -> dict[str, Any]:
     """``scene_retrieval_scores`` of an ``evaluate_retrieval(..., keep_rankings=True)`` result on a Shapes world's
-    images: each caption against every evaluated image's scene (``caption_holds``)."""
+    images: each caption against every evaluated image's scene (``caption_check``)."""
     scenes = {scene["file_name"]: scene["objects"] for scene in world.load_scenes().values()}
     margin = world.relation_margin
     objects_of = [scenes[Path(path).name] for path in result["image_paths"]]
     shape = (len(result["query_captions"]), len(objects_of))
     objects, relations, relational = np.zeros(shape, bool), np.zeros(shape, bool), np.zeros(shape[0], bool)
     for q, caption in enumerate(result["query_captions"]):
+        check = caption_check(caption)  # parsed once, checked against every scene
+        if check is None:
+            raise ValueError(f"caption {caption!r} is not one of the Shapes world's: no scene check for it")
         for i, scene in enumerate(objects_of):
-            holds = caption_holds(caption, scene, margin)
-            if holds is None:
-                raise ValueError(f"caption {caption!r} is not one of the Shapes world's: no scene check for it")
+            holds = check(scene, margin)
             objects[q, i] = holds[0]
             relations[q, i] = holds[0] and holds[1] is not False
             relational[q] = holds[1] is not None

@@ -107,13 +107,24 @@ class Task(Protocol):
         shut), said at the end of training; None when all is well."""
 
 
-def processes_with_data(accelerator: Accelerator, size: int) -> int:
-    """How many processes' micro-batches hold a readable item (``size`` is this process's count); the same
-    number on every process."""
+def agreement_group(accelerator: Accelerator) -> Any:
+    """A process group that agrees on host-side facts (how many processes have data) on the CPU: the default one
+    under gloo, else a gloo group beside NCCL, so that agreeing never waits for the GPU. None for one process."""
     if accelerator.num_processes == 1:
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo")  # every process calls this at the same point
+
+
+def processes_with_data(size: int, group: Any) -> int:
+    """How many processes' micro-batches hold a readable item (``size`` is this process's count; ``group`` from
+    :func:`agreement_group`, None for one process); the same number on every process."""
+    if group is None:
         return int(size > 0)
-    has = torch.tensor([1 if size else 0], device=accelerator.device)
-    return int(accelerator.reduce(has, reduction="sum").item())
+    has = torch.tensor([1 if size else 0])
+    torch.distributed.all_reduce(has, group=group)
+    return int(has.item())
 
 
 def train_step(
@@ -124,6 +135,7 @@ def train_step(
     batch: dict[str, Any],
     max_grad_norm: float,
     stand_in: Callable[[], dict[str, Any]],
+    group: Any = None,
 ) -> torch.Tensor | None:
     """One micro-step: loss, backward, clipping and the optimizer step when gradients sync; returns the loss.
 
@@ -132,9 +144,9 @@ def train_step(
     no gradient accumulated; the next micro-batch takes its place. Where only some processes have items, the
     others run ``stand_in()`` at loss weight 0 (the same forward and gradient all-reduce as everyone, no gradient
     of their own; their buffers, e.g. BatchNorm statistics, are put back) and the step averages the gradients of
-    the processes with items.
+    the processes with items. ``group``: :func:`agreement_group` (None for one process).
     """
-    with_data = processes_with_data(accelerator, task.batch_size(batch))
+    with_data = processes_with_data(task.batch_size(batch), group)
     if with_data == 0:
         return None
     mine = task.batch_size(batch) > 0
@@ -358,6 +370,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
         task.param_groups(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=accelerator.device.type == "cuda"
     )
     model, optimizer = accelerator.prepare(task.model, optimizer)
+    group = agreement_group(accelerator)
     unwrapped = accelerator.unwrap_model(model)
 
     micro_batches = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
@@ -432,7 +445,7 @@ def run_training(config: Any, task: Task, notify: Callable[[str], Any] | None = 
             batch = to_device(batch, accelerator.device)
             size = task.batch_size(batch)
             task.diagnose = (state["step"] + 1) % t.log_every == 0 or state["step"] + 1 == total_steps
-            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in)
+            loss = train_step(accelerator, model, optimizer, task, batch, t.max_grad_norm, stand_in, group)
             state["batches_in_epoch"] += 1
             if loss is None:
                 state["skipped_steps"] += 1

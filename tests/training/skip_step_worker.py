@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from absvl.training.loop import train_step
+from absvl.training.loop import agreement_group, train_step
 
 
 class RegressionTask:
@@ -44,8 +44,10 @@ def main(out: Path) -> None:
     def batch(n):
         return {"x": torch.randn(n, 4, generator=data), "y": torch.randn(n, generator=data)}
 
+    group = agreement_group(accelerator)
+
     def step(n):
-        return train_step(accelerator, model, optimizer, task, batch(n), 1.0, lambda: batch(4))
+        return train_step(accelerator, model, optimizer, task, batch(n), 1.0, lambda: batch(4), group)
 
     first = step(4)
     before = state(model, optimizer)

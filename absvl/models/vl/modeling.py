@@ -328,6 +328,14 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             for k, v in losses.items()
         }
 
+    def with_task_loss(
+        self, out: AbsVLModelOutput, task_loss: dict[str, torch.Tensor], return_loss: bool
+    ) -> dict[str, Any]:
+        """The fields of an encoder output with a task model's loss term first among ``losses`` and ``loss`` the
+        weighted sum of them all (when ``return_loss``): what the task models return."""
+        losses = {**task_loss, **out.losses}
+        return {**out, "losses": losses, "loss": self.total_loss(losses) if return_loss else None}
+
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss: the weighted terms summed in their order."""
         return sum(self.weighted_losses(losses).values())

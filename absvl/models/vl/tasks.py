@@ -103,12 +103,8 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
             return_maps=return_maps,
         )
         logits = self.vqa_head(out.pooled)
-        losses = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
-        losses.update(out.losses)
-        return AbsVLQuestionAnsweringOutput(
-            **{**out, "loss": self.total_loss(losses) if return_loss else None, "losses": losses},
-            vqa_logits=logits,
-        )
+        task_loss = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
+        return AbsVLQuestionAnsweringOutput(**self.with_task_loss(out, task_loss, return_loss), vqa_logits=logits)
 
 
 class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
@@ -157,12 +153,8 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
             images, input_ids, attention_mask, prior_positive, return_loss=return_loss, return_maps=return_maps
         )
         logits = self.itm_head(out.pooled)
-        losses = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}
-        losses.update(out.losses)
-        return AbsVLRetrievalOutput(
-            **{**out, "loss": self.total_loss(losses) if return_loss else None, "losses": losses},
-            itm_logits=logits,
-        )
+        task_loss = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}
+        return AbsVLRetrievalOutput(**self.with_task_loss(out, task_loss, return_loss), itm_logits=logits)
 
     def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` probability that each (image, text) pair matches."""

@@ -2,27 +2,13 @@
 
 import json
 
-import torch
-
 from absvl.cli import main
 from absvl.evaluation.retrieval import evaluate_retrieval_model
-from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval
 
 
-def test_a_shapes_caption_file_gets_scene_true_scores(shapes_root, tmp_path, capsys):
-    torch.manual_seed(0)
-    config = AbsVLConfig(
-        backbone="absvit_test_patch8",
-        backbone_kwargs={"img_size": 32},
-        text_encoder=str(shapes_root / "text_encoder"),
-        fusion_hidden_size=32,
-        fusion_layers=1,
-        fusion_heads=2,
-        max_text_len=24,
-    )
-    AbsVLForRetrieval(config).save_pretrained(tmp_path / "model")
+def test_a_shapes_caption_file_gets_scene_true_scores(model_dir, shapes_root, tmp_path, capsys):
     captions = shapes_root / "dataset_shapes.json"
-    result = evaluate_retrieval_model(tmp_path / "model", captions, "test", rerank_k=2, num_workers=0)
+    result = evaluate_retrieval_model(model_dir, captions, "test", rerank_k=2, num_workers=0)
     scene = result["scene"]
     assert set(scene["rankings"]) == {"contrastive", "reranked"} and scene["queries"] == result["captions"]
     for checks in (*scene["rankings"].values(), scene["oracle"]):
@@ -33,25 +19,8 @@ def test_a_shapes_caption_file_gets_scene_true_scores(shapes_root, tmp_path, cap
     assert "rankings" not in result and "image_paths" not in result  # the result stays JSON
 
     out = tmp_path / "recall.json"
-    assert (
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--model",
-                str(tmp_path / "model"),
-                "--data",
-                str(captions),
-                "--k",
-                "2",
-                "--num-workers",
-                "0",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    args = f"eval retrieval --model {model_dir} --data {captions} --k 2 --num-workers 0 --out {out}"
+    assert main(args.split()) == 0
     printed = capsys.readouterr().out
     assert (
         "scene-true precision of the caption → image hits" in printed
