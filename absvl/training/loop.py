@@ -146,10 +146,10 @@ def train_step(
     of their own; their buffers, e.g. BatchNorm statistics, are put back) and the step averages the gradients of
     the processes with items. ``group``: :func:`agreement_group` (None for one process).
     """
-    with_data = processes_with_data(task.batch_size(batch), group)
+    mine = task.batch_size(batch) > 0
+    with_data = processes_with_data(int(mine), group)
     if with_data == 0:
         return None
-    mine = task.batch_size(batch) > 0
     unwrapped = accelerator.unwrap_model(model)
     kept = None if mine else {name: b.detach().clone() for name, b in unwrapped.named_buffers()}
     with accelerator.accumulate(model):
