@@ -78,6 +78,9 @@ def main(out: Path) -> None:
         "adamw_steps": sorted({float(v) for k, v in final.items() if k.endswith("/step")}),
     }
     (out / f"{rank}.json").write_text(json.dumps(report))
+    # a gloo group left alive at interpreter exit can abort the process ("terminate called without an active
+    # exception"): tear it down as the trainer does
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
