@@ -268,10 +268,13 @@ def _cmd_predict_vqa_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from .data.check import check_vqa
+    from .data.check import check_dataset
 
+    kind = None if args.kind == "auto" else args.kind
     try:
-        report = check_vqa(args.path, splits=args.splits, answers=args.answers, progress=True, images=args.images)
+        report = check_dataset(
+            args.path, kind, args.splits, args.answers, args.images, dict(args.column) or None, progress=True
+        )
     except ValueError as exc:  # an unknown split name
         print(f"absvl data check: {exc}", file=sys.stderr)
         return 2
@@ -442,14 +445,36 @@ def _add_predict_commands(sub: argparse._SubParsersAction) -> None:
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     """``absvl data check|shapes``."""
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="task", metavar="TASK", required=True)
-    p = data.add_parser("check", help="validate a VQAv2-format dataset (non-zero exit on errors)")
-    p.add_argument("path", help="dataset root")
+    p = data.add_parser(
+        "check",
+        help="validate a VQAv2-format or caption dataset, a folder or a Hugging Face dataset (non-zero exit on errors)",
+        description="Read a dataset as training reads it, open every image, and report counts per split, "
+        "missing/unreadable images and malformed entries. PATH: a VQAv2 root; a Karpathy caption file "
+        "(.json); or a Hugging Face dataset (Hub id, repository folder, parquet/arrow files, save_to_disk "
+        "folder). --kind auto: a .json file is captions, a folder with VQAv2 questions files VQA, a Hugging "
+        "Face dataset captions when it has a caption column (captions, caption, sentences, text, raw) and no "
+        "question column, else VQA.",
+    )
+    p.add_argument("path", help="VQAv2 root, Karpathy caption file, or Hugging Face dataset (Hub id or local)")
+    p.add_argument(
+        "--kind", choices=("auto", "vqa", "captions"), default="auto", help="what the dataset is (default: auto)"
+    )
     p.add_argument("--splits", nargs="*", help="splits to check (default: all present)")
-    p.add_argument("--answers", help="answers.json of a model: report answers outside it")
+    p.add_argument("--answers", help="answers.json of a model: report answers outside it (VQA)")
     p.add_argument(
         "--images",
         metavar="DIR",
-        help="image folder holding train2014/ val2014/ test2015/ when not under the dataset root (as data.images)",
+        help="image folder holding train2014/ val2014/ test2015/ (captions: filepath/filename; Hugging Face: "
+        "relative image paths) when not under the dataset root (as data.images)",
+    )
+    p.add_argument(
+        "--column",
+        type=_field_column,
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="Hugging Face: the dataset's column for a field it names otherwise, e.g. --column captions=sentences; "
+        "repeatable (as data.hf_columns)",
     )
     p.set_defaults(func=_cmd_data_check)
     p = data.add_parser("shapes", help="generate the Shapes world (VQAv2 + Karpathy formats, tiny text encoder)")

@@ -37,6 +37,7 @@ HF_CAPTION_COLUMNS = {
     "captions": ("captions", "caption", "sentences", "text", "raw"),
     "split": ("split",),
     "image_id": ("image_id", "imgid", "img_id", "cocoid"),
+    "folder": ("filepath",),  # Karpathy's filepath: a path in ``image`` is folder/image
 }
 # the Karpathy split each dataset split name (or ``split`` column value) stands for
 _HF_SPLITS = {
@@ -71,6 +72,11 @@ def _caption_list(value: Any) -> tuple[str, ...] | None:
     if not raws or not all(isinstance(r, str) and r.strip() for r in raws):
         return None
     return tuple(r.strip() for r in raws)
+
+
+def _image_path(folder: Any, filename: str) -> str:
+    """A Karpathy image's path relative to the image root: ``filepath/filename``, or ``filename``."""
+    return f"{folder}/{filename}" if folder else filename
 
 
 def _check_splits(splits: Sequence[str]) -> None:
@@ -124,8 +130,8 @@ def load_karpathy(
             continue
         if entry["split"] not in splits:
             continue
-        folder = root / entry["filepath"] if entry.get("filepath") else root
-        images.append(CaptionedImage(entry["imgid"], folder / entry["filename"], captions, entry["split"]))
+        image = root / _image_path(entry.get("filepath"), entry["filename"])
+        images.append(CaptionedImage(entry["imgid"], image, captions, entry["split"]))
     issues.raise_if_any(f"the caption file {path}")
     if not images:
         raise ValueError(f"{path} has no image in split(s) {', '.join(splits)}")
@@ -174,12 +180,13 @@ def load_captions_hf(
             built in memory has a new fingerprint in every process, so only loaded ones are reused).
 
     Fields: ``image`` (an ``Image`` feature, encoded bytes or a path), ``captions`` (a caption, a
-    list of them or Karpathy ``sentences``), optional ``split`` and ``image_id`` (an integer or its
-    digits). The rows of one image (one ``image_id``; without that column, one image path or the
-    same bytes) are one item with all their captions: one row per image and one row per caption
-    both work. Rows without an image are left out and counted in the log; files that cannot be
-    read are skipped while loading batches. Malformed rows raise a ``ValueError`` naming the
-    dataset, the row and the column.
+    list of them or Karpathy ``sentences``), optional ``split``, ``image_id`` (an integer or its
+    digits) and ``folder`` (the Karpathy layout's ``filepath`` beside ``filename``: a path in
+    ``image`` is then ``folder/image``, as in the caption file). The rows of one image (one
+    ``image_id``; without that column, one image path or the same bytes) are one item with all
+    their captions: one row per image and one row per caption both work. Rows without an image
+    are left out and counted in the log; files that cannot be read are skipped while loading
+    batches. Malformed rows raise a ``ValueError`` naming the dataset, the row and the column.
     """
     import datasets
 
@@ -259,6 +266,10 @@ def _hf_caption_rows(
     ids = [
         int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in meta.get("image_id", range(len(dataset)))
     ]
+    if "folder" in names and getattr(dataset.features["image"], "dtype", None) in ("string", "large_string"):
+        paths = dataset.select_columns(["folder", "image"]).to_dict()
+        joined = [f and _image_path(d, f) for d, f in zip(paths["folder"], paths["image"])]
+        dataset = dataset.remove_columns("image").add_column("image", joined)
     files = hf.image_refs(dataset, "image", roots, source, ids, "image_id")
     rows = []
     for row, (path, data) in enumerate(files):

@@ -18,6 +18,7 @@ SPLIT_NAMES = {
     "val": ("val", "validation", "valid", "val2014"),
     "test-dev": ("test-dev", "testdev", "test_dev", "test-dev2015", "testdev2015"),
     "test": ("test", "test2015"),
+    "restval": ("restval",),  # Karpathy's COCO split (the caption datasets' restval-*.parquet)
 }
 
 
