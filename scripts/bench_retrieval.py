@@ -10,15 +10,25 @@ this run and given as a ratio to Flat: build time (train + add), memory (``faiss
 bytes), queries/s (all queries in one batched call, all threads) and recall@k vs exact.
 Goal (BENCHMARKS.md): ≥ 5,000 queries/s at recall@10 ≥ 0.95 on 1M vectors, 2 CPU cores.
 
+The row marked "absvl default" is the index ``absvl index build`` picks at this N (``choose_factory``),
+built as it builds it (``fill_index`` over an ``.npy`` of the vectors) and with the recall@10 it
+prints at build (its own vectors as queries) beside the one on fresh queries. Then ``--latency-queries``
+queries are searched **one per call**, as ``absvl search`` does, on Flat and on that index, the two
+alternating query by query: p50/p99 ms per query, recall@k beside them.
+
     python scripts/bench_retrieval.py                       # 100k × 256, < 10 min on 2 cores
     python scripts/bench_retrieval.py --n 1000000           # the goal run (HNSW build: several minutes)
     python scripts/bench_retrieval.py --n 20000 --e2e       # + end-to-end latency through Retriever
+    python scripts/bench_retrieval.py --n 1000000 --queries 2000 --ivf-codes --hnsw-m   # Flat + the default only
 
 ``--e2e`` also times ``Retriever`` (text encoding + search, with and without top-down re-ranking of
 K=10/50 candidates) with a tiny untrained model on an index of generated Shapes images. Re-ranking
 is timed against the per-pair baseline (``per_pair_rerank``: a full two-pass forward per
 (query, candidate) pair, as ``Retriever`` did before it shared each image's first pass), one query
-at a time and for a batch of ``--e2e-batch`` queries through ``search_batch``.
+at a time and for a batch of ``--e2e-batch`` queries through ``search_batch``. For one query
+re-ranking its top 10 / 50, the time of each call is split as ``Retriever.last_timings`` records it:
+the first pass (ξ text encoding + FAISS search) and the re-rank (candidate decoding, their bottom-up
+pass, the top-down pass under the query and ITM); p50/p99 of each and their share of the total.
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from absvl.retrieval.faiss_backend import ivf_nlist, new_faiss_index
+from absvl.retrieval import vectors as absvl_vectors
+from absvl.retrieval.faiss_backend import choose_factory, ivf_nlist, new_faiss_index
+from absvl.retrieval.vectors import fill_index, recall_with
 
 
 def clustered_embeddings(
@@ -121,7 +133,6 @@ def bench_ann(args: argparse.Namespace) -> list[dict]:
     truth, qps = timed_search(flat, queries, args.k)
     rows.append({"config": "Flat (exact)", "build_s": build, "bytes": index_bytes(flat), "qps": qps, "recall": 1.0})
     print(f"  Flat: {qps:,.0f} queries/s", file=sys.stderr, flush=True)
-    del flat
 
     for nlist in args.nlist or [ivf_nlist(args.n), 4 * ivf_nlist(args.n)]:
         if args.n < 39 * nlist:
@@ -182,17 +193,92 @@ def bench_ann(args: argparse.Namespace) -> list[dict]:
                 f"  {rows[-1]['config']}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f}", file=sys.stderr, flush=True
             )
         del index
+    bench_default(args, database, queries, truth, flat, rows)
     return rows
 
 
+def bench_default(
+    args: argparse.Namespace, database: np.ndarray, queries: np.ndarray, truth: np.ndarray, flat, rows: list[dict]
+) -> None:
+    """The index ``absvl index build`` picks at this N, built as it builds it: a row of the table, then
+    single-query p50/p99 against Flat (appended to ``rows`` as ``latency``)."""
+    factory, params = choose_factory(args.n, args.dim)
+    label = " ".join([factory, *(f"{k}={v}" for k, v in params.items())]) + " (absvl default)"
+    default = None
+    if args.train_per_list:  # fewer k-means training vectors than absvl's (a cheaper build, same structure)
+        absvl_vectors.MAX_TRAIN_PER_CENTROID = args.train_per_list
+        label += f" trained on {args.train_per_list}/list"
+    if factory != "Flat":
+        with tempfile.TemporaryDirectory() as tmp:
+            vectors = Path(tmp) / "embeddings.npy"
+            np.save(vectors, database)
+            print(f"  {label}: building as `absvl index build` does ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            default, factory, params = fill_index(None, args.dim, [vectors], [])
+            build = time.perf_counter() - start
+            build_recall = recall_with(default, params, vectors)  # what `absvl index build` prints
+        ids, qps = timed_search(default, queries, args.k)
+        rows.append(
+            {
+                "config": label,
+                "build_s": build,
+                "bytes": index_bytes(default),
+                "qps": qps,
+                "recall": recall_at_k(ids, truth, args.k),
+                "build_recall": build_recall,
+            }
+        )
+        print(
+            f"  {label}: {qps:,.0f} q/s, recall {rows[-1]['recall']:.3f} "
+            f"(at build, on its own vectors: {build_recall:.4f})",
+            file=sys.stderr,
+            flush=True,
+        )
+    if args.latency_queries < 1:
+        return
+    calls = [queries[i : i + 1] for i in range(min(args.latency_queries, len(queries)))]
+    indexes = [("Flat (exact)", flat)] + ([(label, default)] if default is not None else [])
+    timings = interleaved_latencies([lambda q, index=index: index.search(q, args.k) for _, index in indexes], calls)
+    recalls = [1.0] + ([rows[-1]["recall"]] if default is not None else [])
+    rows.append(
+        {
+            "latency": [
+                {"config": name, "p50_ms": t[0], "p95_ms": t[1], "p99_ms": t[2], "recall": r}
+                for (name, _), t, r in zip(indexes, timings, recalls)
+            ],
+            "calls": len(calls),
+        }
+    )
+
+
+def print_latency(latency: dict, args: argparse.Namespace) -> None:
+    """The single-query table: p50/p99 per call and recall@k, ratio to Flat."""
+    print(
+        f"\none query per call (as `absvl search`), {latency['calls']:,} queries, k={args.k}, "
+        f"Flat and the default alternating query by query"
+    )
+    width = max(34, *(len(r["config"]) for r in latency["latency"]))
+    header = f"{'index':{width}s} {'p50 ms':>8s} {'p99 ms':>8s} {'× Flat p50':>10s} {'recall@' + str(args.k):>10s}"
+    print(header)
+    print("-" * len(header))
+    base = latency["latency"][0]["p50_ms"]
+    for r in latency["latency"]:
+        print(
+            f"{r['config']:{width}s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {base / r['p50_ms']:10.1f} {r['recall']:10.3f}"
+        )
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    latency = [r for r in rows if "latency" in r]
+    rows = [r for r in rows if "latency" not in r]
     base = rows[0]
     print(
         f"\n{args.n:,} vectors × {args.dim}, {args.queries:,} queries, k={args.k}, "
         f"{faiss.omp_get_max_threads()} threads, faiss {faiss.__version__}, {platform.processor() or platform.machine()}"
     )
+    width = max(34, *(len(r["config"]) for r in rows))
     header = (
-        f"{'configuration':34s} {'build s':>8s} {'×':>6s} {'MB':>8s} {'×':>5s} {'queries/s':>10s} {'×':>7s} "
+        f"{'configuration':{width}s} {'build s':>8s} {'×':>6s} {'MB':>8s} {'×':>5s} {'queries/s':>10s} {'×':>7s} "
         f"{'recall@' + str(args.k):>10s}  goal"
     )
     print(header)
@@ -200,7 +286,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         ok = r["qps"] >= args.goal_qps and r["recall"] >= args.goal_recall
         print(
-            f"{r['config']:34s} {r['build_s']:8.1f} {r['build_s'] / base['build_s']:6.1f} {r['bytes'] / 2**20:8.1f} "
+            f"{r['config']:{width}s} {r['build_s']:8.1f} {r['build_s'] / base['build_s']:6.1f} {r['bytes'] / 2**20:8.1f} "
             f"{r['bytes'] / base['bytes']:5.2f} {r['qps']:10,.0f} {r['qps'] / base['qps']:7.1f} {r['recall']:10.3f}  "
             f"{'yes' if ok else ''}"
         )
@@ -219,6 +305,13 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         )
     if args.n != 1_000_000:
         print("(the goal is stated for N = 1,000,000: run with --n 1000000 for the verdict)")
+    for r in rows:
+        if "build_recall" in r:
+            print(
+                f"{r['config']}: recall@{args.k} printed at build (its own vectors as queries) {r['build_recall']:.4f}"
+            )
+    for table in latency:
+        print_latency(table, args)
 
 
 def per_pair_rerank(retriever, queries: list[str], depth: int, batch_size: int = 32) -> list[list[int]]:
@@ -240,9 +333,14 @@ def per_pair_rerank(retriever, queries: list[str], depth: int, batch_size: int =
     return ranked
 
 
-def interleaved_latencies(runs: list, calls: list) -> list[tuple[float, float, float]]:
-    """(median ms, p95 ms, calls/s) of each ``run(call)`` over ``calls``, after one warm-up call each; the
-    runs alternate call by call, so that a change in the machine's load hits them alike."""
+def percentile(times: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``times``, nearest rank below."""
+    return sorted(times)[int(q * (len(times) - 1))]
+
+
+def interleaved_latencies(runs: list, calls: list) -> list[tuple[float, float, float, float]]:
+    """(median ms, p95 ms, p99 ms, calls/s) of each ``run(call)`` over ``calls``, after one warm-up call
+    each; the runs alternate call by call, so that a change in the machine's load hits them alike."""
     latencies: list[list[float]] = [[] for _ in runs]
     for run in runs:
         run(calls[0])
@@ -251,12 +349,28 @@ def interleaved_latencies(runs: list, calls: list) -> list[tuple[float, float, f
             start = time.perf_counter()
             run(call)
             times.append(1000 * (time.perf_counter() - start))
-    return [(statistics.median(t), sorted(t)[int(0.95 * (len(t) - 1))], 1000 / statistics.mean(t)) for t in latencies]
+    return [
+        (statistics.median(t), percentile(t, 0.95), percentile(t, 0.99), 1000 / statistics.mean(t)) for t in latencies
+    ]
+
+
+def phase_shares(recorded: list[dict[str, float]]) -> dict[str, float]:
+    """p50/p99 ms of each phase of ``Retriever.last_timings`` and its share of the summed time."""
+    total = sum(t["search"] + t["rerank"] for t in recorded)
+    out = {}
+    for phase in ("search", "rerank"):
+        times = [1000 * t[phase] for t in recorded]
+        out |= {
+            f"{phase}_p50_ms": statistics.median(times),
+            f"{phase}_p99_ms": percentile(times, 0.99),
+            f"{phase}_share": sum(times) / 1000 / total,
+        }
+    return out
 
 
 def bench_e2e(args: argparse.Namespace) -> dict:
-    """Median / p95 latency of ``Retriever.search`` (one query at a time) on a Shapes index, and of
-    re-ranking against the per-pair baseline."""
+    """Median / p95 / p99 latency of ``Retriever.search`` (one query at a time) on a Shapes index, of
+    re-ranking against the per-pair baseline, and the first pass / re-rank split of one query's call."""
     import torch
 
     from absvl.data.shapes import ensure_shapes
@@ -288,9 +402,18 @@ def bench_e2e(args: argparse.Namespace) -> dict:
             f"index {report.factory} built in {report.seconds:.1f} s ({report.images_per_second:.0f} images/s); "
             f"{len(queries)} caption queries, one at a time, k=10"
         )
-        print(f"{'mode':34s} {'median ms':>10s} {'p95 ms':>8s} {'queries/s':>10s} {'× baseline':>10s}", flush=True)
+        print(
+            f"{'mode':34s} {'median ms':>10s} {'p95 ms':>8s} {'p99 ms':>8s} {'queries/s':>10s} {'× baseline':>10s}",
+            flush=True,
+        )
         batches = [queries[i : i + args.e2e_batch] for i in range(0, len(queries), args.e2e_batch)]
         n = args.e2e_batch
+        phases: dict[int, list[dict[str, float]]] = {10: [], 50: []}  # last_timings of each one-query re-rank
+
+        def reranked(query: str, depth: int) -> None:
+            retriever.search(query, k=10, rerank=depth)
+            phases[depth].append(dict(retriever.last_timings))
+
         groups = [(queries, 0, [("ξ search only", lambda q: retriever.search(q, k=10))])]
         for r in (10, 50):  # (calls, re-ranking depth, [(label, run)]): the baseline first, then ours
             groups.append(
@@ -299,7 +422,7 @@ def bench_e2e(args: argparse.Namespace) -> dict:
                     r,
                     [
                         (f"rerank={r} per pair (baseline)", lambda q, r=r: per_pair_rerank(retriever, [q], r)),
-                        (f"rerank={r}", lambda q, r=r: retriever.search(q, k=10, rerank=r)),
+                        (f"rerank={r}", lambda q, r=r: reranked(q, r)),
                     ],
                 )
             )
@@ -319,18 +442,34 @@ def bench_e2e(args: argparse.Namespace) -> dict:
         for calls, depth, group in groups:
             timings = interleaved_latencies([run for _, run in group], calls)
             per_call = len(calls[0]) if calls is batches else 1
-            for i, ((label, _), (median, p95, rate)) in enumerate(zip(group, timings)):
+            for i, ((label, _), (median, p95, p99, rate)) in enumerate(zip(group, timings)):
                 ratio = f"{timings[0][0] / median:.2f}" if i else ""
-                print(f"{label:34s} {median:10.2f} {p95:8.2f} {rate * per_call:10.1f} {ratio:>10s}", flush=True)
-                results[label] = {"median_ms": median, "p95_ms": p95}
+                print(
+                    f"{label:34s} {median:10.2f} {p95:8.2f} {p99:8.2f} {rate * per_call:10.1f} {ratio:>10s}",
+                    flush=True,
+                )
+                results[label] = {"median_ms": median, "p95_ms": p95, "p99_ms": p99}
             if calls is batches:
                 unique = len({h.id for hits in retriever.search_batch(batches[0], k=depth) for h in hits})
                 print(f"  ({unique} distinct images among the {depth * len(batches[0])} candidates of the first batch)")
         start = time.perf_counter()
         retriever.search_batch(queries, k=10)
         batched = len(queries) / (time.perf_counter() - start)
-        print(f"{'search_batch (no rerank)':24s} {'':10s} {'':8s} {batched:10.1f}")
+        print(f"{'search_batch (no rerank)':34s} {'':10s} {'':8s} {'':8s} {batched:10.1f}")
         results["search_batch_qps"] = batched
+        print(
+            "\none query re-ranked, each call split by Retriever.last_timings: first pass = ξ text encoding + "
+            "FAISS search; re-rank = candidate decoding + bottom-up + top-down pass + ITM"
+        )
+        print(
+            f"{'re-rank depth':14s} {'first pass p50/p99 ms':>22s} {'re-rank p50/p99 ms':>19s} {'first pass share':>17s}"
+        )
+        for depth, recorded in phases.items():
+            split = phase_shares(recorded[1:])  # the first call was the warm-up
+            first = f"{split['search_p50_ms']:.2f} / {split['search_p99_ms']:.2f}"
+            second = f"{split['rerank_p50_ms']:.2f} / {split['rerank_p99_ms']:.2f}"
+            print(f"{'top ' + str(depth):14s} {first:>22s} {second:>19s} {split['search_share']:16.1%}")
+            results[f"rerank={depth} phases"] = split
     return results
 
 
@@ -351,6 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-construction", type=int, default=40)
     p.add_argument("--ef-search", type=int, nargs="*", default=[16, 32, 64, 128, 256])
     p.add_argument("--threads", type=int, help="FAISS threads (default: all cores)")
+    p.add_argument(
+        "--latency-queries",
+        type=int,
+        default=500,
+        help="queries searched one per call on Flat and the default index for p50/p99 (default 500; 0: skip)",
+    )
+    p.add_argument(
+        "--train-per-list",
+        type=int,
+        help="train the default IVF on this many vectors per list (default: absvl's own, 256; FAISS needs ≥ 39)",
+    )
     p.add_argument("--goal-qps", type=int, default=5_000)
     p.add_argument("--goal-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ from .folder import EMBEDDINGS_FILE, INDEX_FILE, IndexFolder, partial_folder, wr
 from .identity import check_fingerprint, model_fingerprint, model_summary, resolve_model_source
 from .integrity import verify_checksums
 from .lock import process_group, writing
-from .shards import DEFAULT_SHARD_SIZE, drop_shards, embed_into_partial
+from .shards import DEFAULT_SHARD_SIZE, Embedded, drop_shards, embed_into_partial
 from .vectors import chunks, fill_index, open_rows, recall_with, write_embeddings
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class BuildReport:
         notes: remarks, e.g. a fallback to exact search for a collection too small to train on.
         recall_at_10: recall@10 of the FAISS index against exact search (:func:`measure_recall`;
             None when the index keeps no embeddings to measure against).
+        num_embedded: images this call read and embedded (shards resumed from an interrupted
+            build excluded; with several processes, this process's share).
+        embedding_seconds: wall time of that embedding pass (decoding included).
     """
 
     out: Path
@@ -109,23 +112,33 @@ class BuildReport:
     index_size: int = 0
     notes: list[str] = field(default_factory=list)
     recall_at_10: float | None = None
+    num_embedded: int = 0
+    embedding_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
+        """Images handled per second of the whole call (embedding, index training and filling, recall)."""
         return (self.num_indexed + len(self.skipped)) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def embedding_images_per_second(self) -> float:
+        """Embedding throughput: images read and embedded per second of the embedding pass."""
+        return self.num_embedded / self.embedding_seconds if self.embedding_seconds > 0 else 0.0
 
-def _helper_report(out: Path, done_paths: list[Path], total: int, skipped, start: float) -> BuildReport:
+
+def _helper_report(out: Path, embedded: Embedded, total: int, start: float) -> BuildReport:
     """What a process other than 0 returns: it embedded its shards; process 0 writes the index."""
     return BuildReport(
         out,
-        len(done_paths),
+        len(embedded.paths),
         total,
-        skipped,
+        embedded.skipped,
         "(written by process 0)",
         time.perf_counter() - start,
-        index_size=len(done_paths),
+        index_size=len(embedded.paths),
         notes=[f"process {process_group()[0]}: shards embedded"],
+        num_embedded=embedded.num_embedded,
+        embedding_seconds=embedded.seconds,
     )
 
 
@@ -174,7 +187,7 @@ def build_index(
         paths = _resolve_images(images)
         fingerprint = model_fingerprint(model)
         partial = partial_folder(out)
-        files, done_paths, skipped = embed_into_partial(
+        embedded = embed_into_partial(
             model,
             paths,
             partial,
@@ -187,12 +200,13 @@ def build_index(
             progress=progress,
             check_lock=lock.check,
         )
+        files, done_paths, skipped = embedded.files, embedded.paths, embedded.skipped
         if not done_paths:
             raise ValueError(
                 f"none of the {len(paths)} images could be read (first: {skipped[0][0]}: {skipped[0][1]}); nothing to index"
             )
         if process_group()[0] != 0:
-            return _helper_report(out, done_paths, len(paths), skipped, start)
+            return _helper_report(out, embedded, len(paths), start)
         dim = open_rows(files[0]).shape[1]
         write_embeddings(partial / EMBEDDINGS_FILE, files, dim)
         notes: list[str] = []
@@ -224,6 +238,8 @@ def build_index(
         index_size=len(done_paths),
         notes=notes,
         recall_at_10=recall,
+        num_embedded=embedded.num_embedded,
+        embedding_seconds=embedded.seconds,
     )
 
 
@@ -265,7 +281,7 @@ def add_to_index(
             )
         verify_checksums(folder, existing.meta, (INDEX_FILE, EMBEDDINGS_FILE))  # never carry damage over
         partial = partial_folder(folder)
-        files, new_paths, skipped = embed_into_partial(
+        embedded = embed_into_partial(
             model,
             paths,
             partial,
@@ -278,8 +294,9 @@ def add_to_index(
             progress=progress,
             check_lock=lock.check,
         )
+        files, new_paths, skipped = embedded.files, embedded.paths, embedded.skipped
         if process_group()[0] != 0:
-            return _helper_report(folder, new_paths, len(paths), skipped, start)
+            return _helper_report(folder, embedded, len(paths), start)
         index = to_gpu(existing.index) if gpu_available() else existing.index
         for _, vectors in chunks(files):
             index.add(vectors)
@@ -322,6 +339,8 @@ def add_to_index(
         total,
         notes=notes,
         recall_at_10=recall,
+        num_embedded=embedded.num_embedded,
+        embedding_seconds=embedded.seconds,
     )
 
 

@@ -44,6 +44,11 @@ def _print_report(verb: str, report) -> None:
         f"factory {report.factory}, {report.index_size} in the index, {report.seconds:.1f} s, "
         f"{report.images_per_second:.1f} images/s)"
     )
+    if report.num_embedded:
+        print(
+            f"  embedding: {report.num_embedded} images read and embedded in {report.embedding_seconds:.1f} s, "
+            f"{report.embedding_images_per_second:.1f} images/s"
+        )
     if report.recall_at_10 is not None:
         print(
             f"  recall@10 against exact search (up to 1,000 of the index's own vectors as queries): {report.recall_at_10:.4f}"

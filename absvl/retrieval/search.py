@@ -5,6 +5,7 @@ The bottom-up first pass depends on the image only: it runs once per candidate i
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ class Retriever:
         self.model = model.to(self.device).eval()
         self.index = index
         self.num_dropped = 0  # candidates dropped from re-ranking because their image was unreadable
+        # seconds of the last search_batch call: "search" (ξ text encoding + FAISS), "rerank" (0.0 without)
+        self.last_timings: dict[str, float] = {}
 
     @torch.no_grad()
     def encode_queries(self, queries: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -112,13 +115,16 @@ class Retriever:
         if not queries:
             return []
         depth = min(rerank if rerank else k, max(len(self.index), 1))
+        start = time.perf_counter()
         scores, ids = self.index.search(self.encode_queries(queries, batch_size), depth)
         results = [
             [SearchHit(0, int(i), self.index.path_of(i), float(s)) for s, i in zip(scores[q], ids[q]) if i >= 0]
             for q in range(len(queries))
         ]
+        searched = time.perf_counter()
         if rerank:
             results = self.rerank(queries, results, batch_size)
+        self.last_timings = {"search": searched - start, "rerank": time.perf_counter() - searched if rerank else 0.0}
         for hits in results:
             del hits[min(k, rerank) if rerank else k :]
             for rank, hit in enumerate(hits, 1):

@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ def _list_hash(paths: Sequence[Path]) -> str:
     return hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
 
 
+class Embedded(NamedTuple):
+    """What :func:`embed_into_partial` produced: all committed shards, and what this call embedded."""
+
+    files: list[Path]  # embedding files of every committed shard, in order
+    paths: list[Path]  # the embedded images, in row order
+    skipped: list[tuple[str, str]]  # (path, reason) of unreadable images
+    num_embedded: int  # images this process read in this call (resumed shards excluded)
+    seconds: float  # wall time of that reading and embedding
+
+
 def embed_into_partial(
     model: torch.nn.Module,
     paths: list[Path],
@@ -47,9 +58,9 @@ def embed_into_partial(
     device: torch.device,
     progress: bool,
     check_lock: Callable[[], None] | None = None,
-) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+) -> Embedded:
     """Embed ``paths`` with ``model.encode_image_bottom_up`` into the shards of ``partial`` (every
-    process its share; all wait for all) and return (embedding files, embedded paths in order, skipped).
+    process its share; all wait for all) and return what the shards hold (:class:`Embedded`).
 
     ``check_lock`` is called before the partial folder is touched and before each shard is written
     (the writer's :meth:`~absvl.retrieval.lock.HeldLock.check`: it raises once the lock is lost)."""
@@ -66,7 +77,8 @@ def embed_into_partial(
     check()
     _prepare_partial(partial, expected, resume)
     model.to(device)
-    _extract_shards(
+    start = time.perf_counter()
+    num_embedded = _extract_shards(
         model,
         paths,
         partial,
@@ -77,8 +89,9 @@ def embed_into_partial(
         progress=progress,
         check_lock=check,
     )
+    seconds = time.perf_counter() - start
     barrier()  # every process's shards are written
-    return _read_shards(partial)
+    return Embedded(*_read_shards(partial), num_embedded, seconds)
 
 
 def drop_shards(folder: Path) -> None:
@@ -122,9 +135,9 @@ def _extract_shards(
     device: torch.device,
     progress: bool,
     check_lock: Callable[[], None],
-) -> None:
+) -> int:
     """Embed the images of every shard not yet written under ``partial/shards`` (with several
-    processes, this process's round-robin share of them)."""
+    processes, this process's round-robin share of them); return how many images it read."""
     from tqdm.auto import tqdm
 
     shards_dir = partial / SHARDS_DIR
@@ -134,7 +147,7 @@ def _extract_shards(
         s for s in range(num_shards) if s % world == rank and not (shards_dir / f"{_shard_name(s)}.json").is_file()
     ]
     if not pending:
-        return
+        return 0
     batches = []  # batches never straddle two shards
     for s in pending:
         positions = range(s * shard_size, min((s + 1) * shard_size, len(paths)))
@@ -171,6 +184,7 @@ def _extract_shards(
                     _write_shard(shards_dir, shard, paths, done, embeddings, bad, model)
     finally:
         model.train(was_training)
+    return todo
 
 
 def _write_shard(shards_dir: Path, shard: int, paths, done, embeddings, bad, model) -> None:

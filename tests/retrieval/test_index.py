@@ -197,6 +197,31 @@ def test_interrupted_build_resumes_from_its_shards(model, model_dir, collection,
     np.testing.assert_allclose(_vectors(resumed), _vectors(uninterrupted), atol=1e-5)
 
 
+def test_the_embedding_throughput_counts_only_the_images_this_call_embedded(
+    model, model_dir, collection, tmp_path, monkeypatch, capsys
+):
+    from absvl.cli import main
+
+    out = tmp_path / "idx"
+    _count_embedded(monkeypatch, model, fail_at_call=3)  # shard 0 (5 images) is committed, then it dies
+    with pytest.raises(KeyboardInterrupt):
+        _build(model, collection, out)
+    monkeypatch.undo()
+    report = _build(model, collection, out)
+    assert (report.num_indexed, report.num_embedded) == (12, 12 - 5) and report.embedding_seconds > 0
+    assert report.embedding_images_per_second == pytest.approx(7 / report.embedding_seconds)
+
+    capsys.readouterr()
+    assert (
+        main(["index", "build", "--model", str(model_dir), "--images", str(collection), "--out", str(tmp_path / "c")])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "  embedding: 12 images read and embedded in " in captured.out and "images/s" in captured.out
+    assert "recall@10 against exact search" in captured.out
+    assert "embedding images: 100%" in captured.err and "12/12" in captured.err  # the progress bar (tqdm)
+
+
 def test_a_partial_build_of_something_else_is_not_resumed(model, collection, tmp_path, monkeypatch):
     _count_embedded(monkeypatch, model, fail_at_call=2)
     with pytest.raises(KeyboardInterrupt):

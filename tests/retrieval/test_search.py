@@ -105,6 +105,14 @@ def test_unreadable_candidates_are_dropped_from_reranking(retriever):
     assert {h.id for h in reranked} == {hits[1].id, hits[3].id, hits[4].id}
 
 
+def test_search_records_the_seconds_of_its_two_phases(retriever):
+    retriever.search(QUERIES[0], k=3)
+    assert set(retriever.last_timings) == {"search", "rerank"}
+    assert retriever.last_timings["search"] > 0 and retriever.last_timings["rerank"] == 0.0
+    retriever.search_batch(QUERIES, k=3, rerank=5)
+    assert retriever.last_timings["search"] > 0 and retriever.last_timings["rerank"] > 0
+
+
 def test_bad_arguments_are_named(retriever):
     for query in ("", "   \n"):
         with pytest.raises(ValueError, match="query is empty"):
