@@ -43,7 +43,7 @@ def main() -> None:
     batch = VQACollator(model.tokenizer, len(model.answers), model.config.max_text_len)(
         [dataset[i] for i in range(len(dataset))]
     )
-    inputs = {k: batch[k] for k in ("prior_positive", "patch_objects", "target_objects") if k in batch}
+    inputs = {k: batch[k] for k in ("prior_positive", "patch_objects", "target_objects", "image_index") if k in batch}
     inputs["labels"] = batch["vqa_targets"]
 
     def step(logged: bool) -> None:

@@ -36,9 +36,13 @@ class VQADataset(torch.utils.data.Dataset):
             owner on the ``grid``, ``absvl.data.patch_labels.patch_targets``) and ``target_labels`` (the labels
             of the question's ``target_objects``): the object-level prior loss's data.
         grid: the backbone's patch grid ``(h, w)`` at the transform's image size, with ``object_masks``.
+        group_size: training order (``EpochOrder``): up to this many questions of one image next to each other,
+            so that a batch holds several questions per image and runs each image's first pass once
+            (``VQACollator``'s ``image_index``); 1: every question shuffled on its own.
 
     An unreadable image never raises: the item is ``{"error": reason, "question_id", "image_path"}``
-    and ``VQACollator`` drops it from the batch and lists it in ``batch["skipped"]``.
+    and ``VQACollator`` drops it from the batch and lists it in ``batch["skipped"]``. An item whose image is the
+    previous item's reuses its decoded tensors (with RandAugment: its augmentation too, as ``VQACollator`` does).
     """
 
     def __init__(
@@ -50,7 +54,12 @@ class VQADataset(torch.utils.data.Dataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         object_masks: Callable[[str, int], Path] | None = None,
         grid: tuple[int, int] | None = None,
+        group_size: int = 1,
     ) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size={group_size} must be >= 1")
+        self.group_size = group_size
+        self._last_image: tuple[str, dict[str, Any]] | None = None  # (path, decoded) of the last item's image
         if object_masks is not None and grid is None:
             raise ValueError("object_masks need the backbone's patch grid")
         self.object_masks, self.grid = object_masks, grid
@@ -71,6 +80,11 @@ class VQADataset(torch.utils.data.Dataset):
             self.targets.append(targets)
 
     @property
+    def group_keys(self) -> list[str]:
+        """Each item's image (its path), the key ``EpochOrder`` groups by."""
+        return [ex.image_path for ex in self.examples]
+
+    @property
     def num_dropped(self) -> int:
         return len(self.dropped_question_ids)
 
@@ -79,17 +93,32 @@ class VQADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.examples[index]
+        pixels = self._last_image[1] if self._last_image and self._last_image[0] == ex.image_path else None
+        if pixels is None:  # an image's questions come one after another in a grouped order: decode it once
+            pixels = self._read_image(ex)
+            if "error" in pixels:
+                return pixels
+            self._last_image = (ex.image_path, pixels)
+        item = {
+            **pixels,
+            "question": ex.question,
+            "targets": dict(self.targets[index]),
+            "question_id": ex.question_id,
+            "image_key": ex.image_path,
+            "prior_positive": not ex.says_absent,
+        }
+        if self.object_masks is not None:
+            item["target_labels"] = [int(i) + 1 for i in ex.target_objects or ()]
+        return item
+
+    def _read_image(self, ex: VQAExample) -> dict[str, Any]:
+        """``{"image"}`` (and ``{"patch_objects"}`` with ``object_masks``) of ``ex``'s image, or the item of an
+        unreadable one."""
         try:
             image = ex.open_image(self.max_pixels)
         except BadImageError as exc:
             return {"error": exc.reason, "question_id": ex.question_id, "image_path": exc.path}
-        item = {
-            "image": self.transform(image),
-            "question": ex.question,
-            "targets": dict(self.targets[index]),
-            "question_id": ex.question_id,
-            "prior_positive": not ex.says_absent,
-        }
+        pixels = {"image": self.transform(image)}
         if self.object_masks is not None:
             path, (h, w) = self.object_masks(ex.image_path, ex.image_id), self.grid
             try:  # the label map on the patch grid, MASK_CELL pixels a cell
@@ -98,15 +127,16 @@ class VQADataset(torch.utils.data.Dataset):
             except OSError as exc:
                 reason = f"unreadable object mask {path} ({exc})"
                 return {"error": reason, "question_id": ex.question_id, "image_path": str(path)}
-            item["patch_objects"] = torch.from_numpy(patch_targets(labels, MASK_CELL, int(labels.max()) + 1))
-            item["target_labels"] = [int(i) + 1 for i in ex.target_objects or ()]
-        return item
+            pixels["patch_objects"] = torch.from_numpy(patch_targets(labels, MASK_CELL, int(labels.max()) + 1))
+        return pixels
 
 
 class VQACollator:
     """Items of ``VQADataset`` → a model batch.
 
-    Returns ``images [B,3,S,S]``, ``input_ids``/``attention_mask [B,T]`` (padded to the longest,
+    Returns ``images [U,3,S,S]`` (each distinct image of the batch once, in the order of its first question),
+    ``image_index [B]`` (row i's image in ``images``: the model runs each image's first pass once, see
+    ``AbsVLModel.forward``), ``input_ids``/``attention_mask [B,T]`` (padded to the longest,
     truncated to ``max_text_len``), ``vqa_targets [B, num_answers]`` (dense soft scores; zero rows
     for unannotated questions), ``question_ids [B]``, ``prior_positive [B]`` (bool: the pair is a positive
     of the prior loss, i.e. its answer does not say the named object is absent, ``VQAExample.says_absent``),
@@ -116,6 +146,9 @@ class VQACollator:
     ``[(question_id, image_path, reason), ...]`` for the items whose image could not be read. If
     every item was bad the batch has ``B = 0`` (the trainer skips it; ``images`` is
     ``[0,3,S,S]`` with ``S = image_size`` or 0 when not given).
+
+    Questions of one image are one image when their items say so (``image_key``, the image's path): with
+    RandAugment the first question's augmented image serves the others.
     """
 
     def __init__(self, tokenizer: Any, num_answers: int, max_text_len: int = 40, image_size: int | None = None) -> None:
@@ -139,8 +172,16 @@ class VQACollator:
                     )
                 targets[row, index] = float(score)
         questions = [it["question"] for it in good]
+        rows: dict[Any, int] = {}  # image key → its row in images
+        distinct: list[torch.Tensor] = []
+        for row, it in enumerate(good):
+            key = it.get("image_key", row)
+            if key not in rows:
+                rows[key] = len(distinct)
+                distinct.append(it["image"])
+        image_index = torch.tensor([rows[it.get("image_key", row)] for row, it in enumerate(good)], dtype=torch.long)
         if n:
-            images = torch.stack([it["image"] for it in good])
+            images = torch.stack(distinct)
             enc = self.tokenizer(
                 questions, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
             )
@@ -152,6 +193,7 @@ class VQACollator:
             attention_mask = torch.zeros(0, 0, dtype=torch.long)
         batch = {
             "images": images,
+            "image_index": image_index,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "vqa_targets": targets,

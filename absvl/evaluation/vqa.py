@@ -61,7 +61,8 @@ def predict_answers(
             continue
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
-            logits = model(batch["images"], batch["input_ids"], batch["attention_mask"]).vqa_logits
+            images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+            logits = model(images, ids, mask, image_index=batch["image_index"]).vqa_logits
         predictions.update(
             (int(q), answers[int(a)]) for q, a in zip(batch["question_ids"].tolist(), logits.argmax(-1).tolist())
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,21 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled item order of one epoch: a function of (seed, epoch) only."""
     generator = torch.Generator().manual_seed(_mix(seed, epoch))
     return torch.randperm(num_items, generator=generator).tolist()
+
+
+def grouped_permutation(keys: Sequence[Hashable], group_size: int, seed: int, epoch: int) -> list[int]:
+    """:func:`epoch_permutation` with the items of one key (the questions of one image) placed together in
+    runs of up to ``group_size``, the runs in the order of their first item in the permutation (a shuffled
+    order): a function of (keys, group_size, seed, epoch) only. Every item appears once."""
+    runs: list[list[int]] = []
+    open_run: dict[Hashable, list[int]] = {}
+    for index in epoch_permutation(len(keys), seed, epoch):
+        run = open_run.get(keys[index])
+        if run is None or len(run) == group_size:
+            run = open_run[keys[index]] = []
+            runs.append(run)
+        run.append(index)
+    return [index for run in runs for index in run]
 
 
 def _mix(*values: int) -> int:
@@ -31,6 +47,10 @@ class EpochOrder(Dataset):
 
     That makes an item independent of which worker loads it and of what was loaded before,
     which is what an exact resume in the middle of an epoch needs.
+
+    A dataset that declares ``group_keys`` (one per item) and ``group_size`` > 1 is shuffled by
+    :func:`grouped_permutation`: ``VQADataset`` groups the questions of one image, whose batch then runs the
+    image's first pass once for them all.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int, shuffle: bool = True) -> None:
@@ -38,7 +58,13 @@ class EpochOrder(Dataset):
         self.seed = seed
         self.epoch = epoch
         n = len(dataset)  # type: ignore[arg-type]
-        self.order = epoch_permutation(n, seed, epoch) if shuffle else list(range(n))
+        group_size = getattr(dataset, "group_size", 1)
+        if not shuffle:
+            self.order = list(range(n))
+        elif group_size > 1:
+            self.order = grouped_permutation(dataset.group_keys, group_size, seed, epoch)  # type: ignore[attr-defined]
+        else:
+            self.order = epoch_permutation(n, seed, epoch)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -258,14 +258,11 @@ def run_shape(config: Any, num_processes: int, total_steps: int, train_items: in
 
 
 def check_resume(checkpoint: Path, saved: dict[str, Any] | None, now: dict[str, Any], force: bool) -> None:
-    """Refuse a resume whose run shape differs from the checkpoint's (see ``run_shape``)."""
+    """Refuse a resume whose run shape differs from the checkpoint's (see ``run_shape``); a setting the checkpoint
+    does not record (added to absvl after it was written) is not compared."""
     if saved is None:  # written before the shape was recorded
         return
-    changed = [
-        f"{k} was {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k)
-    ]
+    changed = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(saved) if saved[k] != now.get(k)]
     if changed and not force:
         raise ConfigError(
             f"cannot resume from {checkpoint}: " + "; ".join(changed) + ". Resume with the checkpoint's settings, "

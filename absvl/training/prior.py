@@ -111,6 +111,7 @@ def prior_forward(model: torch.nn.Module, batch: dict[str, Any]) -> Any:
         patch_objects=batch.get("patch_objects"),
         target_objects=batch.get("target_objects"),
         prior_only=True,
+        image_index=batch["image_index"],
     )
 
 

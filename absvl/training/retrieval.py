@@ -67,11 +67,12 @@ def sample_negatives(
         was_training = model.training
         model.eval()
         try:
-            sims = (
-                model.contrastive.scale()
-                * model.encode_text(input_ids, attention_mask)
-                @ model.encode_image_bottom_up(images).t()
-            )
+            with torch.no_grad():  # only drawn from
+                sims = (
+                    model.contrastive.scale()
+                    * model.encode_text(input_ids, attention_mask)
+                    @ model.encode_image_bottom_up(images).t()
+                )
         finally:
             model.train(was_training)
     else:
@@ -125,15 +126,18 @@ class RetrievalTask:
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
         n = images.shape[0]
         labels = torch.ones(n, dtype=torch.long, device=images.device)
+        image_index = torch.arange(n, device=images.device)
         if n >= 2 and self.config.model.itm_loss_weight > 0:
             with self.accelerator.autocast():
                 neg_image, neg_text = sample_negatives(
                     self.accelerator.unwrap_model(model), images, ids, mask, self.config.train.hard_negatives
                 )
-            images = torch.cat([images, images[neg_image], images])
+            # the pairs (image, its caption), (another image, the caption), (image, another caption): each image's
+            # first pass runs once for its three pairs
+            image_index = torch.cat([image_index, neg_image, image_index])
             ids, mask = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
-        out = model(images, ids, mask, labels=labels)
+        out = model(images, ids, mask, labels=labels, image_index=image_index)
         if self.diagnose:
             self.measured = self.model.training_diagnostics(out)
         return out.loss

@@ -117,6 +117,7 @@ class VQATask:
             data.train,
             answer_index,
             image_transform(model.image_size, train=True, randaugment=config.data.randaugment),
+            group_size=config.data.image_group_size,
             **object_regions(config, model),
         )
         self.collator = VQACollator(model.tokenizer, len(data.answers), model.config.max_text_len)
@@ -136,9 +137,11 @@ class VQATask:
         return self.model.parameter_groups(t.lr, t.weight_decay, t.lr_multipliers)
 
     def describe(self) -> str:
+        group = self.train_set.group_size
+        grouped = f"; up to {group} questions of an image per batch share its first pass" if group > 1 else ""
         return (
             f"training on {len(self.train_set)} questions ({self.train_set.num_dropped} without an in-vocabulary "
-            f"answer dropped), {len(self.data.answers)} answers, {len(self.data.val)} validation questions"
+            f"answer dropped), {len(self.data.answers)} answers, {len(self.data.val)} validation questions{grouped}"
         )
 
     def batch_size(self, batch: dict[str, Any]) -> int:
@@ -153,6 +156,7 @@ class VQATask:
             prior_positive=batch["prior_positive"],
             patch_objects=batch.get("patch_objects"),
             target_objects=batch.get("target_objects"),
+            image_index=batch["image_index"],
         )
         if self.diagnose:
             self.measured = self.model.training_diagnostics(out)

@@ -372,7 +372,9 @@ def test_collator_shapes_and_targets(vqa_root, tokenizer):
     items[0]["question"] = "yes"
     items[1]["question"] = "what is the color of the big shape left of the small circle above the square?"
     batch = VQACollator(tokenizer, len(ANSWERS), max_text_len=8)(items)
-    assert batch["images"].shape == (3, 3, 16, 16)
+    # questions 10 and 11 ask about one image: it is in the batch once
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["image_index"].tolist() == [0, 0, 1]
+    torch.testing.assert_close(batch["images"][batch["image_index"]], torch.stack([it["image"] for it in items]))
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] == 8
     assert batch["attention_mask"][0].sum() < 8 and batch["attention_mask"][1].sum() == 8  # padded, truncated
     assert batch["questions"][0] == "yes"
@@ -409,6 +411,7 @@ def test_batch_feeds_the_model(vqa_root, tokenizer, tmp_path):
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=batch["vqa_targets"],
+        image_index=batch["image_index"],
     )
     assert torch.isfinite(out.losses["vqa"])
 
@@ -581,3 +584,26 @@ def test_object_masks_need_the_grid_and_a_missing_mask_skips_the_item(shapes_roo
     batch = VQACollator(tokenizer, 1, 16)([ds[0], ds[1]])
     assert len(batch["question_ids"]) == 0 and [s[0] for s in batch["skipped"]] == [ex.question_id for ex in examples]
     assert "patch_objects" not in batch
+
+
+def test_grouped_training_order_puts_an_images_questions_in_one_batch(vqa_root, tokenizer):
+    from absvl.training.data import EpochOrder
+
+    examples = load_vqa_split(vqa_root, "train")
+    ds = VQADataset(examples, A2I, image_transform(16, train=False), group_size=2)
+    assert ds.group_keys == [ex.image_path for ex in ds.examples]
+    first, second, other = ds[0], ds[1], ds[2]  # questions 10 and 11 ask about one image, 20 about another
+    assert second["image"] is first["image"]  # decoded once for consecutive questions of an image
+    assert not torch.equal(other["image"], first["image"]) and ds[1]["image"] is not first["image"]
+    loader = torch.utils.data.DataLoader(
+        EpochOrder(ds, seed=0, epoch=0), batch_size=2, collate_fn=VQACollator(tokenizer, len(ANSWERS), 40)
+    )
+    batches = list(loader)
+    # every image has two questions: each batch of two holds one image, asked twice
+    assert [len(b["images"]) for b in batches] == [1] * len(batches)
+    assert all(b["image_index"].tolist() == [0, 0] for b in batches)
+    assert sorted(q for b in batches for q in b["question_ids"].tolist()) == sorted(
+        ex.question_id for ex in ds.examples
+    )
+    with pytest.raises(ValueError, match="group_size"):
+        VQADataset(examples, A2I, image_transform(16, train=False), group_size=0)

@@ -109,10 +109,11 @@ def test_evaluate_prior_counts_the_loss_and_the_gate_by_hand(prior_run):
                 patch_objects=batch["patch_objects"],
                 target_objects=batch["target_objects"],
                 prior_only=True,
+                image_index=batch["image_index"],
             )
             losses.append(float(out.loss))
             xi = model.encode_prior(batch["input_ids"], batch["attention_mask"])[1]
-            first = model.first_pass(batch["images"])
+            first = model.first_pass(batch["images"]).select(batch["image_index"])
             tokens = model.fusion_image_tokens(first, "bottom_up")[:, first.num_prefix_tokens :]
             gate = F.cosine_similarity(tokens, xi[:, None], dim=-1).clamp(0, 1)  # the prior gate, Eq. 8
             for row in range(len(gate)):

@@ -156,12 +156,18 @@ def _initial_weights(overrides, tmp_path):
 
 
 def test_unreadable_images_are_skipped_counted_and_listed(shapes_root, tiny_overrides, tmp_path):
+    from absvl.training.data import grouped_permutation
+    from absvl.training.vqa import prepare_data
+
     broken_root = tmp_path / "world"
     subprocess.run(["cp", "-r", str(shapes_root), str(broken_root)], check=True)
-    victim = sorted((broken_root / "images" / "train2014").iterdir())[0]
-    victim.write_bytes(b"not a jpeg")
     overrides = [*tiny_overrides, f"data.root={broken_root}", "train.max_steps=8"]
-    summary = train_vqa(load_config(CONFIG, overrides))
+    config = load_config(CONFIG, overrides)
+    train = prepare_data(config).train  # the image of the run's first question (questions grouped by image)
+    first = grouped_permutation([ex.image_path for ex in train], config.data.image_group_size, config.train.seed, 0)[0]
+    victim = Path(train[first].image_path)
+    victim.write_bytes(b"not a jpeg")
+    summary = train_vqa(config)
     assert summary["step"] == 8 and summary["skipped"] >= 1
     listed = json.loads((Path(load_config(CONFIG, overrides).train.output_dir) / "skipped.json").read_text())
     assert any(victim.name in str(item) for item in listed)

@@ -224,11 +224,13 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
         return_loss: bool = False,
         return_maps: bool = False,
         prior_only: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> AbsVLModelOutput:
         """
         Args:
             images: ``[B, 3, S, S]`` normalised images (see :meth:`prepare_inputs`), or their
-                :meth:`first_pass` (computed with ``return_maps`` when maps are asked for).
+                :meth:`first_pass` (computed with ``return_maps`` when maps are asked for); with ``image_index``,
+                ``[U, 3, S, S]``, each distinct image once.
             input_ids, attention_mask: ``[B, T]`` tokenised texts (mask defaults to all ones).
             prior_positive: ``[B]`` bool, false for pairs that are no positive of the prior loss (a question whose
                 answer says its object is absent: ``VQAExample.says_absent``; a mismatched ITM pair); default all.
@@ -238,12 +240,22 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             return_loss: compute the encoder's losses (``out.losses``: L_var, L_prior, ...; ``out.loss`` their
                 weighted sum); the task models add their own term.
             return_maps: ask the backbone for bottom-up / top-down maps (``out.vision.maps``).
+            image_index: ``[B]`` row i's image in ``images`` (``VQACollator``): the first pass runs once per image
+                and its tokens serve each of the image's texts (it does not read ξ), gradients summed over them.
             prior_only: compute the prior loss's terms alone (``out.loss``, ``out.losses``), from the text and the
                 backbone's first pass (without gradients when the backbone is frozen): no second pass, no fusion,
                 a small share of a VQA step; what the prior alignment trains (``absvl train prior``).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        needs_map = self.config.prior_visual == "both" and self.training and not prior_only
+        if image_index is not None:
+            images = self.first_pass(images, return_maps or needs_map).select(image_index)
+        elif (rows := len(images.tokens if isinstance(images, BackboneOutput) else images)) != len(input_ids):
+            raise ValueError(
+                f"{rows} images for {len(input_ids)} texts: give one image per text, or each distinct image "
+                "once and image_index (a VQACollator batch's), row i's image"
+            )
         hidden, xi = self.encode_prior(input_ids, attention_mask)
         if prior_only:
             if self.config.prior_visual == "top_down" and self.config.prior_loss_weight > 0:
@@ -257,7 +269,6 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             if not losses:
                 raise ValueError("prior_only needs prior_loss_weight > 0, or prior_object_weight > 0 and the objects")
             return AbsVLModelOutput(loss=self.total_loss(losses), losses=losses, xi=xi, vision=first)
-        needs_map = self.config.prior_visual == "both" and self.training
         vision = self.encode_vision(images, xi, return_maps or needs_map)
         text_tokens, image_tokens, pooled = self.fusion(
             hidden, attention_mask, self.fusion_input(vision), vision.grid_size

@@ -88,6 +88,7 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         target_objects: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_maps: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> AbsVLQuestionAnsweringOutput:
         """The encoder's forward (see :meth:`AbsVLModel.forward`) and the answer logits. ``labels``: ``[B,
         num_answers]`` soft VQA scores → ``losses["vqa"]``; ``return_loss`` defaults to whether they are given."""
@@ -101,6 +102,7 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
             target_objects,
             return_loss=return_loss,
             return_maps=return_maps,
+            image_index=image_index,
         )
         logits = self.vqa_head(out.pooled)
         task_loss = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
@@ -143,6 +145,7 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         prior_positive: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_maps: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> AbsVLRetrievalOutput:
         """The encoder's forward (see :meth:`AbsVLModel.forward`) and the ITM logits. ``labels``: ``[B]`` 1 for
         matching pairs, 0 otherwise → ``losses["itm"]``; only matching pairs enter the prior loss."""
@@ -150,7 +153,13 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         if labels is not None:
             prior_positive = labels == 1 if prior_positive is None else prior_positive & (labels == 1)
         out = super().forward(
-            images, input_ids, attention_mask, prior_positive, return_loss=return_loss, return_maps=return_maps
+            images,
+            input_ids,
+            attention_mask,
+            prior_positive,
+            return_loss=return_loss,
+            return_maps=return_maps,
+            image_index=image_index,
         )
         logits = self.itm_head(out.pooled)
         task_loss = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}
