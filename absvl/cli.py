@@ -169,6 +169,19 @@ def _field_column(text: str) -> tuple[str, str]:
     return field, column
 
 
+def _add_column_argument(p: argparse.ArgumentParser, fields: str) -> None:
+    """``--column FIELD=COLUMN`` (repeatable): a Hugging Face dataset's column for a field it names otherwise."""
+    p.add_argument(
+        "--column",
+        type=_field_column,
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help=f"Hugging Face: the dataset's column for a field ({fields}) it names otherwise, e.g. "
+        "--column captions=sentences; repeatable (as data.hf_columns)",
+    )
+
+
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from .evaluation.retrieval import evaluate_retrieval_model
     from .metrics.retrieval import format_recall_table
@@ -391,15 +404,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", choices=("karpathy", "hf"), help="format of --data (default: karpathy for a .json file, else hf)"
     )
-    p.add_argument(
-        "--column",
-        type=_field_column,
-        action="append",
-        default=[],
-        metavar="FIELD=COLUMN",
-        help="hf: the dataset's column for a field (image, captions, split, image_id), e.g. "
-        "--column captions=sentences; repeatable",
-    )
+    _add_column_argument(p, "image, captions, split, image_id")
     p.add_argument(
         "--images",
         help="image root (default: the caption file's folder; hf: where relative image paths are looked up first)",
@@ -467,14 +472,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         help="image folder holding train2014/ val2014/ test2015/ (captions: filepath/filename; Hugging Face: "
         "relative image paths) when not under the dataset root (as data.images)",
     )
-    p.add_argument(
-        "--column",
-        type=_field_column,
-        action="append",
-        default=[],
-        metavar="FIELD=COLUMN",
-        help="Hugging Face: the dataset's column for a field it names otherwise, e.g. --column captions=sentences; "
-        "repeatable (as data.hf_columns)",
+    _add_column_argument(
+        p, "VQA: question_id, image_id, question, answers, image, ...; captions: image, captions, split, image_id"
     )
     p.set_defaults(func=_cmd_data_check)
     p = data.add_parser("shapes", help="generate the Shapes world (VQAv2 + Karpathy formats, tiny text encoder)")

@@ -49,7 +49,11 @@ def _push_folder(folder: Path) -> Path:
     if (folder / "config.yaml").is_file() or any(folder.glob("checkpoint-*")):  # a run that has not finished
         hint = ""
         if not (folder / "best" / "config.json").is_file():
-            hint = f" (it has no best/ either: `absvl export {folder}/checkpoint-XXXXXXXX --out DIR`, then push DIR)"
+            from .training.checkpoint import list_checkpoints
+
+            checkpoints = list_checkpoints(folder)
+            latest = checkpoints[-1] if checkpoints else folder / "checkpoint-<step>"
+            hint = f" (it has no best/ either: `absvl export {latest} --out DIR`, then push DIR)"
         raise FileNotFoundError(f"no final/ in {folder}: pass {folder / 'final'} or {folder / 'best'}{hint}")
     return folder  # from_pretrained says what is missing
 
@@ -120,7 +124,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="turn a training checkpoint into a from_pretrained folder")
-    p.add_argument("checkpoint", help="a checkpoint folder of a run (RUN/checkpoint-XXXXXXXX)")
+    p.add_argument("checkpoint", help="a checkpoint folder of a run, e.g. RUN/checkpoint-00000500")
     p.add_argument(
         "--out", required=True, help="folder to write (VQA/retrieval: save_pretrained; classify: backbone folder)"
     )

@@ -83,27 +83,15 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        prior_positive: torch.Tensor | None = None,
-        patch_objects: torch.Tensor | None = None,
-        target_objects: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        return_maps: bool = False,
-        image_index: torch.Tensor | None = None,
+        **encoder_inputs: Any,
     ) -> AbsVLQuestionAnsweringOutput:
-        """The encoder's forward (see :meth:`AbsVLModel.forward`) and the answer logits. ``labels``: ``[B,
-        num_answers]`` soft VQA scores → ``losses["vqa"]``; ``return_loss`` defaults to whether they are given."""
+        """The encoder's forward and the answer logits. ``labels``: ``[B, num_answers]`` soft VQA scores →
+        ``losses["vqa"]``; ``return_loss`` defaults to whether they are given. ``encoder_inputs``: the encoder's
+        other keyword inputs (``prior_positive``, ``patch_objects``, ``target_objects``, ``return_maps``,
+        ``image_index``; see :meth:`AbsVLModel.forward`)."""
         return_loss = labels is not None if return_loss is None else return_loss
-        out = super().forward(
-            images,
-            input_ids,
-            attention_mask,
-            prior_positive,
-            patch_objects,
-            target_objects,
-            return_loss=return_loss,
-            return_maps=return_maps,
-            image_index=image_index,
-        )
+        out = super().forward(images, input_ids, attention_mask, return_loss=return_loss, **encoder_inputs)
         logits = self.vqa_head(out.pooled)
         task_loss = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
         return AbsVLQuestionAnsweringOutput(**self.with_task_loss(out, task_loss, return_loss), vqa_logits=logits)
@@ -144,22 +132,16 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         labels: torch.Tensor | None = None,
         prior_positive: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        return_maps: bool = False,
-        image_index: torch.Tensor | None = None,
+        **encoder_inputs: Any,
     ) -> AbsVLRetrievalOutput:
-        """The encoder's forward (see :meth:`AbsVLModel.forward`) and the ITM logits. ``labels``: ``[B]`` 1 for
-        matching pairs, 0 otherwise → ``losses["itm"]``; only matching pairs enter the prior loss."""
+        """The encoder's forward and the ITM logits. ``labels``: ``[B]`` 1 for matching pairs, 0 otherwise →
+        ``losses["itm"]``; only matching pairs enter the prior loss. ``encoder_inputs``: the encoder's other keyword
+        inputs (``return_maps``, ``image_index``; see :meth:`AbsVLModel.forward`)."""
         return_loss = labels is not None if return_loss is None else return_loss
         if labels is not None:
             prior_positive = labels == 1 if prior_positive is None else prior_positive & (labels == 1)
         out = super().forward(
-            images,
-            input_ids,
-            attention_mask,
-            prior_positive,
-            return_loss=return_loss,
-            return_maps=return_maps,
-            image_index=image_index,
+            images, input_ids, attention_mask, prior_positive, return_loss=return_loss, **encoder_inputs
         )
         logits = self.itm_head(out.pooled)
         task_loss = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}

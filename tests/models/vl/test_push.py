@@ -98,7 +98,12 @@ def test_push_a_run_without_final_names_what_to_pass(make_model, tmp_path, hub, 
     assert main(["push", str(run), "--repo-id", "me/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"absvl: error: no final/ in {run}: pass {run / 'final'} or {run / 'best'}")
-    assert "absvl export" in err and not hub.repos
+    assert f"absvl export {run / 'checkpoint-<step>'} --out DIR" in err and not hub.repos  # no complete checkpoint
+    from absvl.training.checkpoint import STATE_NAME
+
+    (run / "checkpoint-00000004" / STATE_NAME).write_text("{}")  # now a complete checkpoint: the hint names it
+    assert main(["push", str(run), "--repo-id", "me/x"]) == 2
+    assert f"absvl export {run / 'checkpoint-00000004'} --out DIR" in capsys.readouterr().err
     make_model("absvit_test_patch8").save_pretrained(run / "best")
     capsys.readouterr()
     assert main(["push", str(run), "--repo-id", "me/x"]) == 2
