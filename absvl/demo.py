@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .data.shapes import ensure_shapes
-from .data.shapes_text import caption_holds
+from .data.shapes_text import FAMILY_TEMPLATES, caption_holds, question_family
 from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
 from .evaluation.retrieval import evaluate_retrieval_model
 from .evaluation.vqa import predict_vqa_submission
@@ -44,7 +44,7 @@ from .metrics.probes import format_probe_table, object_patch_tokens, token_probe
 from .metrics.retrieval import format_recall_table
 from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
 from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
-from .metrics.vqa import evaluate_vqa, format_accuracy_table, majority_answer_baseline
+from .metrics.vqa import accuracy_by_group, evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLForQuestionAnswering, AbsVLForRetrieval, AbsVLModel
 from .retrieval import Retriever, build_index
 from .training.classify import train_classifier
@@ -300,12 +300,22 @@ def run(
     split = "test-dev2015"
     private = read_json(world.root / "shapes_test-dev2015_annotations.json")
     answers, _, _ = predict_vqa_submission(model, load_split(config, "test-dev", require_annotations=False))
-    result = evaluate_vqa(answers, read_json(world.questions_path(split)), private)
+    questions = read_json(world.questions_path(split))
+    result = evaluate_vqa(answers, questions, private)
     compared = baselines(model, world, split, private)
+    families = {
+        q["question_id"]: FAMILY_TEMPLATES[family]
+        for q in questions["questions"]
+        if (family := question_family(q["question"])) is not None
+    }
+    for r in (result, *compared.values()):
+        r["perFamily"] = accuracy_by_group(r, families)
     print("\n== Shapes test-dev, official VQA accuracy: the model and what the question or the image alone answer ==")
     print(
         "question only: each question text's most common training answer (the ceiling of any text-only model);\n"
-        "image only: a linear classifier on the image's pooled bottom-up tokens, blind to the question"
+        "image only: a linear classifier on the image's pooled bottom-up tokens, blind to the question;\n"
+        'question family: the world\'s templates (the question type "what color is the" holds the colour questions\n'
+        "and the relational ones about colour)"
     )
     print(format_accuracy_table(result, compared))
     gain = result["overall"] - compared["question only"]["overall"]
@@ -341,8 +351,10 @@ def run(
         "accuracy": result["overall"],
         "per_answer_type": result["perAnswerType"],
         "per_question_type": result["perQuestionType"],
+        "per_family": result["perFamily"],
         "baselines": {
-            name: {"overall": r["overall"], "per_question_type": r["perQuestionType"]} for name, r in compared.items()
+            name: {"overall": r["overall"], "per_question_type": r["perQuestionType"], "per_family": r["perFamily"]}
+            for name, r in compared.items()
         },
         "majority_baseline": compared["majority answer"]["overall"],
         "stage1": stage1,

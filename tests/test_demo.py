@@ -4,6 +4,7 @@ import numpy as np
 from PIL import Image
 
 from absvl import demo
+from absvl.data.shapes_text import FAMILY_TEMPLATES
 from absvl.models.vl import AbsVLForQuestionAnswering, AbsVLForRetrieval, load_model
 
 
@@ -46,6 +47,9 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         assert 0 <= baseline["overall"] <= 100 and set(baseline["per_question_type"]) == set(
             report["per_question_type"]
         )
+        assert set(baseline["per_family"]) == set(report["per_family"])
+    # per family of the world's templates: the relational attribute questions apart from the colour family
+    assert set(report["per_family"]) <= set(FAMILY_TEMPLATES.values()) and "question family" in printed
     # probes and steering printed and reported
     assert set(report["probes"]["bottom_up"]) == {"shape", "color", "position"}
     assert "tokens the fusion reads" in printed and "pointing bottom-up" in printed

@@ -15,16 +15,28 @@ from .shapes_scene import COLORS, RELATIONS, SHAPES, SIZES, relation
 __all__ = [
     "BALANCE_GROUP",
     "FAMILIES",
+    "FAMILY_TEMPLATES",
     "caption_check",
     "caption_holds",
     "captions",
     "human_answers",
     "question_candidates",
+    "question_family",
     "tokens",
 ]
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FAMILIES = ("color", "shape", "exist", "count", "rel_yn", "rel_what")
+# each family's template, as reports name it: "what color is the" (a VQA question type) holds both the colour and
+# the relational-attribute family
+FAMILY_TEMPLATES = {
+    "color": "what color is the <shape/size>?",
+    "shape": "what shape is the <colour/size>?",
+    "exist": "is there a <object>?",
+    "count": "how many <objects>?",
+    "rel_yn": "is the <object> <relation> the <object>?",
+    "rel_what": "what <attr> is the object <relation> the <object>?",
+}
 # families whose answers are balanced together (relation "what" questions then favour colours,
 # which the colour family spreads over 7 answers, over the 3 shapes)
 BALANCE_GROUP = {"color": "other", "shape": "other", "rel_what": "other"}
@@ -131,6 +143,23 @@ def question_candidates(objects: list[dict], family: str, margin: float, rng: np
     else:
         raise ValueError(family)
     return out
+
+
+_REL_WHAT = re.compile(rf"^what (color|shape) is the object ({'|'.join(RELATIONS)}) the ")
+_FAMILY_PREFIXES = (
+    ("is there ", "exist"),
+    ("is the ", "rel_yn"),
+    ("how many ", "count"),
+    ("what color is the ", "color"),
+    ("what shape is the ", "shape"),
+)
+
+
+def question_family(question: str) -> str | None:
+    """The family (:data:`FAMILIES`) of a question written by :func:`question_candidates`; None for other text."""
+    if _REL_WHAT.match(question):
+        return "rel_what"
+    return next((family for prefix, family in _FAMILY_PREFIXES if question.startswith(prefix)), None)
 
 
 def _wrong_answer(answer: str, rng: np.random.Generator) -> str:

@@ -32,19 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.shapes_text import question_candidates
+from ..data.shapes_text import FAMILY_TEMPLATES, question_candidates
 from ..images import BadImageError, open_image
 
 MAPS = ("gate", "bottom_up", "top_down", "fusion")
-# the families that name objects, in report order, with the question type they read as
-FAMILIES = {
-    "color": "what color is the <shape/size>?",
-    "shape": "what shape is the <colour/size>?",
-    "exist": "is there a <object>? (yes)",
-    "count": "how many <objects>? (1+)",
-    "rel_yn": "is the <object> <relation> the <object>?",
-    "rel_what": "what <attr> is the object <relation> the <object>?",
-}
+# the families that name objects, in report order, with the question type they read as (counted: questions
+# whose objects are there)
+FAMILIES = {**FAMILY_TEMPLATES, "exist": "is there a <object>? (yes)", "count": "how many <objects>? (1+)"}
 POINTING_COVER = 0.25  # a map cell is on an object when the object covers this share of it
 
 

@@ -25,6 +25,7 @@ from ..errors import InputTypeError
 from ..io import preview, read_json
 
 __all__ = [
+    "accuracy_by_group",
     "evaluate_vqa",
     "evaluate_vqa_files",
     "format_accuracy_table",
@@ -287,6 +288,19 @@ def evaluate_vqa(
     }
 
 
+def accuracy_by_group(result: Mapping[str, Any], group_of: Mapping[int, str]) -> dict[str, float]:
+    """Mean accuracy (%) per group of an :func:`evaluate_vqa` result's questions (``perQuestion``), e.g. per
+    question family of a world whose question types mix families; questions without a group are left out."""
+    sums: dict[str, list] = {}
+    for qid, accuracy in result["perQuestion"].items():
+        group = group_of.get(qid)
+        if group is not None:
+            slot = sums.setdefault(group, [0.0, 0])
+            slot[0] += accuracy
+            slot[1] += 1
+    return {group: round(total / n, _ROUND_DIGITS) for group, (total, n) in sums.items()}
+
+
 def evaluate_vqa_files(
     predictions_path: str | os.PathLike,
     questions_path: str | os.PathLike | None,
@@ -320,13 +334,18 @@ def evaluate_vqa_files(
 
 def format_accuracy_table(result: Mapping[str, Any], beside: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """A plain-text table of an :func:`evaluate_vqa` result: overall, then per answer type, then per
-    question type (each sorted by name). ``beside``: more results on the same questions (e.g. baselines),
+    question type, then per question family where the result has ``perFamily`` (:func:`accuracy_by_group`), each
+    sorted by name. ``beside``: more results on the same questions (e.g. baselines),
     one column each under its name, the ``result`` column headed "model"."""
     columns = [result, *(beside or {}).values()]
     rows: list[tuple[str, list[str]]] = []
     n = len(result.get("perQuestion", {}))
     rows.append((f"overall ({n} questions)" if n else "overall", [f"{c['overall']:.2f}" for c in columns]))
-    for title, key in (("answer type", "perAnswerType"), ("question type", "perQuestionType")):
+    for title, key in (
+        ("answer type", "perAnswerType"),
+        ("question type", "perQuestionType"),
+        ("question family", "perFamily"),
+    ):
         table = result.get(key) or {}
         if table:
             rows.append((title, []))

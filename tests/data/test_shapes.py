@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from absvl.cli import main
-from absvl.data import shapes, shapes_scene
+from absvl.data import shapes, shapes_scene, shapes_text
 from absvl.data.shapes import ensure_shapes, generate_shapes
 from absvl.data.shapes_scene import COLORS, SHAPES, SIZES
 from absvl.data.shapes_world import ShapesWorld, target_mask
@@ -206,6 +206,20 @@ def test_every_answer_is_correct_for_its_scene(world):
         seen[q["question"].split()[0] + " " + q["question"].split()[1]] += 1
     # all templates occur: what color / what shape / is there / how many / is the (relations)
     assert {"what color", "what shape", "is there", "how many", "is the"} <= set(seen)
+
+
+def test_question_family_reads_every_template_back():
+    rng = np.random.default_rng(0)
+    margin = 6.0
+    for seed in range(20):
+        _, _, objects, _ = shapes_scene.make_scene(np.random.default_rng(seed), 64, 2, 5)
+        for family in shapes_text.FAMILIES:
+            for candidate in shapes_text.question_candidates(objects, family, margin, rng):
+                assert shapes_text.question_family(candidate["question"]) == family, candidate["question"]
+    assert shapes_text.question_family("what is the man holding?") is None
+    # "what color is the" holds two families: the relational one names no attribute of its object
+    assert shapes_text.question_family("what color is the object left of the red circle?") == "rel_what"
+    assert shapes_text.question_family("what color is the large object?") == "color"
 
 
 def test_answers_are_spread_and_human_answers_are_noisy(world):

@@ -18,6 +18,7 @@ from absvl.data.answer_processing import (
     normalize_answer,
 )
 from absvl.metrics.vqa import (
+    accuracy_by_group,
     evaluate_vqa,
     evaluate_vqa_files,
     format_accuracy_table,
@@ -567,6 +568,27 @@ def test_format_accuracy_table():
         "what color",
     ]
     assert lines[5].split() == ["yes/no", "100.00"] and lines[7].split() == ["how", "many", "45.00"]
+
+
+def test_accuracy_by_group_and_its_table_rows():
+    questions, annotations = make_vqa(SIX)
+    result = evaluate_vqa(SIX_PREDICTIONS, questions, annotations, revision=MASTER)
+    # grouped by question type it is the per-type table; questions without a group are left out
+    by_type = {a["question_id"]: a["question_type"] for a in annotations["annotations"]}
+    assert accuracy_by_group(result, by_type) == pytest.approx(result["perQuestionType"], abs=0.01)
+    first, *rest = sorted(result["perQuestion"])
+    only = accuracy_by_group(result, {first: "first", rest[0]: "pair", rest[1]: "pair"})
+    assert only == {
+        "first": result["perQuestion"][first],
+        "pair": round((result["perQuestion"][rest[0]] + result["perQuestion"][rest[1]]) / 2, 2),
+    }
+    result["perFamily"] = only
+    lines = format_accuracy_table(result).splitlines()
+    assert [line.split() for line in lines[-3:]] == [
+        ["question", "family"],
+        ["first", f"{only['first']:.2f}"],
+        ["pair", f"{only['pair']:.2f}"],
+    ]
 
 
 @BOTH
