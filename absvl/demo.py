@@ -10,7 +10,8 @@
 4. stage 2b: VQA finetuning from it (``configs/shapes_absvit_tiny.yaml``, the real trainer), the question's
    ξ steering the second pass;
 5. score test-dev with the official VQA accuracy next to the question-only, image-only and majority-answer
-   baselines (``absvl.metrics.baselines``), per question type;
+   baselines (``absvl.metrics.baselines``), per question type and per family of the world's templates, and
+   where the VQA head's object pointers land (``absvl.metrics.pointers``);
 6. what the tokens the fusion reads know (linear probes of shape, colour, position; bottom-up and
    top-down, ``absvl.metrics.probes``) and whether the question steers them (paired and pointing scores
    per question family, ``absvl.metrics.steering``);
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .data.patch_labels import read_classes
 from .data.shapes import ensure_shapes
 from .data.shapes_text import FAMILY_TEMPLATES, caption_holds, question_family
 from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
@@ -40,6 +42,7 @@ from .evaluation.retrieval import evaluate_retrieval_model
 from .evaluation.vqa import predict_vqa_submission
 from .io import atomic_file, read_json, write_json
 from .metrics.baselines import image_only_answers, question_only_answers
+from .metrics.pointers import format_pointer_table, pointer_hits
 from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
 from .metrics.retrieval import format_recall_table
 from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
@@ -135,8 +138,9 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
 def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
     """Stage 1, the paper's ImageNet stage: the vision encoder classifies every patch of the world's
     training images (``configs/shapes_pretrain.yaml``). Reused while its config is unchanged (its run
-    folder's ``config.yaml`` equals this one and the export exists). Returns the export folder and its
-    validation metrics (``top1``, ``objects``, ``background``, ``shape``, ``color`` in %)."""
+    folder's ``config.yaml`` equals this one and the export exists) and the world's patch classes are the ones it
+    learned (a world of an older generator labels fewer). Returns the export folder and its validation metrics
+    (``top1``, ``objects``, ``background``, ``shape``, ``color``, ``size`` in %)."""
     if vqa_config.data.shapes:
         print(f"the Shapes world in {vqa_config.data.root} ({vqa_config.data.shapes}; generated on first use)")
         ensure_shapes(vqa_config.data.root, **vqa_config.data.shapes)
@@ -148,6 +152,8 @@ def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> tuple[str,
     saved = out / "config.yaml"
     unchanged = saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(config)
     if (export / "model.safetensors").is_file() and unchanged:
+        unchanged = read_json(export / "config.json").get("classes") == read_classes(config.data.root)
+    if unchanged:
         print(f"stage 1 (vision pretraining): reusing {export} (delete it to pretrain again)")
     else:
         print("stage 1 (vision pretraining): every patch of the Shapes training images classified")
@@ -156,7 +162,8 @@ def pretrain_stage(vqa_config: Any, overrides: Sequence[str] = ()) -> tuple[str,
     if "shape" in metrics:
         print(
             f"stage 1 on val object patches: shape {metrics['shape']:.2f} %, colour {metrics['color']:.2f} %, "
-            f"both {metrics['objects']:.2f} % (background patches {metrics['background']:.2f} %)"
+            f"size {metrics.get('size', float('nan')):.2f} %, all three {metrics['objects']:.2f} % (background "
+            f"patches {metrics['background']:.2f} %)"
         )
     return str(export), metrics
 
@@ -299,7 +306,8 @@ def run(
 
     split = "test-dev2015"
     private = read_json(world.root / "shapes_test-dev2015_annotations.json")
-    answers, _, _ = predict_vqa_submission(model, load_split(config, "test-dev", require_annotations=False))
+    test_dev = load_split(config, "test-dev", require_annotations=False)
+    answers, _, _ = predict_vqa_submission(model, test_dev)
     questions = read_json(world.questions_path(split))
     result = evaluate_vqa(answers, questions, private)
     compared = baselines(model, world, split, private)
@@ -320,6 +328,15 @@ def run(
     print(format_accuracy_table(result, compared))
     gain = result["overall"] - compared["question only"]["overall"]
     print(f"AbSViT-VL: {result['overall']:.2f}  ({gain:+.2f} over the question alone)")
+
+    pointers = pointer_hits(model, world, test_dev)
+    if pointers:
+        print(
+            f"\n== where the VQA head's object pointers land ({pointers['all']['questions']} test-dev questions that "
+            "name an object) ==\nhop 1: on the last object the question names (a relation's reference), hop 2: on the "
+            "first (the object related to it);\nchance: the share of the cells the object owns (% of questions)"
+        )
+        print(format_pointer_table(pointers))
 
     print(
         f"\n== what the tokens the fusion reads know: linear probes on object patches ({PROBE_IMAGES} val images "
@@ -359,6 +376,7 @@ def run(
         "majority_baseline": compared["majority answer"]["overall"],
         "stage1": stage1,
         "prior_alignment": prior["val"],
+        "pointers": pointers,
         "probes": probes,
         "steering": steering,
         "examples": examples,

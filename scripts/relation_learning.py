@@ -8,7 +8,10 @@ learned): what the fusion would get from a top-down pass that selected both obje
 
 - ``one``: the questions of one relation ("left of"): the sign of the objects' offset answers them;
 - ``all``: the four relations: the answer is the product of the relation word and that sign;
-- ``mlp``: no fusion, a two-layer MLP on the marked objects' centroids and the relation as a one-hot (lr 3e-3).
+- ``mlp``: no fusion, a two-layer MLP on the marked objects' centroids and the relation as a one-hot (lr 3e-3);
+- ``pointers``: the four relations, no marks: the fusion and the VQA head with its object pointers
+  (``model.vqa_pointers``, ``absvl.models.vl.pointers``), the hops supervised as in training
+  (``pointer_loss``: hop 1 on B, hop 2 on A).
 
 Prints the validation VQA accuracy (yes/no, the human answers) every ``--eval-every`` steps, per arm.
 
@@ -39,11 +42,12 @@ from absvl.metrics.vqa import question_accuracy
 from absvl.models.vl import load_model
 from absvl.models.vl.fusion import FusionEncoder
 from absvl.models.vl.heads import VQAHead
-from absvl.models.vl.losses import vqa_loss
+from absvl.models.vl.losses import pointer_loss, vqa_loss
 from absvl.models.vl.modeling import init_new_weights
+from absvl.models.vl.pointers import ObjectPointers
 
 ANSWERS = ("yes", "no")
-ARMS = ("one", "all", "mlp")
+ARMS = ("one", "all", "mlp", "pointers")
 
 
 def relation_questions(world: Any, split: str) -> list[dict[str, Any]]:
@@ -116,10 +120,28 @@ class MarkedFusion(nn.Module):
         return self.head(self.fusion(text, attention_mask, tokens + marks[..., None] * self.mark, grid)[2])
 
 
+class PointerFusion(MarkedFusion):
+    """:class:`MarkedFusion` without the marks, its VQA head reading the object pointers (``ObjectPointers``)."""
+
+    def __init__(self, model: Any, prefix: int) -> None:
+        super().__init__(model, prefix)
+        hidden = model.config.fusion_hidden_size
+        self.head = VQAHead(2 * hidden, len(ANSWERS), ObjectPointers(hidden))
+        self.head.apply(init_new_weights)
+
+    def forward(self, tokens, marks, input_ids, attention_mask, grid):
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text_tokens, image_tokens, pooled = self.fusion(text, attention_mask, tokens, grid)
+        hidden = pooled.shape[1] // 2
+        hops = self.head.pointers(text_tokens, attention_mask, image_tokens[:, self.prefix :], grid, pooled[:, :hidden])
+        return self.head(pooled, hops), hops.logits
+
+
 def train_arm(arm: str, data: dict[str, Any], model: Any, args: argparse.Namespace) -> list[dict[str, float]]:
     """Train one arm; returns ``[{"step", "accuracy"}]`` at every evaluation."""
     torch.manual_seed(args.seed)
     relations = RELATIONS[:1] if arm == "one" else RELATIONS
+    pointer_logits = None
     train, val = (data[s]["questions"] for s in ("train", "val"))
     train = [i for i, q in enumerate(train) if q["relation"] in relations]
     val = [i for i, q in enumerate(val) if q["relation"] in relations]
@@ -131,7 +153,7 @@ def train_arm(arm: str, data: dict[str, Any], model: Any, args: argparse.Namespa
         net = nn.Sequential(nn.Linear(4 + 4, 64), nn.GELU(), nn.Linear(64, len(ANSWERS)))
         lr = 3e-3
     else:
-        net = MarkedFusion(model, data["prefix"])
+        net = (PointerFusion if arm == "pointers" else MarkedFusion)(model, data["prefix"])
         lr = args.lr
 
     def logits(split: str, rows: list[int]) -> torch.Tensor:
@@ -139,9 +161,13 @@ def train_arm(arm: str, data: dict[str, Any], model: Any, args: argparse.Namespa
         if arm == "mlp":
             onehot = torch.nn.functional.one_hot(d["relation"][rows], 4).float()
             return net(torch.cat([d["centroids"][rows], onehot], 1))
+        nonlocal pointer_logits
         enc = model.tokenizer([d["questions"][i]["question"] for i in rows], padding="longest", return_tensors="pt")
         tokens = torch.stack([d["tokens"][d["questions"][i]["image_id"]] for i in rows])
-        return net(tokens, d["marks"][rows], enc["input_ids"], enc["attention_mask"], data["grid"])
+        out = net(tokens, d["marks"][rows], enc["input_ids"], enc["attention_mask"], data["grid"])
+        if arm == "pointers":
+            out, pointer_logits = out
+        return out
 
     def evaluate() -> float:
         net.eval()
@@ -164,6 +190,10 @@ def train_arm(arm: str, data: dict[str, Any], model: Any, args: argparse.Namespa
             for k, score in soft_targets(data["train"]["questions"][i]["answers"], index).items():
                 targets[r, k] = score
         loss = vqa_loss(logits("train", rows), targets)
+        if arm == "pointers":  # the marks name the objects: A (+1) is label 1, B (−1) label 2; hop 1 on B, hop 2 on A
+            owners = data["train"]["marks"][rows]
+            owners = (owners > 0).long() + 2 * (owners < 0).long()
+            loss = loss + pointer_loss(pointer_logits, owners, torch.tensor([[2, 1]]).expand(len(rows), 2))
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)

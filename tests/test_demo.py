@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -50,6 +51,9 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         assert set(baseline["per_family"]) == set(report["per_family"])
     # per family of the world's templates: the relational attribute questions apart from the colour family
     assert set(report["per_family"]) <= set(FAMILY_TEMPLATES.values()) and "question family" in printed
+    # where the object pointers land (the demo's VQA config reads them), each hop beside its chance
+    assert report["pointers"]["all"]["questions"] > 0 and "object pointers land" in printed
+    assert set(report["pointers"]["all"]) == {"questions", "hop 1", "hop 2", "chance 1", "chance 2"}
     # probes and steering printed and reported
     assert set(report["probes"]["bottom_up"]) == {"shape", "color", "position"}
     assert "tokens the fusion reads" in printed and "pointing bottom-up" in printed
@@ -68,6 +72,12 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=1"], tmp_path / "out2", None, pretrain, prior
     )
     assert "reusing" in capsys.readouterr().out and again["pretrained_backbone"] == report["pretrained_backbone"]
+    # a stage 1 that learned other patch classes than the world's (an older generator's, without the size) trains again
+    export_config = Path(report["pretrained_backbone"]) / "config.json"
+    saved = json.loads(export_config.read_text())
+    export_config.write_text(json.dumps({**saved, "classes": [c.split(" ", 1)[-1] for c in saved["classes"]]}))
+    demo.run(demo.DEFAULT_CONFIG, [*tiny_overrides, "train.max_steps=1"], tmp_path / "out3", None, pretrain, prior)
+    assert "every patch of the Shapes training images classified" in capsys.readouterr().out
     assert (
         "| re-ranked top-2 (ITM, top-down) |" in printed and "search 'a red circle left of a blue square.'" in printed
     )

@@ -46,7 +46,7 @@ from .shapes_world import (
 
 __all__ = ["DEFAULT_SPLITS", "ensure_shapes", "generate_shapes"]
 
-SHAPES_VERSION = "3"  # 3: patch_labels/attributes.json
+SHAPES_VERSION = "4"  # 3: patch_labels/attributes.json; 4: patch labels name the object's size
 
 DEFAULT_SPLITS = (("train2014", 0.8), ("val2014", 0.1), ("test-dev2015", 0.1))
 
@@ -310,7 +310,7 @@ def _write_patch_labels(root: Path, scenes: list[dict]) -> None:
             shutil.copyfile(source, images / scene["file_name"])
         lookup = np.zeros(len(scene["objects"]) + 1, dtype=np.uint8)
         for obj in scene["objects"]:
-            lookup[obj["label"]] = classes.index(f"{obj['color']} {obj['shape']}")
+            lookup[obj["label"]] = classes.index(f"{obj['size']} {obj['color']} {obj['shape']}")
         mask = np.asarray(Image.open(root / "masks" / scene["folder"] / scene["mask_file"]))
         Image.fromarray(lookup[mask]).save(labels / f"{Path(scene['file_name']).stem}.png")
 

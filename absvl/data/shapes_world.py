@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..io import read_json
-from .shapes_scene import COLORS, SHAPES
+from .shapes_scene import COLORS, SHAPES, SIZES
 
 __all__ = [
     "PATCH_LABELS_DIR",
@@ -145,18 +145,22 @@ class ShapesWorld:
         return {s["image_id"]: s for s in read_json(self.scenes_path, what="a Shapes world's scenes")["images"]}
 
 
+def _object_kinds() -> list[tuple[str, str, str]]:
+    return [(size, color, shape) for size in SIZES for color in COLORS for shape in SHAPES]
+
+
 def patch_label_classes() -> list[str]:
-    """The classes of the world's patch labels: ``background``, then every "<color> <shape>"."""
-    return ["background"] + [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+    """The classes of the world's patch labels: ``background``, then every "<size> <color> <shape>" (the
+    questions name objects by size too: a patch that knows only its colour and shape cannot tell "the small
+    circle" from the large one)."""
+    return ["background"] + [" ".join(kind) for kind in _object_kinds()]
 
 
 def patch_label_attributes() -> dict[str, list[str | None]]:
-    """Each patch-label class's colour and shape (None for background): the world's ``attributes.json``,
-    so that stage 1 is judged by the object patches' shape and colour (``absvl.data.patch_labels``)."""
-    return {
-        "color": [None] + [color for color in COLORS for _ in SHAPES],
-        "shape": [None] + [shape for _ in COLORS for shape in SHAPES],
-    }
+    """Each patch-label class's size, colour and shape (None for background): the world's ``attributes.json``,
+    so that stage 1 is judged by the object patches' shape, colour and size (``absvl.data.patch_labels``)."""
+    kinds = _object_kinds()
+    return {name: [None] + [kind[k] for kind in kinds] for k, name in enumerate(("size", "color", "shape"))}
 
 
 @functools.lru_cache(maxsize=8)

@@ -142,7 +142,8 @@ class VQACollator:
     of the prior loss, i.e. its answer does not say the named object is absent, ``VQAExample.says_absent``),
     ``questions`` (list of str), with a dataset's ``object_masks`` also ``patch_objects [B, h·w]`` (each
     patch's object label, 0 background) and ``target_objects [B, K]`` (bool: label k is one of the question's
-    objects; K = the batch's largest label + 1), and ``skipped``:
+    objects; K = the batch's largest label + 1) and ``pointer_objects [B, 2]`` (the labels of the last and the
+    first of the question's objects, 0 for none: where the VQA head's object pointers should land), and ``skipped``:
     ``[(question_id, image_path, reason), ...]`` for the items whose image could not be read. If
     every item was bad the batch has ``B = 0`` (the trainer skips it; ``images`` is
     ``[0,3,S,S]`` with ``S = image_size`` or 0 when not given).
@@ -208,5 +209,11 @@ class VQACollator:
             target_objects = torch.zeros(n, labels, dtype=torch.bool)
             for row, it in enumerate(good):
                 target_objects[row, it["target_labels"]] = True
-            batch.update(patch_objects=patch_objects, target_objects=target_objects)
+            # the object pointers' hops (``pointer_loss``): hop 1 on the last object the question names (a relation's
+            # reference), hop 2 on the first (the object related to it); 0 for a question that names none
+            pointer_objects = torch.tensor(
+                [[it["target_labels"][-1], it["target_labels"][0]] if it["target_labels"] else [0, 0] for it in good],
+                dtype=torch.long,
+            )
+            batch.update(patch_objects=patch_objects, target_objects=target_objects, pointer_objects=pointer_objects)
         return batch

@@ -156,6 +156,7 @@ class VQATask:
             prior_positive=batch["prior_positive"],
             patch_objects=batch.get("patch_objects"),
             target_objects=batch.get("target_objects"),
+            pointer_objects=batch.get("pointer_objects"),
             image_index=batch["image_index"],
         )
         if self.diagnose:
@@ -189,26 +190,28 @@ class VQATask:
 
 
 def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
-    """``VQADataset``'s ``object_masks`` and ``grid`` when the prior loss has its object-level term
-    (``model.prior_object_weight > 0``): the objects come from a Shapes world's masks; other data has none."""
-    if model.config.prior_object_weight <= 0:
+    """``VQADataset``'s ``object_masks`` and ``grid`` when a loss reads the question's objects (the prior loss's
+    object-level term, ``model.prior_object_weight > 0``; the pointers', ``model.pointer_loss_weight > 0``): the
+    objects come from a Shapes world's masks; other data has none."""
+    m = model.config
+    weights = [name for name in ("prior_object_weight", "pointer_loss_weight") if getattr(m, name) > 0]
+    if not weights:
         return {}
+    named = " and ".join(f"model.{name}={getattr(m, name)}" for name in weights)
+    off = " and ".join(f"model.{name}=0" for name in weights)
     d = config.data
     if d.format != "vqav2" or not ShapesWorld.exists(d.root):
         raise ConfigError(
-            f"model.prior_object_weight={model.config.prior_object_weight} needs data that knows its objects (a "
-            f"Shapes world's masks and each question's target_objects); data.root={d.root} is not a Shapes world: "
-            "set model.prior_object_weight=0"
+            f"{named} needs data that knows its objects (a Shapes world's masks and each question's "
+            f"target_objects); data.root={d.root} is not a Shapes world: set {off}"
         )
     patch_embed = getattr(model.backbone, "patch_embed", None)
     if patch_embed is None:
-        raise ConfigError(
-            f"model.prior_object_weight needs a ViT-family backbone (patch tokens), not {model.config.backbone}"
-        )
+        raise ConfigError(f"{named} needs a ViT-family backbone (patch tokens), not {m.backbone}")
     if d.randaugment:
         raise ConfigError(
-            "data.randaugment moves the image (shear, translate, rotate) but not the object masks that "
-            "model.prior_object_weight reads: set data.randaugment=false or model.prior_object_weight=0"
+            f"data.randaugment moves the image (shear, translate, rotate) but not the object masks that {named} "
+            f"reads: set data.randaugment=false or {off}"
         )
     world = ShapesWorld.load(d.root)
     grid = (model.image_size // patch_embed.patch_size[0], model.image_size // patch_embed.patch_size[1])

@@ -93,7 +93,7 @@ def test_shapes_world_writes_patch_labels_of_its_objects(shapes_root):
 
     root = shapes_root / "patch_labels"
     classes = read_classes(root)
-    assert classes == patch_label_classes() and classes[0] == "background" and len(classes) == 22
+    assert classes == patch_label_classes() and classes[0] == "background" and len(classes) == 43
     world = ShapesWorld.load(shapes_root)
     scenes = world.load_scenes()
     train = list_labelled(root, "train")
@@ -102,8 +102,9 @@ def test_shapes_world_writes_patch_labels_of_its_objects(shapes_root):
     scene = next(s for s in scenes.values() if s["file_name"] == image_path.rsplit("/", 1)[-1])
     labels = np.asarray(Image.open(label_path))
     mask = np.asarray(Image.open(world.mask_path(scene["split"], scene["image_id"])))
-    for obj in scene["objects"]:  # every visible pixel of an object carries its "<color> <shape>" class
-        assert set(np.unique(labels[mask == obj["label"]])) == {classes.index(f"{obj['color']} {obj['shape']}")}
+    for obj in scene["objects"]:  # every visible pixel of an object carries its "<size> <color> <shape>" class
+        kind = f"{obj['size']} {obj['color']} {obj['shape']}"
+        assert set(np.unique(labels[mask == obj["label"]])) == {classes.index(kind)}
     assert set(np.unique(labels[mask == 0])) == {0}
     # the images are the world's own
     assert Image.open(image_path).tobytes() == Image.open(world.image_path(scene["split"], scene["image_id"])).tobytes()
@@ -166,15 +167,17 @@ def test_read_attributes_checks_one_value_per_class(tmp_path):
         read_attributes(tmp_path, classes)
 
 
-def test_shapes_attributes_name_each_class_colour_and_shape(shapes_root):
-    from absvl.data.shapes_scene import COLORS, SHAPES
+def test_shapes_attributes_name_each_class_size_colour_and_shape(shapes_root):
+    from absvl.data.shapes_scene import COLORS, SHAPES, SIZES
 
     classes, attributes = patch_label_classes(), patch_label_attributes()
-    assert set(attributes) == {"color", "shape"}
-    assert attributes["color"][0] is None and attributes["shape"][0] is None  # background
+    assert set(attributes) == {"size", "color", "shape"}
+    assert all(values[0] is None for values in attributes.values())  # background
     for k, name in enumerate(classes[1:], start=1):
-        assert name == f"{attributes['color'][k]} {attributes['shape'][k]}"
+        assert name == f"{attributes['size'][k]} {attributes['color'][k]} {attributes['shape'][k]}"
+    assert len(set(classes)) == len(classes) == 1 + len(SIZES) * len(COLORS) * len(SHAPES)
     assert set(attributes["color"][1:]) == set(COLORS) and set(attributes["shape"][1:]) == set(SHAPES)
+    assert set(attributes["size"][1:]) == set(SIZES)
     # the world writes them beside classes.json, and they read back for its classes
     root = shapes_root / "patch_labels"
     assert json.loads((root / ATTRIBUTES_FILE).read_text()) == attributes

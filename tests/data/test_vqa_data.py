@@ -516,7 +516,7 @@ def test_items_and_batches_say_which_pairs_are_prior_positives(vqa_root, tokeniz
         True,
         True,
     ]
-    assert "patch_objects" not in batch and "target_objects" not in batch
+    assert "patch_objects" not in batch and "target_objects" not in batch and "pointer_objects" not in batch
     # an item whose image is unreadable leaves its row out of prior_positive too
     bad = {"error": "broken", "question_id": 99, "image_path": "x.jpg"}
     batch = VQACollator(tokenizer, len(ANSWERS), 16)([items[0], bad, items[2]])
@@ -561,6 +561,10 @@ def test_object_masks_give_each_patch_its_object_and_each_question_its_objects(s
         expected = {k + 1 for k in ex.target_objects or ()}
         assert set(batch["target_objects"][row].nonzero().flatten().tolist()) == expected
         assert not batch["target_objects"][row, 0]  # background is nobody's object
+        # the pointers' hops: hop 1 on the last object the question names (a relation's reference), hop 2 on the first
+        named = [k + 1 for k in ex.target_objects or ()]
+        assert batch["pointer_objects"][row].tolist() == ([named[-1], named[0]] if named else [0, 0])
+    assert batch["pointer_objects"].dtype == torch.long
     # a coarser grid: the map is put on it at 8 pixels a cell (nearest neighbour), then owned as above
     coarse = VQADataset(examples, answers, image_transform(size, train=False), object_masks=world.mask_of, grid=(2, 3))
     for i in range(4):

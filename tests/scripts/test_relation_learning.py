@@ -55,7 +55,7 @@ def test_every_arm_trains_and_reports(script, shapes_root, tiny_overrides, tmp_p
     argv = ["--model", str(tmp_path / "model"), "--root", str(shapes_root), "--steps", "2", "--eval-every", "1"]
     # the tiny world's val split may hold no "left of" question: score on the training questions
     results = script.main([*argv, "--batch", "4", "--val-split", "train2014", "--out", str(out)])
-    assert set(results["arms"]) == {"one", "all", "mlp"}
+    assert set(results["arms"]) == {"one", "all", "mlp", "pointers"}
     for history in results["arms"].values():
         assert [h["step"] for h in history] == [1, 2] and all(0 <= h["accuracy"] <= 100 for h in history)
     assert json.loads(out.read_text()) == results

@@ -275,8 +275,9 @@ def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_o
     world, coco = tmp_path / "world", tmp_path / "coco"  # coco/ holds train2014/ val2014/ test2015/
     shutil.copytree(shapes_root, world, ignore=shutil.ignore_patterns("images"))
     shutil.copytree(shapes_root / "images", coco)
-    # the prior loss's object term reads the masks of a Shapes world that keeps its images: off here
-    overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2", "model.prior_object_weight=0"]
+    # the prior loss's object term and the pointers' read the masks of a Shapes world that keeps its images: off here
+    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0"]
+    overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2", *no_objects]
     with pytest.raises(FileNotFoundError, match="none of the first 20 images exists .*point data.images at the folder"):
         train_vqa(load_config(CONFIG, overrides))
     summary = train_vqa(load_config(CONFIG, [*overrides, f"data.images={coco}"]))
@@ -364,6 +365,7 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
         "data.hf_columns={question_id: id, image: file}",
         "train.max_steps=2",
         "model.prior_object_weight=0",  # a Hub dataset does not know its objects
+        "model.pointer_loss_weight=0",
     ]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
@@ -385,12 +387,13 @@ def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(sh
 
 # --------------------------------------------------------------------------- loss diagnostics, object regions
 # each loss term's weight (VQA's is 1) and the override that sets it
-WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1}
+WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1, "pointers": 0.7}
 WEIGHT_KEYS = {
     "var": "var_loss_weight",
     "prior": "prior_loss_weight",
     "prior_objects": "prior_object_weight",
     "gate": "gate_sparsity_weight",
+    "pointers": "pointer_loss_weight",
 }
 
 
@@ -408,7 +411,7 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         CONFIG, [*tiny_overrides, *weights, "train.max_steps=5", "train.log_every=2", "data.val_split=null"]
     )
     train_vqa(config)
-    terms = ["gate", "prior", "prior_objects", "var", "vqa"]
+    terms = ["gate", "pointers", "prior", "prior_objects", "var", "vqa"]
     assert measured == [terms] * 3  # the logged steps 2, 4 and the last one, not the others
     records = [r for r in map(json.loads, (Path(config.train.output_dir) / "log.jsonl").open()) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 5]
@@ -417,12 +420,11 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         # the logged loss is the step's loss: the weighted sum of its terms
         assert r["loss"] == pytest.approx(sum(WEIGHTS[t] * r[f"loss/{t}"] for t in terms), rel=1e-5)
         grads = {k: v for k, v in r.items() if k.startswith("grad/")}
-        assert {
-            f"grad/{t}/{part}" for t in ("vqa", "prior", "prior_objects") for part in ("backbone", "text_encoder")
-        } <= set(grads)
+        reaching = ("vqa", "prior", "prior_objects", "pointers")
+        assert {f"grad/{t}/{part}" for t in reaching for part in ("backbone", "text_encoder")} <= set(grads)
         assert set(grads) <= {f"grad/{t}/{part}" for t in terms for part in ("backbone", "text_encoder")}
         assert all(v >= 0 and np.isfinite(v) for v in grads.values())
-        for t in ("vqa", "prior", "prior_objects"):  # the answer and the prior reach both encoders
+        for t in reaching:  # the answer, the prior and the pointers' supervision reach both encoders
             assert grads[f"grad/{t}/backbone"] > 0 and grads[f"grad/{t}/text_encoder"] > 0, t
 
 
@@ -450,21 +452,28 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     scene = next(iter(world.load_scenes().values()))
     image = world.image_path(scene["split"], scene["image_id"])
     assert regions["object_masks"](str(image), scene["image_id"]) == world.mask_path(scene["split"], scene["image_id"])
-    off = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0"])
+    off = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0", "model.pointer_loss_weight=0"])
     assert object_regions(off, build_vqa_model(off, ["yes", "no"])) == {}
+    # the pointers' supervision reads the same objects
+    pointers = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0", "model.pointer_loss_weight=1"])
+    assert object_regions(pointers, build_vqa_model(pointers, ["yes", "no"]))["grid"] == (4, 4)
 
     # an official-format VQAv2 folder that is no Shapes world: refused with the key to change, before training
     plain = tmp_path / "vqav2"
     shutil.copytree(shapes_root, plain, ignore=shutil.ignore_patterns("shapes_meta.json", "masks"))
     refused = load_config(CONFIG, [*tiny_overrides, f"data.root={plain}", f"train.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match=r"model.prior_object_weight=1.0 needs data that knows its objects"):
+    with pytest.raises(
+        ConfigError, match=r"model.prior_object_weight=1.0 and model.pointer_loss_weight=1.0 needs data"
+    ):
         object_regions(refused, model)
-    with pytest.raises(ConfigError, match=r"set model.prior_object_weight=0"):
+    with pytest.raises(ConfigError, match=r"set model.prior_object_weight=0 and model.pointer_loss_weight=0"):
         train_vqa(refused)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
     # a backbone without patch tokens has no patch grid
     cnn = load_config(CONFIG, [*tiny_overrides, "model.backbone=tdam_resnet_test", "model.backbone_kwargs={}"])
-    with pytest.raises(ConfigError, match=r"model.prior_object_weight needs a ViT-family backbone"):
+    with pytest.raises(
+        ConfigError, match=r"model.prior_object_weight=1.0 and model.pointer_loss_weight=1.0 needs a ViT-family"
+    ):
         object_regions(cnn, build_vqa_model(cnn, ["yes", "no"]))
 
 

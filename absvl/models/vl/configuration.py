@@ -22,6 +22,7 @@ LOSS_WEIGHTS = (
     "prior_object_weight",
     "itm_loss_weight",
     "gate_sparsity_weight",
+    "pointer_loss_weight",
 )
 
 
@@ -62,6 +63,9 @@ class AbsVLConfig:
             concatenated), so that what the top-down pass overwrites stays readable next to what it selects.
         fusion_image_positions: add fixed 2-D sine-cosine position embeddings to the image tokens the
             fusion reads (``FusionEncoder``), for backbones whose output tokens do not keep their position.
+        vqa_pointers: the VQA head also reads two object pointers over the fused image tokens
+            (``ObjectPointers``: hop 1 finds an object, hop 2 looks from it in a direction the question names) and
+            the relation features of where they land; off: METER's head on the pooled pair alone.
         num_answers: VQA answer vocabulary size, set by ``AbsVLForQuestionAnswering`` (0 for the encoder and the
             retrieval model); the strings are in ``answers.json``.
         temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
@@ -77,6 +81,9 @@ class AbsVLConfig:
         gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
             over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
             need it open (0: off).
+        pointer_loss_weight: weight of ``pointer_loss``, the object pointers' hops supervised by the question's
+            objects (``vqa_pointers``; data that knows its objects, as ``prior_object_weight``); 0: the pointers
+            learn from the answers alone.
     """
 
     backbone: str = "absvit_base_patch16_224"
@@ -98,6 +105,7 @@ class AbsVLConfig:
     fusion_norm_eps: float = 1e-12
     fusion_reads: str = "top_down"
     fusion_image_positions: bool = False
+    vqa_pointers: bool = False
     num_answers: int = 0
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
@@ -106,6 +114,7 @@ class AbsVLConfig:
     prior_object_weight: float = 0.0
     itm_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
+    pointer_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prior_pooling not in PRIOR_POOLINGS:

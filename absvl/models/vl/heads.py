@@ -8,18 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pointers import ObjectPointers, PointerHops
+
 
 class VQAHead(nn.Module):
-    """METER's VQA classifier: 2H → 2H → LayerNorm → GELU → #answers."""
+    """METER's VQA classifier: 2H → 2H → LayerNorm → GELU → #answers; with ``pointers``
+    (:class:`ObjectPointers`), their features join the pooled pair at its input."""
 
-    def __init__(self, in_features: int, num_answers: int) -> None:
+    def __init__(self, in_features: int, num_answers: int, pointers: ObjectPointers | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, in_features)
-        self.norm = nn.LayerNorm(in_features)
-        self.fc2 = nn.Linear(in_features, num_answers)
+        self.pointers = pointers
+        width = in_features + (pointers.num_features if pointers is not None else 0)
+        self.fc1 = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.fc2 = nn.Linear(width, num_answers)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.norm(self.fc1(pooled))))
+    def forward(self, pooled: torch.Tensor, hops: PointerHops | None = None) -> torch.Tensor:
+        x = pooled if hops is None else torch.cat([pooled, hops.features], dim=-1)
+        return self.fc2(F.gelu(self.norm(self.fc1(x))))
 
 
 class ITMHead(nn.Module):

@@ -137,3 +137,15 @@ def object_prior_loss(
         on_negatives = (F.softplus(logits) * negative).sum(1) / negative.sum(1).clamp(min=1)
         rows = positive.any(1).float() + negative.any(1).float()
         return ((on_positives + on_negatives) / rows.clamp(min=1)).mean()
+
+
+def pointer_loss(logits: torch.Tensor, patch_objects: torch.Tensor, pointer_objects: torch.Tensor) -> torch.Tensor:
+    """Supervision of the object pointers' hops (``ObjectPointers``): each hop's attention ``softmax(logits)``
+    (``[B, K, P]``) against the uniform distribution over the cells of its object (``pointer_objects`` ``[B, K]``,
+    the object's label, 0 for none; ``patch_objects`` ``[B, P]`` each cell's owner): a cross-entropy, averaged over
+    all ``B·K`` hops with those that have no object with a visible cell counting 0 (a mean per row, as the other
+    losses: shards of one batch on several processes average to the whole batch's). In fp32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        on_object = (patch_objects[:, None, :] == pointer_objects[..., None]) & (pointer_objects[..., None] > 0)
+        target = on_object.float() / on_object.sum(-1, keepdim=True).clamp(min=1)
+        return -(target * logits.float().log_softmax(-1)).sum(-1).mean()

@@ -58,6 +58,7 @@ _LOSS_WEIGHT_FIELDS = {
     "prior": "prior_loss_weight",
     "prior_objects": "prior_object_weight",
     "gate": "gate_sparsity_weight",
+    "pointers": "pointer_loss_weight",
 }
 
 
@@ -68,7 +69,7 @@ class AbsVLModelOutput(ModelOutput):
 
     Attributes:
         loss: weighted total of ``losses``, when a loss was asked for.
-        losses: the unweighted terms: the task's (``vqa``, ``itm``) and the encoder's: ``var`` (training mode,
+        losses: the unweighted terms: the task's (``vqa`` and ``pointers``, ``itm``) and the encoder's: ``var`` (training mode,
             backbones with a feedback path), ``prior``, ``prior_objects``, ``gate`` (with ``gate_sparsity_weight > 0``).
         pooled: ``[B, 2H]`` fused [text; image] pooled pair.
         text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.

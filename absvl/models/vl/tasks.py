@@ -17,16 +17,19 @@ from ...io import read_json
 from ..vision import BackboneOutput
 from .configuration import AbsVLConfig
 from .heads import ITMHead, VQAHead
-from .losses import vqa_loss
+from .losses import pointer_loss, vqa_loss
 from .modeling import AbsVLModel, AbsVLModelOutput, init_new_weights
+from .pointers import ObjectPointers
 from .pretrained import ANSWERS_NAME, HEAD_PREFIXES, SavedModel
 
 
 @dataclass
 class AbsVLQuestionAnsweringOutput(AbsVLModelOutput):
-    """:class:`AbsVLModelOutput` with ``vqa_logits`` ``[B, num_answers]``; ``losses["vqa"]`` with labels."""
+    """:class:`AbsVLModelOutput` with ``vqa_logits`` ``[B, num_answers]``; ``losses["vqa"]`` with labels; with
+    ``vqa_pointers``, ``pointer_logits`` ``[B, 2, h·w]`` (each hop's attention logits over the spatial tokens)."""
 
     vqa_logits: torch.Tensor | None = None
+    pointer_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,11 +53,16 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         super().__init__(config, tokenizer)
         self.config = replace(self.config, num_answers=len(answers))
         self.answers = list(answers)
-        self.vqa_head = VQAHead(2 * config.fusion_hidden_size, len(answers))
+        pointers = ObjectPointers(config.fusion_hidden_size) if config.vqa_pointers else None
+        self.vqa_head = VQAHead(2 * config.fusion_hidden_size, len(answers), pointers)
         self.vqa_head.apply(init_new_weights)
 
     def head_description(self) -> str:
-        return f"VQA ({len(self.answers)} answers); prior loss on {self.config.prior_visual} tokens in the gate's space"
+        pointers = ", reads two object pointers" if self.vqa_head.pointers is not None else ""
+        return (
+            f"VQA ({len(self.answers)} answers{pointers}); prior loss on {self.config.prior_visual} tokens in the gate's "
+            "space"
+        )
 
     @classmethod
     def _from_folder(
@@ -84,17 +92,35 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        pointer_objects: torch.Tensor | None = None,
         **encoder_inputs: Any,
     ) -> AbsVLQuestionAnsweringOutput:
         """The encoder's forward and the answer logits. ``labels``: ``[B, num_answers]`` soft VQA scores →
-        ``losses["vqa"]``; ``return_loss`` defaults to whether they are given. ``encoder_inputs``: the encoder's
+        ``losses["vqa"]``; ``return_loss`` defaults to whether they are given. ``pointer_objects``: ``[B, 2]`` the
+        object labels hop 1 and hop 2 of the pointers should land on (0: none; ``VQACollator``), with
+        ``patch_objects`` → ``losses["pointers"]`` (``pointer_loss_weight``). ``encoder_inputs``: the encoder's
         other keyword inputs (``prior_positive``, ``patch_objects``, ``target_objects``, ``return_maps``,
         ``image_index``; see :meth:`AbsVLModel.forward`)."""
         return_loss = labels is not None if return_loss is None else return_loss
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         out = super().forward(images, input_ids, attention_mask, return_loss=return_loss, **encoder_inputs)
-        logits = self.vqa_head(out.pooled)
+        hops = None
+        if self.vqa_head.pointers is not None:
+            spatial = out.image_tokens[:, out.vision.num_prefix_tokens :]
+            question = out.pooled[:, : self.config.fusion_hidden_size]
+            hops = self.vqa_head.pointers(out.text_tokens, attention_mask, spatial, out.vision.grid_size, question)
+        logits = self.vqa_head(out.pooled, hops)
         task_loss = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
-        return AbsVLQuestionAnsweringOutput(**self.with_task_loss(out, task_loss, return_loss), vqa_logits=logits)
+        patch_objects = encoder_inputs.get("patch_objects")
+        if return_loss and hops is not None and self.config.pointer_loss_weight > 0:
+            if pointer_objects is not None and patch_objects is not None:
+                task_loss["pointers"] = pointer_loss(hops.logits, patch_objects, pointer_objects)
+        return AbsVLQuestionAnsweringOutput(
+            **self.with_task_loss(out, task_loss, return_loss),
+            vqa_logits=logits,
+            pointer_logits=None if hops is None else hops.logits,
+        )
 
 
 class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
