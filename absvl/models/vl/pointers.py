@@ -16,9 +16,9 @@ objects marked; an MLP on their centres learns them in 200). The pointers give t
   ``e = tanh(κ(c_2 − c_1))``, a bilinear map of the relation's words and the landing points ``(W_r m_3)[c_1; c_2;
   e]``, and ``r ⊙ e`` and ``r·e`` for the direction the relation names, ``r = W_e m_3``: what a yes/no question
   about a relation asks. Hop 2's ``d`` does not serve there: it steers the hop, and the pointers' supervision
-  keeps hop 2 on the object the question names even where the relation does not hold. Read from the pooled text
-  ``s`` instead of ``m_3``, ``r`` learned one direction for all four relations (the yes/no answer then the sign
-  of ``r·e`` times the relation: the product the head was to be spared; docs/results/answering.md §10).
+  keeps hop 2 on the object the question names even where the relation does not hold. In the demo's training
+  ``r`` tends to one direction for all four relations (from ``s`` or ``m_3`` alike), and the yes/no relations are
+  read from the bilinear features (docs/results/answering.md §10).
 
 A world that knows each question's objects (the Shapes world: ``target_objects``, the related object first)
 supervises the hops (``pointer_loss``): hop 1 on the last object the question names (a relation's reference,
