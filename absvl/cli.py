@@ -131,7 +131,9 @@ def _write_json(path: str | None, payload) -> None:
 
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     from .data.answer_processing import DEFAULT_REVISION
-    from .metrics.vqa import evaluate_vqa_files, format_accuracy_table
+    from .data.shapes_text import question_templates
+    from .data.shapes_world import ShapesWorld
+    from .metrics.vqa import accuracy_by_group, evaluate_vqa_files, format_accuracy_table
 
     if args.predictions:
         if not (args.questions and args.annotations):
@@ -155,10 +157,13 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
         result, _ = evaluate_vqa_model(args.model, examples, args.batch_size, config.data.num_workers)
         if result["skipped"]:
             print(f"{result['skipped']} questions skipped (unreadable images): they score 0")
+        if ShapesWorld.exists(config.data.root):  # the world's questions also by the family of their template
+            result["perFamily"] = accuracy_by_group(
+                result, question_templates((ex.question_id, ex.question) for ex in examples)
+            )
     print(format_accuracy_table(result))
-    _write_json(
-        args.out, {k: v for k, v in result.items() if k in ("overall", "perAnswerType", "perQuestionType", "skipped")}
-    )
+    kept = ("overall", "perAnswerType", "perQuestionType", "perFamily", "skipped")
+    _write_json(args.out, {k: v for k, v in result.items() if k in kept})
     return 0
 
 

@@ -11,7 +11,7 @@
    ξ steering the second pass;
 5. score test-dev with the official VQA accuracy next to the question-only, image-only and majority-answer
    baselines (``absvl.metrics.baselines``), per question type and per family of the world's templates, and
-   where the VQA head's object pointers land (``absvl.metrics.pointers``);
+   where the VQA head's object pointers land and what its count density counts (``absvl.metrics.pointers``);
 6. what the tokens the fusion reads know (linear probes of shape, colour, position; bottom-up and
    top-down, ``absvl.metrics.probes``) and whether the question steers them (paired and pointing scores
    per question family, ``absvl.metrics.steering``);
@@ -36,13 +36,13 @@ from PIL import Image
 
 from .data.patch_labels import read_classes
 from .data.shapes import ensure_shapes
-from .data.shapes_text import FAMILY_TEMPLATES, caption_holds, question_family
+from .data.shapes_text import caption_holds, question_templates
 from .data.shapes_world import PATCH_LABELS_DIR, ShapesWorld
 from .evaluation.retrieval import evaluate_retrieval_model
 from .evaluation.vqa import predict_vqa_submission
 from .io import atomic_file, read_json, write_json
 from .metrics.baselines import image_only_answers, question_only_answers
-from .metrics.pointers import format_pointer_table, pointer_hits
+from .metrics.pointers import count_hits, format_count_table, format_pointer_table, pointer_hits
 from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
 from .metrics.retrieval import format_recall_table
 from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
@@ -311,11 +311,7 @@ def run(
     questions = read_json(world.questions_path(split))
     result = evaluate_vqa(answers, questions, private)
     compared = baselines(model, world, split, private)
-    families = {
-        q["question_id"]: FAMILY_TEMPLATES[family]
-        for q in questions["questions"]
-        if (family := question_family(q["question"])) is not None
-    }
+    families = question_templates((q["question_id"], q["question"]) for q in questions["questions"])
     for r in (result, *compared.values()):
         r["perFamily"] = accuracy_by_group(r, families)
     print("\n== Shapes test-dev, official VQA accuracy: the model and what the question or the image alone answer ==")
@@ -337,6 +333,13 @@ def run(
             "first (the object related to it);\nchance: the share of the cells the object owns (% of questions)"
         )
         print(format_pointer_table(pointers))
+    counted = count_hits(model, world, test_dev)
+    if counted:
+        print(
+            f'\n== what the VQA head\'s count density counts ({counted["all"]["questions"]} test-dev "how many" '
+            "questions) ==\nexact: the density's sum, rounded, is the number of objects the world says match"
+        )
+        print(format_count_table(counted))
 
     print(
         f"\n== what the tokens the fusion reads know: linear probes on object patches ({PROBE_IMAGES} val images "
@@ -377,6 +380,7 @@ def run(
         "stage1": stage1,
         "prior_alignment": prior["val"],
         "pointers": pointers,
+        "count": counted,
         "probes": probes,
         "steering": steering,
         "examples": examples,

@@ -54,6 +54,9 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
     # where the object pointers land (the demo's VQA config reads them), each hop beside its chance
     assert report["pointers"]["all"]["questions"] > 0 and "object pointers land" in printed
     assert set(report["pointers"]["all"]) == {"questions", "hop 1", "hop 2", "chance 1", "chance 2"}
+    # and what its count density counts, by the number of objects the world says match
+    assert report["count"]["all"]["questions"] > 0 and "count density counts" in printed
+    assert set(report["count"]["all"]) == {"questions", "exact", "mean error"}
     # probes and steering printed and reported
     assert set(report["probes"]["bottom_up"]) == {"shape", "color", "position"}
     assert "tokens the fusion reads" in printed and "pointing bottom-up" in printed

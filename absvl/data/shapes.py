@@ -130,7 +130,7 @@ def _normalise_args(
 
 def _dump(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        f.write(json.dumps(obj))  # json.dumps encodes in C; json.dump streams through the pure-Python encoder
 
 
 def _write_world(root: Path, args: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ __all__ = [
     "human_answers",
     "question_candidates",
     "question_family",
+    "question_templates",
     "tokens",
 ]
 
@@ -160,6 +162,12 @@ def question_family(question: str) -> str | None:
     if _REL_WHAT.match(question):
         return "rel_what"
     return next((family for prefix, family in _FAMILY_PREFIXES if question.startswith(prefix)), None)
+
+
+def question_templates(questions: Iterable[tuple[Any, str]]) -> dict[Any, str]:
+    """``{question_id: the template of its family}`` (:data:`FAMILY_TEMPLATES`) for ``(question_id, text)`` pairs,
+    leaving out the texts no Shapes template wrote: the groups of ``metrics.vqa.accuracy_by_group``."""
+    return {qid: FAMILY_TEMPLATES[family] for qid, text in questions if (family := question_family(text)) is not None}
 
 
 def _wrong_answer(answer: str, rng: np.random.Generator) -> str:

@@ -131,9 +131,9 @@ class ShapesWorld:
     def mask_path(self, split: str, image_id: int) -> Path:
         return self.root / "masks" / image_folder(split) / f"{image_id:012d}.png"
 
-    @property
+    @functools.cached_property
     def relation_margin(self) -> float:
-        """Pixels by which centres must differ for a spatial relation to hold (its questions' margin)."""
+        """Pixels by which centres must differ for a spatial relation to hold (its questions' margin); read once."""
         return float(read_json(self.scenes_path, what="a Shapes world's scenes")["relation_margin"])
 
     def mask_of(self, image_path: str | Path, image_id: int) -> Path:

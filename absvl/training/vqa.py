@@ -191,14 +191,16 @@ class VQATask:
 
 def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
     """``VQADataset``'s ``object_masks`` and ``grid`` when a loss reads the question's objects (the prior loss's
-    object-level term, ``model.prior_object_weight > 0``; the pointers', ``model.pointer_loss_weight > 0``): the
-    objects come from a Shapes world's masks; other data has none."""
+    object-level term, ``model.prior_object_weight > 0``; the pointers', ``model.pointer_loss_weight > 0``; the
+    count density's, ``model.count_loss_weight > 0``): the objects come from a Shapes world's masks; other data has
+    none."""
     m = model.config
-    weights = [name for name in ("prior_object_weight", "pointer_loss_weight") if getattr(m, name) > 0]
+    names = ("prior_object_weight", "pointer_loss_weight", "count_loss_weight")
+    weights = [name for name in names if getattr(m, name) > 0]
     if not weights:
         return {}
-    named = " and ".join(f"model.{name}={getattr(m, name)}" for name in weights)
-    off = " and ".join(f"model.{name}=0" for name in weights)
+    named = _in_words([f"model.{name}={getattr(m, name)}" for name in weights])
+    off = _in_words([f"model.{name}=0" for name in weights])
     d = config.data
     if d.format != "vqav2" or not ShapesWorld.exists(d.root):
         raise ConfigError(
@@ -216,6 +218,11 @@ def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
     world = ShapesWorld.load(d.root)
     grid = (model.image_size // patch_embed.patch_size[0], model.image_size // patch_embed.patch_size[1])
     return {"object_masks": world.mask_of, "grid": grid}
+
+
+def _in_words(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def train_vqa(config: RunConfig, notify: Callable[[str], Any] | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from absvl.cli import main
+from absvl.data.shapes_text import question_templates
 from absvl.models.vl import AbsVLForQuestionAnswering, AbsVLModel, load_model
 from absvl.training.config import ConfigError, load_config
 from absvl.training.vqa import build_vqa_model, object_regions, train_vqa
@@ -197,7 +199,9 @@ def test_eval_and_predict_commands(tiny_overrides, shapes_root, tmp_path, capsys
         == 0
     )
     scores = json.loads(out.read_text())
-    assert set(scores) == {"overall", "perAnswerType", "perQuestionType", "skipped"} and scores["skipped"] == 0
+    # a Shapes world's questions also per family of their templates (checked value by value below)
+    assert set(scores) == {"overall", "perAnswerType", "perQuestionType", "perFamily", "skipped"}
+    assert scores["skipped"] == 0
     assert "overall" in capsys.readouterr().out.lower()
 
     submission = tmp_path / "test-dev.json"
@@ -259,8 +263,17 @@ def test_eval_counts_the_questions_whose_image_is_unreadable(shapes_root, tiny_o
     unreadable = sum(victim.name == f"COCO_val2014_{q['image_id']:012d}.jpg" for q in questions)
     out = tmp_path / "val.json"
     assert main(["eval", "vqa", "--model", export, "--data", str(world), "--split", "val", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["skipped"] == unreadable > 0
-    assert f"{unreadable} questions skipped (unreadable images): they score 0" in capsys.readouterr().out
+    scored = json.loads(out.read_text())
+    assert scored["skipped"] == unreadable > 0
+    printed = capsys.readouterr().out
+    assert f"{unreadable} questions skipped (unreadable images): they score 0" in printed
+    # a Shapes world's questions are also scored by the family of their template, each the mean of its questions
+    families = question_templates((q["question_id"], q["question"]) for q in questions)
+    assert set(scored["perFamily"]) == set(families.values()) and "question family" in printed
+    sizes = Counter(families.values())
+    assert len(families) == len(questions)  # every question has a family: their weighted mean is the overall
+    weighted = sum(scored["perFamily"][f] * n for f, n in sizes.items()) / len(questions)
+    assert weighted == pytest.approx(scored["overall"], abs=0.05)
     submission = tmp_path / "val-answers.json"
     assert (
         main(["predict", "vqa", "--model", export, "--data", str(world), "--split", "val", "--out", str(submission)])
@@ -275,8 +288,9 @@ def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_o
     world, coco = tmp_path / "world", tmp_path / "coco"  # coco/ holds train2014/ val2014/ test2015/
     shutil.copytree(shapes_root, world, ignore=shutil.ignore_patterns("images"))
     shutil.copytree(shapes_root / "images", coco)
-    # the prior loss's object term and the pointers' read the masks of a Shapes world that keeps its images: off here
-    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0"]
+    # the prior loss's object term, the pointers' and the count's read the masks of a Shapes world that keeps its
+    # images: off here
+    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0", "model.count_loss_weight=0"]
     overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2", *no_objects]
     with pytest.raises(FileNotFoundError, match="none of the first 20 images exists .*point data.images at the folder"):
         train_vqa(load_config(CONFIG, overrides))
@@ -366,6 +380,7 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
         "train.max_steps=2",
         "model.prior_object_weight=0",  # a Hub dataset does not know its objects
         "model.pointer_loss_weight=0",
+        "model.count_loss_weight=0",
     ]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
@@ -387,13 +402,14 @@ def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(sh
 
 # --------------------------------------------------------------------------- loss diagnostics, object regions
 # each loss term's weight (VQA's is 1) and the override that sets it
-WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1, "pointers": 0.7}
+WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1, "pointers": 0.7, "count": 0.4}
 WEIGHT_KEYS = {
     "var": "var_loss_weight",
     "prior": "prior_loss_weight",
     "prior_objects": "prior_object_weight",
     "gate": "gate_sparsity_weight",
     "pointers": "pointer_loss_weight",
+    "count": "count_loss_weight",
 }
 
 
@@ -411,7 +427,7 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         CONFIG, [*tiny_overrides, *weights, "train.max_steps=5", "train.log_every=2", "data.val_split=null"]
     )
     train_vqa(config)
-    terms = ["gate", "pointers", "prior", "prior_objects", "var", "vqa"]
+    terms = ["count", "gate", "pointers", "prior", "prior_objects", "var", "vqa"]
     assert measured == [terms] * 3  # the logged steps 2, 4 and the last one, not the others
     records = [r for r in map(json.loads, (Path(config.train.output_dir) / "log.jsonl").open()) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 5]
@@ -420,11 +436,11 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         # the logged loss is the step's loss: the weighted sum of its terms
         assert r["loss"] == pytest.approx(sum(WEIGHTS[t] * r[f"loss/{t}"] for t in terms), rel=1e-5)
         grads = {k: v for k, v in r.items() if k.startswith("grad/")}
-        reaching = ("vqa", "prior", "prior_objects", "pointers")
+        reaching = ("vqa", "prior", "prior_objects", "pointers", "count")
         assert {f"grad/{t}/{part}" for t in reaching for part in ("backbone", "text_encoder")} <= set(grads)
         assert set(grads) <= {f"grad/{t}/{part}" for t in terms for part in ("backbone", "text_encoder")}
         assert all(v >= 0 and np.isfinite(v) for v in grads.values())
-        for t in reaching:  # the answer, the prior and the pointers' supervision reach both encoders
+        for t in reaching:  # the answer, the prior and the pointers' and count's supervision reach both encoders
             assert grads[f"grad/{t}/backbone"] > 0 and grads[f"grad/{t}/text_encoder"] > 0, t
 
 
@@ -452,27 +468,34 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     scene = next(iter(world.load_scenes().values()))
     image = world.image_path(scene["split"], scene["image_id"])
     assert regions["object_masks"](str(image), scene["image_id"]) == world.mask_path(scene["split"], scene["image_id"])
-    off = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0", "model.pointer_loss_weight=0"])
+    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0", "model.count_loss_weight=0"]
+    off = load_config(CONFIG, [*tiny_overrides, *no_objects])
     assert object_regions(off, build_vqa_model(off, ["yes", "no"])) == {}
-    # the pointers' supervision reads the same objects
-    pointers = load_config(CONFIG, [*tiny_overrides, "model.prior_object_weight=0", "model.pointer_loss_weight=1"])
-    assert object_regions(pointers, build_vqa_model(pointers, ["yes", "no"]))["grid"] == (4, 4)
+    # the pointers' and the count's supervision read the same objects
+    for weight in ("model.pointer_loss_weight=1", "model.count_loss_weight=1"):
+        one = load_config(CONFIG, [*tiny_overrides, *no_objects, weight])
+        assert object_regions(one, build_vqa_model(one, ["yes", "no"]))["grid"] == (4, 4)
 
     # an official-format VQAv2 folder that is no Shapes world: refused with the key to change, before training
     plain = tmp_path / "vqav2"
     shutil.copytree(shapes_root, plain, ignore=shutil.ignore_patterns("shapes_meta.json", "masks"))
     refused = load_config(CONFIG, [*tiny_overrides, f"data.root={plain}", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(
-        ConfigError, match=r"model.prior_object_weight=1.0 and model.pointer_loss_weight=1.0 needs data"
+        ConfigError,
+        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0 and model.count_loss_weight=1.0 needs data",
     ):
         object_regions(refused, model)
-    with pytest.raises(ConfigError, match=r"set model.prior_object_weight=0 and model.pointer_loss_weight=0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"set model.prior_object_weight=0, model.pointer_loss_weight=0 and model.count_loss_weight=0",
+    ):
         train_vqa(refused)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
     # a backbone without patch tokens has no patch grid
     cnn = load_config(CONFIG, [*tiny_overrides, "model.backbone=tdam_resnet_test", "model.backbone_kwargs={}"])
     with pytest.raises(
-        ConfigError, match=r"model.prior_object_weight=1.0 and model.pointer_loss_weight=1.0 needs a ViT-family"
+        ConfigError,
+        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0 and model.count_loss_weight=1.0 needs a ViT",
     ):
         object_regions(cnn, build_vqa_model(cnn, ["yes", "no"]))
 

@@ -23,6 +23,7 @@ LOSS_WEIGHTS = (
     "itm_loss_weight",
     "gate_sparsity_weight",
     "pointer_loss_weight",
+    "count_loss_weight",
 )
 
 
@@ -66,6 +67,8 @@ class AbsVLConfig:
         vqa_pointers: the VQA head also reads two object pointers over the fused image tokens
             (``ObjectPointers``: hop 1 finds an object, hop 2 looks from it in a direction the question names) and
             the relation features of where they land; off: METER's head on the pooled pair alone.
+        vqa_counter: the VQA head also reads a count of the objects the question describes (``ObjectCounter``: a
+            density over the fused image tokens whose sum is the count).
         num_answers: VQA answer vocabulary size, set by ``AbsVLForQuestionAnswering`` (0 for the encoder and the
             retrieval model); the strings are in ``answers.json``.
         temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
@@ -84,6 +87,8 @@ class AbsVLConfig:
         pointer_loss_weight: weight of ``pointer_loss``, the object pointers' hops supervised by the question's
             objects (``vqa_pointers``; data that knows its objects, as ``prior_object_weight``); 0: the pointers
             learn from the answers alone.
+        count_loss_weight: weight of ``count_loss``, the count density supervised by the question's objects
+            (``vqa_counter``; data that knows its objects); 0: the density learns from the answers alone.
     """
 
     backbone: str = "absvit_base_patch16_224"
@@ -106,6 +111,7 @@ class AbsVLConfig:
     fusion_reads: str = "top_down"
     fusion_image_positions: bool = False
     vqa_pointers: bool = False
+    vqa_counter: bool = False
     num_answers: int = 0
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
@@ -115,6 +121,7 @@ class AbsVLConfig:
     itm_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
     pointer_loss_weight: float = 0.0
+    count_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prior_pooling not in PRIOR_POOLINGS:

@@ -8,23 +8,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .counting import CountDensity, ObjectCounter
 from .pointers import ObjectPointers, PointerHops
 
 
 class VQAHead(nn.Module):
     """METER's VQA classifier: 2H → 2H → LayerNorm → GELU → #answers; with ``pointers``
-    (:class:`ObjectPointers`), their features join the pooled pair at its input."""
+    (:class:`ObjectPointers`) and ``counter`` (:class:`ObjectCounter`), their features join the pooled pair at its
+    input."""
 
-    def __init__(self, in_features: int, num_answers: int, pointers: ObjectPointers | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_answers: int,
+        pointers: ObjectPointers | None = None,
+        counter: ObjectCounter | None = None,
+    ) -> None:
         super().__init__()
-        self.pointers = pointers
-        width = in_features + (pointers.num_features if pointers is not None else 0)
+        self.pointers, self.counter = pointers, counter
+        width = in_features + sum(m.num_features for m in (pointers, counter) if m is not None)
         self.fc1 = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width)
         self.fc2 = nn.Linear(width, num_answers)
 
-    def forward(self, pooled: torch.Tensor, hops: PointerHops | None = None) -> torch.Tensor:
-        x = pooled if hops is None else torch.cat([pooled, hops.features], dim=-1)
+    def forward(
+        self, pooled: torch.Tensor, hops: PointerHops | None = None, counts: CountDensity | None = None
+    ) -> torch.Tensor:
+        x = torch.cat([pooled, *(r.features for r in (hops, counts) if r is not None)], dim=-1)
         return self.fc2(F.gelu(self.norm(self.fc1(x))))
 
 

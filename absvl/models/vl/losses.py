@@ -129,14 +129,27 @@ def object_prior_loss(
     with torch.autocast(text.device.type, enabled=False):
         cos = F.normalize(tokens.float(), dim=-1) @ F.normalize(text.float(), dim=-1).unsqueeze(-1)
         logits = scale * cos.squeeze(-1)  # [B, P]
-        labels = target_objects.shape[1]
-        labelled = patch_objects >= 0
-        positive = target_objects.gather(1, patch_objects.long().clamp(0, labels - 1)) & labelled
-        negative = ~positive & labelled
-        on_positives = (F.softplus(-logits) * positive).sum(1) / positive.sum(1).clamp(min=1)
-        on_negatives = (F.softplus(logits) * negative).sum(1) / negative.sum(1).clamp(min=1)
-        rows = positive.any(1).float() + negative.any(1).float()
-        return ((on_positives + on_negatives) / rows.clamp(min=1)).mean()
+        return _balanced_sigmoid_loss(logits, patch_objects, target_objects)
+
+
+def _on_targets(patch_objects: torch.Tensor, target_objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, P]`` bool each: the cells an object of the question owns, and the labelled cells (owner ≥ 0)."""
+    labelled = patch_objects >= 0
+    labels = target_objects.shape[1]
+    return target_objects.gather(1, patch_objects.long().clamp(0, labels - 1)) & labelled, labelled
+
+
+def _balanced_sigmoid_loss(
+    logits: torch.Tensor, patch_objects: torch.Tensor, target_objects: torch.Tensor
+) -> torch.Tensor:
+    """Sigmoid cross-entropy of ``logits`` ``[B, P]`` against "the cell is on one of the question's objects", its
+    positive and negative cells weighted equally in each row, averaged over the rows."""
+    positive, labelled = _on_targets(patch_objects, target_objects)
+    negative = ~positive & labelled
+    on_positives = (F.softplus(-logits) * positive).sum(1) / positive.sum(1).clamp(min=1)
+    on_negatives = (F.softplus(logits) * negative).sum(1) / negative.sum(1).clamp(min=1)
+    rows = positive.any(1).float() + negative.any(1).float()
+    return ((on_positives + on_negatives) / rows.clamp(min=1)).mean()
 
 
 def pointer_loss(logits: torch.Tensor, patch_objects: torch.Tensor, pointer_objects: torch.Tensor) -> torch.Tensor:
@@ -149,3 +162,21 @@ def pointer_loss(logits: torch.Tensor, patch_objects: torch.Tensor, pointer_obje
         on_object = (patch_objects[:, None, :] == pointer_objects[..., None]) & (pointer_objects[..., None] > 0)
         target = on_object.float() / on_object.sum(-1, keepdim=True).clamp(min=1)
         return -(target * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def count_loss(
+    membership: torch.Tensor, share: torch.Tensor, patch_objects: torch.Tensor, target_objects: torch.Tensor
+) -> torch.Tensor:
+    """Supervision of the count density (``ObjectCounter``): the membership logits ``[B, P]`` against the cells of
+    the question's objects (``target_objects`` ``[B, K]``, bool by label; a balanced sigmoid cross-entropy, as
+    ``object_prior_loss``), plus, for every object of the image (``patch_objects`` ``[B, P]``, 0 background), the
+    squared error of its cells' summed ``share`` to 1: each object counts once, whatever its size. Means per row,
+    so that shards of a batch average to the whole batch's. In fp32."""
+    with torch.autocast(membership.device.type, enabled=False):
+        members = _balanced_sigmoid_loss(membership.float(), patch_objects, target_objects)
+        labels = max(int(patch_objects.max()) + 1, 1) if patch_objects.numel() else 1
+        owners = F.one_hot(patch_objects.long().clamp(min=0), labels).float() * (patch_objects >= 0)[..., None]
+        per_object = torch.einsum("bp,bpk->bk", share.float(), owners)[:, 1:]  # [B, objects]
+        present = owners.sum(1)[:, 1:] > 0
+        errors = ((per_object - 1) ** 2 * present).sum(1) / present.sum(1).clamp(min=1)
+        return members + errors.mean()

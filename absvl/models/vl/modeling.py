@@ -59,6 +59,7 @@ _LOSS_WEIGHT_FIELDS = {
     "prior_objects": "prior_object_weight",
     "gate": "gate_sparsity_weight",
     "pointers": "pointer_loss_weight",
+    "count": "count_loss_weight",
 }
 
 
@@ -69,7 +70,7 @@ class AbsVLModelOutput(ModelOutput):
 
     Attributes:
         loss: weighted total of ``losses``, when a loss was asked for.
-        losses: the unweighted terms: the task's (``vqa`` and ``pointers``, ``itm``) and the encoder's: ``var`` (training mode,
+        losses: the unweighted terms: the task's (``vqa``, ``pointers`` and ``count``, ``itm``) and the encoder's: ``var`` (training mode,
             backbones with a feedback path), ``prior``, ``prior_objects``, ``gate`` (with ``gate_sparsity_weight > 0``).
         pooled: ``[B, 2H]`` fused [text; image] pooled pair.
         text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from ...io import read_json
 from ..vision import BackboneOutput
 from .configuration import AbsVLConfig
+from .counting import ObjectCounter
 from .heads import ITMHead, VQAHead
-from .losses import pointer_loss, vqa_loss
+from .losses import count_loss, pointer_loss, vqa_loss
 from .modeling import AbsVLModel, AbsVLModelOutput, init_new_weights
 from .pointers import ObjectPointers
 from .pretrained import ANSWERS_NAME, HEAD_PREFIXES, SavedModel
@@ -26,10 +27,12 @@ from .pretrained import ANSWERS_NAME, HEAD_PREFIXES, SavedModel
 @dataclass
 class AbsVLQuestionAnsweringOutput(AbsVLModelOutput):
     """:class:`AbsVLModelOutput` with ``vqa_logits`` ``[B, num_answers]``; ``losses["vqa"]`` with labels; with
-    ``vqa_pointers``, ``pointer_logits`` ``[B, 2, h·w]`` (each hop's attention logits over the spatial tokens)."""
+    ``vqa_pointers``, ``pointer_logits`` ``[B, 2, h·w]`` (each hop's attention logits over the spatial tokens); with
+    ``vqa_counter``, ``count_density`` ``[B, h·w]`` (its sum over the cells is the count of the question's objects)."""
 
     vqa_logits: torch.Tensor | None = None
     pointer_logits: torch.Tensor | None = None
+    count_density: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,11 +57,17 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         self.config = replace(self.config, num_answers=len(answers))
         self.answers = list(answers)
         pointers = ObjectPointers(config.fusion_hidden_size) if config.vqa_pointers else None
-        self.vqa_head = VQAHead(2 * config.fusion_hidden_size, len(answers), pointers)
+        counter = ObjectCounter(config.fusion_hidden_size) if config.vqa_counter else None
+        self.vqa_head = VQAHead(2 * config.fusion_hidden_size, len(answers), pointers, counter)
         self.vqa_head.apply(init_new_weights)
 
     def head_description(self) -> str:
-        pointers = ", reads two object pointers" if self.vqa_head.pointers is not None else ""
+        reads = [
+            name
+            for name, module in (("two object pointers", self.vqa_head.pointers), ("a count", self.vqa_head.counter))
+            if module is not None
+        ]
+        pointers = f", reads {' and '.join(reads)}" if reads else ""
         return (
             f"VQA ({len(self.answers)} answers{pointers}); prior loss on {self.config.prior_visual} tokens in the gate's "
             "space"
@@ -98,28 +107,35 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
         """The encoder's forward and the answer logits. ``labels``: ``[B, num_answers]`` soft VQA scores →
         ``losses["vqa"]``; ``return_loss`` defaults to whether they are given. ``pointer_objects``: ``[B, 2]`` the
         object labels hop 1 and hop 2 of the pointers should land on (0: none; ``VQACollator``), with
-        ``patch_objects`` → ``losses["pointers"]`` (``pointer_loss_weight``). ``encoder_inputs``: the encoder's
+        ``patch_objects`` → ``losses["pointers"]`` (``pointer_loss_weight``); ``patch_objects`` and
+        ``target_objects`` → ``losses["count"]`` (``count_loss_weight``). ``encoder_inputs``: the encoder's
         other keyword inputs (``prior_positive``, ``patch_objects``, ``target_objects``, ``return_maps``,
         ``image_index``; see :meth:`AbsVLModel.forward`)."""
         return_loss = labels is not None if return_loss is None else return_loss
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = super().forward(images, input_ids, attention_mask, return_loss=return_loss, **encoder_inputs)
-        hops = None
+        hops = counts = None
+        spatial = out.image_tokens[:, out.vision.num_prefix_tokens :]
         if self.vqa_head.pointers is not None:
-            spatial = out.image_tokens[:, out.vision.num_prefix_tokens :]
             question = out.pooled[:, : self.config.fusion_hidden_size]
             hops = self.vqa_head.pointers(out.text_tokens, attention_mask, spatial, out.vision.grid_size, question)
-        logits = self.vqa_head(out.pooled, hops)
+        if self.vqa_head.counter is not None:
+            counts = self.vqa_head.counter(out.text_tokens, attention_mask, spatial)
+        logits = self.vqa_head(out.pooled, hops, counts)
         task_loss = {"vqa": vqa_loss(logits, labels)} if labels is not None else {}
-        patch_objects = encoder_inputs.get("patch_objects")
+        patch_objects, target_objects = encoder_inputs.get("patch_objects"), encoder_inputs.get("target_objects")
         if return_loss and hops is not None and self.config.pointer_loss_weight > 0:
             if pointer_objects is not None and patch_objects is not None:
                 task_loss["pointers"] = pointer_loss(hops.logits, patch_objects, pointer_objects)
+        if return_loss and counts is not None and self.config.count_loss_weight > 0:
+            if patch_objects is not None and target_objects is not None:
+                task_loss["count"] = count_loss(counts.membership, counts.share, patch_objects, target_objects)
         return AbsVLQuestionAnsweringOutput(
             **self.with_task_loss(out, task_loss, return_loss),
             vqa_logits=logits,
             pointer_logits=None if hops is None else hops.logits,
+            count_density=None if counts is None else counts.density,
         )
 
 

@@ -117,7 +117,8 @@ def pretrain_masked_lm(
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps))
-    encoded = [tokenizer(text) for text in texts]
+    batch = tokenizer(texts)  # one call: the fast tokenizer encodes the corpus in parallel
+    encoded = [{key: batch[key][i] for key in batch} for i in range(len(texts))]
     head.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):

@@ -88,3 +88,63 @@ def paper_loss(out, config, **extra):
     task = out.losses["vqa"] if "vqa" in out.losses else config.itm_loss_weight * out.losses["itm"]
     total = task + config.var_loss_weight * out.losses["var"] + config.prior_loss_weight * out.losses["prior"]
     return total + sum(weight * out.losses[name] for name, weight in extra.items())
+
+
+@pytest.fixture
+def two_objects():
+    """``two_objects(model, rows=4)`` → ``patch_objects`` ``[rows, cells]`` on the model's patch grid: object 1 owns the
+    first three cells, object 2 the last two, the background the rest."""
+
+    def make(model, rows=4):
+        grid = model.backbone.patch_embed.grid_size
+        patch_objects = torch.zeros(rows, grid[0] * grid[1], dtype=torch.long)
+        patch_objects[:, :3] = 1
+        patch_objects[:, -2:] = 2
+        return patch_objects
+
+    return make
+
+
+@pytest.fixture
+def check_head_part(tmp_path):
+    """``check_head_part(model, module, batch, logits)``: ``module`` of the VQA head trains at the heads' learning rate
+    and is saved and loaded with the head (the loaded model answers ``batch`` with ``logits``)."""
+
+    def check(model, module, batch, logits):
+        heads = {id(p) for g in model.parameter_groups(1e-3) if g["name"].startswith("heads/") for p in g["params"]}
+        assert all(id(p) in heads for p in module.parameters())
+        model.save_pretrained(tmp_path / "head_part")
+        loaded = AbsVLForQuestionAnswering.from_pretrained(tmp_path / "head_part").eval()
+        torch.testing.assert_close(loaded(**batch).vqa_logits, logits)
+        return loaded
+
+    return check
+
+
+@pytest.fixture
+def check_loss_term():
+    """``check_loss_term(model, out, name, expected, weight)``: ``out.losses[name]`` is ``expected`` and enters the
+    total at ``weight``."""
+
+    def check(model, out, name, expected, weight):
+        torch.testing.assert_close(out.losses[name], expected)
+        weighted = model.weighted_losses(out.losses)
+        torch.testing.assert_close(weighted[name], weight * expected)
+        torch.testing.assert_close(out.loss, sum(weighted.values()))
+
+    return check
+
+
+@pytest.fixture
+def check_head_reads():
+    """``check_head_reads(model, plain, part, words)``: ``model``'s VQA head has ``part`` (an attribute) where METER's
+    ``plain`` one has none, the model's description says ``words`` (the plain one's does not), and the head's input
+    grows by the part's features."""
+
+    def check(model, plain, part, words):
+        assert getattr(plain.vqa_head, part) is None and getattr(model.vqa_head, part) is not None
+        assert words in model.head_description() and words not in plain.head_description()
+        hidden = model.config.fusion_hidden_size
+        assert model.vqa_head.fc1.in_features == 2 * hidden + getattr(model.vqa_head, part).num_features
+
+    return check

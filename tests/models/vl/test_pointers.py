@@ -95,36 +95,22 @@ def test_pointer_loss_is_the_cross_entropy_to_each_hop_s_object_averaged_per_row
     torch.testing.assert_close(halves, pointer_loss(logits, patch_objects, pointers))
 
 
-def test_the_vqa_model_reads_the_pointers_and_trains_them_on_the_question_s_objects(make_model, make_batch, tmp_path):
-    from absvl.models.vl import AbsVLForQuestionAnswering
-
+def test_the_vqa_model_reads_the_pointers_and_trains_them_on_the_question_s_objects(
+    make_model, make_batch, two_objects, check_head_reads, check_loss_term, check_head_part
+):
     model = make_model(vqa_pointers=True, pointer_loss_weight=0.5).eval()
     plain = make_model().eval()
-    assert plain.vqa_head.pointers is None and model.vqa_head.pointers is not None
-    assert "object pointers" in model.head_description() and "pointers" not in plain.head_description()
-    assert model.vqa_head.fc1.in_features == 2 * 32 + model.vqa_head.pointers.num_features
-    batch = make_batch(model)
-    grid = model.backbone.patch_embed.grid_size
-    cells = grid[0] * grid[1]
-    patch_objects = torch.zeros(4, cells, dtype=torch.long)
-    patch_objects[:, :3] = 1
-    patch_objects[:, -2:] = 2
+    check_head_reads(model, plain, "pointers", "object pointers")
+    batch, patch_objects = make_batch(model), two_objects(model)
     pointer_objects = torch.tensor([[2, 1], [1, 1], [0, 0], [2, 2]])
     out = model(**batch, patch_objects=patch_objects, pointer_objects=pointer_objects)
-    assert out.pointer_logits.shape == (4, 2, cells)
+    assert out.pointer_logits.shape == (4, 2, patch_objects.shape[1])
     expected = pointer_loss(out.pointer_logits, patch_objects, pointer_objects)
-    torch.testing.assert_close(out.losses["pointers"], expected)
-    weighted = model.weighted_losses(out.losses)
-    torch.testing.assert_close(weighted["pointers"], 0.5 * expected)
-    torch.testing.assert_close(out.loss, sum(weighted.values()))
+    check_loss_term(model, out, "pointers", expected, 0.5)
     # no objects given, or weight 0: no pointer term; the default head has no pointers to report
     assert "pointers" not in model(**batch).losses
     unweighted = make_model(vqa_pointers=True)
     assert "pointers" not in unweighted(**batch, patch_objects=patch_objects, pointer_objects=pointer_objects).losses
     assert plain(**batch).pointer_logits is None
     # the pointers are part of the VQA head: the heads' learning rate, saved and loaded with it
-    heads = {id(p) for g in model.parameter_groups(1e-3) if g["name"].startswith("heads/") for p in g["params"]}
-    assert all(id(p) in heads for p in model.vqa_head.pointers.parameters())
-    model.save_pretrained(tmp_path / "m")
-    loaded = AbsVLForQuestionAnswering.from_pretrained(tmp_path / "m").eval()
-    torch.testing.assert_close(loaded(**batch).vqa_logits, out.vqa_logits)
+    check_head_part(model, model.vqa_head.pointers, batch, out.vqa_logits)
