@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pointers import pool_text
+
 
 @dataclass
 class CountDensity:
@@ -66,8 +68,7 @@ class ObjectCounter(nn.Module):
     ) -> CountDensity:
         """``text_tokens`` ``[B, T, H]`` (``attention_mask`` ``[B, T]``), ``image_tokens`` ``[B, N, H]`` the fused
         spatial tokens."""
-        role = self.role(text_tokens).masked_fill(~attention_mask.bool()[..., None], float("-inf")).softmax(dim=1)
-        query = self.query((role * text_tokens).sum(1))  # [B, H]
+        query = self.query(pool_text(self.role, text_tokens, attention_mask)[:, 0])  # [B, H]
         membership = torch.einsum("bh,bnh->bn", query, self.key(image_tokens)) / math.sqrt(self.hidden_size)
         share = F.softplus(self.share(image_tokens).squeeze(-1))
         count = (membership.sigmoid() * share).sum(-1, keepdim=True)

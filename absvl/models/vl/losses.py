@@ -169,12 +169,12 @@ def count_loss(
 ) -> torch.Tensor:
     """Supervision of the count density (``ObjectCounter``): the membership logits ``[B, P]`` against the cells of
     the question's objects (``target_objects`` ``[B, K]``, bool by label; a balanced sigmoid cross-entropy, as
-    ``object_prior_loss``), plus, for every object of the image (``patch_objects`` ``[B, P]``, 0 background), the
-    squared error of its cells' summed ``share`` to 1: each object counts once, whatever its size. Means per row,
-    so that shards of a batch average to the whole batch's. In fp32."""
+    ``object_prior_loss``; ``K`` covers every label of ``patch_objects``), plus, for every object of the image
+    (``patch_objects`` ``[B, P]``, 0 background), the squared error of its cells' summed ``share`` to 1: each object
+    counts once, whatever its size. Means per row, so that shards of a batch average to the whole batch's. In fp32."""
     with torch.autocast(membership.device.type, enabled=False):
         members = _balanced_sigmoid_loss(membership.float(), patch_objects, target_objects)
-        labels = max(int(patch_objects.max()) + 1, 1) if patch_objects.numel() else 1
+        labels = target_objects.shape[1]  # every label of the batch (``VQACollator``): no device sync for a max
         owners = F.one_hot(patch_objects.long().clamp(min=0), labels).float() * (patch_objects >= 0)[..., None]
         per_object = torch.einsum("bp,bpk->bk", share.float(), owners)[:, 1:]  # [B, objects]
         present = owners.sum(1)[:, 1:] > 0

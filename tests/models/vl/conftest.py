@@ -136,15 +136,18 @@ def check_loss_term():
 
 
 @pytest.fixture
-def check_head_reads():
-    """``check_head_reads(model, plain, part, words)``: ``model``'s VQA head has ``part`` (an attribute) where METER's
-    ``plain`` one has none, the model's description says ``words`` (the plain one's does not), and the head's input
-    grows by the part's features."""
+def reading_head(make_model, make_batch, two_objects):
+    """``reading_head(part, words, **config)`` → ``(model, plain, batch, patch_objects)``: a VQA model in eval mode
+    whose head has ``part`` (an attribute; ``config``: the overrides that add it) and METER's ``plain`` one, checked:
+    only the model's head has the part, only its description says ``words``, and the head's input grows by the
+    part's features; a batch for them and ``two_objects`` on their grid."""
 
-    def check(model, plain, part, words):
+    def make(part, words, **config):
+        model, plain = make_model(**config).eval(), make_model().eval()
         assert getattr(plain.vqa_head, part) is None and getattr(model.vqa_head, part) is not None
         assert words in model.head_description() and words not in plain.head_description()
         hidden = model.config.fusion_hidden_size
         assert model.vqa_head.fc1.in_features == 2 * hidden + getattr(model.vqa_head, part).num_features
+        return model, plain, make_batch(model), two_objects(model)
 
-    return check
+    return make

@@ -65,12 +65,9 @@ def test_count_loss_is_the_balanced_membership_loss_plus_each_object_s_share_err
 
 
 def test_the_vqa_model_reads_the_count_and_trains_it_on_the_question_s_objects(
-    make_model, make_batch, two_objects, check_head_reads, check_loss_term, check_head_part
+    make_model, reading_head, check_loss_term, check_head_part
 ):
-    model = make_model(vqa_counter=True, count_loss_weight=0.5).eval()
-    plain = make_model().eval()
-    check_head_reads(model, plain, "counter", "a count")
-    batch, patch_objects = make_batch(model), two_objects(model)
+    model, plain, batch, patch_objects = reading_head("counter", "a count", vqa_counter=True, count_loss_weight=0.5)
     target_objects = F.one_hot(torch.tensor([1, 2, 0, 1]), 3).bool()  # the question's objects by label...
     target_objects[:, 0] = False  # ...the background is none
     out = model(**batch, patch_objects=patch_objects, target_objects=target_objects)

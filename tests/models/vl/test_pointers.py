@@ -96,12 +96,11 @@ def test_pointer_loss_is_the_cross_entropy_to_each_hop_s_object_averaged_per_row
 
 
 def test_the_vqa_model_reads_the_pointers_and_trains_them_on_the_question_s_objects(
-    make_model, make_batch, two_objects, check_head_reads, check_loss_term, check_head_part
+    make_model, reading_head, check_loss_term, check_head_part
 ):
-    model = make_model(vqa_pointers=True, pointer_loss_weight=0.5).eval()
-    plain = make_model().eval()
-    check_head_reads(model, plain, "pointers", "object pointers")
-    batch, patch_objects = make_batch(model), two_objects(model)
+    model, plain, batch, patch_objects = reading_head(
+        "pointers", "object pointers", vqa_pointers=True, pointer_loss_weight=0.5
+    )
     pointer_objects = torch.tensor([[2, 1], [1, 1], [0, 0], [2, 2]])
     out = model(**batch, patch_objects=patch_objects, pointer_objects=pointer_objects)
     assert out.pointer_logits.shape == (4, 2, patch_objects.shape[1])
