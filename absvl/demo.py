@@ -355,7 +355,7 @@ def run(
     steering = steering_scores(model, world, split, pairs)
     print(
         f"\n== does the question steer the backbone? {len(pairs)} question pairs on {STEERING_IMAGES} test-dev images ==\n"
-        "paired: a map's share on object A under a question about A / under a question about B, median (mean);\n"
+        "paired: a map's share on object A under a question naming A / under one naming B, median (mean);\n"
         "pointing: questions whose map peaks on one of their objects. Maps: gate = the prior gate ξ opens (what the\n"
         "prior loss trains), bottom-up = the first pass (no question: the baseline), top-down = the second pass,\n"
         "fusion = how much the second pass changed each token the fusion reads"

@@ -230,10 +230,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{_chance(chance.get('all'))} % on all families. **Paired**: median over the questions of the map's share "
         "on the objects only this question names, under it / under the pair's other question (1.00: the question "
         "changes nothing). Maps: token norms after the block at 3/4 of the depth in the first (BU) and second (TD) "
-        "pass; fusion: how much the top-down pass changed each token the fusion reads; gate: the prior gate "
-        "`clamp(cos(ξ, z_i), 0, 1)`, the map the prior alignment and the object-level prior term train (so it "
-        "flatters; a diagnostic, not the steering score). “—”: the variant has no such map (no top-down pass: its "
-        "one map is the bottom-up one; no prior gate)."
+        "pass; fusion: how much the top-down pass changed each token the fusion reads (the map "
+        "`topdown_object_loss` trains where `model.topdown_object_weight` > 0); gate: the prior gate "
+        "`clamp(cos(ξ, z_i), 0, 1)`, the map the prior alignment and the object-level prior term train. A trained "
+        "map scored on held-out images and questions shows that its term generalises, not that the steering came "
+        "for free. “—”: the variant has no such map (no top-down pass: its one map is the bottom-up one; no prior "
+        "gate)."
         + (
             f" Other block: BU / TD pointing with the maps after block {extra} (Python index)."
             if extra is not None

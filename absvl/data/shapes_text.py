@@ -87,11 +87,14 @@ def _unique_descs(objects: list[dict], obj: dict, exclude: str | None = None) ->
 
 
 def question_candidates(objects: list[dict], family: str, margin: float, rng: np.random.Generator) -> list[dict]:
-    """All questions of ``family`` that are unambiguous for this scene, with answers and targets."""
+    """All questions of ``family`` that are unambiguous for this scene, with answers, targets (the objects the
+    question is about) and ``named`` (those of them its words describe: all but the answer object of "what <attr> is
+    the object <relation> the <object>?", which the question finds only through the relation)."""
     out: list[dict] = []
 
-    def add(question, answer, targets, qtype, atype):
-        out.append(dict(question=question, answer=answer, targets=list(targets), qtype=qtype, atype=atype))
+    def add(question, answer, targets, qtype, atype, named=None):
+        named = list(targets if named is None else named)
+        out.append(dict(question=question, answer=answer, targets=list(targets), named=named, qtype=qtype, atype=atype))
 
     if family == "color":
         for o in objects:
@@ -141,7 +144,7 @@ def question_candidates(objects: list[dict], family: str, margin: float, rng: np
                         targets = [a["index"], b["index"]]
                         for attr in ("color", "shape"):
                             q = f"what {attr} is the object {rel} the {ref_b}?"
-                            add(q, a[attr], targets, f"what {attr} is the", "other")
+                            add(q, a[attr], targets, f"what {attr} is the", "other", named=[b["index"]])
     else:
         raise ValueError(family)
     return out

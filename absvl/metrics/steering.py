@@ -4,9 +4,11 @@ Both compare maps of one image under different questions, so a map that prefers 
 one object whatever is asked, scores no steering:
 
 - **paired**: an image with two questions of one family that name different objects, A and B (the
-  objects only one of the two questions is about). The map's share of its mass on A under question A,
+  objects only one of the two questions names). The map's share of its mass on A under question A,
   divided by its share on A under question B (and the same for B). 1 = the question changes nothing; the
-  medians and means over all such ratios are reported.
+  medians and means over all such ratios are reported. "What color is the object left of the circle?"
+  names the circle, not the object it asks about: that one is found through the relation, which no map
+  computed before the question is answered can know.
 - **pointing**: the share of questions whose map peaks on one of the question's objects (a cell that
   the objects cover for at least a quarter). The bottom-up map, which no question changes, is the baseline
   beside it, and ``chance`` the share of cells that the objects cover.
@@ -18,7 +20,7 @@ no question changes it); ``top_down`` (the second pass's token norms, the map Ab
 ``fusion``: how much the top-down pass changed each token the fusion reads, ``‖n(z_td) − n(z_bu)‖`` with
 ``n`` the tokens' final norm (``AbsVLModel.fusion_image_tokens``). The fusion reads normalised tokens, so
 the norm of what it reads does not move: what the question changes there, and where, is the second
-pass's effect on the answer.
+pass's effect on the answer (and the map that ``topdown_object_loss`` trains, when its weight is on).
 
 The question pairs come from the world's own question generator (``absvl.data.shapes_text``), so they
 are questions of the training distribution, with the same wording and the same objects named.
@@ -45,8 +47,9 @@ POINTING_COVER = 0.25  # a map cell is on an object when the object covers this 
 def steering_pairs(world: Any, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Question pairs of every family for the images of ``split`` (the first ``limit`` that have two or
     more objects): ``{"image_id", "family", "questions": [qa, qb], "answers": [..], "targets": [[..], [..]],
-    "only": [A, B]}`` where ``targets`` are each question's objects (indices) and ``only`` the objects
-    that one question is about and the other not (both non-empty). Deterministic in ``seed``."""
+    "named": [[..], [..]], "only": [A, B]}`` where ``targets`` are each question's objects (indices), ``named``
+    those its words describe and ``only`` the objects that one question names and the other not (both non-empty).
+    Deterministic in ``seed``."""
     scenes = sorted((s for s in world.load_scenes().values() if s["split"] == split), key=lambda s: s["image_id"])
     margin = world.relation_margin
     pairs: list[dict[str, Any]] = []
@@ -67,7 +70,7 @@ def steering_pairs(world: Any, split: str, limit: int | None = None, seed: int =
             found = None
             for i in order:
                 for j in order:
-                    a, b = set(candidates[i]["targets"]), set(candidates[j]["targets"])
+                    a, b = set(candidates[i]["named"]), set(candidates[j]["named"])
                     if a - b and b - a:
                         found = (candidates[i], candidates[j])
                         break
@@ -83,10 +86,8 @@ def steering_pairs(world: Any, split: str, limit: int | None = None, seed: int =
                     "questions": [qa["question"], qb["question"]],
                     "answers": [qa["answer"], qb["answer"]],
                     "targets": [sorted(qa["targets"]), sorted(qb["targets"])],
-                    "only": [
-                        sorted(set(qa["targets"]) - set(qb["targets"])),
-                        sorted(set(qb["targets"]) - set(qa["targets"])),
-                    ],
+                    "named": [sorted(qa["named"]), sorted(qb["named"])],
+                    "only": [sorted(set(qa["named"]) - set(qb["named"])), sorted(set(qb["named"]) - set(qa["named"]))],
                 }
             )
     return pairs

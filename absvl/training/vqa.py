@@ -192,10 +192,10 @@ class VQATask:
 def object_regions(config: RunConfig, model: AbsVLModel) -> dict[str, Any]:
     """``VQADataset``'s ``object_masks`` and ``grid`` when a loss reads the question's objects (the prior loss's
     object-level term, ``model.prior_object_weight > 0``; the pointers', ``model.pointer_loss_weight > 0``; the
-    count density's, ``model.count_loss_weight > 0``): the objects come from a Shapes world's masks; other data has
-    none."""
+    count density's, ``model.count_loss_weight > 0``; the top-down pass's, ``model.topdown_object_weight > 0``): the
+    objects come from a Shapes world's masks; other data has none."""
     m = model.config
-    names = ("prior_object_weight", "pointer_loss_weight", "count_loss_weight")
+    names = ("prior_object_weight", "pointer_loss_weight", "count_loss_weight", "topdown_object_weight")
     weights = [name for name in names if getattr(m, name) > 0]
     if not weights:
         return {}

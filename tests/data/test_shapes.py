@@ -216,6 +216,13 @@ def test_question_family_reads_every_template_back():
         for family in shapes_text.FAMILIES:
             for candidate in shapes_text.question_candidates(objects, family, margin, rng):
                 assert shapes_text.question_family(candidate["question"]) == family, candidate["question"]
+                # the objects a question's words describe: all of its objects but a relational question's answer
+                if family == "rel_what":
+                    (named,) = candidate["named"]
+                    noun = candidate["question"].rstrip("?").split()[-1]  # "... left of the red circle?"
+                    assert named == candidate["targets"][1] and noun in (objects[named]["shape"], "object")
+                else:
+                    assert candidate["named"] == candidate["targets"]
     assert shapes_text.question_family("what is the man holding?") is None
     # "what color is the" holds two families: the relational one names no attribute of its object
     assert shapes_text.question_family("what color is the object left of the red circle?") == "rel_what"

@@ -103,8 +103,11 @@ def test_steering_pairs_name_different_objects(world):
     for p in pairs:
         objects = scenes[p["image_id"]]["objects"]
         assert len(p["questions"]) == len(p["answers"]) == len(p["targets"]) == len(p["only"]) == 2
-        a, b = (set(t) for t in p["targets"])
-        assert p["only"] == [sorted(a - b), sorted(b - a)]
+        a, b = (set(t) for t in p["named"])
+        assert p["only"] == [sorted(a - b), sorted(b - a)]  # the objects one question names and the other not
+        for named, targets in zip(p["named"], p["targets"]):
+            # "what color is the object left of the circle?" is about two objects and names one: the circle
+            assert set(named) <= set(targets) and len(named) == (1 if p["family"] == "rel_what" else len(targets))
         assert p["only"][0] and p["only"][1] and not set(p["only"][0]) & set(p["only"][1])
         assert all(t == sorted(t) and set(t) <= {o["index"] for o in objects} for t in p["targets"])
         assert p["questions"][0] != p["questions"][1]
@@ -113,8 +116,10 @@ def test_steering_pairs_name_different_objects(world):
         # the world's own questions: each with its answer and objects among the scene's candidates
         rng = np.random.default_rng([0, p["image_id"], list(FAMILIES).index(p["family"])])
         candidates = {c["question"]: c for c in question_candidates(objects, p["family"], world.relation_margin, rng)}
-        for question, answer, targets in zip(p["questions"], p["answers"], p["targets"]):
-            assert candidates[question]["answer"] == answer and sorted(candidates[question]["targets"]) == targets
+        for question, answer, targets, named in zip(p["questions"], p["answers"], p["targets"], p["named"]):
+            candidate = candidates[question]
+            assert candidate["answer"] == answer and sorted(candidate["targets"]) == targets
+            assert sorted(candidate["named"]) == named
     # one pair per (image, family) at most
     keys = [(p["image_id"], p["family"]) for p in pairs]
     assert len(keys) == len(set(keys))

@@ -169,10 +169,11 @@ def test_a_prior_checkpoint_exports_as_a_prior_run_and_vqa_starts_from_it(prior_
     assert type(finetuned) is AbsVLForQuestionAnswering and finetuned.config.prior_object_weight == 0.5
     record = [r for r in _log(tmp_path / "vqa") if "loss" in r][-1]
     # the export's VQA head reads the object pointers and the count (configs/shapes_prior.yaml): their losses at the
-    # run's weight 1
+    # run's weight 1; the second pass's change held to the question's objects at the run's 0.3
     assert finetuned.vqa_head.pointers is not None and finetuned.config.pointer_loss_weight == 1.0
     assert finetuned.vqa_head.counter is not None and finetuned.config.count_loss_weight == 1.0
-    objects = record["loss/pointers"] + record["loss/count"]
+    assert finetuned.config.topdown_object_weight == 0.3
+    objects = record["loss/pointers"] + record["loss/count"] + 0.3 * record["loss/topdown_objects"]
     assert record["loss"] == pytest.approx(
         record["loss/vqa"] + 0.3 * record["loss/var"] + 0.5 * record["loss/prior_objects"] + objects, rel=1e-5
     )

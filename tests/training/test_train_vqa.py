@@ -288,9 +288,14 @@ def test_images_kept_elsewhere_are_found_through_data_images(shapes_root, tiny_o
     world, coco = tmp_path / "world", tmp_path / "coco"  # coco/ holds train2014/ val2014/ test2015/
     shutil.copytree(shapes_root, world, ignore=shutil.ignore_patterns("images"))
     shutil.copytree(shapes_root / "images", coco)
-    # the prior loss's object term, the pointers' and the count's read the masks of a Shapes world that keeps its
-    # images: off here
-    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0", "model.count_loss_weight=0"]
+    # the object-level terms (the prior's, the pointers', the count's, the top-down pass's) read the masks of a
+    # Shapes world that keeps its images: off here
+    no_objects = [
+        "model.prior_object_weight=0",
+        "model.pointer_loss_weight=0",
+        "model.count_loss_weight=0",
+        "model.topdown_object_weight=0",
+    ]
     overrides = [*tiny_overrides, f"data.root={world}", "train.max_steps=2", *no_objects]
     with pytest.raises(FileNotFoundError, match="none of the first 20 images exists .*point data.images at the folder"):
         train_vqa(load_config(CONFIG, overrides))
@@ -381,6 +386,7 @@ def test_a_hub_style_dataset_repository_trains_with_a_column_mapping(
         "model.prior_object_weight=0",  # a Hub dataset does not know its objects
         "model.pointer_loss_weight=0",
         "model.count_loss_weight=0",
+        "model.topdown_object_weight=0",
     ]
     summary = train_vqa(load_config(CONFIG, overrides))
     assert summary["step"] == 2 and summary["skipped"] == 0 and summary["val"]["overall"] >= 0
@@ -402,7 +408,16 @@ def test_a_question_without_a_prediction_scores_zero_in_validation_as_in_eval(sh
 
 # --------------------------------------------------------------------------- loss diagnostics, object regions
 # each loss term's weight (VQA's is 1) and the override that sets it
-WEIGHTS = {"vqa": 1.0, "var": 0.3, "prior": 0.5, "prior_objects": 1.0, "gate": 0.1, "pointers": 0.7, "count": 0.4}
+WEIGHTS = {
+    "vqa": 1.0,
+    "var": 0.3,
+    "prior": 0.5,
+    "prior_objects": 1.0,
+    "gate": 0.1,
+    "pointers": 0.7,
+    "count": 0.4,
+    "topdown_objects": 0.2,
+}
 WEIGHT_KEYS = {
     "var": "var_loss_weight",
     "prior": "prior_loss_weight",
@@ -410,6 +425,7 @@ WEIGHT_KEYS = {
     "gate": "gate_sparsity_weight",
     "pointers": "pointer_loss_weight",
     "count": "count_loss_weight",
+    "topdown_objects": "topdown_object_weight",
 }
 
 
@@ -427,7 +443,7 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         CONFIG, [*tiny_overrides, *weights, "train.max_steps=5", "train.log_every=2", "data.val_split=null"]
     )
     train_vqa(config)
-    terms = ["count", "gate", "pointers", "prior", "prior_objects", "var", "vqa"]
+    terms = ["count", "gate", "pointers", "prior", "prior_objects", "topdown_objects", "var", "vqa"]
     assert measured == [terms] * 3  # the logged steps 2, 4 and the last one, not the others
     records = [r for r in map(json.loads, (Path(config.train.output_dir) / "log.jsonl").open()) if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 5]
@@ -436,11 +452,11 @@ def test_logged_steps_measure_each_loss_term_and_its_gradient_on_the_encoders(ti
         # the logged loss is the step's loss: the weighted sum of its terms
         assert r["loss"] == pytest.approx(sum(WEIGHTS[t] * r[f"loss/{t}"] for t in terms), rel=1e-5)
         grads = {k: v for k, v in r.items() if k.startswith("grad/")}
-        reaching = ("vqa", "prior", "prior_objects", "pointers", "count")
+        reaching = ("vqa", "prior", "prior_objects", "pointers", "count", "topdown_objects")
         assert {f"grad/{t}/{part}" for t in reaching for part in ("backbone", "text_encoder")} <= set(grads)
         assert set(grads) <= {f"grad/{t}/{part}" for t in terms for part in ("backbone", "text_encoder")}
         assert all(v >= 0 and np.isfinite(v) for v in grads.values())
-        for t in reaching:  # the answer, the prior and the pointers' and count's supervision reach both encoders
+        for t in reaching:  # the answer, the prior and the object-level supervision all reach both encoders
             assert grads[f"grad/{t}/backbone"] > 0 and grads[f"grad/{t}/text_encoder"] > 0, t
 
 
@@ -468,11 +484,16 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     scene = next(iter(world.load_scenes().values()))
     image = world.image_path(scene["split"], scene["image_id"])
     assert regions["object_masks"](str(image), scene["image_id"]) == world.mask_path(scene["split"], scene["image_id"])
-    no_objects = ["model.prior_object_weight=0", "model.pointer_loss_weight=0", "model.count_loss_weight=0"]
+    no_objects = [
+        "model.prior_object_weight=0",
+        "model.pointer_loss_weight=0",
+        "model.count_loss_weight=0",
+        "model.topdown_object_weight=0",
+    ]
     off = load_config(CONFIG, [*tiny_overrides, *no_objects])
     assert object_regions(off, build_vqa_model(off, ["yes", "no"])) == {}
-    # the pointers' and the count's supervision read the same objects
-    for weight in ("model.pointer_loss_weight=1", "model.count_loss_weight=1"):
+    # the pointers', the count's and the top-down pass's supervision read the same objects
+    for weight in ("model.pointer_loss_weight=1", "model.count_loss_weight=1", "model.topdown_object_weight=1"):
         one = load_config(CONFIG, [*tiny_overrides, *no_objects, weight])
         assert object_regions(one, build_vqa_model(one, ["yes", "no"]))["grid"] == (4, 4)
 
@@ -482,12 +503,14 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     refused = load_config(CONFIG, [*tiny_overrides, f"data.root={plain}", f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(
         ConfigError,
-        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0 and model.count_loss_weight=1.0 needs data",
+        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0, model.count_loss_weight=1.0 and "
+        r"model.topdown_object_weight=0.3 needs data",
     ):
         object_regions(refused, model)
     with pytest.raises(
         ConfigError,
-        match=r"set model.prior_object_weight=0, model.pointer_loss_weight=0 and model.count_loss_weight=0",
+        match=r"set model.prior_object_weight=0, model.pointer_loss_weight=0, model.count_loss_weight=0 and "
+        r"model.topdown_object_weight=0",
     ):
         train_vqa(refused)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
@@ -495,7 +518,8 @@ def test_object_regions_come_from_a_shapes_world_and_nothing_else(shapes_root, t
     cnn = load_config(CONFIG, [*tiny_overrides, "model.backbone=tdam_resnet_test", "model.backbone_kwargs={}"])
     with pytest.raises(
         ConfigError,
-        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0 and model.count_loss_weight=1.0 needs a ViT",
+        match=r"model.prior_object_weight=1.0, model.pointer_loss_weight=1.0, model.count_loss_weight=1.0 and "
+        r"model.topdown_object_weight=0.3 needs a ViT",
     ):
         object_regions(cnn, build_vqa_model(cnn, ["yes", "no"]))
 

@@ -24,6 +24,7 @@ LOSS_WEIGHTS = (
     "gate_sparsity_weight",
     "pointer_loss_weight",
     "count_loss_weight",
+    "topdown_object_weight",
 )
 
 
@@ -89,6 +90,9 @@ class AbsVLConfig:
             learn from the answers alone.
         count_loss_weight: weight of ``count_loss``, the count density supervised by the question's objects
             (``vqa_counter``; data that knows its objects); 0: the density learns from the answers alone.
+        topdown_object_weight: weight of ``topdown_object_loss``: the change the top-down pass makes to the tokens
+            the fusion reads, kept on the question's objects (data that knows its objects); 0: off, the paper's
+            second pass trained by the task alone.
     """
 
     backbone: str = "absvit_base_patch16_224"
@@ -122,6 +126,7 @@ class AbsVLConfig:
     gate_sparsity_weight: float = 0.0
     pointer_loss_weight: float = 0.0
     count_loss_weight: float = 0.0
+    topdown_object_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prior_pooling not in PRIOR_POOLINGS:

@@ -132,6 +132,21 @@ def object_prior_loss(
         return _balanced_sigmoid_loss(logits, patch_objects, target_objects)
 
 
+def topdown_object_loss(
+    change: torch.Tensor, patch_objects: torch.Tensor, target_objects: torch.Tensor
+) -> torch.Tensor:
+    """Where the top-down pass acts: ``change`` ``[B, P]`` (≥ 0, how much the second pass moved each spatial token the
+    fusion reads, e.g. ``‖n(z_td) − n(z_bu)‖²``) should sit on the question's objects. The term is the negative log
+    of the change's share on their cells, per row; rows whose question has no visible object (e.g. its answer says
+    the object is absent) count 0, and a mean over all rows lets shards of a batch average to the whole batch's.
+    Scale-free: shrinking the change everywhere does not lower it. In fp32."""
+    with torch.autocast(change.device.type, enabled=False):
+        positive, labelled = _on_targets(patch_objects, target_objects)
+        change = change.float() * labelled
+        share = (change * positive).sum(1) / change.sum(1).clamp(min=1e-12)
+        return (-share.clamp(min=1e-6).log() * positive.any(1)).mean()
+
+
 def _on_targets(patch_objects: torch.Tensor, target_objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, P]`` bool each: the cells an object of the question owns, and the labelled cells (owner ≥ 0)."""
     labelled = patch_objects >= 0

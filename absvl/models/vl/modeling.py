@@ -28,7 +28,7 @@ from ..vision.topdown import topdown_health
 from .configuration import AbsVLConfig
 from .fusion import FusionEncoder
 from .heads import ContrastiveHead
-from .losses import contrastive_loss, object_prior_loss, text_groups
+from .losses import contrastive_loss, object_prior_loss, text_groups, topdown_object_loss
 from .pretrained import AbsVLPreTrainedModel
 from .processing import AbsVLProcessor, ImageInput, backbone_image_size
 from .text import PriorProjection, channel_projection, load_text_encoder, text_config_dict, text_encoder_from_config
@@ -60,6 +60,7 @@ _LOSS_WEIGHT_FIELDS = {
     "gate": "gate_sparsity_weight",
     "pointers": "pointer_loss_weight",
     "count": "count_loss_weight",
+    "topdown_objects": "topdown_object_weight",
 }
 
 
@@ -196,10 +197,11 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             raise ValueError(f"kind={kind!r} must be 'top_down' or 'bottom_up'")
         return self.backbone.norm_tokens(vision.tokens if kind == "top_down" else vision.bottom_up_tokens)
 
-    def fusion_input(self, vision: BackboneOutput) -> torch.Tensor:
+    def fusion_input(self, vision: BackboneOutput, top_down: torch.Tensor | None = None) -> torch.Tensor:
         """What the fusion reads (``config.fusion_reads``): the top-down tokens, or each position's
-        bottom-up and top-down tokens concatenated along the channels."""
-        tokens = self.fusion_image_tokens(vision)
+        bottom-up and top-down tokens concatenated along the channels (``top_down``: the first, when the caller
+        has them already)."""
+        tokens = self.fusion_image_tokens(vision) if top_down is None else top_down
         if self.config.fusion_reads == "both":
             tokens = torch.cat([self.fusion_image_tokens(vision, "bottom_up"), tokens], dim=-1)
         return tokens
@@ -272,8 +274,9 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
                 raise ValueError("prior_only needs prior_loss_weight > 0, or prior_object_weight > 0 and the objects")
             return AbsVLModelOutput(loss=self.total_loss(losses), losses=losses, xi=xi, vision=first)
         vision = self.encode_vision(images, xi, return_maps or needs_map)
+        top_down = self.fusion_image_tokens(vision)
         text_tokens, image_tokens, pooled = self.fusion(
-            hidden, attention_mask, self.fusion_input(vision), vision.grid_size
+            hidden, attention_mask, self.fusion_input(vision, top_down), vision.grid_size
         )
         prior_visual, prefix = self.config.prior_visual, vision.num_prefix_tokens
         image_embeds = self.contrastive(
@@ -288,6 +291,16 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             losses.update(
                 self.prior_losses(xi, vision, input_ids, attention_mask, prior_positive, patch_objects, target_objects)
             )
+            if (
+                self.config.topdown_object_weight > 0
+                and patch_objects is not None
+                and target_objects is not None
+                and vision.tokens is not vision.bottom_up_tokens
+            ):
+                change = top_down - self.fusion_image_tokens(vision, "bottom_up")
+                losses["topdown_objects"] = topdown_object_loss(
+                    change[:, prefix:].pow(2).sum(-1), patch_objects, target_objects
+                )
         return AbsVLModelOutput(
             loss=self.total_loss(losses) if return_loss else None,
             losses=losses,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -268,3 +269,28 @@ def test_object_prior_loss_is_fp32_under_autocast():
         cast = object_prior_loss(text.bfloat16(), tokens, patch_objects, target_objects)
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=2e-2, atol=2e-2)
+
+
+# --- where the top-down pass acts -----------------------------------------------------------------
+def test_topdown_object_loss_is_minus_the_log_share_of_the_change_on_the_question_s_objects():
+    from absvl.models.vl.losses import topdown_object_loss
+
+    # row 0: cells of object 1 (the target), object 2, background, nobody (ignored): share 3 / (3 + 1 + 0)
+    # row 1: its target (object 2) is not in the image: counts 0 (its answer says the object is absent)
+    # row 2: all the change off its target: the share's floor, 1e-6
+    change = torch.tensor([[3.0, 1.0, 0.0, 50.0], [1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 0.0, 0.0]])
+    patch_objects = torch.tensor([[1, 2, 0, -1], [1, 1, 0, 0], [1, 2, 0, 0]])
+    target_objects = torch.tensor([[False, True, False], [False, False, True], [False, True, False]])
+    loss = topdown_object_loss(change, patch_objects, target_objects)
+    assert loss.item() == pytest.approx((-math.log(0.75) + 0.0 - math.log(1e-6)) / 3, rel=1e-5)
+    # scale-free: a pass that changes everything less is no better
+    torch.testing.assert_close(topdown_object_loss(change * 0.01, patch_objects, target_objects), loss)
+    # all of a row's change on its target: 0
+    on_target = torch.tensor([[3.0, 0.0, 0.0, 9.0]])
+    assert topdown_object_loss(on_target, patch_objects[:1], target_objects[:1]).item() == pytest.approx(0.0, abs=1e-6)
+    # the gradient moves change from the other cells to the target's
+    change.requires_grad_(True)
+    topdown_object_loss(change, patch_objects, target_objects).backward()
+    assert change.grad[0, 0] < 0 < change.grad[0, 1] and change.grad[0, 3] == 0 and torch.all(change.grad[1] == 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert topdown_object_loss(change.bfloat16(), patch_objects, target_objects).dtype == torch.float32

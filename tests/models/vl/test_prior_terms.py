@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from absvl.models.vl.losses import contrastive_loss, object_prior_loss, text_groups
+from absvl.models.vl.losses import contrastive_loss, object_prior_loss, text_groups, topdown_object_loss
 
 from .conftest import paper_loss
 
@@ -51,27 +51,62 @@ def test_rows_of_one_text_are_one_positive_class(make_model, make_batch):
     assert not torch.allclose(out.losses["prior"], contrastive_loss(out.text_embeds, out.image_embeds, scale))
 
 
-def test_object_prior_term(make_model, make_batch):
-    model = make_model("absvit_test_patch8", prior_object_weight=0.5).train()
+def _prior_objects(model, out, patch_objects, target_objects):
+    """ξ against its own image's first pass, in the gate's space."""
+    tokens = model.fusion_image_tokens(out.vision, "bottom_up")[:, out.vision.num_prefix_tokens :]
+    return object_prior_loss(out.xi, tokens, patch_objects, target_objects)
+
+
+def _topdown_objects(model, out, patch_objects, target_objects):
+    """What the second pass changed in each token the fusion reads, squared, against the question's objects."""
+    change = model.fusion_image_tokens(out.vision) - model.fusion_image_tokens(out.vision, "bottom_up")
+    change = change[:, out.vision.num_prefix_tokens :].pow(2).sum(-1)
+    return topdown_object_loss(change, patch_objects, target_objects)
+
+
+@pytest.mark.parametrize(
+    ("name", "weight", "expected", "trained"),
+    [
+        # ξ's projection and the backbone
+        (
+            "prior_objects",
+            "prior_object_weight",
+            _prior_objects,
+            ("prior.proj.weight", "backbone.blocks.0.attn.qkv.weight"),
+        ),
+        # the feedback path (the decoders) and ξ's projection, which sets where the gate opens
+        (
+            "topdown_objects",
+            "topdown_object_weight",
+            _topdown_objects,
+            ("prior.proj.weight", "backbone.decoders.0.linear.weight"),
+        ),
+    ],
+)
+def test_object_level_terms(make_model, make_batch, name, weight, expected, trained):
+    model = make_model("absvit_test_patch8", **{weight: 0.5}).train()
     batch = make_batch(model)
     patch_objects, target_objects = _objects(model)
     out = model(**batch, patch_objects=patch_objects, target_objects=target_objects)
-    assert set(out.losses) == {"vqa", "var", "prior", "prior_objects"}
-    vision, prefix = out.vision, out.vision.num_prefix_tokens
-    tokens = model.fusion_image_tokens(vision, "bottom_up")[:, prefix:]  # ξ against its own image's first pass
-    expected = object_prior_loss(out.xi, tokens, patch_objects, target_objects)
-    torch.testing.assert_close(out.losses["prior_objects"], expected)
-    assert out.losses["prior_objects"].item() > 0
-    torch.testing.assert_close(out.loss, paper_loss(out, model.config, prior_objects=0.5))
-    # it trains ξ's projection and the backbone
+    assert set(out.losses) == {"vqa", "var", "prior", name}
+    torch.testing.assert_close(out.losses[name], expected(model, out, patch_objects, target_objects))
+    assert out.losses[name].item() > 0
+    torch.testing.assert_close(out.loss, paper_loss(out, model.config, **{name: 0.5}))
     model.zero_grad()
-    out.losses["prior_objects"].backward()
-    assert model.prior.proj.weight.grad.abs().sum() > 0
-    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    out.losses[name].backward()
+    parameters = dict(model.named_parameters())
+    assert all(parameters[p].grad.abs().sum() > 0 for p in trained)
     # no term without the objects, nor with the weight 0
-    assert "prior_objects" not in model(**batch).losses
+    assert name not in model(**batch).losses
     off = make_model("absvit_test_patch8").train()
-    assert "prior_objects" not in off(**batch, patch_objects=patch_objects, target_objects=target_objects).losses
+    assert name not in off(**batch, patch_objects=patch_objects, target_objects=target_objects).losses
+
+
+def test_no_topdown_object_term_without_a_second_pass(make_model, make_batch):
+    vit = make_model("vit_test_patch8", topdown_object_weight=0.5).train()
+    patch_objects, target_objects = _objects(vit)
+    out = vit(**make_batch(vit), patch_objects=patch_objects, target_objects=target_objects)
+    assert "topdown_objects" not in out.losses and "vqa" in out.losses
 
 
 def test_weighted_losses_are_the_terms_of_the_loss(make_model, make_batch):
