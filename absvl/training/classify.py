@@ -273,10 +273,17 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def patch_dataset(
-    model: nn.Module, root: str | Path, split: str, classes: list[str], image_config: dict[str, Any], hflip: float = 0.0
+    model: nn.Module,
+    root: str | Path,
+    split: str,
+    classes: list[str],
+    image_config: dict[str, Any],
+    hflip: float = 0.0,
+    cache: bool = False,
 ) -> PatchLabelDataset:
     """``root/split`` of a patch-labelled dataset, labelled on ``model``'s patch grid ("background",
-    when a class is named so, is what a patch falls back to when no object owns it)."""
+    when a class is named so, is what a patch falls back to when no object owns it); ``cache``: keep the read
+    items in memory (``PatchLabelDataset``)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is None or not hasattr(model, "fc_norm"):
         raise ConfigError(f"patch labels need a ViT-family backbone (patch tokens), not {type(model).__name__}")
@@ -288,6 +295,7 @@ def patch_dataset(
         num_classes=len(classes),
         background=classes.index("background") if "background" in classes else None,
         hflip=hflip,
+        cache=cache,
     )
 
 
@@ -367,7 +375,9 @@ class ClassifyTask:
         self._build(classes)
         size = self.image_config["input_size"][-1]
         if self.patches:
-            train_set = patch_dataset(self.model, d.root, d.train_split, self.classes, self.image_config, d.hflip)
+            train_set = patch_dataset(
+                self.model, d.root, d.train_split, self.classes, self.image_config, d.hflip, d.cache_images
+            )
             val_set = (
                 patch_dataset(self.model, d.root, d.val_split, self.classes, self.image_config) if d.val_split else None
             )

@@ -19,6 +19,7 @@ from absvl.data.patch_labels import (
     read_classes,
 )
 from absvl.data.shapes_world import patch_label_attributes, patch_label_classes
+from absvl.images import open_image
 
 
 def test_patch_targets_follow_the_object_share_rule():
@@ -61,6 +62,36 @@ def test_dataset_items_flip_image_and_labels_together(tmp_path):
     assert flipped["label"].tolist() == [0, 1, 0, 1] and flipped["image"][0, 0, 0] == 0
     batch = ClassifyCollator(16)([plain, flipped])
     assert batch["labels"].shape == (2, 4) and batch["images"].shape == (2, 3, 16, 16)
+
+
+def test_a_cached_dataset_reads_each_file_once_and_gives_the_same_items(tmp_path, monkeypatch):
+    import random
+
+    from absvl.data import patch_labels
+
+    root = _dataset(tmp_path / "d")
+    (root / "train" / "images" / "im2.png").write_bytes(b"not a png")
+    samples = list_labelled(root, "train")
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # noqa: E731
+    plain = PatchLabelDataset(samples, to_tensor, image_size=16, patch=8, num_classes=2, hflip=0.5)
+    cached = PatchLabelDataset(samples, to_tensor, image_size=16, patch=8, num_classes=2, hflip=0.5, cache=True)
+    opened = []
+    monkeypatch.setattr(patch_labels, "open_image", lambda path, **kw: opened.append(path) or open_image(path, **kw))
+    flips = set()
+    for epoch in range(4):
+        for i in range(2):
+            random.seed(10 * epoch + i)
+            expected = plain[i]
+            random.seed(10 * epoch + i)
+            item = cached[i]
+            # the mirror of the tensor and of the patch grid is the item of the mirrored image and label map
+            assert torch.equal(item["image"], expected["image"]) and torch.equal(item["label"], expected["label"])
+            flips.add(item["label"].tolist()[0])
+    assert flips == {0, 1}  # both orientations came up
+    # the uncached dataset opened its images every epoch, the cached one once
+    assert len(opened) == 4 * 2 + 2
+    # an unreadable item is reported every time, not cached
+    assert "error" in cached[2] and "error" in cached[2] and 2 not in cached._cache
 
 
 def test_bad_files_are_reported_not_raised(tmp_path):

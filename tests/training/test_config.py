@@ -161,6 +161,12 @@ def test_background_weight_is_a_positive_weight_of_patch_labels():
         ConfigError, match=r"data.format='imagefolder' is invalid: expected patches for data.background_weight"
     ):
         load_config(None, ["data.background_weight=0.5"], ClassifyConfig)
+    # keeping decoded images needs items that are the same every epoch: patch labels, not random crops
+    assert load_config(None, [*patches, "data.cache_images=true"], ClassifyConfig).data.cache_images
+    with pytest.raises(
+        ConfigError, match=r"data.format='imagefolder' is invalid: expected patches for data.cache_images"
+    ):
+        load_config(None, ["data.cache_images=true"], ClassifyConfig)
 
 
 def test_the_shapes_recipe_configs_load():
