@@ -18,7 +18,7 @@ pass's tokens (what AbSViT's ξ selects, and the map the prior loss's object-lev
 without a prior have none); ``bottom_up`` (the first pass's token norms at the map block, the baseline:
 no question changes it); ``top_down`` (the second pass's token norms, the map AbSViT's figures show) and
 ``fusion``: how much the top-down pass changed each token the fusion reads, ``‖n(z_td) − n(z_bu)‖`` with
-``n`` the tokens' final norm (``AbsVLModel.fusion_image_tokens``). The fusion reads normalised tokens, so
+``n`` the tokens' final norm (``AbsVLModel.fusion_change``). The fusion reads normalised tokens, so
 the norm of what it reads does not move: what the question changes there, and where, is the second
 pass's effect on the answer (and the map that ``topdown_object_loss`` trains, when its weight is on).
 
@@ -127,8 +127,7 @@ def question_maps(model: Any, images: list[Any], questions: list[str]) -> dict[s
     _, xi = model.encode_prior(inputs["input_ids"], inputs["attention_mask"])
     vision = model.encode_vision(inputs["images"], xi, return_maps=True)
     prefix, (h, w) = vision.num_prefix_tokens, vision.grid_size
-    change = model.fusion_image_tokens(vision, "top_down") - model.fusion_image_tokens(vision, "bottom_up")
-    fusion = change[:, prefix:].norm(dim=-1).reshape(-1, h, w)
+    fusion = model.fusion_change(vision).norm(dim=-1).reshape(-1, h, w)
     maps = {
         **({"gate": vision.prior_mask[:, prefix:, 0].reshape(-1, h, w)} if vision.prior_mask is not None else {}),
         "bottom_up": vision.maps["bottom_up"],

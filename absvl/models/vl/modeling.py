@@ -197,6 +197,14 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             raise ValueError(f"kind={kind!r} must be 'top_down' or 'bottom_up'")
         return self.backbone.norm_tokens(vision.tokens if kind == "top_down" else vision.bottom_up_tokens)
 
+    def fusion_change(self, vision: BackboneOutput, top_down: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, h·w, C]`` what the second pass changed in each spatial token the fusion reads, ``n(z_td) − n(z_bu)``
+        (``fusion_image_tokens``; ``top_down``: ``n(z_td)`` when the caller has it): where the top-down pass acts on
+        the answer. 0 for a backbone without one."""
+        top_down = self.fusion_image_tokens(vision) if top_down is None else top_down
+        change = top_down - self.fusion_image_tokens(vision, "bottom_up")
+        return change[:, vision.num_prefix_tokens :]
+
     def fusion_input(self, vision: BackboneOutput, top_down: torch.Tensor | None = None) -> torch.Tensor:
         """What the fusion reads (``config.fusion_reads``): the top-down tokens, or each position's
         bottom-up and top-down tokens concatenated along the channels (``top_down``: the first, when the caller
@@ -274,7 +282,7 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
                 raise ValueError("prior_only needs prior_loss_weight > 0, or prior_object_weight > 0 and the objects")
             return AbsVLModelOutput(loss=self.total_loss(losses), losses=losses, xi=xi, vision=first)
         vision = self.encode_vision(images, xi, return_maps or needs_map)
-        top_down = self.fusion_image_tokens(vision)
+        top_down = self.fusion_image_tokens(vision)  # normalised once: the fusion and the top-down term read it
         text_tokens, image_tokens, pooled = self.fusion(
             hidden, attention_mask, self.fusion_input(vision, top_down), vision.grid_size
         )
@@ -297,10 +305,8 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
                 and target_objects is not None
                 and vision.tokens is not vision.bottom_up_tokens
             ):
-                change = top_down - self.fusion_image_tokens(vision, "bottom_up")
-                losses["topdown_objects"] = topdown_object_loss(
-                    change[:, prefix:].pow(2).sum(-1), patch_objects, target_objects
-                )
+                change = self.fusion_change(vision, top_down).pow(2).sum(-1)
+                losses["topdown_objects"] = topdown_object_loss(change, patch_objects, target_objects)
         return AbsVLModelOutput(
             loss=self.total_loss(losses) if return_loss else None,
             losses=losses,
