@@ -190,7 +190,7 @@ def _add_column_argument(p: argparse.ArgumentParser, fields: str) -> None:
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from .evaluation.retrieval import evaluate_retrieval_model
     from .metrics.retrieval import format_recall_table
-    from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
+    from .metrics.scene_retrieval import format_scene_report
 
     result = evaluate_retrieval_model(
         args.model,
@@ -212,8 +212,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
         rows[f"re-ranked top-{args.k} (ITM, top-down)"] = result["reranked"]
     print(format_recall_table(rows))
     if "scene" in result:  # a Shapes world: are the hits right?
-        print(SCENE_TABLE_TITLE)
-        print(format_scene_table(result["scene"]))
+        print(format_scene_report(result["scene"]))
     print(
         f"{result['images']} images, {result['captions']} captions of {args.data} [{args.split}] "
         f"in {result['seconds']:.1f} s; {len(result['skipped'])} unreadable images left out"

@@ -45,7 +45,7 @@ from .metrics.baselines import image_only_answers, question_only_answers
 from .metrics.pointers import count_hits, format_count_table, format_pointer_table, pointer_hits
 from .metrics.probes import format_probe_table, object_patch_tokens, token_probes
 from .metrics.retrieval import format_recall_table
-from .metrics.scene_retrieval import SCENE_TABLE_TITLE, format_scene_table
+from .metrics.scene_retrieval import format_scene_report
 from .metrics.steering import FAMILIES, cell_cover, format_steering_table, mass_share, steering_pairs, steering_scores
 from .metrics.vqa import accuracy_by_group, evaluate_vqa, format_accuracy_table, majority_answer_baseline
 from .models.vl import AbsVLForQuestionAnswering, AbsVLForRetrieval, AbsVLModel
@@ -96,9 +96,7 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
             }
         )
     )
-    print(f"{SCENE_TABLE_TITLE} ({result['scene']['relational']} of the captions name a relation):")
-    print(format_scene_table(result["scene"]))
-    print(f"paired-caption IR@1 ceiling (several images fit a caption): {result['scene']['ir@1_ceiling']:.2f}")
+    print(format_scene_report(result["scene"]))
     model = AbsVLForRetrieval.from_pretrained(export)
     report = build_index(
         model,
@@ -114,7 +112,7 @@ def retrieval_stage(vqa_export: str, overrides: list[str] | tuple[str, ...], out
     hits = retriever.search(query, k=5, rerank=20)
     print(f"search {query!r} (top-20 re-ranked with the query steering the encoder), checked against each scene:")
     world = ShapesWorld.load(Path(d.captions).parent)
-    scenes = {scene["file_name"]: scene["objects"] for scene in world.load_scenes().values()}
+    scenes = world.scene_objects()
     checks = [caption_holds(query, scenes[hit.path.name], world.relation_margin) for hit in hits]
     for hit, (present, related) in zip(hits, checks):
         print(

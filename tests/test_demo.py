@@ -85,7 +85,11 @@ def test_demo_runs_end_to_end_on_a_tiny_world(tiny_overrides, shapes_root, tmp_p
         "| re-ranked top-2 (ITM, top-down) |" in printed and "search 'a red circle left of a blue square.'" in printed
     )
     assert len(report["retrieval"]["hits"]) == 4  # the 4 test images of the tiny world, all re-ranked
-    assert type(load_model(report["retrieval"]["export"])) is AbsVLForRetrieval
+    retrieval_model = load_model(report["retrieval"]["export"])
+    assert type(retrieval_model) is AbsVLForRetrieval and retrieval_model.config.retrieval_head_dim == 128
+    index_meta = json.loads((Path(report["retrieval"]["index"]) / "meta.json").read_text())
+    assert index_meta["dim"] == 128  # the index holds the retrieval head's embeddings, as the config says
+    assert "re-ranking's gain per caption form" in printed and set(report["retrieval"]["scene"]["by kind"])
     assert type(load_model(report["export"])) is AbsVLForQuestionAnswering
     assert 0 <= report["accuracy"] <= 100 and 0 <= report["majority_baseline"] <= 100
     png = Image.open(report["png"])

@@ -336,8 +336,9 @@ def _suffix(data: bytes) -> str:
 class CaptionedImageDataset(torch.utils.data.Dataset):
     """Training pairs: each image with one of its captions, drawn per item — under ``EpochOrder``
     the draw is a function of (seed, epoch, item), so every epoch sees other captions and a
-    resumed run sees the same ones. An item is ``{"image", "caption", "index"}`` or, for an
-    unreadable image, ``{"error", "index", "image_path"}``. (Images alone, for evaluation and
+    resumed run sees the same ones. An item is ``{"image", "caption", "index"}`` (and ``"foil"``, the
+    caption made false for the image by ``foil(path, caption)``, or None) or, for an unreadable image,
+    ``{"error", "index", "image_path"}``. (Images alone, for evaluation and
     indexing: ``absvl.data.image_files.ImageFiles``.)
     """
 
@@ -346,10 +347,12 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         images: Sequence[CaptionedImage],
         transform: Callable[[Any], torch.Tensor],
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        foil: Callable[[Path, str], str | None] | None = None,
     ) -> None:
         self.images = list(images)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.foil = foil
 
     def __len__(self) -> int:
         return len(self.images)
@@ -360,13 +363,18 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             image = open_image(item.path, self.max_pixels)
         except BadImageError as exc:
             return {"error": exc.reason, "index": index, "image_path": exc.path}
-        return {"image": self.transform(image), "caption": random.choice(item.captions), "index": index}
+        caption = random.choice(item.captions)
+        out = {"image": self.transform(image), "caption": caption, "index": index}
+        if self.foil is not None:
+            out["foil"] = self.foil(item.path, caption)
+        return out
 
 
 class CaptionCollator:
     """Items of ``CaptionedImageDataset`` → ``images [B,3,S,S]``, ``input_ids``/``attention_mask
     [B,T]`` (absent when every image was unreadable), ``indices [B]`` and ``skipped``
-    ``[(index, image_path, reason)]``."""
+    ``[(index, image_path, reason)]``; items with foils add ``foil_rows [F]`` (the images that have one) and
+    ``foil_ids``/``foil_mask [F, T]``."""
 
     def __init__(self, tokenizer: Any, max_text_len: int = 40, image_size: int = 0) -> None:
         self.tokenizer = tokenizer
@@ -383,14 +391,19 @@ class CaptionCollator:
             batch["images"] = torch.zeros(0, 3, self.image_size, self.image_size)
             return batch
         batch["images"] = torch.stack([it["image"] for it in good])
-        encoded = self.tokenizer(
-            [it["caption"] for it in good],
+        foiled = [row for row, it in enumerate(good) if it.get("foil")]
+        encoded = self.tokenizer(  # the foils padded with the captions: their rows join the ITM pairs as they are
+            [it["caption"] for it in good] + [good[row]["foil"] for row in foiled],
             padding="longest",
             truncation=True,
             max_length=self.max_text_len,
             return_tensors="pt",
         )
-        batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        n = len(good)
+        batch["input_ids"], batch["attention_mask"] = encoded["input_ids"][:n], encoded["attention_mask"][:n]
+        if any("foil" in it for it in good):
+            batch["foil_rows"] = torch.tensor(foiled, dtype=torch.long)
+            batch["foil_ids"], batch["foil_mask"] = encoded["input_ids"][n:], encoded["attention_mask"][n:]
         return batch
 
 

@@ -18,7 +18,9 @@ __all__ = [
     "FAMILIES",
     "FAMILY_TEMPLATES",
     "caption_check",
+    "caption_foil",
     "caption_holds",
+    "caption_kind",
     "captions",
     "human_answers",
     "question_candidates",
@@ -329,6 +331,71 @@ def caption_holds(caption: str, objects: list[dict], margin: float) -> tuple[boo
     """``caption_check(caption)`` applied to one scene; None for a text outside the world's language."""
     check = caption_check(caption)
     return None if check is None else check(objects, margin)
+
+
+CAPTION_KINDS = ("order", "relation", "shape counts", "colour counts", "object list")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+_ATTRIBUTE_WORDS = (COLORS, SHAPES, SIZES)
+
+
+def caption_kind(caption: str) -> str | None:
+    """Which of the five caption forms (:data:`CAPTION_KINDS`) ``captions`` wrote ``caption`` in: "from left to
+    right: ..." (order), "A left of B" (relation), "two circles and a square" (shape counts), "a red shape and two
+    blue shapes" (colour counts), "three shapes: ..." / "... on a plain background" (object list); None for other
+    text."""
+    text = caption.strip().lower().rstrip(".")
+    if caption_check(caption) is None:
+        return None
+    if text.startswith(tuple(_ORDERS)):
+        return "order"
+    if any(f" {rel} " in text for rel in RELATIONS):
+        return "relation"
+    if re.match(r"^\w+ shapes: ", text) or text.endswith(" background"):
+        return "object list"
+    return "colour counts" if " shape" in text else "shape counts"
+
+
+def caption_foil(caption: str, objects: list[dict], margin: float, rng: np.random.Generator) -> str | None:
+    """A hard negative of ``caption`` for its scene ``objects``: the caption with one thing changed — the colour, shape
+    or size of one object it names, or its relation (the opposite relation; two neighbours of an order swapped) —
+    that no longer holds for the scene (``caption_check``); None when no change makes it false.
+
+    An ITM head trained on these must read every attribute and the relation: a negative drawn from other images
+    mostly differs in several objects at once.
+    """
+    text = caption.strip().rstrip(".")
+    words = text.split(" ")
+    # a count caption names each shape (colour) once: a foil repeating one would be told by its form alone
+    taken = set(tokens(text)) if caption_kind(text) in ("shape counts", "colour counts") else set()
+    edits: list[str] = []
+    for i, word in enumerate(words):
+        core = word.rstrip(",:")
+        punct = word[len(core) :]
+        for pool in _ATTRIBUTE_WORDS:
+            plural = core not in pool and core.endswith("s") and core[:-1] in pool
+            stem = core[:-1] if plural else core
+            if stem not in pool:
+                continue
+            for other in pool:
+                if other != stem and other not in taken and other + "s" not in taken:
+                    changed = [*words[:i], other + ("s" if plural else "") + punct, *words[i + 1 :]]
+                    if i > 0 and changed[i - 1] in ("a", "an"):  # the article the new word takes
+                        changed[i - 1] = _article(other).split(" ")[0]
+                    edits.append(" ".join(changed))
+    for rel, opposite in _OPPOSITE.items():
+        if f" {rel} " in text:
+            edits.append(text.replace(f" {rel} ", f" {opposite} ", 1))
+    prefix = next((p for p in _ORDERS if text.startswith(p)), None)
+    if prefix is not None:
+        items = re.split(r", | and ", text[len(prefix) :])
+        for i in range(len(items) - 1):
+            swapped = [*items[:i], items[i + 1], items[i], *items[i + 2 :]]
+            edits.append(prefix + _join(swapped))
+    for j in rng.permutation(len(edits)):
+        check = caption_check(edits[j])
+        if check is not None and not all(v is not False for v in check(objects, margin)):
+            return edits[j] + "."
+    return None
 
 
 def tokens(text: str) -> list[str]:

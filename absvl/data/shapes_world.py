@@ -4,7 +4,9 @@ and read them, the patch-label classes and the target masks of questions. What e
 from __future__ import annotations
 
 import functools
+import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from PIL import Image
 
 from ..io import read_json
 from .shapes_scene import COLORS, SHAPES, SIZES
+from .shapes_text import caption_foil
 
 __all__ = [
     "PATCH_LABELS_DIR",
@@ -143,6 +146,22 @@ class ShapesWorld:
     def load_scenes(self) -> dict[int, dict]:
         """image_id → scene (``split``, ``folder``, ``objects``, ...)."""
         return {s["image_id"]: s for s in read_json(self.scenes_path, what="a Shapes world's scenes")["images"]}
+
+    def scene_objects(self) -> dict[str, list[dict]]:
+        """image file name → its scene's objects: what a caption or a retrieval hit is checked against."""
+        return {scene["file_name"]: scene["objects"] for scene in self.load_scenes().values()}
+
+    def caption_foils(self) -> Callable[[str | Path, str], str | None]:
+        """``foil(image_path, caption)``: a caption of the image changed in one attribute or its relation so that it
+        no longer holds for the image's scene (``caption_foil``; None when none can be made), drawn from python's
+        ``random`` (which ``EpochOrder`` seeds per item): the world's hard ITM negatives."""
+        scenes, margin = self.scene_objects(), self.relation_margin
+
+        def foil(image_path: str | Path, caption: str) -> str | None:
+            rng = np.random.default_rng(random.getrandbits(64))
+            return caption_foil(caption, scenes[Path(image_path).name], margin, rng)
+
+        return foil
 
 
 def _object_kinds() -> list[tuple[str, str, str]]:

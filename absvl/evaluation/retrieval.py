@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from ..data.captions import CaptionedImage, check_caption_images, load_captions
 from ..data.image_files import ImageFiles, collate_image_files
 from ..data.loaders import make_loader, process_share
-from ..data.shapes_text import caption_check
+from ..data.shapes_text import caption_check, caption_kind
 from ..data.shapes_world import ShapesWorld
 from ..metrics.retrieval import RECALL_KS, retrieval_recalls
 from ..metrics.scene_retrieval import scene_retrieval_scores
-from ..models.vl import AbsVLForRetrieval, AbsVLModel
+from ..models.vl import AbsVLForRetrieval, AbsVLModel, load_model
 from ..runtime import cpu_only
 
 
@@ -268,8 +268,8 @@ def evaluate_retrieval_model(
     name; ``columns``: the dataset's column mapping). The caption file of a Shapes world adds ``"scene"``:
     the scene-true scores (``shapes_scene_scores``)."""
     accelerator = Accelerator(cpu=cpu_only())
-    if not isinstance(model, AbsVLModel):  # re-ranking needs the ITM head; the contrastive ranking any encoder
-        model = AbsVLForRetrieval.from_pretrained(model) if rerank else AbsVLModel.from_pretrained(model)
+    if not isinstance(model, AbsVLModel):  # re-ranking needs the ITM head; the contrastive ranking any model's space
+        model = AbsVLForRetrieval.from_pretrained(model) if rerank else load_model(model)
     model.to(accelerator.device)
     shapes_root = Path(captions_file).parent
     shapes = ShapesWorld.exists(shapes_root)  # a Shapes world keeps its images in images/ and knows every scene
@@ -293,8 +293,7 @@ def evaluate_retrieval_model(
 def shapes_scene_scores(result: dict[str, Any], world: ShapesWorld) -> dict[str, Any]:
     """``scene_retrieval_scores`` of an ``evaluate_retrieval(..., keep_rankings=True)`` result on a Shapes world's
     images: each caption against every evaluated image's scene (``caption_check``)."""
-    scenes = {scene["file_name"]: scene["objects"] for scene in world.load_scenes().values()}
-    margin = world.relation_margin
+    scenes, margin = world.scene_objects(), world.relation_margin
     objects_of = [scenes[Path(path).name] for path in result["image_paths"]]
     shape = (len(result["query_captions"]), len(objects_of))
     objects, relations, relational = np.zeros(shape, bool), np.zeros(shape, bool), np.zeros(shape[0], bool)
@@ -307,4 +306,5 @@ def shapes_scene_scores(result: dict[str, Any], world: ShapesWorld) -> dict[str,
             objects[q, i] = holds[0]
             relations[q, i] = holds[0] and holds[1] is not False
             relational[q] = holds[1] is not None
-    return scene_retrieval_scores(result["rankings"], objects, relations, relational)
+    kinds = [caption_kind(caption) for caption in result["query_captions"]]
+    return scene_retrieval_scores(result["rankings"], objects, relations, relational, kinds)

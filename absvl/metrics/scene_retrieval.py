@@ -9,7 +9,7 @@ the others that fit).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,11 @@ def oracle_precision(satisfied: np.ndarray, ks: tuple[int, ...] = PRECISION_KS) 
 
 
 def scene_retrieval_scores(
-    rankings: Mapping[str, np.ndarray], objects: np.ndarray, relations: np.ndarray, relational: np.ndarray
+    rankings: Mapping[str, np.ndarray],
+    objects: np.ndarray,
+    relations: np.ndarray,
+    relational: np.ndarray,
+    kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Scene-true scores of text → image rankings.
 
@@ -44,13 +48,16 @@ def scene_retrieval_scores(
         objects: ``[Q, I]`` bool, the query caption's named objects are all in the image.
         relations: ``[Q, I]`` bool, and the relation it names holds.
         relational: ``[Q]`` bool, the caption names a relation.
+        kinds: ``[Q]`` each caption's form (e.g. ``shapes_text.caption_kind``) → ``"by kind"``: the same scores
+            of each form's captions, ``{kind: {"queries", "rankings": {name: {check: {"p@1", "p@5"}}}}}`` (a check
+            a form never makes is absent), to see where a ranking (re-ranking) gains.
 
     Returns ``{"rankings": {name: {"objects present": {"p@1", "p@5"}, "relation right": {...}}}, "oracle": the
     same for the best ranking, "ir@1_ceiling": the paired-caption IR@1 ceiling (%), "queries", "relational"}``;
     "relation right" is over the relational queries only.
     """
     fits = np.where(relational[:, None], relations, objects)  # all that the caption says
-    return {
+    out = {
         "rankings": {
             name: {
                 "objects present": scene_precision(order, objects),
@@ -66,6 +73,27 @@ def scene_retrieval_scores(
         "queries": int(len(objects)),
         "relational": int(relational.sum()),
     }
+    if kinds is not None:
+        kinds = np.asarray(kinds)
+        out["by kind"] = {}
+        for kind in dict.fromkeys(kinds.tolist()):
+            rows = kinds == kind
+            related = rows & relational
+            out["by kind"][kind] = {
+                "queries": int(rows.sum()),
+                "rankings": {
+                    name: {
+                        "objects present": scene_precision(order[rows], objects[rows]),
+                        **(
+                            {"relation right": scene_precision(order[related], relations[related])}
+                            if related.any()
+                            else {}
+                        ),
+                    }
+                    for name, order in rankings.items()
+                },
+            }
+    return out
 
 
 def format_scene_table(scores: Mapping[str, Any]) -> str:
@@ -80,3 +108,37 @@ def format_scene_table(scores: Mapping[str, Any]) -> str:
             f"| {name} | {objects['p@1']:.2f} | {objects['p@5']:.2f} | {relations['p@1']:.2f} | {relations['p@5']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def format_kind_table(scores: Mapping[str, Any], base: str, other: str) -> str:
+    """A Markdown table of ``scores["by kind"]``: per caption form, P@1 of ranking ``base`` and ``other`` and the
+    gain of ``other`` over ``base``, for each check ("–" where a form names no relation)."""
+    lines = [
+        f"| caption form | captions | objects present P@1: {base} | {other} | gain | relation right P@1: {base} | "
+        f"{other} | gain |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind, part in scores["by kind"].items():
+        cells = [kind, str(part["queries"])]
+        for check in ("objects present", "relation right"):
+            if check not in part["rankings"][base]:
+                cells += ["–"] * 3
+                continue
+            a, b = part["rankings"][base][check]["p@1"], part["rankings"][other][check]["p@1"]
+            cells += [f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_scene_report(scores: Mapping[str, Any]) -> str:
+    """What ``absvl eval retrieval`` and the demo print of a Shapes world's scene-true scores: the precision table
+    with the oracle, the paired-caption IR@1 ceiling and, with a re-ranked ranking, its gain per caption form."""
+    parts = [
+        f"{SCENE_TABLE_TITLE} ({scores['relational']} of the {scores['queries']} captions name a relation):",
+        format_scene_table(scores),
+        f"paired-caption IR@1 ceiling (several images fit a caption): {scores['ir@1_ceiling']:.2f}",
+    ]
+    names = list(scores["rankings"])
+    if "by kind" in scores and len(names) > 1:
+        parts += ["re-ranking's gain per caption form (scene-true P@1):", format_kind_table(scores, *names[:2])]
+    return "\n".join(parts)

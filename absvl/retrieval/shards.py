@@ -202,8 +202,8 @@ def _write_shard(shards_dir: Path, shard: int, paths, done, embeddings, bad, mod
 
 
 def _embedding_dim(model: torch.nn.Module) -> int:
-    """Width of ``encode_image_bottom_up``: the vision backbone's token width (the gate's space)."""
-    return int(getattr(getattr(model, "backbone", None), "num_features", 0) or 0)
+    """Width of ``encode_image_bottom_up`` (``embedding_dim``; 0 for a model that does not say)."""
+    return int(getattr(model, "embedding_dim", 0) or 0)
 
 
 def _read_shards(partial: Path) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:

@@ -324,6 +324,9 @@ class CaptionDataConfig:
             one caption per row ``{image, caption, image_id}``; e.g. ``{image: picture, split: subset}``.
         shapes: when set (e.g. ``{num_images: 2000, seed: 0}``), generate the Shapes world into
             the caption file's folder first (cached): the offline default.
+        foils: with a Shapes world's captions, each training caption also gives an ITM negative of its own
+            image: the caption changed in one colour, shape or size, or its relation, so that it no longer
+            holds for the scene (``ShapesWorld.caption_foils``).
         train_splits: splits trained on (COCO: ``[train, restval]``); Karpathy names for both formats
             (a dataset's ``validation`` is ``val``).
         val_split: split validated on; ``null`` for none.
@@ -338,6 +341,7 @@ class CaptionDataConfig:
     format: str = "karpathy"
     hf_columns: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, Any] | None = None
+    foils: bool = False
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     val_split: str | None = "val"
     max_val_images: int | None = None
@@ -376,6 +380,7 @@ class RetrievalConfig(_RunConfigBase):
             (d.format in ("karpathy", "hf"), "data.format", "karpathy or hf"),
             (d.format == "hf" or not d.hf_columns, "data.hf_columns", "empty unless data.format=hf"),
             (d.format == "karpathy" or not d.shapes, "data.shapes", "null with data.format=hf"),
+            (d.format == "karpathy" or not d.foils, "data.foils", "false with data.format=hf (a Shapes world's)"),
             (self.train.rerank_k >= 1, "train.rerank_k", ">= 1"),
             (
                 m.prior_visual in ("bottom_up", "both"),

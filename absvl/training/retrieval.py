@@ -1,6 +1,6 @@
-"""Image-text retrieval training: ``RetrievalTask`` on the shared loop (prior loss + ITM on in-batch hard
-negatives, ALBEF/BLIP style, all 3B pairs in one forward so that DDP marks each parameter ready once); its
-validation is ``absvl.evaluation.retrieval``'s.
+"""Image-text retrieval training: ``RetrievalTask`` on the shared loop (prior loss, the retrieval head's ITC, ITM on
+in-batch hard negatives, ALBEF/BLIP style, and on a Shapes world the foils of ``data.foils``; all pairs in one
+forward so that DDP marks each parameter ready once); its validation is ``absvl.evaluation.retrieval``'s.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from ..data.captions import CaptionCollator, CaptionedImageDataset, check_caption_images, load_captions
+from ..data.shapes_world import ShapesWorld
 from ..evaluation.retrieval import evaluate_retrieval
 from ..images import image_transform
 from ..models.vision.topdown import shut_gate_warning
@@ -32,10 +33,13 @@ def _ensure_data(config: RetrievalConfig) -> None:
 
 
 def build_retrieval_model(config: RetrievalConfig) -> AbsVLForRetrieval:
-    """A fresh model from ``config.model``, or ``train.init_from``'s: a retrieval model, or any other absvl model
-    (e.g. a VQA-finetuned one), whose encoder gets a fresh ITM head."""
+    """A fresh model from ``config.model``, or ``train.init_from``'s: a retrieval model (its heads and their space
+    kept), or any other absvl model (e.g. a VQA-finetuned one), whose encoder gets fresh retrieval heads
+    (``model.retrieval_head_dim``'s)."""
     if config.train.init_from:
-        model = AbsVLForRetrieval.from_pretrained(config.train.init_from, new_head=True)
+        model = AbsVLForRetrieval.from_pretrained(
+            config.train.init_from, new_head=True, retrieval_head_dim=config.model.retrieval_head_dim
+        )
         model = model.with_loss_weights(config.model).train()
         if model.config.prior_visual == "top_down":
             raise ConfigError(
@@ -56,8 +60,8 @@ def sample_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(negative image per caption ``[B]``, negative caption per image ``[B]``), never the item itself.
 
-    ``hard``: drawn ∝ softmax(scale · cosine) of ξ and the bottom-up image embedding over the
-    other items (ALBEF), mined in eval mode (no dropout; BatchNorm statistics, e.g. TDAM's, are
+    ``hard``: drawn ∝ softmax(scale · cosine) of the ranking's text and bottom-up image embeddings
+    (``encode_text``, ``encode_image_bottom_up``) over the other items (ALBEF), mined in eval mode (no dropout; BatchNorm statistics, e.g. TDAM's, are
     not updated by the extra pass); otherwise uniformly. Needs ``B ≥ 2``.
     """
     n = images.shape[0]
@@ -69,7 +73,7 @@ def sample_negatives(
         try:
             with torch.no_grad():  # only drawn from
                 sims = (
-                    model.contrastive.scale()
+                    model.retrieval_scale()
                     * model.encode_text(input_ids, attention_mask)
                     @ model.encode_image_bottom_up(images).t()
                 )
@@ -103,9 +107,18 @@ class RetrievalTask:
             val = load_captions(d.captions, [d.val_split], d.images, d.format, d.hf_columns) if d.val_split else []
             self.val_images = val[: d.max_val_images]
         check_caption_images(self.train_images)
+        foil = None
+        if d.foils:
+            root = Path(d.captions).parent
+            if not ShapesWorld.exists(root):
+                raise ConfigError(
+                    f"data.foils=true: {root} holds no Shapes world (foils are made against its scenes); "
+                    "set data.foils=false for other captions"
+                )
+            foil = ShapesWorld.load(root).caption_foils()
         self.model = model = build_retrieval_model(self.config)
         transform = image_transform(model.image_size, train=True, randaugment=d.randaugment)
-        self.train_set = CaptionedImageDataset(self.train_images, transform)
+        self.train_set = CaptionedImageDataset(self.train_images, transform, foil=foil)
         self.collator = CaptionCollator(model.tokenizer, model.config.max_text_len, model.image_size)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -137,6 +150,11 @@ class RetrievalTask:
             image_index = torch.cat([image_index, neg_image, image_index])
             ids, mask = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
             labels = torch.cat([labels, labels.new_zeros(2 * n)])
+            if "foil_rows" in batch:  # (image, its caption changed in one attribute or the relation)
+                rows = batch["foil_rows"]
+                image_index = torch.cat([image_index, rows])
+                ids, mask = torch.cat([ids, batch["foil_ids"]]), torch.cat([mask, batch["foil_mask"]])
+                labels = torch.cat([labels, labels.new_zeros(len(rows))])
         out = model(images, ids, mask, labels=labels, image_index=image_index)
         if self.diagnose:
             self.measured = self.model.training_diagnostics(out)

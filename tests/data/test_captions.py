@@ -107,6 +107,39 @@ def test_dataset_draws_captions_per_epoch_and_skips_bad_images(tmp_path):
     assert empty["images"].shape == (0, 3, 4, 4) and "input_ids" not in empty
 
 
+def test_foils_ride_with_their_items_and_are_padded_with_the_captions(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.jpg")
+    images = load_karpathy(write(tmp_path / "c.json", [entry(i) for i in range(3)]))
+    seen = []
+
+    def foil(path, caption):  # a foil for every image but the second
+        seen.append((path.name, caption))
+        return None if path.name == "1.jpg" else caption.replace("red", "blue long long")
+
+    dataset = CaptionedImageDataset(images, lambda im: torch.zeros(3, 4, 4), foil=foil)
+    items = [dataset[i] for i in range(3)]
+    assert [(name, it["caption"]) for (name, _), it in zip(seen, items)] == [
+        (f"{i}.jpg", it["caption"]) for i, it in enumerate(items)
+    ]
+
+    class Tokenizer:  # one id per word, padded to the longest text of the call
+        def __call__(self, texts, **kwargs):
+            longest = max(len(t.split()) for t in texts)
+            mask = torch.tensor([[1] * len(t.split()) + [0] * (longest - len(t.split())) for t in texts])
+            return {"input_ids": mask * 7, "attention_mask": mask}
+
+    batch = CaptionCollator(Tokenizer(), image_size=4)(items)
+    assert batch["foil_rows"].tolist() == [i for i in (0, 2) if items[i]["foil"]]
+    assert batch["foil_ids"].shape[1] == batch["input_ids"].shape[1]  # one padding: the rows join one forward
+    assert batch["foil_mask"].sum(1).tolist() == [len(items[i]["foil"].split()) for i in batch["foil_rows"].tolist()]
+    assert batch["attention_mask"].sum(1).tolist() == [len(it["caption"].split()) for it in items]
+    plain = CaptionCollator(Tokenizer(), image_size=4)(
+        [CaptionedImageDataset(images, lambda im: torch.zeros(3, 4, 4))[0]]
+    )
+    assert "foil_rows" not in plain and "foil" not in CaptionedImageDataset(images, lambda im: torch.zeros(3, 4, 4))[0]
+
+
 # --- Hugging Face caption datasets ---------------------------------------------------------------
 def shapes_images(shapes_root, splits=("train", "val", "test")):
     return load_karpathy(shapes_root / "dataset_shapes.json", splits, shapes_root / "images")

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from absvl.metrics.scene_retrieval import format_scene_table, oracle_precision, scene_precision, scene_retrieval_scores
+from absvl.metrics.scene_retrieval import (
+    format_kind_table,
+    format_scene_report,
+    format_scene_table,
+    oracle_precision,
+    scene_precision,
+    scene_retrieval_scores,
+)
 
 
 def test_precision_is_the_share_of_hits_that_fit():
@@ -34,3 +41,27 @@ def test_scores_split_objects_and_relations_and_give_the_paired_recall_ceiling()
     assert (scores["queries"], scores["relational"]) == (3, 1)
     table = format_scene_table(scores).splitlines()
     assert table[2].startswith("| contrastive | 100.00 |") and table[-1].startswith("| oracle (best possible) |")
+
+
+def test_scores_per_caption_form_and_the_gain_table():
+    objects = np.array([[True, False, False], [False, True, False], [True, True, True]])
+    relations = np.array([[True, False, False], [False, False, False], [True, True, True]])
+    relational = np.array([True, True, False])
+    kinds = ["relation", "relation", "shape counts"]
+    contrastive = np.array([[1, 0, 2], [1, 0, 2], [0, 1, 2]])
+    reranked = np.array([[0, 1, 2], [1, 0, 2], [2, 1, 0]])
+    scores = scene_retrieval_scores(
+        {"contrastive": contrastive, "reranked": reranked}, objects, relations, relational, kinds
+    )
+    relation = scores["by kind"]["relation"]
+    assert relation["queries"] == 2
+    assert relation["rankings"]["contrastive"]["objects present"]["p@1"] == pytest.approx(50.0)
+    assert relation["rankings"]["reranked"]["objects present"]["p@1"] == pytest.approx(100.0)
+    assert relation["rankings"]["reranked"]["relation right"]["p@1"] == pytest.approx(50.0)
+    assert "relation right" not in scores["by kind"]["shape counts"]["rankings"]["contrastive"]
+    table = format_kind_table(scores, "contrastive", "reranked").splitlines()
+    assert table[2] == "| relation | 2 | 50.00 | 100.00 | +50.00 | 0.00 | 50.00 | +50.00 |"
+    assert table[3] == "| shape counts | 1 | 100.00 | 100.00 | +0.00 | – | – | – |"
+    report = format_scene_report(scores)
+    assert "gain per caption form" in report and "| oracle (best possible) |" in report
+    assert "by kind" not in scene_retrieval_scores({"contrastive": contrastive}, objects, relations, relational)

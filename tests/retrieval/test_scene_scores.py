@@ -3,6 +3,7 @@
 import json
 
 from absvl.cli import main
+from absvl.data.shapes_text import CAPTION_KINDS
 from absvl.evaluation.retrieval import evaluate_retrieval_model
 
 
@@ -15,6 +16,10 @@ def test_a_shapes_caption_file_gets_scene_true_scores(model_dir, shapes_root, tm
         for check in ("objects present", "relation right"):
             assert set(checks[check]) == {"p@1", "p@5"} and all(0 <= v <= 100 for v in checks[check].values())
     assert scene["oracle"]["objects present"]["p@1"] == 100.0  # the caption's own image always fits
+    assert (
+        set(scene["by kind"]) <= set(CAPTION_KINDS)
+        and sum(k["queries"] for k in scene["by kind"].values()) == (scene["queries"])
+    )
     assert 0 < scene["ir@1_ceiling"] <= 100.0
     assert "rankings" not in result and "image_paths" not in result  # the result stays JSON
 
@@ -25,5 +30,6 @@ def test_a_shapes_caption_file_gets_scene_true_scores(model_dir, shapes_root, tm
     assert (
         "scene-true precision of the caption → image hits" in printed
         and "| oracle (best possible) | 100.00 |" in printed
+        and "re-ranking's gain per caption form" in printed
     )
     assert json.loads(out.read_text())["scene"]["queries"] == result["captions"]

@@ -13,7 +13,7 @@ from absvl.evaluation.retrieval import _rerank, evaluate_retrieval, evaluate_ret
 from absvl.models.vl import AbsVLConfig, AbsVLForRetrieval, load_model
 from absvl.retrieval import ImageIndex, Retriever
 from absvl.training.config import ConfigError, RetrievalConfig, load_config
-from absvl.training.retrieval import sample_negatives, train_retrieval
+from absvl.training.retrieval import RetrievalTask, sample_negatives, train_retrieval
 
 
 def retrieval_overrides(shapes_root, tiny_model, out, steps):
@@ -405,3 +405,46 @@ def test_training_and_evaluation_on_a_hugging_face_dataset(
         load_config("configs/shapes_retrieval.yaml", ["data.format=csv"], RetrievalConfig)
     with pytest.raises(ConfigError, match="data.hf_columns"):
         load_config("configs/shapes_retrieval.yaml", ["data.hf_columns={image: img}"], RetrievalConfig)
+
+
+def test_foils_join_the_itm_pairs_as_negatives_of_their_own_image(shapes_root, tiny_model_overrides, tmp_path):
+    overrides = [*retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 2), "data.foils=true"]
+    task = RetrievalTask(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
+    task.setup(Accelerator(cpu=True), tmp_path, None)
+    batch = task.collator([task.train_set[i] for i in range(6)])
+    rows = batch["foil_rows"]
+    assert len(rows) >= 5  # nearly every caption of the world has a foil
+    seen, forward = {}, task.model.forward
+
+    def recording(images, ids, mask, labels, image_index):
+        seen.update(ids=ids, labels=labels, image_index=image_index)
+        return forward(images, ids, mask, labels=labels, image_index=image_index)
+
+    task.model.forward = recording
+    loss = task.loss(task.model, batch)
+    assert torch.isfinite(loss)
+    # 6 pairs, 6 images with another caption, 6 captions with another image, then the foils with their own images
+    assert seen["labels"].tolist() == [1] * 6 + [0] * (12 + len(rows))
+    assert seen["image_index"][18:].tolist() == rows.tolist()
+    assert torch.equal(seen["ids"][18:], batch["foil_ids"])
+
+    plain = RetrievalTask(load_config("configs/shapes_retrieval.yaml", overrides[:-1], RetrievalConfig))
+    plain.setup(Accelerator(cpu=True), tmp_path, None)
+    assert "foil_rows" not in plain.collator([plain.train_set[i] for i in range(2)])
+
+
+def test_foils_need_a_shapes_world(shapes_root, tiny_model_overrides, tmp_path):
+    captions = tmp_path / "dataset_shapes.json"  # the world's captions, away from its scenes
+    captions.write_text((shapes_root / "dataset_shapes.json").read_text())
+    overrides = [
+        *retrieval_overrides(shapes_root, tiny_model_overrides, tmp_path / "run", 2),
+        f"data.captions={captions}",
+        "data.foils=true",
+    ]
+    task = RetrievalTask(load_config("configs/shapes_retrieval.yaml", overrides, RetrievalConfig))
+    with pytest.raises(ConfigError, match="data.foils=true: .* holds no Shapes world"):
+        task.setup(Accelerator(cpu=True), tmp_path, None)
+    with pytest.raises(ConfigError, match="data.foils"):
+        load_config(
+            "configs/shapes_retrieval.yaml", ["data.format=hf", "data.shapes=null", "data.foils=true"], RetrievalConfig
+        )

@@ -21,6 +21,7 @@ LOSS_WEIGHTS = (
     "prior_loss_weight",
     "prior_object_weight",
     "itm_loss_weight",
+    "itc_loss_weight",
     "gate_sparsity_weight",
     "pointer_loss_weight",
     "count_loss_weight",
@@ -72,6 +73,11 @@ class AbsVLConfig:
             density over the fused image tokens whose sum is the count).
         num_answers: VQA answer vocabulary size, set by ``AbsVLForQuestionAnswering`` (0 for the encoder and the
             retrieval model); the strings are in ``answers.json``.
+        retrieval_head_dim: the space a retrieval model (``AbsVLForRetrieval``) ranks and indexes in. 0: ξ and the
+            bottom-up image embedding in the gate's space, the prior loss's own; N > 0: its own embedding head
+            (``RetrievalEmbedding``, ALBEF's ITC): the text's hidden states and the first pass's tokens each
+            attention-pooled and projected to N, trained by ``itc_loss_weight``'s InfoNCE. The prior loss, and with
+            it the gate's training signal, is the same either way.
         temperature_init: initial InfoNCE temperature (CLIP: 0.07); learned as a log-scale.
         max_logit_scale: clamp of ``1/temperature`` (CLIP: 100).
         var_loss_weight: weight of L_var (AbSViT Eq. 13/14; 0.3 in the authors' VL code).
@@ -82,6 +88,7 @@ class AbsVLConfig:
             background negative, with the boundary at the gate's clamp. Needs data that knows its objects (the Shapes world's masks and each
             question's ``target_objects``); 0: off, the paper's image-level loss alone.
         itm_loss_weight: weight of the image-text matching cross-entropy.
+        itc_loss_weight: weight of the retrieval head's image-text contrastive loss (``retrieval_head_dim`` > 0).
         gate_sparsity_weight: weight of L_gate, the mean of the prior gate ``clamp(cos(ξ, z_i), 0, 1)``
             over the spatial tokens: a sparsity prior that closes the gate where the prior loss does not
             need it open (0: off).
@@ -117,12 +124,14 @@ class AbsVLConfig:
     vqa_pointers: bool = False
     vqa_counter: bool = False
     num_answers: int = 0
+    retrieval_head_dim: int = 0
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
     var_loss_weight: float = 0.3
     prior_loss_weight: float = 1.0
     prior_object_weight: float = 0.0
     itm_loss_weight: float = 1.0
+    itc_loss_weight: float = 1.0
     gate_sparsity_weight: float = 0.0
     pointer_loss_weight: float = 0.0
     count_loss_weight: float = 0.0
@@ -143,6 +152,8 @@ class AbsVLConfig:
             )
         if self.num_answers < 0:
             raise ValueError(f"num_answers={self.num_answers} must be >= 0")
+        if self.retrieval_head_dim < 0:
+            raise ValueError(f"retrieval_head_dim={self.retrieval_head_dim} must be >= 0 (0: the gate's space)")
         if not 0.0 < self.temperature_init:
             raise ValueError(f"temperature_init={self.temperature_init} must be > 0")
 

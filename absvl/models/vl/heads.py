@@ -1,4 +1,5 @@
-"""Task heads on the fused ``[B, 2H]`` pair, and the image side of the prior loss (SPEC §5, §2)."""
+"""Task heads on the fused ``[B, 2H]`` pair, the image side of the prior loss (SPEC §5, §2), and retrieval's own
+embedding head."""
 
 from __future__ import annotations
 
@@ -82,4 +83,58 @@ class ContrastiveHead(nn.Module):
         return F.normalize((weights.unsqueeze(-1) * unit).sum(dim=1), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+        return clamped_scale(self.logit_scale, self.max_log_scale)
+
+
+def clamped_scale(log_scale: torch.Tensor, max_log_scale: float) -> torch.Tensor:
+    """A learned InfoNCE logit scale ``exp(log_scale)`` clamped to ``[1, exp(max_log_scale)]`` (CLIP)."""
+    return log_scale.clamp(0.0, max_log_scale).exp()
+
+
+def attention_pool(x: torch.Tensor, pool: nn.Linear, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, Q·C]``: ``pool``'s Q attention poolings of ``x`` ``[B, N, C]``, each a softmax over the N positions of
+    its logits ``pool(x)`` (``mask`` ``[B, N]``: the positions that count), concatenated."""
+    logits = pool(x)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+    return torch.einsum("bnq,bnc->bqc", logits.softmax(dim=1), x).flatten(1)
+
+
+class RetrievalEmbedding(nn.Module):
+    """Retrieval's own embedding space (ALBEF's ITC head), beside the gate's: the prior loss must align ξ with what
+    the gate reads, one mean of every token, where background outnumbers a small object; this head is free to pool.
+
+    Each side: LayerNorm, ``queries`` attention poolings (each a learned softmax over the positions; the text's
+    padding left out) concatenated, a linear map to ``dim``, L2-normalised. The text side pools the text encoder's
+    hidden states, the image side the first pass's tokens (query-independent: indexable once). Its own learned
+    logit scale.
+    """
+
+    def __init__(
+        self,
+        text_width: int,
+        vision_width: int,
+        dim: int,
+        queries: int = 4,
+        temperature_init: float = 0.07,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.text_norm, self.image_norm = nn.LayerNorm(text_width), nn.LayerNorm(vision_width)
+        self.text_pool, self.image_pool = nn.Linear(text_width, queries), nn.Linear(vision_width, queries)
+        self.text_proj = nn.Linear(queries * text_width, dim)
+        self.image_proj = nn.Linear(queries * vision_width, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, dim]`` of the text encoder's ``[B, T, D]`` hidden states."""
+        pooled = attention_pool(self.text_norm(hidden), self.text_pool, attention_mask)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, dim]`` of ``[B, N, C]`` spatial image tokens."""
+        return F.normalize(self.image_proj(attention_pool(self.image_norm(tokens), self.image_pool)), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return clamped_scale(self.logit_scale, self.max_log_scale)

@@ -49,11 +49,13 @@ _GROUP_PREFIXES = (
     ("prior.", "heads"),
     ("vqa_head.", "heads"),
     ("itm_head.", "heads"),
+    ("itc_head.", "heads"),
     ("contrastive.", "heads"),
 )
 # each loss term's weight in the config (``vqa`` weighs 1)
 _LOSS_WEIGHT_FIELDS = {
     "itm": "itm_loss_weight",
+    "itc": "itc_loss_weight",
     "var": "var_loss_weight",
     "prior": "prior_loss_weight",
     "prior_objects": "prior_object_weight",
@@ -76,8 +78,10 @@ class AbsVLModelOutput(ModelOutput):
         pooled: ``[B, 2H]`` fused [text; image] pooled pair.
         text_tokens, image_tokens: fusion outputs ``[B, T, H]``, ``[B, N, H]``.
         xi: ``[B, C]`` prior given to the backbone.
+        text_hidden: ``[B, T, D]`` the text encoder's last hidden states.
         text_embeds, image_embeds: L2-normalised ξ and the image embedding in the gate's space (the
-            prior loss pair; the retrieval index stores the bottom-up one).
+            prior loss pair; the retrieval index stores the bottom-up one, or a retrieval model's head's: see
+            ``AbsVLRetrievalOutput``).
         vision: the backbone's full output (tokens, bottom-up tokens, maps, ...).
     """
 
@@ -87,6 +91,7 @@ class AbsVLModelOutput(ModelOutput):
     text_tokens: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
     xi: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     vision: BackboneOutput | None = field(default=None, repr=False)
@@ -224,6 +229,15 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
         vision = self.first_pass(images)
         return self.contrastive(self.backbone.gate_tokens(vision.bottom_up_tokens), vision.num_prefix_tokens)
 
+    def retrieval_scale(self) -> torch.Tensor:
+        """The logit scale of the space :meth:`encode_text` and :meth:`encode_image_bottom_up` embed in."""
+        return self.contrastive.scale()
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of :meth:`encode_text` / :meth:`encode_image_bottom_up` (an index's vectors)."""
+        return self.backbone.num_features
+
     # --- forward ----------------------------------------------------------------------
     def forward(
         self,
@@ -314,6 +328,7 @@ class AbsVLModel(AbsVLPreTrainedModel, pipeline_tag="feature-extraction"):
             text_tokens=text_tokens,
             image_tokens=image_tokens,
             xi=xi,
+            text_hidden=hidden,
             text_embeds=F.normalize(xi, dim=-1),
             image_embeds=image_embeds,
             vision=vision,

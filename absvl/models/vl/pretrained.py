@@ -30,7 +30,7 @@ ANSWERS_NAME = "answers.json"
 # the config.json key naming the class a folder holds (absent in absvl 0.2 folders)
 ARCHITECTURE_KEY = "architecture"
 # the weights of each task's head, by parameter-name prefix
-HEAD_PREFIXES = {"vqa": "vqa_head.", "retrieval": "itm_head."}
+HEAD_PREFIXES = {"vqa": ("vqa_head.",), "retrieval": ("itm_head.", "itc_head.")}
 # the weights' prefix of the pre-0.2 image projection of the prior loss (see _refuse_projected_prior)
 LEGACY_PRIOR_PROJECTION = "contrastive.proj."
 
@@ -217,7 +217,7 @@ def read_saved(folder: Path) -> SavedModel:
     config = AbsVLConfig.from_dict(data)
     if config.text_config is None:
         raise ValueError(f"{folder / CONFIG_NAME} has no text_config: cannot rebuild the text encoder")
-    heads = {task for task, prefix in HEAD_PREFIXES.items() if any(k.startswith(prefix) for k in keys)}
+    heads = {task for task, prefixes in HEAD_PREFIXES.items() if any(k.startswith(prefixes) for k in keys)}
     if architecture is None and legacy_tasks is not None:
         heads &= set(legacy_tasks)  # a 0.2 folder's other head was frozen while the encoder changed: stale
     return SavedModel(config, architecture, heads, keys)
@@ -234,7 +234,7 @@ def _load_weights(model: AbsVLPreTrainedModel, weights: Path, keys: set[str]) ->
     own = {name for names in aliases.values() for name in names}
     present = {name for names in aliases.values() if names & keys for name in names}
     missing = sorted(k for k in own - present if not k.startswith(fresh))
-    extra = sorted(k for k in keys - own if not k.startswith(tuple(HEAD_PREFIXES.values())))
+    extra = sorted(k for k in keys - own if not k.startswith(sum(HEAD_PREFIXES.values(), ())))
     if missing or extra:
         what = "; ".join(
             f"{label} {len(names)} weights ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"

@@ -17,8 +17,8 @@ from ...io import read_json
 from ..vision import BackboneOutput
 from .configuration import AbsVLConfig
 from .counting import ObjectCounter
-from .heads import ITMHead, VQAHead
-from .losses import count_loss, pointer_loss, vqa_loss
+from .heads import ITMHead, RetrievalEmbedding, VQAHead
+from .losses import contrastive_loss, count_loss, pointer_loss, text_groups, vqa_loss
 from .modeling import AbsVLModel, AbsVLModelOutput, init_new_weights
 from .pointers import ObjectPointers
 from .pretrained import ANSWERS_NAME, HEAD_PREFIXES, SavedModel
@@ -37,7 +37,9 @@ class AbsVLQuestionAnsweringOutput(AbsVLModelOutput):
 
 @dataclass
 class AbsVLRetrievalOutput(AbsVLModelOutput):
-    """:class:`AbsVLModelOutput` with ``itm_logits`` ``[B, 2]`` (0: mismatch, 1: match); ``losses["itm"]`` with labels."""
+    """:class:`AbsVLModelOutput` with ``itm_logits`` ``[B, 2]`` (0: mismatch, 1: match); ``losses["itm"]`` with labels.
+    With a retrieval head (``retrieval_head_dim``), ``text_embeds``/``image_embeds`` are the head's (what the index
+    compares) and ``losses["itc"]`` its contrastive loss."""
 
     itm_logits: torch.Tensor | None = None
 
@@ -91,7 +93,7 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
                 "start a VQA head on its encoder (what `absvl train vqa` does with train.init_from)"
             )
         model = cls(replace(config, num_answers=0), answers, tokenizer)
-        model._fresh_prefixes = (HEAD_PREFIXES["vqa"],)
+        model._fresh_prefixes = HEAD_PREFIXES["vqa"]
         return model
 
     def forward(
@@ -140,31 +142,82 @@ class AbsVLForQuestionAnswering(AbsVLModel, pipeline_tag="visual-question-answer
 
 
 class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
-    """AbSViT-VL for image-text retrieval: ξ and the bottom-up image embedding rank (the index), the ITM head on
-    the pooled pair, under the text's top-down pass, re-ranks (:meth:`rerank_score`)."""
+    """AbSViT-VL for image-text retrieval: a text and a bottom-up image embedding rank (the index; ξ and the gate's
+    space, or the retrieval head's: ``retrieval_head_dim``), the ITM head on the pooled pair, under the text's
+    top-down pass, re-ranks (:meth:`rerank_score`)."""
 
     task = "retrieval"
 
     def __init__(self, config: AbsVLConfig, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)
         self.itm_head = ITMHead(2 * config.fusion_hidden_size)
-        self.itm_head.apply(init_new_weights)
+        self.itc_head = None
+        if config.retrieval_head_dim:
+            self.itc_head = RetrievalEmbedding(
+                self.text_encoder.config.hidden_size,
+                self.backbone.num_features,
+                config.retrieval_head_dim,
+                temperature_init=config.temperature_init,
+                max_logit_scale=config.max_logit_scale,
+            )
+        for head in (self.itm_head, self.itc_head):
+            if head is not None:
+                head.apply(init_new_weights)
 
     def head_description(self) -> str:
-        return f"ITM (re-ranking); prior loss on {self.config.prior_visual} tokens in the gate's space (ranking)"
+        if self.itc_head is None:
+            return f"ITM (re-ranking); prior loss on {self.config.prior_visual} tokens in the gate's space (ranking)"
+        return f"ITM (re-ranking); retrieval embedding head of {self.config.retrieval_head_dim} (ranking, the index)"
 
     @classmethod
-    def _from_folder(cls, folder: Path, saved: SavedModel, tokenizer: Any, new_head: bool = False) -> AbsVLForRetrieval:
-        """``new_head=True``: start a fresh ITM head when the folder holds none (finetuning another task's model)."""
-        model = cls(saved.config, tokenizer)
+    def _from_folder(
+        cls,
+        folder: Path,
+        saved: SavedModel,
+        tokenizer: Any,
+        new_head: bool = False,
+        retrieval_head_dim: int | None = None,
+    ) -> AbsVLForRetrieval:
+        """``new_head=True``: start fresh retrieval heads when the folder holds none (finetuning another task's model),
+        with an embedding head of ``retrieval_head_dim`` (None: the folder config's). A folder with trained retrieval
+        heads keeps their space."""
+        config = saved.config
         if "retrieval" not in saved.heads:
             if not new_head:
                 raise ValueError(
                     f"{folder} holds no trained ITM head ({saved.describe()}): give a retrieval model's folder (absvl train "
                     "retrieval), or new_head=True to start one on its encoder"
                 )
-            model._fresh_prefixes = (HEAD_PREFIXES["retrieval"],)
-        return model
+            if retrieval_head_dim is not None:
+                config = replace(config, retrieval_head_dim=retrieval_head_dim)
+            model = cls(config, tokenizer)
+            model._fresh_prefixes = HEAD_PREFIXES["retrieval"]
+            return model
+        return cls(config, tokenizer)  # its trained heads keep their space
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``[B, C]`` text side of the ranking: ξ, or the retrieval head's text embedding."""
+        if self.itc_head is None:
+            return super().encode_text(input_ids, attention_mask)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.itc_head.text(hidden, attention_mask)
+
+    def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``[B, C]`` image side of the ranking, of the first pass alone (indexable once)."""
+        if self.itc_head is None:
+            return super().encode_image_bottom_up(images)
+        return self._head_image(self.first_pass(images))
+
+    def _head_image(self, vision: BackboneOutput) -> torch.Tensor:
+        spatial = self.fusion_image_tokens(vision, "bottom_up")[:, vision.num_prefix_tokens :]
+        return self.itc_head.image(spatial)
+
+    def retrieval_scale(self) -> torch.Tensor:
+        return super().retrieval_scale() if self.itc_head is None else self.itc_head.scale()
+
+    @property
+    def embedding_dim(self) -> int:
+        return super().embedding_dim if self.itc_head is None else self.config.retrieval_head_dim
 
     def forward(
         self,
@@ -177,9 +230,12 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         **encoder_inputs: Any,
     ) -> AbsVLRetrievalOutput:
         """The encoder's forward and the ITM logits. ``labels``: ``[B]`` 1 for matching pairs, 0 otherwise →
-        ``losses["itm"]``; only matching pairs enter the prior loss. ``encoder_inputs``: the encoder's other keyword
-        inputs (``return_maps``, ``image_index``; see :meth:`AbsVLModel.forward`)."""
+        ``losses["itm"]`` (and the retrieval head's ``losses["itc"]``, its matching pairs the positives); only
+        matching pairs enter the prior loss. ``encoder_inputs``: the encoder's other keyword inputs (``return_maps``,
+        ``image_index``; see :meth:`AbsVLModel.forward`)."""
         return_loss = labels is not None if return_loss is None else return_loss
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         if labels is not None:
             prior_positive = labels == 1 if prior_positive is None else prior_positive & (labels == 1)
         out = super().forward(
@@ -187,6 +243,14 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         )
         logits = self.itm_head(out.pooled)
         task_loss = {"itm": F.cross_entropy(logits, labels)} if labels is not None else {}
+        if self.itc_head is not None:
+            out.text_embeds = self.itc_head.text(out.text_hidden, attention_mask)
+            out.image_embeds = self._head_image(out.vision)
+            if labels is not None:
+                groups = text_groups(input_ids, attention_mask)
+                task_loss["itc"] = contrastive_loss(
+                    out.text_embeds, out.image_embeds, self.itc_head.scale(), labels == 1, groups
+                )
         return AbsVLRetrievalOutput(**self.with_task_loss(out, task_loss, return_loss), itm_logits=logits)
 
     def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -196,14 +260,14 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
     def rerank_score(
         self, images: torch.Tensor | BackboneOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(ξ, image embedding).
+        """``[B]`` re-ranking score of (image, text) pairs: ITM log-odds + s·cos(text, image embedding).
 
         The ITM term comes from a forward pass whose top-down pass the text steers; the second is
-        the contrastive logit of the prior loss. Their sum is the log-product of the two matching
-        models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
+        the ranking's contrastive logit (the prior loss's, or the retrieval head's). Their sum is the log-product of
+        the two matching models (BLIP also adds the two): a confident ITM head decides, an uninformative one leaves
         the contrastive order. ``images`` may be their :meth:`first_pass`, computed once per image
         and paired with many texts by ``first.select(rows)``.
         """
         out = self(images, input_ids, attention_mask)
         log_odds = out.itm_logits[:, 1] - out.itm_logits[:, 0]
-        return log_odds + self.contrastive.scale() * (out.text_embeds * out.image_embeds).sum(-1)
+        return log_odds + self.retrieval_scale() * (out.text_embeds * out.image_embeds).sum(-1)
