@@ -61,8 +61,8 @@ def sample_negatives(
     """(negative image per caption ``[B]``, negative caption per image ``[B]``), never the item itself.
 
     ``hard``: drawn ∝ softmax(scale · cosine) of the ranking's text and bottom-up image embeddings
-    (``encode_text``, ``encode_image_bottom_up``) over the other items (ALBEF), mined in eval mode (no dropout; BatchNorm statistics, e.g. TDAM's, are
-    not updated by the extra pass); otherwise uniformly. Needs ``B ≥ 2``.
+    (``encode_text``, ``encode_image_bottom_up``) over the other items (ALBEF), mined in eval mode (no dropout;
+    BatchNorm statistics, e.g. TDAM's, are not updated by the extra pass); otherwise uniformly. Needs ``B ≥ 2``.
     """
     n = images.shape[0]
     if n < 2:

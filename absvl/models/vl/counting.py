@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pointers import pool_text
+from .pointers import attention_pool
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ObjectCounter(nn.Module):
     ) -> CountDensity:
         """``text_tokens`` ``[B, T, H]`` (``attention_mask`` ``[B, T]``), ``image_tokens`` ``[B, N, H]`` the fused
         spatial tokens."""
-        query = self.query(pool_text(self.role, text_tokens, attention_mask)[:, 0])  # [B, H]
+        query = self.query(attention_pool(self.role, text_tokens, attention_mask)[:, 0])  # [B, H]
         membership = torch.einsum("bh,bnh->bn", query, self.key(image_tokens)) / math.sqrt(self.hidden_size)
         share = F.softplus(self.share(image_tokens).squeeze(-1))
         count = (membership.sigmoid() * share).sum(-1, keepdim=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .counting import CountDensity, ObjectCounter
-from .pointers import ObjectPointers, PointerHops
+from .pointers import ObjectPointers, PointerHops, attention_pool
 
 
 class VQAHead(nn.Module):
@@ -91,15 +91,6 @@ def clamped_scale(log_scale: torch.Tensor, max_log_scale: float) -> torch.Tensor
     return log_scale.clamp(0.0, max_log_scale).exp()
 
 
-def attention_pool(x: torch.Tensor, pool: nn.Linear, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, Q·C]``: ``pool``'s Q attention poolings of ``x`` ``[B, N, C]``, each a softmax over the N positions of
-    its logits ``pool(x)`` (``mask`` ``[B, N]``: the positions that count), concatenated."""
-    logits = pool(x)
-    if mask is not None:
-        logits = logits.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
-    return torch.einsum("bnq,bnc->bqc", logits.softmax(dim=1), x).flatten(1)
-
-
 class RetrievalEmbedding(nn.Module):
     """Retrieval's own embedding space (ALBEF's ITC head), beside the gate's: the prior loss must align ξ with what
     the gate reads, one mean of every token, where background outnumbers a small object; this head is free to pool.
@@ -129,12 +120,13 @@ class RetrievalEmbedding(nn.Module):
 
     def text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, dim]`` of the text encoder's ``[B, T, D]`` hidden states."""
-        pooled = attention_pool(self.text_norm(hidden), self.text_pool, attention_mask)
+        pooled = attention_pool(self.text_pool, self.text_norm(hidden), attention_mask).flatten(1)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def image(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, dim]`` of ``[B, N, C]`` spatial image tokens."""
-        return F.normalize(self.image_proj(attention_pool(self.image_norm(tokens), self.image_pool)), dim=-1)
+        pooled = attention_pool(self.image_pool, self.image_norm(tokens)).flatten(1)
+        return F.normalize(self.image_proj(pooled), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return clamped_scale(self.logit_scale, self.max_log_scale)

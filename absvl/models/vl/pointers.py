@@ -52,11 +52,13 @@ def cell_centres(grid_size: tuple[int, int], device: torch.device | None = None)
     return torch.stack([xs.flatten(), ys.flatten()], dim=1)
 
 
-def pool_text(role: nn.Linear, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, K, H]``: ``K`` summaries of the text tokens ``[B, T, H]``, ``m_k = Σ_t softmax_t(u_k·x_t) x_t`` with
-    ``role`` the ``H → K`` scores ``u_k``; padding (``attention_mask`` 0) takes no part."""
-    weights = role(text_tokens).masked_fill(~attention_mask.bool()[..., None], float("-inf")).softmax(dim=1)
-    return torch.einsum("btk,bth->bkh", weights, text_tokens)
+def attention_pool(role: nn.Linear, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, K, H]``: ``K`` summaries of the tokens ``[B, T, H]``, ``m_k = Σ_t softmax_t(u_k·x_t) x_t`` with ``role``
+    the ``H → K`` scores ``u_k``; padding (``attention_mask`` 0) takes no part (None: every token does)."""
+    scores = role(tokens)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask.bool()[..., None], float("-inf"))
+    return torch.einsum("btk,bth->bkh", scores.softmax(dim=1), tokens)
 
 
 class ObjectPointers(nn.Module):
@@ -92,7 +94,7 @@ class ObjectPointers(nn.Module):
         """``text_tokens`` ``[B, T, H]`` (``attention_mask`` ``[B, T]``), ``image_tokens`` ``[B, h·w, H]`` the fused
         spatial tokens row by row, ``question`` ``[B, H]`` the pooled text."""
         centres = cell_centres(grid_size, image_tokens.device).to(image_tokens.dtype)
-        summaries = pool_text(self.role, text_tokens, attention_mask)  # [B, 3, H]
+        summaries = attention_pool(self.role, text_tokens, attention_mask)  # [B, 3, H]
         queries, relation_words = self.query(summaries[:, :2]), summaries[:, 2]
         keys, values = self.key(image_tokens), self.value(image_tokens)
         content = torch.einsum("bkh,bnh->bkn", queries, keys) / math.sqrt(self.hidden_size)

@@ -199,7 +199,7 @@ class AbsVLForRetrieval(AbsVLModel, pipeline_tag="image-feature-extraction"):
         """L2-normalised ``[B, C]`` text side of the ranking: ξ, or the retrieval head's text embedding."""
         if self.itc_head is None:
             return super().encode_text(input_ids, attention_mask)
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden, _ = self.encode_prior(input_ids, attention_mask)
         return self.itc_head.text(hidden, attention_mask)
 
     def encode_image_bottom_up(self, images: torch.Tensor) -> torch.Tensor:
